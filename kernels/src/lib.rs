@@ -1,0 +1,1 @@
+//! keel-kernels: fused, differentiable ops for candle.

@@ -1,0 +1,2 @@
+//! keel's developer tasks (`cargo xtask <task>`).
+fn main() {}
