@@ -1,0 +1,563 @@
+//! CPU kernels for fused GroupNorm (Wu & He, 2018) with an optional SiLU (Elfwing et al.,
+//! 2018), forward and backward.
+//!
+//! # Work decomposition
+//! x is contiguous (N, C, HW); group `gi = n * G + g` is the contiguous run of
+//! `M = (C / G) * HW` elements starting at `gi * M`. Each group is split into `k` chunks
+//! (`k = 1` unless there are too few groups to keep every thread busy, see [`plan_chunks`]):
+//! - `k = 1`: one rayon task per group computes the statistics and then normalizes (forward)
+//!   or runs both backward passes while the group is still in L1/L2 cache.
+//! - `k > 1`: phases separated by a join. Each chunk computes partial statistics, the
+//!   partials of a group are merged with Chan et al.'s parallel formula, then every chunk
+//!   normalizes (or reduces / writes dx) independently.
+//!
+//! # Statistics
+//! Each chunk sums `x - s` and `(x - s)^2` in `f32` lanes over blocks of [`BLK`] elements,
+//! with the shift `s` the chunk's first element, and accumulates the block sums in `f64`.
+//! The shift keeps the sums small for inputs with a large mean (1e3 with std 1 loses nothing
+//! to cancellation); the `f64` accumulation keeps long groups exact to `f32` precision.
+//! Variance is the biased one (PyTorch's), so a constant group has variance exactly 0 and
+//! `rstd = 1 / sqrt(eps)`; NaN anywhere in a group makes that group's output NaN.
+
+use super::{blocks, blocks2, blocks2_map, blocks_map, multiversion, sigmoid_f32, Elem, Isa, BLK};
+use rayon::prelude::*;
+
+/// Sizes of a GroupNorm problem; `c` is a multiple of `groups`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GnDims {
+    /// Batch size N.
+    pub n: usize,
+    /// Channels C.
+    pub c: usize,
+    /// Product of the trailing (spatial) dims; 1 for a rank-2 input.
+    pub hw: usize,
+    /// Number of groups G.
+    pub groups: usize,
+}
+
+impl GnDims {
+    fn cpg(&self) -> usize {
+        self.c / self.groups
+    }
+    fn m(&self) -> usize {
+        self.cpg() * self.hw
+    }
+    fn ng(&self) -> usize {
+        self.n * self.groups
+    }
+}
+
+/// Count, mean and sum of squared deviations of a set of values.
+#[derive(Clone, Copy, Debug, Default)]
+struct Moments {
+    n: f64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Moments {
+    /// Chan, Golub & LeVeque's pairwise merge.
+    fn merge(self, o: Moments) -> Moments {
+        if self.n == 0.0 {
+            return o;
+        }
+        if o.n == 0.0 {
+            return self;
+        }
+        let n = self.n + o.n;
+        let d = o.mean - self.mean;
+        Moments {
+            n,
+            mean: self.mean + d * (o.n / n),
+            m2: self.m2 + o.m2 + d * d * (self.n * o.n / n),
+        }
+    }
+
+    /// Mean and `1 / sqrt(var + eps)` with the biased variance.
+    fn mean_rstd(self, eps: f32) -> (f32, f32) {
+        let var = self.m2 / self.n;
+        // `var < 0` (rounding) becomes 0; NaN fails the comparison and propagates.
+        let var = if var < 0.0 { 0.0 } else { var };
+        (self.mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+    }
+}
+
+/// Minimum chunk length when a group is split, so per-chunk overhead stays negligible.
+const MIN_CHUNK: usize = 8192;
+
+/// Number of chunks per group: enough units for ~4 per thread, chunks of at least
+/// [`MIN_CHUNK`] elements, and 1 whenever the groups alone keep the threads busy.
+pub(crate) fn plan_chunks(ng: usize, m: usize, threads: usize) -> usize {
+    let want = (4 * threads).div_ceil(ng.max(1));
+    want.min(m / MIN_CHUNK).max(1)
+}
+
+/// Lengths of the `k` chunks of a group of `m` elements: `(chunk_len, actual_k)`.
+fn chunking(m: usize, k: usize) -> (usize, usize) {
+    let cs = m.div_ceil(k.max(1)).max(1);
+    (cs, m.div_ceil(cs))
+}
+
+/// Calls `f(local_channel, start, end)` for the per-channel runs of the group-relative
+/// element range `[lo, hi)`.
+#[inline(always)]
+fn segments(lo: usize, hi: usize, hw: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let mut e = lo;
+    while e < hi {
+        let cl = e / hw;
+        let end = hi.min((cl + 1) * hw);
+        f(cl, e, end);
+        e = end;
+    }
+}
+
+/// Lane count of the reductions: independent accumulators the compiler maps to vectors.
+const L: usize = 16;
+
+/// `(Σ (x - s), Σ (x - s)^2)` in `f32` lanes.
+#[inline(always)]
+fn shifted_sums(x: &[f32], s: f32) -> (f32, f32) {
+    let mut a = [0f32; L];
+    let mut q = [0f32; L];
+    let mut it = x.chunks_exact(L);
+    for ch in &mut it {
+        for i in 0..L {
+            let d = ch[i] - s;
+            a[i] += d;
+            q[i] += d * d;
+        }
+    }
+    let (mut s1, mut s2) = (0f32, 0f32);
+    for &v in it.remainder() {
+        let d = v - s;
+        s1 += d;
+        s2 += d * d;
+    }
+    for i in 0..L {
+        s1 += a[i];
+        s2 += q[i];
+    }
+    (s1, s2)
+}
+
+multiversion! {
+fn moments / moments_g / moments_avx2 <T> (x: &[T]) -> Moments {
+    let Some(&first) = x.first() else {
+        return Moments::default();
+    };
+    let s = first.to_f32();
+    let (mut s1, mut s2) = (0f64, 0f64);
+    blocks(x, |b| {
+        let (a, q) = shifted_sums(b, s);
+        s1 += a as f64;
+        s2 += q as f64;
+    });
+    let n = x.len() as f64;
+    let d = s1 / n;
+    Moments { n, mean: s as f64 + d, m2: s2 - s1 * d }
+}
+}
+
+/// Per-group constants of the forward pass.
+#[derive(Clone, Copy)]
+struct GroupCtx<'a> {
+    w: &'a [f32],
+    b: &'a [f32],
+    hw: usize,
+    mean: f32,
+    rstd: f32,
+    silu: bool,
+}
+
+multiversion! {
+fn fwd_apply / fwd_apply_g / fwd_apply_avx2 <T> (x: &[T], y: &mut [T], lo: usize, ctx: GroupCtx<'_>) -> () {
+    segments(lo, lo + x.len(), ctx.hw, |cl, s, e| {
+        let scale = ctx.rstd * ctx.w[cl];
+        let beta = ctx.b[cl];
+        let mean = ctx.mean;
+        let (xs, ys) = (&x[s - lo..e - lo], &mut y[s - lo..e - lo]);
+        if ctx.silu {
+            blocks_map(xs, ys, |xb, yb| {
+                for (y, &x) in yb.iter_mut().zip(xb) {
+                    let z = (x - mean) * scale + beta;
+                    *y = z * sigmoid_f32(z);
+                }
+            });
+        } else {
+            blocks_map(xs, ys, |xb, yb| {
+                for (y, &x) in yb.iter_mut().zip(xb) {
+                    *y = (x - mean) * scale + beta;
+                }
+            });
+        }
+    });
+}
+}
+
+/// Fused forward: `y = act((x - mean_g) * rstd_g * w_c + b_c)`, `act` = SiLU or identity.
+///
+/// `x.len() == n * c * hw`, `w.len() == b.len() == c`. `k` is the number of chunks per
+/// group ([`plan_chunks`]); results do not depend on `k` beyond `f64` rounding.
+pub(crate) fn forward<T: Elem>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    d: GnDims,
+    eps: f32,
+    silu: bool,
+    k: usize,
+) -> Vec<T> {
+    let mut y = vec![T::ZERO; x.len()];
+    let m = d.m();
+    if x.is_empty() || m == 0 {
+        return y;
+    }
+    let isa = Isa::detect();
+    let cpg = d.cpg();
+    let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+    let bf: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+    let ctx = |gi: usize, mean: f32, rstd: f32| {
+        let g = gi % d.groups;
+        GroupCtx {
+            w: &wf[g * cpg..(g + 1) * cpg],
+            b: &bf[g * cpg..(g + 1) * cpg],
+            hw: d.hw,
+            mean,
+            rstd,
+            silu,
+        }
+    };
+    let (cs, k) = chunking(m, k);
+    if k == 1 {
+        y.par_chunks_mut(m)
+            .zip(x.par_chunks(m))
+            .enumerate()
+            .for_each(|(gi, (yg, xg))| {
+                let (mean, rstd) = moments(isa, xg).mean_rstd(eps);
+                fwd_apply(isa, xg, yg, 0, ctx(gi, mean, rstd));
+            });
+        return y;
+    }
+    let stats = group_stats(isa, x, m, cs, k, eps);
+    y.par_chunks_mut(m)
+        .zip(x.par_chunks(m))
+        .enumerate()
+        .for_each(|(gi, (yg, xg))| {
+            let (mean, rstd) = stats[gi];
+            yg.par_chunks_mut(cs)
+                .zip(xg.par_chunks(cs))
+                .enumerate()
+                .for_each(|(ci, (yc, xc))| fwd_apply(isa, xc, yc, ci * cs, ctx(gi, mean, rstd)));
+        });
+    y
+}
+
+/// `(mean, rstd)` of every group, computed in `k` chunks of length `cs` per group.
+fn group_stats<T: Elem>(
+    isa: Isa,
+    x: &[T],
+    m: usize,
+    cs: usize,
+    k: usize,
+    eps: f32,
+) -> Vec<(f32, f32)> {
+    let partial: Vec<Moments> = x
+        .par_chunks(m)
+        .flat_map_iter(|xg| xg.chunks(cs).map(move |xc| moments(isa, xc)))
+        .collect();
+    partial
+        .chunks(k)
+        .map(|p| {
+            p.iter()
+                .fold(Moments::default(), |a, &b| a.merge(b))
+                .mean_rstd(eps)
+        })
+        .collect()
+}
+
+/// Per-group constants of the backward pass.
+#[derive(Clone, Copy)]
+struct BwdCtx<'a> {
+    w: &'a [f32],
+    b: &'a [f32],
+    hw: usize,
+    mean: f32,
+    rstd: f32,
+    silu: bool,
+}
+
+/// `dy_eff = dy * silu'(z)` with `z = xhat * w + b`, or `dy` without SiLU.
+#[inline(always)]
+fn dy_eff(dy: f32, xhat: f32, w: f32, b: f32, silu: bool) -> f32 {
+    if silu {
+        let z = xhat * w + b;
+        let s = sigmoid_f32(z);
+        dy * s * (1.0 + z * (1.0 - s))
+    } else {
+        dy
+    }
+}
+
+multiversion! {
+fn bwd_reduce / bwd_reduce_g / bwd_reduce_avx2 <T>
+    (x: &[T], dy: &[T], lo: usize, ctx: BwdCtx<'_>, acc: &mut [[f64; 2]]) -> () {
+    // acc[cl] += (Σ dy_eff * xhat, Σ dy_eff) over this chunk's elements of channel cl.
+    segments(lo, lo + x.len(), ctx.hw, |cl, s, e| {
+        let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
+        let (mut sgx, mut sg) = (0f64, 0f64);
+        blocks2(&x[s - lo..e - lo], &dy[s - lo..e - lo], |xb, db| {
+            let mut a = [0f32; L];
+            let mut q = [0f32; L];
+            let mut xi = xb.chunks_exact(L);
+            let mut di = db.chunks_exact(L);
+            for (xc, dc) in (&mut xi).zip(&mut di) {
+                for i in 0..L {
+                    let xhat = (xc[i] - mean) * rstd;
+                    let g = dy_eff(dc[i], xhat, w, b, silu);
+                    a[i] += g * xhat;
+                    q[i] += g;
+                }
+            }
+            let (mut s1, mut s2) = (0f32, 0f32);
+            for (&xv, &dv) in xi.remainder().iter().zip(di.remainder()) {
+                let xhat = (xv - mean) * rstd;
+                let g = dy_eff(dv, xhat, w, b, silu);
+                s1 += g * xhat;
+                s2 += g;
+            }
+            for i in 0..L {
+                s1 += a[i];
+                s2 += q[i];
+            }
+            sgx += s1 as f64;
+            sg += s2 as f64;
+        });
+        acc[cl][0] += sgx;
+        acc[cl][1] += sg;
+    });
+}
+}
+
+/// Group-level coefficients of dx: `dx = rstd * w * g + q * (x - mean) + r`.
+#[derive(Clone, Copy)]
+struct DxCoef {
+    q: f32,
+    r: f32,
+}
+
+multiversion! {
+fn bwd_dx / bwd_dx_g / bwd_dx_avx2 <T>
+    (x: &[T], dy: &[T], dx: &mut [T], lo: usize, ctx: BwdCtx<'_>, coef: DxCoef) -> () {
+    segments(lo, lo + x.len(), ctx.hw, |cl, s, e| {
+        let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
+        let (p, q, r) = (rstd * w, coef.q, coef.r);
+        let (xs, ds, os) = (&x[s - lo..e - lo], &dy[s - lo..e - lo], &mut dx[s - lo..e - lo]);
+        blocks2_map(xs, ds, os, |xb, db, ob| {
+            for ((o, &xv), &dv) in ob.iter_mut().zip(xb).zip(db) {
+                let xc = xv - mean;
+                let g = dy_eff(dv, xc * rstd, w, b, silu);
+                *o = p * g + q * xc + r;
+            }
+        });
+    });
+}
+}
+
+/// Turns a group's per-channel sums into the dx coefficients:
+/// `A = Σ_c w_c Σ dy_eff xhat`, `B = Σ_c w_c Σ dy_eff`,
+/// `dx = rstd * (w * dy_eff - B / M - xhat * A / M)`.
+fn dx_coef(acc: &[[f64; 2]], w: &[f32], rstd: f32, m: usize) -> DxCoef {
+    let (mut a, mut b) = (0f64, 0f64);
+    for (s, &wc) in acc.iter().zip(w) {
+        a += wc as f64 * s[0];
+        b += wc as f64 * s[1];
+    }
+    let (rstd, inv_m) = (rstd as f64, 1.0 / m as f64);
+    DxCoef {
+        q: (-rstd * rstd * a * inv_m) as f32,
+        r: (-rstd * b * inv_m) as f32,
+    }
+}
+
+/// Fused backward. `wb` is `[weight (C), bias (C)]`, `dy` has x's shape. Returns one buffer
+/// `[dx (x.len()), dweight (C), dbias (C)]`.
+///
+/// Per group: statistics (one read of x), then `Σ dy_eff·xhat` and `Σ dy_eff` per channel
+/// (one read of x and dy), then dx (a second read of x and dy, from cache when `k = 1`).
+/// `dweight[c] = Σ_n Σ_hw dy_eff·xhat` and `dbias[c] = Σ_n Σ_hw dy_eff` are reduced from the
+/// per-(n, c) sums at the end, in a fixed order (results are deterministic).
+pub(crate) fn backward<T: Elem>(
+    x: &[T],
+    wb: &[T],
+    dy: &[T],
+    d: GnDims,
+    eps: f32,
+    silu: bool,
+    k: usize,
+) -> Vec<T> {
+    let numel = x.len();
+    let mut out = vec![T::ZERO; numel + 2 * d.c];
+    let m = d.m();
+    if numel == 0 || m == 0 {
+        return out;
+    }
+    let isa = Isa::detect();
+    let cpg = d.cpg();
+    let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+    let (wf, bf) = wbf.split_at(d.c);
+    let ctx = |gi: usize, (mean, rstd): (f32, f32)| {
+        let g = gi % d.groups;
+        BwdCtx {
+            w: &wf[g * cpg..(g + 1) * cpg],
+            b: &bf[g * cpg..(g + 1) * cpg],
+            hw: d.hw,
+            mean,
+            rstd,
+            silu,
+        }
+    };
+    // Per (n, c): (Σ dy_eff * xhat, Σ dy_eff); group gi owns entries gi*cpg .. (gi+1)*cpg.
+    let mut per_nc = vec![[0f64; 2]; d.n * d.c];
+    let (dx, dwb) = out.split_at_mut(numel);
+    let (cs, k) = chunking(m, k);
+    if k == 1 {
+        dx.par_chunks_mut(m)
+            .zip(x.par_chunks(m))
+            .zip(dy.par_chunks(m))
+            .zip(per_nc.par_chunks_mut(cpg))
+            .enumerate()
+            .for_each(|(gi, (((dxg, xg), dyg), acc))| {
+                let c = ctx(gi, moments(isa, xg).mean_rstd(eps));
+                bwd_reduce(isa, xg, dyg, 0, c, acc);
+                let coef = dx_coef(acc, c.w, c.rstd, m);
+                bwd_dx(isa, xg, dyg, dxg, 0, c, coef);
+            });
+    } else {
+        let stats = group_stats(isa, x, m, cs, k, eps);
+        // Per (group, chunk, local channel) partial sums, merged per group below.
+        let mut partial = vec![[0f64; 2]; d.ng() * k * cpg];
+        partial
+            .par_chunks_mut(k * cpg)
+            .zip(x.par_chunks(m))
+            .zip(dy.par_chunks(m))
+            .enumerate()
+            .for_each(|(gi, ((pg, xg), dyg))| {
+                pg.par_chunks_mut(cpg)
+                    .zip(xg.par_chunks(cs))
+                    .zip(dyg.par_chunks(cs))
+                    .enumerate()
+                    .for_each(|(ci, ((acc, xc), dyc))| {
+                        bwd_reduce(isa, xc, dyc, ci * cs, ctx(gi, stats[gi]), acc)
+                    });
+            });
+        for (acc, pg) in per_nc.chunks_mut(cpg).zip(partial.chunks(k * cpg)) {
+            for pc in pg.chunks(cpg) {
+                for (a, p) in acc.iter_mut().zip(pc) {
+                    a[0] += p[0];
+                    a[1] += p[1];
+                }
+            }
+        }
+        let per_nc = &per_nc;
+        dx.par_chunks_mut(m)
+            .zip(x.par_chunks(m))
+            .zip(dy.par_chunks(m))
+            .enumerate()
+            .for_each(|(gi, ((dxg, xg), dyg))| {
+                let c = ctx(gi, stats[gi]);
+                let coef = dx_coef(&per_nc[gi * cpg..(gi + 1) * cpg], c.w, c.rstd, m);
+                dxg.par_chunks_mut(cs)
+                    .zip(xg.par_chunks(cs))
+                    .zip(dyg.par_chunks(cs))
+                    .enumerate()
+                    .for_each(|(ci, ((dxc, xc), dyc))| bwd_dx(isa, xc, dyc, dxc, ci * cs, c, coef));
+            });
+    }
+    let (dw, db) = dwb.split_at_mut(d.c);
+    let mut sum = vec![[0f64; 2]; d.c];
+    for row in per_nc.chunks(d.c) {
+        for (s, v) in sum.iter_mut().zip(row) {
+            s[0] += v[0];
+            s[1] += v[1];
+        }
+    }
+    let mut buf = [0f32; BLK];
+    for ((dwc, dbc), sc) in dw
+        .chunks_mut(BLK)
+        .zip(db.chunks_mut(BLK))
+        .zip(sum.chunks(BLK))
+    {
+        let o = T::out(dwc, &mut buf);
+        for (o, s) in o.iter_mut().zip(sc) {
+            *o = s[0] as f32;
+        }
+        T::store(&buf, dwc);
+        let o = T::out(dbc, &mut buf);
+        for (o, s) in o.iter_mut().zip(sc) {
+            *o = s[1] as f32;
+        }
+        T::store(&buf, dbc);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32, scale: f32, offset: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                offset + scale * ((s as f32 / u32::MAX as f32) * 2.0 - 1.0)
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Splitting groups into chunks (the small-batch path) must not change the results.
+    #[test]
+    fn chunked_matches_unchunked() {
+        for &(n, c, hw, groups) in &[(1, 4, 9000, 1), (2, 6, 5001, 3), (1, 2, 40000, 2)] {
+            let d = GnDims { n, c, hw, groups };
+            let x = data(n * c * hw, 1, 1.0, 1e3);
+            let dy = data(n * c * hw, 2, 1.0, 0.0);
+            let w = data(c, 3, 1.0, 1.0);
+            let mut wb = w.clone();
+            wb.extend(data(c, 4, 0.5, 0.0));
+            for silu in [false, true] {
+                let y1 = forward(&x, &wb[..c], &wb[c..], d, 1e-5, silu, 1);
+                let g1 = backward(&x, &wb, &dy, d, 1e-5, silu, 1);
+                for k in [2, 3, 7] {
+                    let yk = forward(&x, &wb[..c], &wb[c..], d, 1e-5, silu, k);
+                    let gk = backward(&x, &wb, &dy, d, 1e-5, silu, k);
+                    assert!(max_diff(&y1, &yk) < 1e-4, "fwd k={k} {d:?}");
+                    let numel = x.len();
+                    assert!(
+                        max_diff(&g1[..numel], &gk[..numel]) < 1e-4,
+                        "dx k={k} {d:?}"
+                    );
+                    let tol = 1e-6 * (n * hw) as f32;
+                    assert!(max_diff(&g1[numel..], &gk[numel..]) < tol, "dw/db k={k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plan_prefers_whole_groups() {
+        assert_eq!(plan_chunks(256, 16384, 2), 1);
+        assert_eq!(plan_chunks(1, 1 << 20, 2), 8);
+        assert_eq!(plan_chunks(1, 100, 2), 1);
+        assert_eq!(plan_chunks(0, 0, 2), 1);
+    }
+}
