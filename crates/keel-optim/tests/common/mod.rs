@@ -1,0 +1,120 @@
+//! Shared test helpers: fixture loading and explicit tolerances.
+//!
+//! Fixtures come from `tests/fixtures/gen_optim.py` (PyTorch 2.x, CPU); rerun it from
+//! the repository root to regenerate them.
+#![allow(dead_code)] // reason: each test binary uses a different subset of the helpers
+
+use anyhow::{ensure, Context, Result};
+use candle::{Device, Tensor};
+use serde_json::Value;
+
+/// Parses `tests/fixtures/<name>`.
+pub fn fixture(name: &str) -> Result<Value> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {path}; run gen_optim.py"))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// A JSON array of numbers.
+pub fn f64s(v: &Value) -> Result<Vec<f64>> {
+    v.as_array()
+        .context("expected an array")?
+        .iter()
+        .map(|x| x.as_f64().context("expected a number"))
+        .collect()
+}
+
+/// A JSON number.
+pub fn num(v: &Value) -> Result<f64> {
+    v.as_f64()
+        .with_context(|| format!("expected a number, got {v}"))
+}
+
+/// A `{shape, data}` tensor written by `tl(..)` in the generator, as f32 on the CPU.
+pub fn tensor(v: &Value) -> Result<Tensor> {
+    let shape: Vec<usize> = v["shape"]
+        .as_array()
+        .context("shape")?
+        .iter()
+        .map(|d| d.as_u64().map(|d| d as usize).context("dim"))
+        .collect::<Result<_>>()?;
+    let data: Vec<f32> = f64s(&v["data"])?.into_iter().map(|x| x as f32).collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// Largest `|x - y|` and `|x - y| / |y|` over two slices.
+pub fn max_errors(got: &[f64], want: &[f64]) -> (f64, f64) {
+    got.iter()
+        .zip(want)
+        .fold((0.0f64, 0.0f64), |(a, r), (x, y)| {
+            let d = (x - y).abs();
+            (a.max(d), if *y != 0.0 { r.max(d / y.abs()) } else { r })
+        })
+}
+
+/// Asserts `|x - y| <= max(rtol * |y|, atol)` everywhere (NaN never passes) and prints
+/// the worst index with both values otherwise.
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) -> Result<()> {
+    ensure!(
+        got.len() == want.len(),
+        "{what}: length {} != expected {}",
+        got.len(),
+        want.len()
+    );
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, (x, y)) in got.iter().zip(want).enumerate() {
+        let excess = (x - y).abs() - (rtol * y.abs()).max(atol);
+        let bad = excess.is_nan() || excess > 0.0;
+        if bad && worst.is_none_or(|(_, e)| excess.is_nan() || excess > e) {
+            worst = Some((
+                i,
+                if excess.is_nan() {
+                    f64::INFINITY
+                } else {
+                    excess
+                },
+            ));
+        }
+    }
+    if let Some((i, _)) = worst {
+        anyhow::bail!(
+            "{what}: worst index {i}: got {} expected {} (|diff| {:e}, rtol {rtol:e}, atol {atol:e})",
+            got[i],
+            want[i],
+            (got[i] - want[i]).abs()
+        );
+    }
+    Ok(())
+}
+
+/// A tensor's values as f64.
+pub fn values(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.flatten_all()?
+        .to_dtype(candle::DType::F64)?
+        .to_vec1::<f64>()?)
+}
+
+/// Asserts two tensors close, see [`assert_close`].
+pub fn assert_tensor_close(
+    what: &str,
+    got: &Tensor,
+    want: &Tensor,
+    rtol: f64,
+    atol: f64,
+) -> Result<()> {
+    ensure!(
+        got.dims() == want.dims(),
+        "{what}: shape {:?} != expected {:?}",
+        got.dims(),
+        want.dims()
+    );
+    assert_close(what, &values(got)?, &values(want)?, rtol, atol)
+}
+
+/// A unique scratch path under the target directory's temp dir.
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("keel-optim-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("creating the scratch dir");
+    dir.join(name)
+}
