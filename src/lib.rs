@@ -1,4 +1,33 @@
-//! keel
+//! # keel: stable small-batch training on candle
+//!
+//! Detection and segmentation training on one GPU at batch 1-8 tends to go haywire: loss
+//! jumps, mIoU slides back, gradient norms explode, and the same seed gives different results.
+//! keel collects the standard cures as candle building blocks, with PyTorch semantics and
+//! PyTorch parameter names:
+//!
+//! - [`norm`]: batch-independent normalization: GroupNorm (fused, with a GN + SiLU form),
+//!   FrozenBatchNorm2d, Weight Standardization, one `NormKind` switch for a whole model,
+//!   BatchNorm -> GroupNorm / FrozenBatchNorm checkpoint conversion.
+//! - [`kernels`]: fused, differentiable kernels (CPU, and CUDA with the `cuda` feature)
+//!   behind the layers: GroupNorm(+SiLU) forward and backward.
+//!
+//! ```
+//! use candle::{DType, Device, ModuleT, Tensor};
+//! use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
+//! use keel::norm::{conv_norm_act, Activation, NormKind};
+//! # fn main() -> candle::Result<()> {
+//! let vm = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+//! let kind: NormKind = "gn".parse()?; // or "bn", "frozen-bn", "gn:16", "ws-gn"
+//! let cfg = Conv2dConfig { padding: 1, ..Default::default() };
+//! let block = conv_norm_act(3, 32, 3, cfg, kind, Activation::Silu, vb.pp("stem"))?;
+//! let y = block.forward_t(&Tensor::randn(0f32, 1., (1, 3, 64, 64), &Device::Cpu)?, true)?;
+//! assert_eq!(y.dims(), &[1, 32, 64, 64]);
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
 
+pub use keel_kernels as kernels;
+pub use keel_norm as norm;
 /// LR schedules, clipping, SGD/AdamW, loss scaling, accumulation and EMA (issue 4).
 pub use keel_optim as optim;
