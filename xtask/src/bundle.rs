@@ -1,0 +1,90 @@
+//! `cargo xtask gpu-bundle`: everything one device call needs, in `.bundle/` (git-ignored):
+//! the stripped, xz-compressed `--features cuda` release build of `keel-gpu-suite` (built
+//! with the pinned toolchain, CARGO_TARGET_DIR=target/cuda) and the GPU machine's scripts
+//! from `scripts/gpu/`. Prints the exact device command.
+
+use crate::{cuda_env, root, run_cmd, step};
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::process::Command;
+
+const BIN: &str = "keel-gpu-suite";
+const PACKAGE: &str = "keel-gpu-suite";
+/// Files of scripts/gpu/ copied next to the binary.
+const SCRIPTS: [&str; 3] = ["run.sh", "torch_gn_bench.py", "report.py"];
+
+pub(crate) fn run() -> Result<()> {
+    let root = root();
+    let bundle = root.join(".bundle");
+    let target = root.join("target/cuda");
+    step(
+        "pinned CUDA toolchain + cargo build --release --features cuda",
+        || {
+            let env = cuda_env()?;
+            run_cmd(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .args([
+                        "build",
+                        "--release",
+                        "-p",
+                        PACKAGE,
+                        "--features",
+                        "cuda",
+                        "--bin",
+                        BIN,
+                    ])
+                    .envs(env)
+                    .env("CARGO_TARGET_DIR", &target),
+            )
+        },
+    )?;
+    step("strip + xz into .bundle/", || {
+        if bundle.exists() {
+            std::fs::remove_dir_all(&bundle).context("clearing .bundle/")?;
+        }
+        std::fs::create_dir_all(&bundle)?;
+        let bin = bundle.join(BIN);
+        std::fs::copy(target.join("release").join(BIN), &bin).context("copying the binary")?;
+        run_cmd(Command::new("strip").arg("--strip-all").arg(&bin))?;
+        let stripped = std::fs::metadata(&bin)?.len();
+        let hash: String = Sha256::digest(std::fs::read(&bin)?)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        run_cmd(Command::new("xz").args(["-6", "-T1", "-f"]).arg(&bin))?;
+        let xz = std::fs::metadata(bundle.join(format!("{BIN}.xz")))?.len();
+        for s in SCRIPTS {
+            std::fs::copy(root.join("scripts/gpu").join(s), bundle.join(s))
+                .with_context(|| format!("copying scripts/gpu/{s}"))?;
+        }
+        let commit = Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .current_dir(&root)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let dirty = Command::new("git")
+            .args(["status", "--porcelain", "--untracked-files=no"])
+            .current_dir(&root)
+            .output()
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(false);
+        std::fs::write(
+            bundle.join("MANIFEST"),
+            format!(
+                "binary={BIN} sha256(stripped)={hash} stripped_bytes={stripped} xz_bytes={xz}\ngit={commit}{}\n",
+                if dirty { " (working tree had uncommitted changes)" } else { "" }
+            ),
+        )?;
+        eprintln!(
+            "bundle: {BIN} stripped {:.1} MiB -> {:.1} MiB xz",
+            stripped as f64 / 1048576.0,
+            xz as f64 / 1048576.0
+        );
+        Ok(())
+    })?;
+    println!(
+        "\nGPU bundle ready in .bundle/. On the GPU machine run (device tool):\n  run(command=\"bash .bundle/run.sh\", carry=[\".bundle\"], timeout_s=480)\nIt runs the CUDA correctness suite, the keel/candle benchmark and PyTorch eager on the same shapes, then prints one ratio table."
+    );
+    Ok(())
+}
