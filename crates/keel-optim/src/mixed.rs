@@ -5,6 +5,9 @@
 //! optimizer updates the master copy. With f16 use a [`crate::GradScaler`]; bf16 has
 //! f32's exponent range and needs none.
 //!
+//! candle 0.11's CPU backend has no bf16 matmul (so no bf16 linear or conv): bf16
+//! training runs on CUDA; f16 works on both.
+//!
 //! Build the model inside the forward from [`cast_var_builder`] (candle layers are cheap
 //! structs over tensors), or cast individual vars with [`cast_vars`]. Compute the loss in
 //! f32 (`logits.to_dtype(DType::F32)`).

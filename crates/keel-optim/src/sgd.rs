@@ -220,7 +220,7 @@ impl candle_nn::Optimizer for Sgd {
                     d_p = (d_p + param.affine(group.weight_decay, 0.0)?)?;
                 }
                 if cfg.momentum != 0.0 {
-                    let buf = match p.buf.take() {
+                    let buf = match &p.buf {
                         None => d_p.copy()?,
                         Some(buf) => {
                             (buf.affine(cfg.momentum, 0.0)?
