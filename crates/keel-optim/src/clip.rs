@@ -37,21 +37,13 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> can
     let mut sums = Vec::with_capacity(vars.len());
     for var in vars {
         if let Some(g) = grads.get(var) {
-            sums.push(
-                g.to_dtype(DType::F32)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_device(&candle::Device::Cpu)?,
-            );
+            sums.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
         }
     }
     if sums.is_empty() {
         return Ok(0.0);
     }
-    let total = Tensor::stack(&sums, 0)?
-        .sum_all()?
-        .sqrt()?
-        .to_scalar::<f32>()?;
+    let total = sum_to_host(sums)?.sqrt();
     if !total.is_finite() {
         return Ok(total as f64);
     }
@@ -66,6 +58,23 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> can
         }
     }
     Ok(total as f64)
+}
+
+/// Sums f32 scalars on their device (one transfer to the host when they all share a
+/// device; scalars on other devices are moved to the first one's).
+pub(crate) fn sum_to_host(parts: Vec<Tensor>) -> candle::Result<f32> {
+    let Some(first) = parts.first() else {
+        return Ok(0.0);
+    };
+    let dev = first.device().clone();
+    let parts = parts
+        .into_iter()
+        .map(|t| match t.device().same_device(&dev) {
+            true => Ok(t),
+            false => t.to_device(&dev),
+        })
+        .collect::<candle::Result<Vec<_>>>()?;
+    Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f32>()
 }
 
 /// Clamps every gradient of `vars` in `grads` to `[-clip_value, clip_value]`, like

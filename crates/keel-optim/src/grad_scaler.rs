@@ -159,18 +159,12 @@ impl GradScaler {
                 let g32 = g.to_dtype(DType::F32)?;
                 #[allow(clippy::eq_op)] // reason: x - x is the finiteness probe described above
                 let probe = (&g32 - &g32)?;
-                checks.push(probe.sum_all()?.to_device(&candle::Device::Cpu)?);
+                checks.push(probe.sum_all()?);
                 let unscaled = g.affine(inv, 0.0)?;
                 grads.insert(var.as_tensor(), unscaled);
             }
         }
-        let found_inf = match checks.is_empty() {
-            true => false,
-            false => !Tensor::stack(&checks, 0)?
-                .sum_all()?
-                .to_scalar::<f32>()?
-                .is_finite(),
-        };
+        let found_inf = !crate::clip::sum_to_host(checks)?.is_finite();
         self.unscaled = Some(found_inf);
         Ok(found_inf)
     }
