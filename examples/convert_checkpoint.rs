@@ -48,7 +48,10 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.input == args.output {
-        bail!("convert_checkpoint: OUT must differ from IN ({})", args.input.display());
+        bail!(
+            "convert_checkpoint: OUT must differ from IN ({})",
+            args.input.display()
+        );
     }
     let mut state = candle::safetensors::load(&args.input, &Device::Cpu)
         .with_context(|| format!("reading {}", args.input.display()))?;
@@ -77,7 +80,8 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let tmp = args.output.with_extension("safetensors.tmp");
-    candle::safetensors::save(&state, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    candle::safetensors::save(&state, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &args.output)
         .with_context(|| format!("renaming {} to {}", tmp.display(), args.output.display()))?;
     println!(
