@@ -15,7 +15,7 @@ mod common;
 
 use candle::{DType, Module, ModuleT, Tensor, Var};
 use candle_nn::Conv2dConfig;
-use common::{assert_close, fixtures, get};
+use common::{assert_close, fixtures, get, max_abs_diff};
 use keel_norm::{FrozenBatchNorm2d, GroupNorm, WsConfig, WsConv2d};
 
 const GN_CASES: [&str; 6] = [
@@ -91,6 +91,14 @@ fn check_gn(
             let key = gn_key(case, silu, dtype);
             let [y, dx, dw, db] = run_gn(case, silu, dtype)?;
             let what = |n: &str| format!("{key} {dtype:?} {n}");
+            // Printed with --nocapture: the measured errors behind the parity claim.
+            eprintln!(
+                "{key}: max abs err y {:.2e} dx {:.2e} dweight {:.2e} dbias {:.2e}",
+                max_abs_diff(&y, &get(&fx, &key, "y")),
+                max_abs_diff(&dx, &get(&fx, &key, "dx")),
+                max_abs_diff(&dw, &get(&fx, &key, "dweight")),
+                max_abs_diff(&db, &get(&fx, &key, "dbias")),
+            );
             assert_close(&what("y"), &y, &get(&fx, &key, "y"), rtol, atol);
             assert_close(
                 &what("dx"),
