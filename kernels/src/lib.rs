@@ -4,10 +4,17 @@
 //!   with an optional SiLU (Elfwing et al., 2018), forward and backward on CPU (and CUDA
 //!   with the `cuda` feature), plus the composed references [`group_norm_silu_slow`] and
 //!   [`group_norm_slow`].
+//! - [`conv2d`]: 2D convolution with stride, padding, dilation and groups, differentiable
+//!   through dedicated backward-data and backward-filter kernels (im2col + GEMM on CPU,
+//!   cuDNN with the `cudnn` feature), plus the composed reference [`conv2d_slow`].
+//! - [`nn`]: layers on these ops ([`nn::Conv2d`], a drop-in for candle_nn's).
 
+mod conv;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod group_norm;
+pub mod nn;
 
+pub use conv::{conv2d, conv2d_slow, Conv2dParams};
 pub use group_norm::{group_norm, group_norm_silu, group_norm_silu_slow, group_norm_slow};

@@ -1,0 +1,519 @@
+//! CPU convolution kernels: im2col / col2im over tiles of output rows, and `f32` GEMMs on the
+//! `gemm` crate (runtime-dispatched AVX2/AVX-512 micro-kernels with its own cache blocking).
+//!
+//! Per `(sample, group)` task, with `K = C_in / G * kH * kW` and `P = H_out * W_out`:
+//! - forward: `y[og, P] = w[og, K] @ col[K, P]`;
+//! - backward-data: `dcol[K, P] = w^T @ dy[og, P]`, then col2im adds dcol into dx;
+//! - backward-filter: `dw[og, K] += dy[og, P] @ col[K, P]^T`, summed over samples.
+//!
+//! The im2col buffer covers a tile of whole output rows sized to stay in L2
+//! ([`TILE_FLOATS`]), so it is written and read back from cache. A 1x1 stride-1 unpadded
+//! convolution skips im2col and multiplies x directly. Parallelism: rayon over tasks when
+//! there are enough of them, otherwise sequential tasks with the GEMM itself parallel.
+
+use super::Geom;
+use candle::backend::BackendStorage;
+use candle::{bail, CpuStorage, Layout, Result};
+use gemm::Parallelism;
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// Target size (f32 elements) of one im2col tile: 256 Ki floats = 1 MiB, within L2.
+const TILE_FLOATS: usize = 1 << 18;
+
+/// The contiguous slice of a storage's data described by `l`.
+fn contiguous<'a, T>(op: &str, what: &str, data: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if b <= data.len() => Ok(&data[a..b]),
+        _ => bail!("{op}: {what} must be contiguous (layout {l:?})"),
+    }
+}
+
+/// The contiguous data of `s` as `f32` (borrowed for f32, converted for f16/bf16).
+pub(super) fn as_f32<'a>(
+    op: &str,
+    what: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<Cow<'a, [f32]>> {
+    Ok(match s {
+        CpuStorage::F32(d) => Cow::Borrowed(contiguous(op, what, d, l)?),
+        CpuStorage::F16(d) => {
+            let d = contiguous(op, what, d, l)?;
+            let mut v = vec![0f32; d.len()];
+            d.convert_to_f32_slice(&mut v);
+            Cow::Owned(v)
+        }
+        CpuStorage::BF16(d) => {
+            let d = contiguous(op, what, d, l)?;
+            let mut v = vec![0f32; d.len()];
+            d.convert_to_f32_slice(&mut v);
+            Cow::Owned(v)
+        }
+        _ => bail!(
+            "{op}: {what} has dtype {:?}; supported: f32, f16, bf16",
+            s.dtype()
+        ),
+    })
+}
+
+/// Checks that both storages have one dtype.
+pub(super) fn same_dtype(op: &str, a: &CpuStorage, b: &CpuStorage) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        bail!(
+            "{op}: both operands must have one dtype, got {:?} and {:?}",
+            a.dtype(),
+            b.dtype()
+        )
+    }
+    Ok(())
+}
+
+/// `v` as a storage of `like`'s dtype (rounded once for f16/bf16).
+pub(super) fn wrap(like: &CpuStorage, v: Vec<f32>) -> CpuStorage {
+    match like {
+        CpuStorage::F16(_) => {
+            let mut o = vec![f16::ZERO; v.len()];
+            o.convert_from_f32_slice(&v);
+            CpuStorage::F16(o)
+        }
+        CpuStorage::BF16(_) => {
+            let mut o = vec![bf16::ZERO; v.len()];
+            o.convert_from_f32_slice(&v);
+            CpuStorage::BF16(o)
+        }
+        _ => CpuStorage::F32(v),
+    }
+}
+
+/// A strided `f32` matrix operand: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// `dst[m, n] (row stride dst_rs) = (acc ? dst : 0) + a[m, k] @ b[k, n]`.
+#[allow(clippy::too_many_arguments)] // a GEMM call: three sizes, three operands, two modes
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    acc: bool,
+    a: Mat,
+    b: Mat,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let end = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    // Internal invariants (the geometry was validated): every operand holds its extent.
+    assert!(
+        end(m, n, dst_rs, 1) < dst.len(),
+        "conv: GEMM dst out of bounds"
+    );
+    assert!(
+        end(m, k, a.rs, a.cs) < a.data.len(),
+        "conv: GEMM lhs out of bounds"
+    );
+    assert!(
+        end(k, n, b.rs, b.cs) < b.data.len(),
+        "conv: GEMM rhs out of bounds"
+    );
+    // SAFETY: the asserts above show that every element the GEMM reads or writes,
+    // `(i, j) -> base + i * rs + j * cs` for i < rows, j < cols, lies inside its slice; `dst`
+    // is borrowed mutably so it aliases neither operand; strides fit in isize because they
+    // index allocated slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            acc,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// The range of output columns `j` whose input column `j * s + off` lies in `[0, len)`.
+fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usize, usize) {
+    let s = s as isize;
+    let lo = if off >= 0 { 0 } else { ((-off) + s - 1) / s };
+    let hi = if (len as isize) - off <= 0 {
+        0
+    } else {
+        ((len as isize - off - 1) / s + 1) as usize
+    };
+    let hi = hi.min(out);
+    (lo.min(hi as isize) as usize, hi)
+}
+
+/// col2im: adds the patch rows of output rows `[r0, r1)` in `col` (`(K, (r1 - r0) * W_out)`)
+/// back into one `(sample, group)` image slice `(C_in / G, H, W)`.
+fn col2im(g: &Geom, r0: usize, r1: usize, col: &[f32], img: &mut [f32]) {
+    let (h, w, ow) = (g.h, g.w, g.ow);
+    let (s, d, p) = (g.stride, g.dilation, g.padding as isize);
+    let pt = (r1 - r0) * ow;
+    for c in 0..g.cg() {
+        let plane = c * h * w;
+        for a in 0..g.kh {
+            for b in 0..g.kw {
+                let row = (c * g.kh + a) * g.kw + b;
+                let src = &col[row * pt..(row + 1) * pt];
+                let off = (b * d) as isize - p;
+                let (lo, hi) = valid_range(off, s, w, ow);
+                if lo >= hi {
+                    continue;
+                }
+                let start = ((lo * s) as isize + off) as usize;
+                for (i, oy) in (r0..r1).enumerate() {
+                    let ih = (oy * s + a * d) as isize - p;
+                    if ih < 0 || ih >= h as isize {
+                        continue;
+                    }
+                    let crow = &src[i * ow + lo..i * ow + hi];
+                    let irow = &mut img[plane + ih as usize * w..plane + (ih as usize + 1) * w];
+                    if s == 1 {
+                        for (x, v) in irow[start..start + hi - lo].iter_mut().zip(crow) {
+                            *x += v;
+                        }
+                    } else {
+                        for (j, v) in crow.iter().enumerate() {
+                            irow[start + j * s] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// im2col: copies the patch rows of output rows `[r0, r1)` of one `(sample, group)` image
+/// `(C_in / G, H, W)` into `col` (`(K, (r1 - r0) * W_out)`), zeros where they read padding.
+fn im2col(g: &Geom, img: &[f32], r0: usize, r1: usize, col: &mut [f32]) {
+    let (h, w, ow) = (g.h, g.w, g.ow);
+    let (s, d, p) = (g.stride, g.dilation, g.padding as isize);
+    let pt = (r1 - r0) * ow;
+    for c in 0..g.cg() {
+        let plane = c * h * w;
+        for a in 0..g.kh {
+            for b in 0..g.kw {
+                let row = (c * g.kh + a) * g.kw + b;
+                let dst = &mut col[row * pt..(row + 1) * pt];
+                let off = (b * d) as isize - p;
+                let (lo, hi) = valid_range(off, s, w, ow);
+                for (i, oy) in (r0..r1).enumerate() {
+                    let ih = (oy * s + a * d) as isize - p;
+                    let crow = &mut dst[i * ow..(i + 1) * ow];
+                    if ih < 0 || ih >= h as isize || lo >= hi {
+                        crow.fill(0.0);
+                        continue;
+                    }
+                    let irow = &img[plane + ih as usize * w..plane + (ih as usize + 1) * w];
+                    crow[..lo].fill(0.0);
+                    crow[hi..].fill(0.0);
+                    let start = ((lo * s) as isize + off) as usize;
+                    if s == 1 {
+                        crow[lo..hi].copy_from_slice(&irow[start..start + hi - lo]);
+                    } else {
+                        for (j, v) in crow[lo..hi].iter_mut().enumerate() {
+                            *v = irow[start + j * s];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Output rows per im2col tile.
+fn tile_rows(g: &Geom) -> usize {
+    (TILE_FLOATS / (g.k() * g.ow).max(1)).clamp(1, g.oh.max(1))
+}
+
+/// How to spread `tasks` independent tasks over the pool: `true` = rayon over tasks with
+/// sequential GEMMs, `false` = sequential tasks with parallel GEMMs.
+fn over_tasks(tasks: usize) -> bool {
+    let t = rayon::current_num_threads();
+    t <= 1 || tasks >= 2 * t || (tasks >= t && tasks % t == 0)
+}
+
+fn inner_par(outer: bool) -> Parallelism {
+    if outer || rayon::current_num_threads() <= 1 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(rayon::current_num_threads())
+    }
+}
+
+/// Runs `f(task, out_chunk, scratch)` for every `(sample, group)` task, each owning the
+/// `chunk`-sized piece `task` of `out`.
+fn for_tasks(
+    g: &Geom,
+    out: &mut [f32],
+    chunk: usize,
+    scratch: usize,
+    f: impl Fn(usize, &mut [f32], &mut Vec<f32>, Parallelism) + Sync,
+) {
+    if chunk == 0 {
+        return;
+    }
+    let tasks = g.n * g.groups;
+    let outer = over_tasks(tasks);
+    let par = inner_par(outer);
+    if outer {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each_init(|| vec![0f32; scratch], |buf, (t, o)| f(t, o, buf, par));
+    } else {
+        let mut buf = vec![0f32; scratch];
+        for (t, o) in out.chunks_mut(chunk).enumerate() {
+            f(t, o, &mut buf, par);
+        }
+    }
+}
+
+/// Forward: `y (N, C_out, H_out, W_out)` from `x (N, C_in, H, W)` and `w (C_out, K)`.
+pub(super) fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (p, k, og, cg) = (g.oh * g.ow, g.k(), g.og(), g.cg());
+    let mut y = vec![0f32; g.n * g.c_out * p];
+    let rows = tile_rows(g);
+    let scratch = if g.is_pointwise() { 0 } else { k * rows * g.ow };
+    for_tasks(g, &mut y, og * p, scratch, |t, y_ng, col, par| {
+        let (n, gi) = (t / g.groups, t % g.groups);
+        let img = &x[(n * g.c_in + gi * cg) * g.h * g.w..][..cg * g.h * g.w];
+        let wg = Mat {
+            data: &w[gi * og * k..][..og * k],
+            rs: k,
+            cs: 1,
+        };
+        if g.is_pointwise() {
+            let b = Mat {
+                data: img,
+                rs: p,
+                cs: 1,
+            };
+            matmul((og, p, k), y_ng, p, false, wg, b, par);
+            return;
+        }
+        for r0 in (0..g.oh).step_by(rows) {
+            let r1 = (r0 + rows).min(g.oh);
+            let pt = (r1 - r0) * g.ow;
+            im2col(g, img, r0, r1, col);
+            let b = Mat {
+                data: &col[..k * pt],
+                rs: pt,
+                cs: 1,
+            };
+            matmul((og, pt, k), &mut y_ng[r0 * g.ow..], p, false, wg, b, par);
+        }
+    });
+    y
+}
+
+/// Backward-data: `dx (N, C_in, H, W)` from `dy (N, C_out, H_out, W_out)` and `w`.
+pub(super) fn backward_data(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let (p, k, og, cg) = (g.oh * g.ow, g.k(), g.og(), g.cg());
+    let mut dx = vec![0f32; g.n * g.c_in * g.h * g.w];
+    let rows = tile_rows(g);
+    let scratch = if g.is_pointwise() { 0 } else { k * rows * g.ow };
+    for_tasks(
+        g,
+        &mut dx,
+        cg * g.h * g.w,
+        scratch,
+        |t, dx_ng, dcol, par| {
+            let (n, gi) = (t / g.groups, t % g.groups);
+            let dy_ng = &dy[(n * g.c_out + gi * og) * p..][..og * p];
+            // w_g^T: element (kk, o) = w_g[o * K + kk].
+            let wt = Mat {
+                data: &w[gi * og * k..][..og * k],
+                rs: 1,
+                cs: k,
+            };
+            if g.is_pointwise() {
+                let b = Mat {
+                    data: dy_ng,
+                    rs: p,
+                    cs: 1,
+                };
+                matmul((k, p, og), dx_ng, p, false, wt, b, par);
+                return;
+            }
+            for r0 in (0..g.oh).step_by(rows) {
+                let r1 = (r0 + rows).min(g.oh);
+                let pt = (r1 - r0) * g.ow;
+                let b = Mat {
+                    data: &dy_ng[r0 * g.ow..],
+                    rs: p,
+                    cs: 1,
+                };
+                matmul((k, pt, og), &mut dcol[..k * pt], pt, false, wt, b, par);
+                col2im(g, r0, r1, dcol, dx_ng);
+            }
+        },
+    );
+    dx
+}
+
+/// Backward-filter for the samples `ns` into `dw (C_out, K)` (accumulating).
+fn filter_samples(
+    g: &Geom,
+    (x, dy): (&[f32], &[f32]),
+    ns: std::ops::Range<usize>,
+    groups: std::ops::Range<usize>,
+    dw: &mut [f32],
+    col: &mut [f32],
+    par: Parallelism,
+) {
+    let (p, k, og, cg) = (g.oh * g.ow, g.k(), g.og(), g.cg());
+    let rows = tile_rows(g);
+    let g0 = groups.start;
+    for n in ns {
+        for gi in groups.clone() {
+            let img = &x[(n * g.c_in + gi * cg) * g.h * g.w..][..cg * g.h * g.w];
+            let dy_ng = &dy[(n * g.c_out + gi * og) * p..][..og * p];
+            let dwg = &mut dw[(gi - g0) * og * k..][..og * k];
+            if g.is_pointwise() {
+                let a = Mat {
+                    data: dy_ng,
+                    rs: p,
+                    cs: 1,
+                };
+                let b = Mat {
+                    data: img,
+                    rs: 1,
+                    cs: p,
+                };
+                matmul((og, k, p), dwg, k, true, a, b, par);
+                continue;
+            }
+            for r0 in (0..g.oh).step_by(rows) {
+                let r1 = (r0 + rows).min(g.oh);
+                let pt = (r1 - r0) * g.ow;
+                im2col(g, img, r0, r1, col);
+                let a = Mat {
+                    data: &dy_ng[r0 * g.ow..],
+                    rs: p,
+                    cs: 1,
+                };
+                let b = Mat {
+                    data: &col[..k * pt],
+                    rs: 1,
+                    cs: pt,
+                };
+                matmul((og, k, pt), dwg, k, true, a, b, par);
+            }
+        }
+    }
+}
+
+/// Backward-filter: `dw (C_out, C_in / G, kH, kW)` from `x` and `dy`, summed over samples.
+pub(super) fn backward_filter(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (k, og) = (g.k(), g.og());
+    let mut dw = vec![0f32; g.c_out * k];
+    let scratch = if g.is_pointwise() {
+        0
+    } else {
+        k * tile_rows(g) * g.ow
+    };
+    let threads = rayon::current_num_threads();
+    if threads > 1 && g.groups >= threads {
+        // Disjoint per-group slices of dw.
+        dw.par_chunks_mut(og * k).enumerate().for_each_init(
+            || vec![0f32; scratch],
+            |col, (gi, dwg)| {
+                filter_samples(g, (x, dy), 0..g.n, gi..gi + 1, dwg, col, Parallelism::None)
+            },
+        );
+    } else if threads > 1 && g.n >= threads {
+        // Per-thread partial sums over contiguous sample ranges, then one reduction.
+        let per = g.n.div_ceil(threads);
+        let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(per))
+            .into_par_iter()
+            .map(|i| {
+                let mut part = vec![0f32; g.c_out * k];
+                let mut col = vec![0f32; scratch];
+                let ns = i * per..((i + 1) * per).min(g.n);
+                filter_samples(
+                    g,
+                    (x, dy),
+                    ns,
+                    0..g.groups,
+                    &mut part,
+                    &mut col,
+                    Parallelism::None,
+                );
+                part
+            })
+            .collect();
+        for part in partials {
+            for (d, v) in dw.iter_mut().zip(part) {
+                *d += v;
+            }
+        }
+    } else {
+        let mut col = vec![0f32; scratch];
+        filter_samples(
+            g,
+            (x, dy),
+            0..g.n,
+            0..g.groups,
+            &mut dw,
+            &mut col,
+            inner_par(false),
+        );
+    }
+    dw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_range;
+
+    #[test]
+    fn valid_range_matches_brute_force() {
+        for s in 1..4 {
+            for off in -5isize..5 {
+                for len in 1..9 {
+                    for out in 0..9 {
+                        let want: Vec<usize> = (0..out)
+                            .filter(|&j| {
+                                let i = (j * s) as isize + off;
+                                i >= 0 && i < len as isize
+                            })
+                            .collect();
+                        let (lo, hi) = valid_range(off, s, len, out);
+                        let got: Vec<usize> = (lo..hi).collect();
+                        assert_eq!(got, want, "s {s} off {off} len {len} out {out}");
+                    }
+                }
+            }
+        }
+    }
+}
