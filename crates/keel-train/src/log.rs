@@ -1,0 +1,121 @@
+//! A JSON Lines training log (<https://jsonlines.org>): one JSON value per line, flushed after
+//! every record so that a killed run loses at most the record being written.
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Appends one JSON record per line to a file.
+///
+/// Each record is serialized with `serde_json` (compact, so it never contains a newline) and
+/// written with a single `write_all` followed by a flush. Note that `serde_json` writes a
+/// non-finite `f64` (NaN, inf) as `null`; [`crate::StepRecord`] keeps them as the strings
+/// `"NaN"`, `"inf"`, `"-inf"` instead.
+///
+/// ```
+/// use keel_train::JsonlLogger;
+/// # fn main() -> candle::Result<()> {
+/// # let dir = std::env::temp_dir().join(format!("keel-train-log-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// #[derive(serde::Serialize)]
+/// struct Rec { step: usize, loss: f64 }
+/// let path = dir.join("log.jsonl");
+/// let mut log = JsonlLogger::create(&path)?;
+/// log.log(&Rec { step: 1, loss: 0.5 })?;
+/// drop(log);
+/// let mut log = JsonlLogger::append(&path)?; // a resumed run keeps the old lines
+/// log.log(&Rec { step: 2, loss: 0.25 })?;
+/// let text = std::fs::read_to_string(&path).unwrap();
+/// assert_eq!(text, "{\"step\":1,\"loss\":0.5}\n{\"step\":2,\"loss\":0.25}\n");
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct JsonlLogger {
+    file: File,
+    path: PathBuf,
+}
+
+impl JsonlLogger {
+    /// Creates `path` (truncating an existing file). The parent directory must exist.
+    pub fn create(path: impl AsRef<Path>) -> candle::Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::create(&path).map_err(|e| {
+            candle::Error::Msg(format!(
+                "JsonlLogger: cannot create log file {}: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Self { file, path })
+    }
+
+    /// Opens `path` for appending, creating it when missing (for a resumed run).
+    ///
+    /// If the file ends in an incomplete line (the process was killed while writing a
+    /// record), that partial line is cut off first, so the file stays valid JSON Lines.
+    pub fn append(path: impl AsRef<Path>) -> candle::Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let err = |what: &str, e: std::io::Error| {
+            candle::Error::Msg(format!(
+                "JsonlLogger: cannot {what} log file {}: {e}",
+                path.display()
+            ))
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| err("open", e))?;
+        let len = file.metadata().map_err(|e| err("stat", e))?.len();
+        if len > 0 {
+            let keep = complete_prefix_len(&mut file, len).map_err(|e| err("read", e))?;
+            if keep != len {
+                file.set_len(keep).map_err(|e| err("repair", e))?;
+            }
+        }
+        Ok(Self { file, path })
+    }
+
+    /// Writes `record` as one line and flushes it.
+    pub fn log<T: serde::Serialize>(&mut self, record: &T) -> candle::Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(|e| {
+            candle::Error::Msg(format!(
+                "JsonlLogger: cannot serialize a record for {}: {e}",
+                self.path.display()
+            ))
+        })?;
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .and_then(|()| self.file.flush())
+            .map_err(|e| {
+                candle::Error::Msg(format!(
+                    "JsonlLogger: cannot write to {}: {e}",
+                    self.path.display()
+                ))
+            })
+    }
+
+    /// The file this logger writes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The length of the file up to and including its last newline (0 when it has none).
+fn complete_prefix_len(file: &mut File, len: u64) -> std::io::Result<u64> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut end = len;
+    let mut buf = vec![0u8; CHUNK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let n = (end - start) as usize;
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf[..n])?;
+        if let Some(pos) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            return Ok(start + pos as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}

@@ -1,0 +1,560 @@
+//! "Is my training going haywire?": a stability monitor fed each step's loss, gradient norm,
+//! loss scale and skip flag, and each evaluation's mIoU.
+//!
+//! Loss spikes are found with the median and the median absolute deviation over a trailing
+//! window (Hampel's outlier test, MAD scaled by 1.4826 to estimate a Gaussian sigma; Leys et
+//! al. 2013), which a single outlier cannot drag along the way a mean and a standard
+//! deviation would. Gradient-norm explosions are judged against the trailing median, the
+//! loss scale of f16 mixed precision against PyTorch's `GradScaler` dynamics (halve on
+//! overflow, grow after 2000 clean steps).
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::report::{self, HealthReport, RunContext};
+use crate::stats::{lossless_f64, median, median_mad, QuantileSketch};
+
+/// Thresholds of the [`StabilityMonitor`]. The defaults suit per-step records of a
+/// segmentation or detection run; `..Default::default()` keeps the rest.
+///
+/// ```
+/// use keel_train::MonitorConfig;
+/// let cfg = MonitorConfig { window: 50, spike_k: 8.0, ..Default::default() };
+/// assert_eq!(cfg.min_history, MonitorConfig::default().min_history);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MonitorConfig {
+    /// Trailing window, in finite losses (and finite grad norms, and steps for the loss-scale
+    /// halving count), that the robust statistics use. Default 100; 0 counts as 1.
+    pub window: usize,
+    /// A loss is a spike when `loss > median + spike_k * max(1.4826 * MAD, floor)`. Default 6.
+    pub spike_k: f64,
+    /// A grad norm is an explosion when `grad_norm > grad_explosion_factor * median` of the
+    /// trailing window. Default 5.
+    pub grad_explosion_factor: f64,
+    /// Spikes and explosions are only judged once the window holds this many values.
+    /// Default 20; 0 counts as 1.
+    pub min_history: usize,
+    /// The spread floor relative to the median: `floor = max(mad_floor_rel * |median|,
+    /// mad_floor_abs)`, so a flat curve does not alarm on rounding noise. Default 0.02.
+    pub mad_floor_rel: f64,
+    /// The absolute spread floor (see [`MonitorConfig::mad_floor_rel`]). Default 1e-6.
+    pub mad_floor_abs: f64,
+    /// A loss scale below this has collapsed. Default 1.0 (PyTorch starts at 65536).
+    pub min_loss_scale: f64,
+    /// This many loss-scale decreases within `window` steps is a collapse. Default 10.
+    pub max_scale_halvings: usize,
+    /// An eval whose mIoU is more than this below the best so far is a regression; the same
+    /// margin flags a train-vs-eval gap. Default 0.03 (absolute mIoU).
+    pub eval_regression_margin: f64,
+    /// This many loss spikes, grad explosions or non-finite losses (each kind counted on its
+    /// own) make a run Unstable. Default 3.
+    pub unstable_events: usize,
+    /// This many eval regressions make a run Unstable. Default 2.
+    pub unstable_regressions: usize,
+    /// A skipped-step fraction above this is a finding (isolated skips are a GradScaler
+    /// doing its job). Default 0.05.
+    pub max_skip_fraction: f64,
+    /// The run has Diverged when at least this fraction of the last `window` steps had a
+    /// non-finite loss. Default 0.5.
+    pub diverged_nonfinite_fraction: f64,
+    /// The run has Diverged when the trailing median loss exceeds this multiple of the
+    /// median of the first `window` losses. Default 10.
+    pub diverge_factor: f64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            window: 100,
+            spike_k: 6.0,
+            grad_explosion_factor: 5.0,
+            min_history: 20,
+            mad_floor_rel: 0.02,
+            mad_floor_abs: 1e-6,
+            min_loss_scale: 1.0,
+            max_scale_halvings: 10,
+            eval_regression_margin: 0.03,
+            unstable_events: 3,
+            unstable_regressions: 2,
+            max_skip_fraction: 0.05,
+            diverged_nonfinite_fraction: 0.5,
+            diverge_factor: 10.0,
+        }
+    }
+}
+
+/// One optimizer step, as the training loop saw it. Non-finite values survive a JSON round
+/// trip (`"NaN"`, `"inf"`), so these records can go straight into a [`crate::JsonlLogger`].
+///
+/// ```
+/// use keel_train::StepRecord;
+/// let r = StepRecord { step: 7, loss: f64::NAN, grad_norm: Some(1.5), loss_scale: None, skipped: false };
+/// let json = serde_json::to_string(&r).unwrap();
+/// assert_eq!(json, r#"{"step":7,"loss":"NaN","grad_norm":1.5,"loss_scale":null,"skipped":false}"#);
+/// let back: StepRecord = serde_json::from_str(&json).unwrap();
+/// assert!(back.loss.is_nan());
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The step index.
+    pub step: usize,
+    /// The training loss of this step (unscaled).
+    #[serde(with = "lossless_f64")]
+    pub loss: f64,
+    /// The global L2 gradient norm before clipping (unscaled), when computed.
+    #[serde(with = "lossless_f64::option")]
+    pub grad_norm: Option<f64>,
+    /// The f16 loss scale in use, when a GradScaler runs.
+    #[serde(with = "lossless_f64::option")]
+    pub loss_scale: Option<f64>,
+    /// Whether the optimizer step was skipped (GradScaler overflow, non-finite gradients).
+    pub skipped: bool,
+}
+
+/// One evaluation.
+///
+/// ```
+/// use keel_train::EvalRecord;
+/// let r = EvalRecord { step: 500, miou: 0.81, pixel_acc: 0.95, train_loss: Some(0.3) };
+/// assert!(r.miou < r.pixel_acc);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// The step the model was evaluated at.
+    pub step: usize,
+    /// Validation mean IoU.
+    #[serde(with = "lossless_f64")]
+    pub miou: f64,
+    /// Validation pixel accuracy.
+    #[serde(with = "lossless_f64")]
+    pub pixel_acc: f64,
+    /// The training loss around this eval (e.g. the mean since the previous eval). When
+    /// `None`, the monitor uses the median of its trailing loss window.
+    #[serde(with = "lossless_f64::option")]
+    pub train_loss: Option<f64>,
+}
+
+/// Something the monitor noticed at one step or eval.
+///
+/// ```
+/// use keel_train::{Alarm, MonitorConfig, StabilityMonitor, StepRecord};
+/// let mut mon = StabilityMonitor::new(MonitorConfig::default());
+/// let alarms = mon.record_step(&StepRecord { step: 0, loss: f64::INFINITY, grad_norm: None, loss_scale: None, skipped: false });
+/// assert!(matches!(alarms[0], Alarm::NonFinite { step: 0, .. }));
+/// assert!(alarms[0].to_string().contains("non-finite"));
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Alarm {
+    /// `loss > median + spike_k * mad` over the trailing window.
+    LossSpike {
+        /// The step.
+        step: usize,
+        /// The loss.
+        loss: f64,
+        /// The trailing median loss.
+        median: f64,
+        /// The robust spread used: `max(1.4826 * MAD, floor)`.
+        mad: f64,
+    },
+    /// `grad_norm > grad_explosion_factor * median` of the trailing grad norms.
+    GradExplosion {
+        /// The step.
+        step: usize,
+        /// The gradient norm.
+        grad_norm: f64,
+        /// The trailing median gradient norm.
+        median: f64,
+    },
+    /// A NaN or infinite loss, or a non-finite grad norm that was not a GradScaler overflow
+    /// (a skipped step with a loss scale counts as [`Alarm::SkippedStep`] only).
+    NonFinite {
+        /// The step.
+        step: usize,
+        /// The loss.
+        #[serde(with = "lossless_f64")]
+        loss: f64,
+        /// The gradient norm.
+        #[serde(with = "lossless_f64::option")]
+        grad_norm: Option<f64>,
+    },
+    /// The optimizer step was skipped.
+    SkippedStep {
+        /// The step.
+        step: usize,
+        /// The loss scale at that step.
+        #[serde(with = "lossless_f64::option")]
+        loss_scale: Option<f64>,
+    },
+    /// The loss scale fell below `min_loss_scale` or was lowered `max_scale_halvings` times
+    /// within `window` steps. Raised once per episode.
+    LossScaleCollapse {
+        /// The step.
+        step: usize,
+        /// The loss scale.
+        #[serde(with = "lossless_f64")]
+        scale: f64,
+        /// Scale decreases within the trailing window.
+        halvings_in_window: usize,
+    },
+    /// Eval mIoU more than `eval_regression_margin` below the best so far.
+    EvalRegression {
+        /// The eval step.
+        step: usize,
+        /// Its mIoU.
+        miou: f64,
+        /// The best mIoU so far.
+        best_miou: f64,
+        /// The step of the best mIoU.
+        best_step: usize,
+        /// Whether the training loss was no worse than at the best eval: the model kept
+        /// fitting the training data while eval fell (a train-vs-eval gap: BatchNorm's
+        /// train/eval mismatch, or overfitting), rather than training itself degrading.
+        train_loss_improved: bool,
+    },
+}
+
+impl Alarm {
+    /// The step or eval step the alarm belongs to.
+    pub fn step(&self) -> usize {
+        match *self {
+            Alarm::LossSpike { step, .. }
+            | Alarm::GradExplosion { step, .. }
+            | Alarm::NonFinite { step, .. }
+            | Alarm::SkippedStep { step, .. }
+            | Alarm::LossScaleCollapse { step, .. }
+            | Alarm::EvalRegression { step, .. } => step,
+        }
+    }
+}
+
+impl std::fmt::Display for Alarm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Alarm::LossSpike { step, loss, median, mad } => write!(
+                f,
+                "step {step}: loss spike {loss:.4} (trailing median {median:.4}, robust sigma {mad:.3e})"
+            ),
+            Alarm::GradExplosion { step, grad_norm, median } => write!(
+                f,
+                "step {step}: grad-norm explosion {grad_norm:.4e} ({:.1}x the trailing median {median:.4e})",
+                grad_norm / median
+            ),
+            Alarm::NonFinite { step, loss, grad_norm } => match grad_norm {
+                Some(g) => write!(f, "step {step}: non-finite loss {loss} / grad norm {g}"),
+                None => write!(f, "step {step}: non-finite loss {loss}"),
+            },
+            Alarm::SkippedStep { step, loss_scale } => match loss_scale {
+                Some(s) => write!(f, "step {step}: optimizer step skipped (loss scale {s})"),
+                None => write!(f, "step {step}: optimizer step skipped"),
+            },
+            Alarm::LossScaleCollapse { step, scale, halvings_in_window } => write!(
+                f,
+                "step {step}: loss scale collapsed to {scale} ({halvings_in_window} decreases in the window)"
+            ),
+            Alarm::EvalRegression { step, miou, best_miou, best_step, train_loss_improved } => {
+                write!(
+                    f,
+                    "step {step}: eval mIoU {miou:.4} regressed from the best {best_miou:.4} (step {best_step})"
+                )?;
+                if *train_loss_improved {
+                    write!(f, " while the train loss kept improving")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// How many steps of each event kind a report lists.
+const LISTED_STEPS: usize = 16;
+
+/// Counts and the first steps of each event kind.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Events {
+    pub(crate) count: usize,
+    pub(crate) steps: Vec<usize>,
+}
+
+impl Events {
+    fn add(&mut self, step: usize) {
+        self.count += 1;
+        if self.steps.len() < LISTED_STEPS {
+            self.steps.push(step);
+        }
+    }
+}
+
+/// One eval as remembered by the monitor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct EvalPoint {
+    pub(crate) step: usize,
+    pub(crate) miou: f64,
+    pub(crate) train_loss: Option<f64>,
+}
+
+/// Watches a training run for loss spikes, gradient explosions, NaN/Inf, skipped steps,
+/// loss-scale collapses, eval regressions and a train-vs-eval gap, and writes a
+/// [`HealthReport`] with a verdict and recommendations from keel's decision table.
+///
+/// The monitor is plain data (`Serialize + Deserialize`): store it in the checkpoint meta and
+/// a resumed run raises exactly the alarms an uninterrupted one would. Memory is bounded by
+/// the window, not by the run length.
+///
+/// ```
+/// use keel_train::{MonitorConfig, RunContext, StabilityMonitor, StepRecord, Verdict};
+/// let mut mon = StabilityMonitor::new(MonitorConfig::default());
+/// for step in 0..200 {
+///     let loss = 2.0 * (-(step as f64) / 100.0).exp() + 0.01 * ((step * 7919 % 13) as f64 / 13.0);
+///     let grad_norm = Some(1.0 + 0.1 * ((step * 31 % 7) as f64 / 7.0));
+///     let alarms = mon.record_step(&StepRecord { step, loss, grad_norm, loss_scale: None, skipped: false });
+///     assert!(alarms.is_empty(), "{alarms:?}");
+/// }
+/// let ctx = RunContext { norm: "bn".into(), batch_size: 2, pretrained: false, lr: 0.01,
+///                        clip_grad: None, amp: "off".into(), steps: 200 };
+/// let report = mon.report(&ctx);
+/// assert!(matches!(report.verdict, Verdict::Healthy));
+/// assert!(report.recommendations.iter().any(|r| r.contains("--norm gn")));
+/// println!("{}", report.to_text());
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StabilityMonitor {
+    pub(crate) cfg: MonitorConfig,
+    /// Trailing finite losses.
+    losses: VecDeque<f64>,
+    /// Trailing finite grad norms.
+    grads: VecDeque<f64>,
+    /// The first `window` finite losses (the baseline for divergence).
+    pub(crate) first_losses: Vec<f64>,
+    /// Whether each of the last `window` steps had a non-finite loss.
+    pub(crate) recent_nonfinite: VecDeque<bool>,
+    #[serde(with = "lossless_f64::option")]
+    last_scale: Option<f64>,
+    #[serde(with = "lossless_f64::option")]
+    pub(crate) min_scale: Option<f64>,
+    /// Steps at which the loss scale decreased, within the trailing window.
+    halvings: VecDeque<usize>,
+    pub(crate) scale_collapsed: bool,
+    pub(crate) steps: usize,
+    pub(crate) spikes: Events,
+    pub(crate) explosions: Events,
+    pub(crate) non_finite: Events,
+    pub(crate) non_finite_losses: usize,
+    pub(crate) skipped: Events,
+    pub(crate) collapses: Events,
+    pub(crate) regressions: Events,
+    /// Regressions during which the train loss was no worse than at the best eval.
+    pub(crate) gap_regressions: usize,
+    pub(crate) grad_all: QuantileSketch,
+    /// Grad norms that were not explosions: the basis of the suggested clip value.
+    pub(crate) grad_healthy: QuantileSketch,
+    pub(crate) evals: Vec<EvalPoint>,
+    pub(crate) best_eval: Option<EvalPoint>,
+    /// Largest mIoU drop below the best at an eval whose train loss was no worse.
+    pub(crate) max_gap: Option<f64>,
+}
+
+impl StabilityMonitor {
+    /// A fresh monitor.
+    pub fn new(cfg: MonitorConfig) -> Self {
+        Self {
+            cfg,
+            losses: VecDeque::new(),
+            grads: VecDeque::new(),
+            first_losses: Vec::new(),
+            recent_nonfinite: VecDeque::new(),
+            last_scale: None,
+            min_scale: None,
+            halvings: VecDeque::new(),
+            scale_collapsed: false,
+            steps: 0,
+            spikes: Events::default(),
+            explosions: Events::default(),
+            non_finite: Events::default(),
+            non_finite_losses: 0,
+            skipped: Events::default(),
+            collapses: Events::default(),
+            regressions: Events::default(),
+            gap_regressions: 0,
+            grad_all: QuantileSketch::default(),
+            grad_healthy: QuantileSketch::default(),
+            evals: Vec::new(),
+            best_eval: None,
+            max_gap: None,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MonitorConfig {
+        &self.cfg
+    }
+
+    pub(crate) fn window(&self) -> usize {
+        self.cfg.window.max(1)
+    }
+
+    fn min_history(&self) -> usize {
+        self.cfg.min_history.max(1)
+    }
+
+    /// The median of the trailing finite losses.
+    pub fn trailing_loss(&self) -> Option<f64> {
+        median(self.losses.iter().copied())
+    }
+
+    /// Feeds one step; returns the alarms it raised (empty for a healthy step).
+    pub fn record_step(&mut self, r: &StepRecord) -> Vec<Alarm> {
+        let mut alarms = Vec::new();
+        let window = self.window();
+        self.steps += 1;
+        let loss_finite = r.loss.is_finite();
+        let grad_finite = r.grad_norm.is_none_or(f64::is_finite);
+        let scaler_overflow = r.skipped && r.loss_scale.is_some();
+        if !loss_finite || (!grad_finite && !scaler_overflow) {
+            self.non_finite.add(r.step);
+            if !loss_finite {
+                self.non_finite_losses += 1;
+            }
+            alarms.push(Alarm::NonFinite {
+                step: r.step,
+                loss: r.loss,
+                grad_norm: r.grad_norm,
+            });
+        }
+        if r.skipped {
+            self.skipped.add(r.step);
+            alarms.push(Alarm::SkippedStep {
+                step: r.step,
+                loss_scale: r.loss_scale,
+            });
+        }
+
+        if loss_finite {
+            if self.losses.len() >= self.min_history() {
+                let window: Vec<f64> = self.losses.iter().copied().collect();
+                if let Some((med, mad)) = median_mad(&window) {
+                    let floor = (self.cfg.mad_floor_rel * med.abs()).max(self.cfg.mad_floor_abs);
+                    let sigma = (1.4826 * mad).max(floor);
+                    if r.loss > med + self.cfg.spike_k * sigma {
+                        self.spikes.add(r.step);
+                        alarms.push(Alarm::LossSpike {
+                            step: r.step,
+                            loss: r.loss,
+                            median: med,
+                            mad: sigma,
+                        });
+                    }
+                }
+            }
+            push_bounded(&mut self.losses, r.loss, window);
+            if self.first_losses.len() < window {
+                self.first_losses.push(r.loss);
+            }
+        }
+        push_bounded(&mut self.recent_nonfinite, !loss_finite, window);
+
+        if let Some(g) = r.grad_norm.filter(|g| g.is_finite()) {
+            let mut healthy = true;
+            if self.grads.len() >= self.min_history() {
+                if let Some(med) = median(self.grads.iter().copied()) {
+                    if med > 0.0 && g > self.cfg.grad_explosion_factor * med {
+                        healthy = false;
+                        self.explosions.add(r.step);
+                        alarms.push(Alarm::GradExplosion {
+                            step: r.step,
+                            grad_norm: g,
+                            median: med,
+                        });
+                    }
+                }
+            }
+            if healthy {
+                self.grad_healthy.add(g);
+            }
+            self.grad_all.add(g);
+            push_bounded(&mut self.grads, g, window);
+        }
+
+        if let Some(s) = r.loss_scale {
+            if self.last_scale.is_some_and(|prev| s < prev) {
+                self.halvings.push_back(r.step);
+            }
+            while self
+                .halvings
+                .front()
+                .is_some_and(|&h| h.saturating_add(window) <= r.step)
+            {
+                self.halvings.pop_front();
+            }
+            if s.is_finite() {
+                self.min_scale = Some(self.min_scale.map_or(s, |m| m.min(s)));
+            }
+            let collapsed = s.is_nan()
+                || s < self.cfg.min_loss_scale
+                || self.halvings.len() >= self.cfg.max_scale_halvings.max(1);
+            if collapsed && !self.scale_collapsed {
+                self.collapses.add(r.step);
+                alarms.push(Alarm::LossScaleCollapse {
+                    step: r.step,
+                    scale: s,
+                    halvings_in_window: self.halvings.len(),
+                });
+            }
+            self.scale_collapsed = collapsed;
+            self.last_scale = Some(s);
+        }
+        alarms
+    }
+
+    /// Feeds one evaluation; returns the alarms it raised. A non-finite mIoU is remembered
+    /// but never becomes the best.
+    pub fn record_eval(&mut self, r: &EvalRecord) -> Vec<Alarm> {
+        let mut alarms = Vec::new();
+        let train_loss = r
+            .train_loss
+            .filter(|l| l.is_finite())
+            .or_else(|| self.trailing_loss());
+        let point = EvalPoint {
+            step: r.step,
+            miou: r.miou,
+            train_loss,
+        };
+        if let Some(best) = &self.best_eval {
+            let improved = matches!((train_loss, best.train_loss), (Some(t), Some(b)) if t <= b);
+            if improved && r.miou.is_finite() && r.miou < best.miou {
+                let gap = best.miou - r.miou;
+                self.max_gap = Some(self.max_gap.map_or(gap, |g| g.max(gap)));
+            }
+            if r.miou.is_nan() || r.miou < best.miou - self.cfg.eval_regression_margin {
+                self.regressions.add(r.step);
+                if improved {
+                    self.gap_regressions += 1;
+                }
+                alarms.push(Alarm::EvalRegression {
+                    step: r.step,
+                    miou: r.miou,
+                    best_miou: best.miou,
+                    best_step: best.step,
+                    train_loss_improved: improved,
+                });
+            }
+        }
+        if r.miou.is_finite() && self.best_eval.as_ref().is_none_or(|b| r.miou > b.miou) {
+            self.best_eval = Some(point.clone());
+        }
+        self.evals.push(point);
+        alarms
+    }
+
+    /// The health report of the run so far, with recommendations for its configuration.
+    pub fn report(&self, ctx: &RunContext) -> HealthReport {
+        report::build(self, ctx)
+    }
+}
+
+fn push_bounded<T>(q: &mut VecDeque<T>, v: T, cap: usize) {
+    q.push_back(v);
+    while q.len() > cap {
+        q.pop_front();
+    }
+}

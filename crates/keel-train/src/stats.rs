@@ -1,0 +1,203 @@
+//! Small robust statistics for the monitor: medians, a bounded-memory quantile sketch with
+//! relative accuracy (the DDSketch idea, Masson et al. 2019), and a JSON encoding of `f64`
+//! that keeps NaN and infinities.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The median of `values` (the mean of the two middle values for an even count); `None` when
+/// empty. NaNs sort last (`total_cmp`); callers pass finite values.
+pub(crate) fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    })
+}
+
+/// Median and median absolute deviation (unscaled).
+pub(crate) fn median_mad(values: &[f64]) -> Option<(f64, f64)> {
+    let med = median(values.iter().copied())?;
+    let mad = median(values.iter().map(|x| (x - med).abs()))?;
+    Some((med, mad))
+}
+
+/// Relative accuracy of [`QuantileSketch`]: bucket bounds grow by this factor.
+const GAMMA: f64 = 1.02;
+
+/// Quantiles of non-negative values within about 1% relative error, in memory that grows
+/// with the log of the value range, not with the number of values (so a monitor that saw a
+/// million steps still serializes to a few kilobytes).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct QuantileSketch {
+    /// Bucket index -> count; bucket `i` holds values in `(GAMMA^(i-1), GAMMA^i]`.
+    buckets: BTreeMap<i32, u64>,
+    zeros: u64,
+    count: u64,
+    max: f64,
+}
+
+impl QuantileSketch {
+    /// Adds a finite, non-negative value (others are ignored).
+    pub(crate) fn add(&mut self, x: f64) {
+        if !x.is_finite() || x < 0.0 {
+            return;
+        }
+        if x == 0.0 {
+            self.zeros += 1;
+        } else {
+            let i = (x.ln() / GAMMA.ln()).ceil().clamp(-30_000.0, 30_000.0) as i32;
+            *self.buckets.entry(i).or_insert(0) += 1;
+        }
+        self.count += 1;
+        self.max = self.max.max(x);
+    }
+
+    /// The `q`-quantile (0..=1), `None` when empty. The largest value is exact.
+    pub(crate) fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * (self.count - 1) as f64).round() as u64;
+        if rank + 1 == self.count {
+            return Some(self.max);
+        }
+        if rank < self.zeros {
+            return Some(0.0);
+        }
+        let mut seen = self.zeros;
+        for (&i, &c) in &self.buckets {
+            seen += c;
+            if rank < seen {
+                // The bucket's midpoint in relative terms.
+                let v = 2.0 * GAMMA.powi(i) / (GAMMA + 1.0);
+                return Some(v.min(self.max));
+            }
+        }
+        Some(self.max)
+    }
+
+    /// The largest value added.
+    pub(crate) fn max(&self) -> Option<f64> {
+        (self.count > 0).then_some(self.max)
+    }
+}
+
+/// A JSON-friendly `f64` encoding: finite values as numbers, NaN and infinities as the
+/// strings `"NaN"`, `"inf"`, `"-inf"` (serde_json would write `null` and fail to read it
+/// back). Reads numbers, those strings and `null` (as NaN).
+pub(crate) mod lossless_f64 {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Num(f64),
+        Str(String),
+        Null(()),
+    }
+
+    pub(crate) fn to_repr<S: Serializer>(x: f64, s: S) -> Result<S::Ok, S::Error> {
+        if x.is_finite() {
+            s.serialize_f64(x)
+        } else if x.is_nan() {
+            s.serialize_str("NaN")
+        } else if x > 0.0 {
+            s.serialize_str("inf")
+        } else {
+            s.serialize_str("-inf")
+        }
+    }
+
+    fn from_repr<E: serde::de::Error>(r: Repr) -> Result<f64, E> {
+        match r {
+            Repr::Num(x) => Ok(x),
+            Repr::Null(()) => Ok(f64::NAN),
+            Repr::Str(s) => match s.as_str() {
+                "NaN" | "nan" => Ok(f64::NAN),
+                "inf" | "+inf" | "Infinity" => Ok(f64::INFINITY),
+                "-inf" | "-Infinity" => Ok(f64::NEG_INFINITY),
+                other => Err(E::custom(format!(
+                    "expected a number, \"NaN\", \"inf\" or \"-inf\", got \"{other}\""
+                ))),
+            },
+        }
+    }
+
+    /// `#[serde(with = "lossless_f64")]` for `f64`.
+    pub(crate) fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        to_repr(*x, s)
+    }
+
+    /// `#[serde(with = "lossless_f64")]` for `f64`.
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        from_repr(Repr::deserialize(d)?)
+    }
+
+    /// `#[serde(with = "lossless_f64::option")]` for `Option<f64>` (`null` is `None`).
+    pub(crate) mod option {
+        use super::*;
+
+        struct Wrap(f64);
+        impl Serialize for Wrap {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                to_repr(self.0, s)
+            }
+        }
+
+        pub(crate) fn serialize<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+            match x {
+                Some(v) => s.serialize_some(&Wrap(*v)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<f64>, D::Error> {
+            match Option::<Repr>::deserialize(d)? {
+                None | Some(Repr::Null(())) => Ok(None),
+                Some(r) => from_repr(r).map(Some),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_odd_even_empty() {
+        assert_eq!(median([3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(std::iter::empty()), None);
+        assert_eq!(median_mad(&[1.0, 2.0, 3.0, 4.0, 100.0]), Some((3.0, 1.0)));
+    }
+
+    #[test]
+    fn sketch_quantiles_within_two_percent() {
+        let mut s = QuantileSketch::default();
+        let values: Vec<f64> = (1..=1000).map(|i| i as f64 * 0.01).collect();
+        for &v in &values {
+            s.add(v);
+        }
+        s.add(f64::NAN); // ignored
+        for (q, exact) in [(0.5, 5.0), (0.99, 9.9), (0.1, 1.0)] {
+            let got = s.quantile(q).unwrap();
+            assert!(
+                (got - exact).abs() <= 0.02 * exact,
+                "q{q}: {got} vs {exact}"
+            );
+        }
+        assert_eq!(s.quantile(1.0), Some(10.0));
+        assert_eq!(s.max(), Some(10.0));
+        assert_eq!(QuantileSketch::default().quantile(0.5), None);
+    }
+}
