@@ -1,0 +1,370 @@
+//! Checkpoints: bit-exact round trips, pruning, corruption, failed saves, temp files.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle::{DType, Device, Tensor};
+use keel_train::{load_checkpoint, Checkpoint, CheckpointManager};
+
+/// A fresh, empty directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "keel-train-test-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn small(step: usize) -> anyhow::Result<Checkpoint> {
+    let mut c = Checkpoint::new(step);
+    c.tensors.insert(
+        "w".into(),
+        Tensor::new(&[step as f32, 0.5, -1.0], &Device::Cpu)?,
+    );
+    c.meta = serde_json::json!({ "lr": 0.5, "note": "x" });
+    Ok(c)
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The raw bytes of a tensor, for bit-exact comparison (NaN payloads, -0.0 included).
+fn bits(t: &Tensor) -> anyhow::Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::I64 => t
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::U32 => t
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::U8 => t.to_vec1::<u8>()?,
+        dt => anyhow::bail!("unexpected {dt:?}"),
+    })
+}
+
+#[test]
+fn round_trip_is_bit_exact() -> anyhow::Result<()> {
+    let tmp = TempDir::new("roundtrip");
+    let dev = &Device::Cpu;
+    let specials = [
+        f32::NAN,
+        f32::from_bits(0x7fc0_1234), // a NaN with a payload
+        -0.0,
+        f32::INFINITY,
+        f32::MIN_POSITIVE / 4.0, // subnormal
+        1.0 / 3.0,
+    ];
+    let mut c = Checkpoint::new(123_456);
+    c.tensors.insert("f32".into(), Tensor::new(&specials, dev)?);
+    c.tensors.insert(
+        "f32_transposed".into(),
+        Tensor::arange(0f32, 12., dev)?.reshape((3, 4))?.t()?,
+    );
+    c.tensors.insert(
+        "f16".into(),
+        Tensor::new(&[1.0f32, -2.5, 65504.0, 1e-7], dev)?.to_dtype(DType::F16)?,
+    );
+    c.tensors.insert(
+        "bf16".into(),
+        Tensor::new(&[3.0f32, -1e30], dev)?.to_dtype(DType::BF16)?,
+    );
+    c.tensors.insert(
+        "rng.state".into(),
+        Tensor::new(&[i64::MIN, -1, 0, i64::MAX], dev)?,
+    );
+    c.tensors
+        .insert("u32".into(), Tensor::new(&[u32::MAX, 7], dev)?);
+    c.tensors
+        .insert("u8_scalar".into(), Tensor::new(200u8, dev)?);
+    c.tensors
+        .insert("empty".into(), Tensor::zeros((0, 3), DType::F32, dev)?);
+    c.meta = serde_json::json!({
+        "lr": 0.1, "tiny": 1e-300, "third": 1.0 / 3.0, "seed": u64::MAX,
+        "monitor": { "window": [1.5, 2.25] }, "text": "quotes \" and \n newlines",
+    });
+    let mut mgr = CheckpointManager::new(&tmp.0, 3)?;
+    let path = mgr.save(&c, Some(0.75))?;
+    assert_eq!(path, tmp.0.join("ckpt-00123456.safetensors"));
+    let back = load_checkpoint(&path, dev)?;
+    assert_eq!(back.step, 123_456);
+    assert_eq!(back.meta, c.meta);
+    assert_eq!(back.tensors.len(), c.tensors.len());
+    for (name, t) in &c.tensors {
+        let b = &back.tensors[name];
+        assert_eq!(b.dtype(), t.dtype(), "{name}");
+        assert_eq!(b.dims(), t.dims(), "{name}");
+        assert_eq!(bits(b)?, bits(t)?, "{name}");
+    }
+    // The file is plain safetensors: candle reads it too.
+    let plain = candle::safetensors::load(&path, dev)?;
+    assert_eq!(plain.len(), c.tensors.len());
+    Ok(())
+}
+
+#[test]
+fn keeps_last_k_plus_best_and_a_new_manager_finds_them() -> anyhow::Result<()> {
+    let tmp = TempDir::new("prune");
+    let mut mgr = CheckpointManager::new(&tmp.0, 2)?;
+    let metrics = [0.1, 0.9, 0.3, 0.4, 0.2, 0.5];
+    for (i, m) in metrics.iter().enumerate() {
+        mgr.save(&small(i + 1)?, Some(*m))?;
+    }
+    assert_eq!(
+        names(&tmp.0),
+        vec![
+            "ckpt-00000002.safetensors",
+            "ckpt-00000005.safetensors",
+            "ckpt-00000006.safetensors"
+        ]
+    );
+    assert_eq!(mgr.best(), Some(tmp.0.join("ckpt-00000002.safetensors")));
+    assert_eq!(mgr.best_metric(), Some(0.9));
+    assert_eq!(mgr.latest()?, Some(tmp.0.join("ckpt-00000006.safetensors")));
+
+    // A resumed run: the best is found again from the headers and still protected.
+    let mut again = CheckpointManager::new(&tmp.0, 2)?;
+    assert_eq!(again.best(), mgr.best());
+    assert_eq!(again.checkpoints(), mgr.checkpoints());
+    again.save(&small(7)?, None)?;
+    again.save(&small(8)?, Some(f64::NAN))?; // never the best
+    assert_eq!(
+        names(&tmp.0),
+        vec![
+            "ckpt-00000002.safetensors",
+            "ckpt-00000007.safetensors",
+            "ckpt-00000008.safetensors"
+        ]
+    );
+    // A better metric moves the best; the old best is pruned once out of the last K.
+    again.save(&small(9)?, Some(0.95))?;
+    assert_eq!(again.best(), Some(tmp.0.join("ckpt-00000009.safetensors")));
+    assert_eq!(
+        names(&tmp.0),
+        vec!["ckpt-00000008.safetensors", "ckpt-00000009.safetensors"]
+    );
+    Ok(())
+}
+
+#[test]
+fn saving_a_step_again_replaces_it() -> anyhow::Result<()> {
+    let tmp = TempDir::new("resave");
+    let mut mgr = CheckpointManager::new(&tmp.0, 2)?;
+    mgr.save(&small(1)?, Some(0.9))?;
+    let mut c = small(1)?;
+    c.meta = serde_json::json!("second");
+    let p = mgr.save(&c, Some(0.1))?;
+    assert_eq!(
+        load_checkpoint(&p, &Device::Cpu)?.meta,
+        serde_json::json!("second")
+    );
+    assert_eq!(mgr.best_metric(), Some(0.1));
+    assert_eq!(mgr.checkpoints().len(), 1);
+    Ok(())
+}
+
+#[test]
+fn truncated_files_are_clear_errors_and_latest_skips_them() -> anyhow::Result<()> {
+    let tmp = TempDir::new("truncated");
+    let mut mgr = CheckpointManager::new(&tmp.0, 5)?;
+    mgr.save(&small(1)?, None)?;
+    let p2 = mgr.save(&small(2)?, None)?;
+    let full = std::fs::read(&p2)?;
+    for len in [full.len() - 1, full.len() - 12, 100, 9, 3, 0] {
+        std::fs::write(&p2, &full[..len])?;
+        let e = load_checkpoint(&p2, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("ckpt-00000002.safetensors"), "{len}: {e}");
+        assert!(
+            e.contains("truncated") || e.contains("header is invalid"),
+            "{len}: {e}"
+        );
+        assert_eq!(mgr.latest()?, Some(tmp.0.join("ckpt-00000001.safetensors")));
+    }
+    Ok(())
+}
+
+#[test]
+fn every_single_bit_flip_is_an_error_never_a_panic() -> anyhow::Result<()> {
+    let tmp = TempDir::new("bitflip");
+    let mut mgr = CheckpointManager::new(&tmp.0, 1)?;
+    let path = mgr.save(&small(3)?, Some(0.5))?;
+    let good = std::fs::read(&path)?;
+    let header_len = u64::from_le_bytes(good[..8].try_into()?) as usize;
+    let bad = tmp.0.join("flipped.safetensors");
+    let mut checksum_errors = 0;
+    for pos in 0..good.len() {
+        let mut b = good.clone();
+        b[pos] ^= 1 << (pos % 8);
+        std::fs::write(&bad, &b)?;
+        let e = match load_checkpoint(&bad, &Device::Cpu) {
+            Ok(_) => panic!("a flipped bit at byte {pos} of {} loaded", good.len()),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("flipped.safetensors"), "{pos}: {e}");
+        if e.contains("checksum mismatch") {
+            checksum_errors += 1;
+        }
+        if pos >= 8 + header_len {
+            assert!(e.contains("checksum mismatch"), "data byte {pos}: {e}");
+        }
+    }
+    // The 12 data bytes, and the meta/metric/checksum text of the header.
+    assert!(checksum_errors > 12, "{checksum_errors}");
+    Ok(())
+}
+
+#[test]
+fn non_keel_and_missing_files_are_clear_errors() -> anyhow::Result<()> {
+    let tmp = TempDir::new("nonkeel");
+    let plain = tmp.0.join("weights.safetensors");
+    let mut t = HashMap::new();
+    t.insert("w".to_string(), Tensor::ones(3, DType::F32, &Device::Cpu)?);
+    candle::safetensors::save(&t, &plain)?;
+    let e = load_checkpoint(&plain, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("weights.safetensors") && e.contains("not a keel checkpoint"),
+        "{e}"
+    );
+    let e = load_checkpoint(tmp.0.join("nope.safetensors"), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot read checkpoint") && e.contains("nope.safetensors"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_failed_save_leaves_the_previous_checkpoint_intact() -> anyhow::Result<()> {
+    let tmp = TempDir::new("failedsave");
+    let mut mgr = CheckpointManager::new(&tmp.0, 1)?;
+    let p1 = mgr.save(&small(1)?, Some(0.3))?;
+    let before = std::fs::read(&p1)?;
+    // Make the rename fail at the very end: the target name is a non-empty directory.
+    let blocker = tmp.0.join("ckpt-00000002.safetensors");
+    std::fs::create_dir(&blocker)?;
+    std::fs::write(blocker.join("keep"), b"x")?;
+    let e = mgr.save(&small(2)?, Some(0.9)).unwrap_err().to_string();
+    assert!(e.contains("ckpt-00000002.safetensors"), "{e}");
+    // keep_last is 1, yet the previous checkpoint is untouched, no temp file is left, and the
+    // manager's view did not change.
+    assert_eq!(std::fs::read(&p1)?, before);
+    assert_eq!(load_checkpoint(&p1, &Device::Cpu)?.step, 1);
+    assert_eq!(
+        names(&tmp.0),
+        vec!["ckpt-00000001.safetensors", "ckpt-00000002.safetensors"]
+    );
+    assert_eq!(mgr.latest()?, Some(p1.clone()));
+    assert_eq!(mgr.best(), Some(p1.clone()));
+
+    // An unsupported dtype fails before anything is written.
+    let mut c = small(3)?;
+    c.tensors.insert(
+        "f8".into(),
+        Tensor::ones(2, DType::F32, &Device::Cpu)?.to_dtype(DType::F8E4M3)?,
+    );
+    let e = mgr.save(&c, None).unwrap_err().to_string();
+    assert!(e.contains("`f8`") && e.contains("F8E4M3"), "{e}");
+    assert_eq!(std::fs::read(&p1)?, before);
+    Ok(())
+}
+
+#[test]
+fn unusable_directories_are_clear_errors() -> anyhow::Result<()> {
+    let tmp = TempDir::new("baddir");
+    let file = tmp.0.join("a-file");
+    std::fs::write(&file, b"x")?;
+    let e = CheckpointManager::new(&file, 2).unwrap_err().to_string();
+    assert!(e.contains("a-file") && e.contains("not a directory"), "{e}");
+    let e = CheckpointManager::new(file.join("sub"), 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot create checkpoint directory"), "{e}");
+    let e = CheckpointManager::new(&tmp.0, 0).unwrap_err().to_string();
+    assert!(e.contains("keep_last"), "{e}");
+    // Created when missing.
+    let nested = tmp.0.join("runs/exp1/ckpt");
+    CheckpointManager::new(&nested, 2)?;
+    assert!(nested.is_dir());
+    Ok(())
+}
+
+#[test]
+fn latest_ignores_temp_and_foreign_files() -> anyhow::Result<()> {
+    let tmp = TempDir::new("latest");
+    let mut mgr = CheckpointManager::new(&tmp.0, 5)?;
+    assert_eq!(mgr.latest()?, None);
+    let p4 = mgr.save(&small(4)?, None)?;
+    let bytes = std::fs::read(&p4)?;
+    // A complete but un-renamed temp file of a later step (killed between fsync and rename),
+    // a later file with another suffix, a garbage file with a checkpoint name, and a valid
+    // checkpoint renamed to another step.
+    let stale_tmp = tmp.0.join(".ckpt-00000009.safetensors.tmp-4242");
+    std::fs::write(&stale_tmp, &bytes)?;
+    std::fs::write(tmp.0.join("ckpt-00000010.safetensors.partial"), &bytes)?;
+    std::fs::write(tmp.0.join("ckpt-00000011.safetensors"), b"garbage")?;
+    std::fs::write(tmp.0.join("ckpt-00000012.safetensors"), &bytes)?;
+    assert_eq!(mgr.latest()?, Some(p4.clone()));
+    // A new manager cleans the stale temp file up and leaves the rest alone.
+    let again = CheckpointManager::new(&tmp.0, 5)?;
+    assert!(!stale_tmp.exists());
+    assert!(tmp.0.join("ckpt-00000011.safetensors").exists());
+    assert_eq!(again.latest()?, Some(p4));
+    Ok(())
+}
+
+#[test]
+fn prefixed_helpers() -> anyhow::Result<()> {
+    let mut c = Checkpoint::new(0);
+    let t = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+    c.extend_prefixed(
+        "model.",
+        [("a".to_string(), t.clone()), ("b".to_string(), t.clone())],
+    );
+    c.extend_prefixed("optim.", [("a".to_string(), t)]);
+    let mut model: Vec<String> = c.prefixed("model.").into_keys().collect();
+    model.sort();
+    assert_eq!(model, vec!["a", "b"]);
+    assert_eq!(c.prefixed("optim.").len(), 1);
+    Ok(())
+}
