@@ -373,7 +373,7 @@ fn loss_scale_collapse_and_scaler_overflows() {
     for t in 0..60 {
         // Steps 0-2: normal GradScaler warm-up overflows (inf grads, skipped, scale halved).
         // From step 30 on: an overflow every step, the scale halves down below 1.
-        let overflow = t < 3 || t >= 30;
+        let overflow = !(3..30).contains(&t);
         alarms.push(mon.record_step(&StepRecord {
             step: t,
             loss: 1.0,
