@@ -368,3 +368,27 @@ fn prefixed_helpers() -> anyhow::Result<()> {
     assert_eq!(c.prefixed("optim.").len(), 1);
     Ok(())
 }
+
+#[test]
+fn a_monitor_in_the_meta_survives_save_and_load_exactly() -> anyhow::Result<()> {
+    use keel_train::{MonitorConfig, StabilityMonitor, StepRecord};
+    let tmp = TempDir::new("monitor-meta");
+    let mut mon = StabilityMonitor::new(MonitorConfig::default());
+    for step in 0..300 {
+        let x = (step as f64 * 0.7311).sin();
+        mon.record_step(&StepRecord {
+            step,
+            loss: 1.0 / (1.0 + step as f64) + 0.01 * x,
+            grad_norm: Some(1.0 + x / 3.0),
+            loss_scale: Some(65536.0 / (1 + step / 50) as f64),
+            skipped: step % 97 == 0,
+        });
+    }
+    let mut c = small(300)?;
+    c.meta = serde_json::json!({ "monitor": mon });
+    let mut mgr = CheckpointManager::new(&tmp.0, 1)?;
+    let back = load_checkpoint(mgr.save(&c, None)?, &Device::Cpu)?;
+    let restored: StabilityMonitor = serde_json::from_value(back.meta["monitor"].clone())?;
+    assert_eq!(restored, mon);
+    Ok(())
+}

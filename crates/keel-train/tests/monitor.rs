@@ -453,6 +453,9 @@ fn serde_round_trip_gives_identical_subsequent_alarms() -> anyhow::Result<()> {
     let json = serde_json::to_string(&a)?;
     let mut b: StabilityMonitor = serde_json::from_str(&json)?;
     assert_eq!(a, b);
+    // Also through a serde_json::Value (as when it travels inside a checkpoint's meta).
+    let via_value: StabilityMonitor = serde_json::from_value(serde_json::to_value(&a)?)?;
+    assert_eq!(a, via_value);
     let mut alarms_a = Vec::new();
     let mut alarms_b = Vec::new();
     for (i, r) in records[400..].iter().enumerate() {
