@@ -67,7 +67,7 @@ pub fn compare(what: &str, got: &Tensor, want: &Tensor, tol: Tol) -> Result<Cmp>
         } else {
             err / lim
         };
-        if !(ratio <= 1.0) {
+        if ratio.is_nan() || ratio > 1.0 {
             bad += 1;
         }
         if worst_i.is_none() || ratio > worst || ratio.is_nan() {
