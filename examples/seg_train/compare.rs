@@ -1,0 +1,362 @@
+//! `seg_train compare`: the norm x batch-size x seed grid, `results.md` and `curves.png`.
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use plotters::prelude::*;
+
+use super::cli::CommonArgs;
+use super::train::{self, RunOpts, RunSummary};
+
+#[derive(Args, Debug, Clone)]
+pub struct CompareArgs {
+    /// Comma-separated norms.
+    #[arg(long, default_value = "bn,gn,ws-gn")]
+    pub norms: String,
+    /// Comma-separated batch sizes.
+    #[arg(long, default_value = "1,2,8")]
+    pub batch_sizes: String,
+    /// Seeds per config (0..N).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Optimizer steps per run.
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// Output directory: results.md, curves.png, runs/<norm>-b<B>-s<seed>/.
+    #[arg(long, default_value = "runs/compare")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// One (norm, batch) cell of the grid with its per-seed runs.
+pub struct Cell {
+    pub norm: String,
+    pub batch: usize,
+    pub runs: Vec<RunSummary>,
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (m, var.sqrt())
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i]
+}
+
+pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
+    let norms: Vec<String> = args
+        .norms
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let batches = args
+        .batch_sizes
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .with_context(|| format!("--batch-sizes: '{s}' is not a number"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if norms.is_empty() || batches.is_empty() || args.seeds == 0 {
+        bail!("compare needs at least one norm, one batch size and one seed")
+    }
+    // Validate every config up front: a typo fails before hours of training.
+    for n in &norms {
+        for &b in &batches {
+            args.common.config(n, b, args.steps, 0, None).validate()?;
+        }
+    }
+    let device = args.common.device()?;
+    train::check_writable(&args.out)?;
+    let total = norms.len() * batches.len() * args.seeds as usize;
+    let pb = indicatif::ProgressBar::new(total as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "compare {elapsed_precise} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+        )
+        .expect("static template"),
+    );
+    let t0 = Instant::now();
+    let mut cells = Vec::new();
+    for n in &norms {
+        for &b in &batches {
+            let mut runs = Vec::new();
+            for seed in 0..args.seeds {
+                pb.set_message(format!("{n} batch {b} seed {seed}"));
+                let cfg = args.common.config(n, b, args.steps, seed, None);
+                let dir = args
+                    .out
+                    .join("runs")
+                    .join(format!("{}-b{b}-s{seed}", n.replace(':', "_")));
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .with_context(|| format!("clearing {}", dir.display()))?;
+                }
+                let opts = RunOpts {
+                    device: device.clone(),
+                    progress: false,
+                    verbose: false,
+                };
+                let s = train::run(&cfg, &dir, false, &opts)
+                    .with_context(|| format!("run {n} batch {b} seed {seed}"))?;
+                pb.suspend(|| eprintln!("{n:>6} batch {b} seed {seed}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}", s.final_miou, s.seconds_per_step, s.loss_spikes, s.verdict));
+                runs.push(s);
+                pb.inc(1);
+            }
+            cells.push(Cell {
+                norm: n.clone(),
+                batch: b,
+                runs,
+            });
+        }
+    }
+    pb.finish_and_clear();
+    let md = results_md(args, &cells, t0.elapsed().as_secs_f64(), &device);
+    write_atomic(&args.out.join("results.md"), md.as_bytes())?;
+    plot(&args.out.join("curves.png"), &cells, args.steps)?;
+    println!("{md}");
+    println!(
+        "wrote {} and {}",
+        args.out.join("results.md").display(),
+        args.out.join("curves.png").display()
+    );
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The results table (one row per norm and batch size, statistics across seeds).
+pub fn results_md(
+    args: &CompareArgs,
+    cells: &[Cell],
+    seconds: f64,
+    device: &candle::Device,
+) -> String {
+    let c = &args.common;
+    let mut md = String::new();
+    let _ = writeln!(md, "# seg_train compare\n");
+    let _ = writeln!(
+        md,
+        "Synthetic shapes ({} train / {} val images, {}x{}), width {}, fpn {}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s.\n",
+        c.train_size, c.val_size, c.image_size, c.image_size, c.width, c.fpn, c.optimizer,
+        if c.optimizer == "adamw" { "cosine" } else { "poly 0.9" },
+        args.common.config("gn", 1, args.steps, 0, None).lr(), c.warmup_steps,
+        c.clip_grad.map_or("off".into(), |v| v.to_string()), c.amp, args.steps, args.seeds, device.location(), seconds
+    );
+    let _ = writeln!(md, "| norm | batch | final val mIoU (mean ± std) | per seed | loss spikes (total) | grad-norm p99 | NaN/Inf steps | skipped steps | s/step | verdicts |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for cell in cells {
+        let mious: Vec<f64> = cell.runs.iter().map(|r| r.final_miou).collect();
+        let (m, s) = mean_std(&mious);
+        let per_seed = mious
+            .iter()
+            .map(|v| format!("{v:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let spikes: usize = cell.runs.iter().map(|r| r.loss_spikes).sum();
+        let p99 = percentile(
+            cell.runs
+                .iter()
+                .flat_map(|r| r.grad_norms.iter().copied())
+                .collect(),
+            99.0,
+        );
+        let nan: usize = cell.runs.iter().map(|r| r.nonfinite_steps).sum();
+        let skipped: usize = cell.runs.iter().map(|r| r.skipped_steps).sum();
+        let sps =
+            cell.runs.iter().map(|r| r.seconds_per_step).sum::<f64>() / cell.runs.len() as f64;
+        let verdicts = cell
+            .runs
+            .iter()
+            .map(|r| r.verdict.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(md, "| {} | {} | {m:.4} ± {s:.4} | {per_seed} | {spikes} | {p99:.3} | {nan} | {skipped} | {sps:.3} | {verdicts} |", cell.norm, cell.batch);
+    }
+    let _ = writeln!(
+        md,
+        "\nLoss spikes, NaN/Inf and skipped steps come from keel::train's StabilityMonitor; the grad-norm p99 pools every step of every seed (pre-clip global L2 norm). Every config runs the same number of optimizer steps, so batch 8 sees 8x the images of batch 1. Curves: curves.png (per batch size: training loss, moving average over 20 steps, and val mIoU, mean over seeds)."
+    );
+    md
+}
+
+/// A TTF font for the plot's text, if the system has one (plotters draws with ab_glyph).
+fn register_font() -> bool {
+    const CANDIDATES: [&str; 4] = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    ];
+    for p in CANDIDATES {
+        if let Ok(bytes) = std::fs::read(p) {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn moving_average(v: &[(usize, f64)], k: usize) -> Vec<(f64, f64)> {
+    let finite: Vec<(usize, f64)> = v.iter().copied().filter(|(_, l)| l.is_finite()).collect();
+    (0..finite.len())
+        .map(|i| {
+            let lo = i.saturating_sub(k - 1);
+            let w = &finite[lo..=i];
+            (
+                finite[i].0 as f64,
+                w.iter().map(|x| x.1).sum::<f64>() / w.len() as f64,
+            )
+        })
+        .collect()
+}
+
+/// Mean over seeds of per-step series (steps aligned by index).
+fn mean_series(series: Vec<Vec<(f64, f64)>>) -> Vec<(f64, f64)> {
+    let n = series.iter().map(Vec::len).min().unwrap_or(0);
+    (0..n)
+        .map(|i| {
+            (
+                series[0][i].0,
+                series.iter().map(|s| s[i].1).sum::<f64>() / series.len() as f64,
+            )
+        })
+        .collect()
+}
+
+/// curves.png: one row per batch size; left the training loss, right val mIoU; a colour per
+/// norm; the mean over seeds.
+pub fn plot(path: &Path, cells: &[Cell], steps: usize) -> anyhow::Result<()> {
+    let text = register_font();
+    let mut batches: Vec<usize> = cells.iter().map(|c| c.batch).collect();
+    batches.dedup();
+    batches.sort();
+    batches.dedup();
+    let rows = batches.len();
+    let root = BitMapBackend::new(path, (1200, 320 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let areas = root.split_evenly((rows, 2));
+    let colours = [
+        RGBColor(214, 39, 40),
+        RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+        RGBColor(255, 127, 14),
+    ];
+    let mut norms: Vec<&str> = Vec::new();
+    for c in cells {
+        if !norms.contains(&c.norm.as_str()) {
+            norms.push(&c.norm);
+        }
+    }
+    for (r, &b) in batches.iter().enumerate() {
+        let row: Vec<&Cell> = cells.iter().filter(|c| c.batch == b).collect();
+        let loss_curves: Vec<(usize, Vec<(f64, f64)>)> = row
+            .iter()
+            .map(|c| {
+                (
+                    norms.iter().position(|n| *n == c.norm).unwrap_or(0),
+                    mean_series(
+                        c.runs
+                            .iter()
+                            .map(|r| moving_average(&r.losses, 20))
+                            .collect(),
+                    ),
+                )
+            })
+            .collect();
+        let ymax = loss_curves
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(|p| p.1))
+            .fold(0.1f64, f64::max)
+            .min(10.0);
+        for (col, is_loss) in [(0, true), (1, false)] {
+            let area = &areas[r * 2 + col];
+            let mut builder = ChartBuilder::on(area);
+            builder.margin(10);
+            if text {
+                let title = if is_loss {
+                    format!("batch {b}: training loss (MA 20)")
+                } else {
+                    format!("batch {b}: val mIoU")
+                };
+                builder
+                    .caption(title, ("sans-serif", 18))
+                    .x_label_area_size(28)
+                    .y_label_area_size(48);
+            }
+            let y = if is_loss { 0.0..ymax * 1.05 } else { 0.0..1.0 };
+            let mut chart = builder.build_cartesian_2d(0.0..steps as f64, y)?;
+            if text {
+                chart
+                    .configure_mesh()
+                    .x_desc("step")
+                    .light_line_style(WHITE)
+                    .draw()?;
+            } else {
+                chart
+                    .configure_mesh()
+                    .disable_x_mesh()
+                    .disable_y_mesh()
+                    .x_labels(0)
+                    .y_labels(0)
+                    .draw()?;
+            }
+            for (i, c) in row.iter().enumerate() {
+                let ni = norms.iter().position(|n| *n == c.norm).unwrap_or(0);
+                let colour = colours[ni % colours.len()];
+                let pts = if is_loss {
+                    loss_curves[i].1.clone()
+                } else {
+                    mean_series(
+                        c.runs
+                            .iter()
+                            .map(|r| r.evals.iter().map(|&(s, m)| (s as f64, m)).collect())
+                            .collect(),
+                    )
+                };
+                let series = chart.draw_series(LineSeries::new(pts, colour.stroke_width(2)))?;
+                if text {
+                    series.label(c.norm.clone()).legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
+                    });
+                }
+            }
+            if text {
+                chart
+                    .configure_series_labels()
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .draw()?;
+            }
+        }
+    }
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

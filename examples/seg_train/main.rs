@@ -1,0 +1,29 @@
+//! seg_train: semantic segmentation training with keel (issue 5).
+//!
+//! ```text
+//! cargo run --release --example seg_train                      # synthetic shapes, GN, CPU/CUDA
+//! cargo run --release --example seg_train -- --norm bn --batch-size 2 --out runs/bn
+//! cargo run --release --example seg_train -- --resume runs/bn  # continue exactly
+//! cargo run --release --example seg_train -- --data-dir VOC2012 --num-classes 21 --image-size 256
+//! cargo run --release --example seg_train -- compare --norms bn,gn,ws-gn --batch-sizes 1,2,8 --seeds 3 --steps 300
+//! ```
+//!
+//! The model is the PyTorch twin of `shared/tools/torch_seg_twin.py` (twin parameter names;
+//! `--width 64 --fpn 128 --num-classes 21` is the twin exactly). Norms come from keel::norm
+//! (GN + SiLU on the fused kernel), the optimizer, schedule, clipping, loss scaling,
+//! accumulation and EMA from keel::optim, the metrics, logs, checkpoints and the stability
+//! monitor from keel::train. The code is split in modules (cli, data, model, train,
+//! compare) that `tests/seg_train.rs` includes with `#[path]`.
+mod cli;
+mod compare;
+mod data;
+mod model;
+mod train;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Err(e) = cli::run(args) {
+        eprintln!("seg_train: error: {e:#}");
+        std::process::exit(1);
+    }
+}
