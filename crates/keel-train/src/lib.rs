@@ -24,15 +24,15 @@
 #![warn(missing_docs)]
 
 mod checkpoint;
+mod ckpt_file;
 mod log;
 mod metrics;
 mod monitor;
 mod report;
 mod stats;
 
-pub use checkpoint::{
-    load_checkpoint, Checkpoint, CheckpointManager, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
-};
+pub use checkpoint::{Checkpoint, CheckpointManager};
+pub use ckpt_file::{load_checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION};
 pub use log::JsonlLogger;
 pub use metrics::ConfusionMatrix;
 pub use monitor::{Alarm, EvalRecord, MonitorConfig, StabilityMonitor, StepRecord};
