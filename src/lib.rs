@@ -10,6 +10,8 @@
 //!   BatchNorm -> GroupNorm / FrozenBatchNorm checkpoint conversion.
 //! - [`kernels`]: fused, differentiable kernels (CPU, and CUDA with the `cuda` feature)
 //!   behind the layers: GroupNorm(+SiLU) forward and backward.
+//! - [`train`]: the training-loop pieces: a stability monitor with a health report
+//!   ("is my training going haywire?"), mIoU metrics, atomic checkpoints, JSONL logs.
 //!
 //! ```
 //! use candle::{DType, Device, ModuleT, Tensor};
@@ -31,3 +33,6 @@ pub use keel_kernels as kernels;
 pub use keel_norm as norm;
 /// LR schedules, clipping, SGD/AdamW, loss scaling, accumulation and EMA (issue 4).
 pub use keel_optim as optim;
+/// Training-loop pieces: stability monitor and health report, segmentation metrics,
+/// atomic checkpoints, JSONL logs (issue 5).
+pub use keel_train as train;
