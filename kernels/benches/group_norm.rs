@@ -1,6 +1,8 @@
 //! Fused GroupNorm+SiLU vs candle-nn's composed GroupNorm + SiLU on CPU, f32, forward and
-//! forward+backward, at the shapes. Before the timings it prints the peak heap
-//! allocated by one forward+backward of each (a counting global allocator).
+//! forward+backward (loss `sum(y * dy)`, `.backward()`), at the shapes. `floor` is
+//! the same loss and backward on x itself without GroupNorm: candle's autograd cost that
+//! every forward+backward row includes. Before the timings it prints the peak heap allocated
+//! by one call of each (a counting global allocator).
 //!
 //! `cargo bench -p keel-kernels --bench group_norm`
 
@@ -83,6 +85,11 @@ fn candle_fwd(i: &Inputs) -> candle::Result<Tensor> {
     candle_nn::ops::silu(&gn.forward(i.x.as_tensor())?)
 }
 
+/// The autograd cost around the op: the same loss on x itself, no GroupNorm.
+fn loss_floor(i: &Inputs) -> candle::Result<Tensor> {
+    Ok(i.x.as_tensor().clone())
+}
+
 fn fwd_bwd(
     i: &Inputs,
     f: fn(&Inputs) -> candle::Result<Tensor>,
@@ -99,7 +106,7 @@ fn peak_bytes<T>(f: impl FnOnce() -> T) -> (T, usize) {
 }
 
 fn report_memory() -> candle::Result<()> {
-    println!("peak heap above inputs, one call (MiB; x is {{x_mib}}):");
+    println!("peak heap above the inputs during one call, MiB (x = input size):");
     for shape in SHAPES {
         let i = inputs(shape)?;
         let x_mib = i.x.elem_count() as f64 * 4.0 / (1 << 20) as f64;
@@ -108,9 +115,10 @@ fn report_memory() -> candle::Result<()> {
         let (_, c_fwd) = peak_bytes(|| candle_fwd(&i));
         let (_, f_fb) = peak_bytes(|| fwd_bwd(&i, fused_fwd));
         let (_, c_fb) = peak_bytes(|| fwd_bwd(&i, candle_fwd));
+        let (_, floor) = peak_bytes(|| fwd_bwd(&i, loss_floor));
         println!(
-            "  {shape:?} x={x_mib:.1}: fwd fused {:.1} candle {:.1} | fwd+bwd (incl. loss y*dy) fused {:.1} candle {:.1}",
-            mib(f_fwd), mib(c_fwd), mib(f_fb), mib(c_fb)
+            "  {shape:?} x={x_mib:.1}: fwd fused {:.1} candle {:.1} | fwd+bwd incl. loss sum(y*dy): fused {:.1} candle {:.1} floor (loss on x, no GN) {:.1}",
+            mib(f_fwd), mib(c_fwd), mib(f_fb), mib(c_fb), mib(floor)
         );
     }
     Ok(())

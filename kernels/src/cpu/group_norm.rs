@@ -19,7 +19,7 @@
 //! Variance is the biased one (PyTorch's), so a constant group has variance exactly 0 and
 //! `rstd = 1 / sqrt(eps)`; NaN anywhere in a group makes that group's output NaN.
 
-use super::{blocks, blocks2, blocks2_map, blocks_map, multiversion, sigmoid_f32, Elem, Isa, BLK};
+use super::{blocks, blocks2, blocks_map, multiversion, sigmoid_f32, Elem, Isa, BLK};
 use rayon::prelude::*;
 
 /// Sizes of a GroupNorm problem; `c` is a multiple of `groups`.
@@ -98,17 +98,21 @@ fn chunking(m: usize, k: usize) -> (usize, usize) {
     (cs, m.div_ceil(cs))
 }
 
-/// Calls `f(local_channel, start, end)` for the per-channel runs of the group-relative
-/// element range `[lo, hi)`.
-#[inline(always)]
-fn segments(lo: usize, hi: usize, hw: usize, mut f: impl FnMut(usize, usize, usize)) {
-    let mut e = lo;
-    while e < hi {
-        let cl = e / hw;
-        let end = hi.min((cl + 1) * hw);
-        f(cl, e, end);
-        e = end;
-    }
+/// Runs `$body` with `($cl, $s, $e)` = (local channel, start, end) for each per-channel run
+/// of the group-relative element range `[lo, hi)`. A macro so the body stays in the
+/// multiversioned function (see `cpu::blocks!`).
+macro_rules! segments {
+    ($lo:expr, $hi:expr, $hw:expr, |$cl:ident, $s:ident, $e:ident| $body:block) => {{
+        let (hi, hw) = ($hi, $hw);
+        let mut start = $lo;
+        while start < hi {
+            let $cl = start / hw;
+            let $s = start;
+            let $e = hi.min(($cl + 1) * hw);
+            start = $e;
+            $body
+        }
+    }};
 }
 
 /// Lane count of the reductions: independent accumulators the compiler maps to vectors.
@@ -147,7 +151,7 @@ fn moments / moments_g / moments_avx2 <T> (x: &[T]) -> Moments {
     };
     let s = first.to_f32();
     let (mut s1, mut s2) = (0f64, 0f64);
-    blocks(x, |b| {
+    blocks!(T, x, |b| {
         let (a, q) = shifted_sums(b, s);
         s1 += a as f64;
         s2 += q as f64;
@@ -171,20 +175,20 @@ struct GroupCtx<'a> {
 
 multiversion! {
 fn fwd_apply / fwd_apply_g / fwd_apply_avx2 <T> (x: &[T], y: &mut [T], lo: usize, ctx: GroupCtx<'_>) -> () {
-    segments(lo, lo + x.len(), ctx.hw, |cl, s, e| {
+    segments!(lo, lo + x.len(), ctx.hw, |cl, s, e| {
         let scale = ctx.rstd * ctx.w[cl];
         let beta = ctx.b[cl];
         let mean = ctx.mean;
         let (xs, ys) = (&x[s - lo..e - lo], &mut y[s - lo..e - lo]);
         if ctx.silu {
-            blocks_map(xs, ys, |xb, yb| {
+            blocks_map!(T, xs, ys, |xb, yb| {
                 for (y, &x) in yb.iter_mut().zip(xb) {
                     let z = (x - mean) * scale + beta;
                     *y = z * sigmoid_f32(z);
                 }
             });
         } else {
-            blocks_map(xs, ys, |xb, yb| {
+            blocks_map!(T, xs, ys, |xb, yb| {
                 for (y, &x) in yb.iter_mut().zip(xb) {
                     *y = (x - mean) * scale + beta;
                 }
@@ -302,10 +306,10 @@ multiversion! {
 fn bwd_reduce / bwd_reduce_g / bwd_reduce_avx2 <T>
     (x: &[T], dy: &[T], lo: usize, ctx: BwdCtx<'_>, acc: &mut [[f64; 2]]) -> () {
     // acc[cl] += (Σ dy_eff * xhat, Σ dy_eff) over this chunk's elements of channel cl.
-    segments(lo, lo + x.len(), ctx.hw, |cl, s, e| {
+    segments!(lo, lo + x.len(), ctx.hw, |cl, s, e| {
         let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
         let (mut sgx, mut sg) = (0f64, 0f64);
-        blocks2(&x[s - lo..e - lo], &dy[s - lo..e - lo], |xb, db| {
+        blocks2!(T, &x[s - lo..e - lo], &dy[s - lo..e - lo], |xb, db| {
             let mut a = [0f32; L];
             let mut q = [0f32; L];
             let mut xi = xb.chunks_exact(L);
@@ -348,11 +352,11 @@ struct DxCoef {
 multiversion! {
 fn bwd_dx / bwd_dx_g / bwd_dx_avx2 <T>
     (x: &[T], dy: &[T], dx: &mut [T], lo: usize, ctx: BwdCtx<'_>, coef: DxCoef) -> () {
-    segments(lo, lo + x.len(), ctx.hw, |cl, s, e| {
+    segments!(lo, lo + x.len(), ctx.hw, |cl, s, e| {
         let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
         let (p, q, r) = (rstd * w, coef.q, coef.r);
         let (xs, ds, os) = (&x[s - lo..e - lo], &dy[s - lo..e - lo], &mut dx[s - lo..e - lo]);
-        blocks2_map(xs, ds, os, |xb, db, ob| {
+        blocks_map!(T, xs, ds, os, |xb, db, ob| {
             for ((o, &xv), &dv) in ob.iter_mut().zip(xb).zip(db) {
                 let xc = xv - mean;
                 let g = dy_eff(dv, xc * rstd, w, b, silu);

@@ -124,56 +124,72 @@ macro_rules! impl_half_elem {
 impl_half_elem!(f16);
 impl_half_elem!(bf16);
 
-/// Calls `f` on consecutive blocks of at most [`BLK`] elements of `x`, as `f32`.
-#[inline(always)]
-pub(crate) fn blocks<T: Elem>(x: &[T], mut f: impl FnMut(&[f32])) {
-    let mut bx = [0f32; BLK];
-    for xc in x.chunks(BLK) {
-        f(T::load(xc, &mut bx));
-    }
-}
+// The block helpers below are macros, not closure-taking functions: a closure is compiled
+// where it is written (the baseline generic body), so its loop would not be inlined into the
+// `#[target_feature]` instantiation made by `multiversion!` and would not get AVX2.
 
-/// Calls `f` on matching blocks of `a` and `b` (equal lengths), as `f32`.
-#[inline(always)]
-pub(crate) fn blocks2<T: Elem>(a: &[T], b: &[T], mut f: impl FnMut(&[f32], &[f32])) {
-    let mut ba = [0f32; BLK];
-    let mut bb = [0f32; BLK];
-    for (ac, bc) in a.chunks(BLK).zip(b.chunks(BLK)) {
-        f(T::load(ac, &mut ba), T::load(bc, &mut bb));
-    }
+/// Runs `$body` with `$xb` bound to consecutive blocks of at most [`BLK`] elements of `$x`
+/// (of element type `$T`), as `&[f32]`.
+macro_rules! blocks {
+    ($T:ty, $x:expr, |$xb:ident| $body:block) => {{
+        let mut bx = [0f32; $crate::cpu::BLK];
+        for xc in $x.chunks($crate::cpu::BLK) {
+            let $xb = <$T as $crate::cpu::Elem>::load(xc, &mut bx);
+            $body
+        }
+    }};
 }
+pub(crate) use blocks;
 
-/// Calls `f(x_block, y_block)` on matching blocks and writes `y_block` back into `y`.
-#[inline(always)]
-pub(crate) fn blocks_map<T: Elem>(x: &[T], y: &mut [T], mut f: impl FnMut(&[f32], &mut [f32])) {
-    let mut bx = [0f32; BLK];
-    let mut by = [0f32; BLK];
-    for (xc, yc) in x.chunks(BLK).zip(y.chunks_mut(BLK)) {
-        f(T::load(xc, &mut bx), T::out(yc, &mut by));
-        T::store(&by, yc);
-    }
+/// Like [`blocks!`] over two equally long slices.
+macro_rules! blocks2 {
+    ($T:ty, $a:expr, $b:expr, |$ab:ident, $bb:ident| $body:block) => {{
+        let mut ba = [0f32; $crate::cpu::BLK];
+        let mut bb = [0f32; $crate::cpu::BLK];
+        for (ac, bc) in $a.chunks($crate::cpu::BLK).zip($b.chunks($crate::cpu::BLK)) {
+            let $ab = <$T as $crate::cpu::Elem>::load(ac, &mut ba);
+            let $bb = <$T as $crate::cpu::Elem>::load(bc, &mut bb);
+            $body
+        }
+    }};
 }
+pub(crate) use blocks2;
 
-/// Calls `f(a_block, b_block, y_block)` on matching blocks and writes `y_block` into `y`.
-#[inline(always)]
-pub(crate) fn blocks2_map<T: Elem>(
-    a: &[T],
-    b: &[T],
-    y: &mut [T],
-    mut f: impl FnMut(&[f32], &[f32], &mut [f32]),
-) {
-    let mut ba = [0f32; BLK];
-    let mut bb = [0f32; BLK];
-    let mut by = [0f32; BLK];
-    for ((ac, bc), yc) in a.chunks(BLK).zip(b.chunks(BLK)).zip(y.chunks_mut(BLK)) {
-        f(
-            T::load(ac, &mut ba),
-            T::load(bc, &mut bb),
-            T::out(yc, &mut by),
-        );
-        T::store(&by, yc);
-    }
+/// Runs `$body` on matching blocks of the inputs (`&[f32]`) and of the output `$y`
+/// (`&mut [f32]`), then writes the output block back into `$y`.
+macro_rules! blocks_map {
+    ($T:ty, $x:expr, $y:expr, |$xb:ident, $yb:ident| $body:block) => {{
+        let mut bx = [0f32; $crate::cpu::BLK];
+        let mut by = [0f32; $crate::cpu::BLK];
+        for (xc, yc) in $x
+            .chunks($crate::cpu::BLK)
+            .zip($y.chunks_mut($crate::cpu::BLK))
+        {
+            {
+                let $xb = <$T as $crate::cpu::Elem>::load(xc, &mut bx);
+                let $yb = <$T as $crate::cpu::Elem>::out(yc, &mut by);
+                $body
+            }
+            <$T as $crate::cpu::Elem>::store(&by, yc);
+        }
+    }};
+    ($T:ty, $a:expr, $b:expr, $y:expr, |$ab:ident, $bb:ident, $yb:ident| $body:block) => {{
+        let mut ba = [0f32; $crate::cpu::BLK];
+        let mut bb = [0f32; $crate::cpu::BLK];
+        let mut by = [0f32; $crate::cpu::BLK];
+        let chunks = $a.chunks($crate::cpu::BLK).zip($b.chunks($crate::cpu::BLK));
+        for ((ac, bc), yc) in chunks.zip($y.chunks_mut($crate::cpu::BLK)) {
+            {
+                let $ab = <$T as $crate::cpu::Elem>::load(ac, &mut ba);
+                let $bb = <$T as $crate::cpu::Elem>::load(bc, &mut bb);
+                let $yb = <$T as $crate::cpu::Elem>::out(yc, &mut by);
+                $body
+            }
+            <$T as $crate::cpu::Elem>::store(&by, yc);
+        }
+    }};
 }
+pub(crate) use blocks_map;
 
 /// `e^x` in `f32` from Cephes' `expf` polynomial, written with selects and bit casts only so
 /// that loops calling it vectorize. Relative error about 2 ulp on [-87, 88]; inputs are
@@ -232,7 +248,7 @@ mod tests {
     fn half_blocks_roundtrip() {
         let x: Vec<f16> = (0..2500).map(|i| f16::from_f32(i as f32 * 0.25)).collect();
         let mut y = vec![f16::ZERO; x.len()];
-        blocks_map(&x, &mut y, |a, b| {
+        blocks_map!(f16, &x, &mut y, |a, b| {
             for (b, a) in b.iter_mut().zip(a) {
                 *b = a * 2.0;
             }
