@@ -19,7 +19,7 @@
 //! Variance is the biased one (PyTorch's), so a constant group has variance exactly 0 and
 //! `rstd = 1 / sqrt(eps)`; NaN anywhere in a group makes that group's output NaN.
 
-use super::{blocks, blocks2, blocks_map, multiversion, sigmoid_f32, Elem, Isa, BLK};
+use super::{blocks, blocks2, blocks_map, multiversion, sigmoid_f32, silu_f32, Elem, Isa, BLK};
 use rayon::prelude::*;
 
 /// Sizes of a GroupNorm problem; `c` is a multiple of `groups`.
@@ -184,7 +184,7 @@ fn fwd_apply / fwd_apply_g / fwd_apply_avx2 <T> (x: &[T], y: &mut [T], lo: usize
             blocks_map!(T, xs, ys, |xb, yb| {
                 for (y, &x) in yb.iter_mut().zip(xb) {
                     let z = (x - mean) * scale + beta;
-                    *y = z * sigmoid_f32(z);
+                    *y = silu_f32(z);
                 }
             });
         } else {
