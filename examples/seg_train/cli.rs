@@ -22,9 +22,20 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // reason: parsed once per process
 pub enum Command {
     /// Run the norm x batch-size x seed grid and write results.md and curves.png.
     Compare(CompareArgs),
+    /// Run one saved RunConfig (JSON) into --out, quietly; used by `compare` for its jobs.
+    #[command(hide = true)]
+    RunConfig {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        device: Option<String>,
+    },
 }
 
 /// Settings shared by a single run and the compare grid.
@@ -203,6 +214,23 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     })?;
     match cli.command {
         Some(Command::Compare(c)) => compare::run(&c),
+        Some(Command::RunConfig {
+            config,
+            out,
+            device,
+        }) => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let cfg: RunConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a seg_train config", config.display()))?;
+            let opts = RunOpts {
+                device: pick_device(device.as_deref())?,
+                progress: false,
+                verbose: false,
+            };
+            train::run(&cfg, &out, false, &opts)?;
+            Ok(())
+        }
         None => {
             let t = cli.train;
             let device = t.common.device()?;

@@ -8,7 +8,7 @@ use clap::Args;
 use plotters::prelude::*;
 
 use super::cli::CommonArgs;
-use super::train::{self, RunOpts, RunSummary};
+use super::train::{self, RunSummary};
 
 #[derive(Args, Debug, Clone)]
 pub struct CompareArgs {
@@ -27,6 +27,9 @@ pub struct CompareArgs {
     /// Output directory: results.md, curves.png, runs/<norm>-b<B>-s<seed>/.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
+    /// Runs in parallel (one single-threaded process each).
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -95,12 +98,13 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         .expect("static template"),
     );
     let t0 = Instant::now();
-    let mut cells = Vec::new();
+    // Every run is a child process of this binary (`seg_train run-config`), `--jobs` at a
+    // time: candle's CPU ops share one global thread pool per process, and at this model
+    // size one single-threaded process per core is ~3x faster than two threads in one.
+    let mut queue = Vec::new();
     for n in &norms {
         for &b in &batches {
-            let mut runs = Vec::new();
             for seed in 0..args.seeds {
-                pb.set_message(format!("{n} batch {b} seed {seed}"));
                 let cfg = args.common.config(n, b, args.steps, seed, None);
                 let dir = args
                     .out
@@ -110,22 +114,72 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
                     std::fs::remove_dir_all(&dir)
                         .with_context(|| format!("clearing {}", dir.display()))?;
                 }
-                let opts = RunOpts {
-                    device: device.clone(),
-                    progress: false,
-                    verbose: false,
-                };
-                let s = train::run(&cfg, &dir, false, &opts)
-                    .with_context(|| format!("run {n} batch {b} seed {seed}"))?;
-                pb.suspend(|| eprintln!("{n:>6} batch {b} seed {seed}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}", s.final_miou, s.seconds_per_step, s.loss_spikes, s.verdict));
-                runs.push(s);
-                pb.inc(1);
+                queue.push((n.clone(), b, seed, cfg, dir));
             }
-            cells.push(Cell {
+        }
+    }
+    let exe = std::env::current_exe().context("locating the seg_train binary")?;
+    let device_flag = if device.is_cpu() { "cpu" } else { "cuda" };
+    let mut running: Vec<(std::process::Child, usize)> = Vec::new();
+    let mut summaries: Vec<Option<RunSummary>> = vec![None; queue.len()];
+    let mut next = 0;
+    while next < queue.len() || !running.is_empty() {
+        while next < queue.len() && running.len() < args.jobs.max(1) {
+            let (n, b, seed, cfg, dir) = &queue[next];
+            std::fs::create_dir_all(dir)?;
+            let cfg_path = dir.with_extension("config.json");
+            std::fs::write(&cfg_path, serde_json::to_string_pretty(cfg)?)?;
+            pb.set_message(format!("{n} batch {b} seed {seed}"));
+            let child = std::process::Command::new(&exe)
+                .args(["run-config", "--device", device_flag, "--config"])
+                .arg(&cfg_path)
+                .arg("--out")
+                .arg(dir)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(dir.with_extension("stderr.txt"))?)
+                .spawn()
+                .with_context(|| format!("starting {}", exe.display()))?;
+            running.push((child, next));
+            next += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut still = Vec::new();
+        for (mut child, i) in running.drain(..) {
+            match child.try_wait()? {
+                None => still.push((child, i)),
+                Some(status) => {
+                    let (n, b, seed, _, dir) = &queue[i];
+                    if !status.success() {
+                        let err = std::fs::read_to_string(dir.with_extension("stderr.txt"))
+                            .unwrap_or_default();
+                        bail!(
+                            "run {n} batch {b} seed {seed} failed ({status}): {}",
+                            err.trim()
+                        )
+                    }
+                    let text =
+                        std::fs::read_to_string(dir.join("summary.json")).with_context(|| {
+                            format!("run {n} batch {b} seed {seed}: no summary.json")
+                        })?;
+                    let s: RunSummary = serde_json::from_str(&text)?;
+                    pb.suspend(|| eprintln!("{n:>6} batch {b} seed {seed}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}", s.final_miou, s.seconds_per_step, s.loss_spikes, s.verdict));
+                    summaries[i] = Some(s);
+                    pb.inc(1);
+                }
+            }
+        }
+        running = still;
+    }
+    let mut cells: Vec<Cell> = Vec::new();
+    for ((n, b, _, _, _), s) in queue.iter().zip(summaries) {
+        let s = s.expect("every run finished");
+        match cells.iter_mut().find(|c| c.norm == *n && c.batch == *b) {
+            Some(c) => c.runs.push(s),
+            None => cells.push(Cell {
                 norm: n.clone(),
-                batch: b,
-                runs,
-            });
+                batch: *b,
+                runs: vec![s],
+            }),
         }
     }
     pb.finish_and_clear();

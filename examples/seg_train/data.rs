@@ -62,7 +62,7 @@ pub fn mix(seed: u64, a: u64, b: u64) -> u64 {
 // ---------------------------------------------------------------------------------------
 
 /// The synthetic shapes set: `n` images of `size x size`, generated in memory from
-/// `seed`: noisy gradient backgrounds with unlabeled clutter strokes, 1-4 overlapping
+/// `seed`: noisy gradient backgrounds with unlabeled clutter strokes, 1-3 overlapping
 /// circles, rectangles, triangles and rings of random size, position, rotation, colour and
 /// texture (solid, stripes, checker, speckle), with exact masks (a pixel belongs to the
 /// last shape that covers its centre).
@@ -225,11 +225,11 @@ fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
         }
     }
     for _ in 0..rng.random_range(0..4) {
-        // A thick unlabeled stroke: looks like a shape edge, is background.
+        // A thin unlabeled stroke: an edge that is background.
         let col = random_colour(rng);
         let (x0, y0) = (rng.random_range(0.0..s), rng.random_range(0.0..s));
         let a: f32 = rng.random_range(0.0..std::f32::consts::PI);
-        let half = rng.random_range(0.8..2.5) * s / 96.0;
+        let half = rng.random_range(0.5..1.2) * s / 96.0;
         let (nx, ny) = (-a.sin(), a.cos());
         for y in 0..size {
             for x in 0..size {
@@ -240,8 +240,8 @@ fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
         }
     }
     let mut mask = vec![0u8; size * size];
-    for _ in 0..rng.random_range(1..=4) {
-        let r = rng.random_range(0.08..0.22) * s;
+    for _ in 0..rng.random_range(1..=3) {
+        let r = rng.random_range(0.10..0.25) * s;
         let (cx, cy) = (
             rng.random_range(0.1..0.9) * s,
             rng.random_range(0.1..0.9) * s,
@@ -254,7 +254,7 @@ fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
                     cx,
                     cy,
                     hw: r * rng.random_range(0.6..1.0),
-                    hh: r * rng.random_range(0.35..1.0),
+                    hh: r * rng.random_range(0.5..1.0),
                     cos: a.cos(),
                     sin: a.sin(),
                 }
@@ -320,12 +320,12 @@ fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
     let sigma: f32 = rng.random_range(0.02..0.08);
     let mut image = RgbImage::new(size as u32, size as u32);
     for (i, px) in image.pixels_mut().enumerate() {
-        for c in 0..3 {
+        for (v, &base) in px.0.iter_mut().zip(img[i].iter()) {
             // Sum of 3 uniforms: roughly Gaussian with std sigma.
             let n = (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5)
                 * 2.0
                 * sigma;
-            px.0[c] = ((img[i][c] + n).clamp(0.0, 1.0) * 255.0).round() as u8;
+            *v = ((base + n).clamp(0.0, 1.0) * 255.0).round() as u8;
         }
     }
     Sample {

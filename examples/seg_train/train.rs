@@ -260,8 +260,11 @@ fn amp_dtype(amp: &str) -> DType {
     }
 }
 
+/// Train source, val source, class names.
+type Sources = (Arc<dyn Source>, Arc<dyn Source>, Vec<String>);
+
 /// Builds the data sources (train, val) and the class names.
-fn sources(cfg: &RunConfig) -> anyhow::Result<(Arc<dyn Source>, Arc<dyn Source>, Vec<String>)> {
+fn sources(cfg: &RunConfig) -> anyhow::Result<Sources> {
     match &cfg.data_dir {
         Some(dir) => {
             let n = cfg.num_classes();
@@ -491,13 +494,44 @@ pub fn run(
     let mut start = 0usize;
     let mut summary = RunSummary::default();
     if resume {
+        // The newest file by name; `latest()` skips files whose header is not valid.
+        let newest = std::fs::read_dir(&ckpt_dir)
+            .map(|rd| {
+                let mut v: Vec<PathBuf> = rd
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with("ckpt-") && n.ends_with(".safetensors"))
+                    })
+                    .collect();
+                v.sort();
+                v.pop()
+            })
+            .unwrap_or(None);
         let Some(path) = manager.latest()? else {
-            bail!(
-                "--resume {}: no checkpoint in {}",
-                out.display(),
-                ckpt_dir.display()
-            )
+            match newest {
+                Some(bad) => {
+                    let why = load_checkpoint(&bad, dev)
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default();
+                    bail!("--resume {}: no valid checkpoint; the newest, {}, is corrupt or truncated: {why}", out.display(), bad.display())
+                }
+                None => bail!(
+                    "--resume {}: no checkpoint in {}",
+                    out.display(),
+                    ckpt_dir.display()
+                ),
+            }
         };
+        if let Some(bad) = newest.filter(|n| *n != path) {
+            eprintln!(
+                "warning: skipping {} (corrupt or truncated); resuming from {}",
+                bad.display(),
+                path.display()
+            );
+        }
         let ck = load_checkpoint(&path, dev)?;
         restore(
             &ck,

@@ -1,0 +1,472 @@
+//! Tests of the seg_train example (examples/seg_train/).
+//!
+//! Cargo builds no binary for examples that tests could run (`CARGO_BIN_EXE_*` exists only
+//! for `[[bin]]` targets), so this test crate compiles the example's modules itself
+//! (`#[path]` on its main.rs, whose `mod` items resolve next to it) and calls
+//! `cli::run(args)`, the same entry point as the binary. Where a real process is needed
+//! (SIGKILL mid-training, the exit code), the test binary re-executes itself with
+//! `--exact child_process` and the arguments in `SEG_TRAIN_CHILD_ARGS`: the `child_process`
+//! test then runs seg_train's entry point in that process and exits like the binary.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[allow(dead_code)] // reason: the binary's `main` and items only the binary uses
+#[path = "../examples/seg_train/main.rs"]
+mod seg_train;
+
+use seg_train::{cli, data, model, train};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("keel-seg-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Tiny, fast settings for a CPU smoke run.
+fn tiny(out: &Path, steps: usize) -> Vec<String> {
+    let s = format!(
+        "seg_train --quiet --device cpu --norm gn --width 4 --fpn 8 --image-size 32 --train-size 16 --val-size 8 \
+         --batch-size 2 --steps {steps} --warmup-steps 2 --lr 0.05 --eval-every 10 --ckpt-every 10 --keep-last 2 --out {}",
+        out.display()
+    );
+    s.split_whitespace().map(String::from).collect()
+}
+
+fn run_cli(args: &[String]) -> anyhow::Result<()> {
+    cli::run(args.to_vec())
+}
+
+/// The step records of a run's log.jsonl: (step, loss).
+fn step_losses(out: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "step")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Entry point of the re-executed test binary (a no-op in a normal test run).
+#[test]
+fn child_process() {
+    if let Ok(args) = std::env::var("SEG_TRAIN_CHILD_ARGS") {
+        let args: Vec<String> = serde_json::from_str(&args).unwrap();
+        let code = match cli::run(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("seg_train: error: {e:#}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+}
+
+fn child(args: &[String], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args([
+        "--exact",
+        "child_process",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    c.env("SEG_TRAIN_CHILD_ARGS", serde_json::to_string(args).unwrap());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+#[test]
+fn train_checkpoint_resume_exactly_after_sigkill() -> anyhow::Result<()> {
+    let steps = 40;
+    // Uninterrupted reference run.
+    let a = tmp("ref");
+    run_cli(&tiny(&a, steps))?;
+    let la = step_losses(&a);
+    assert_eq!(la.len(), steps);
+    let first = la[..4].iter().map(|x| x.1).sum::<f64>() / 4.0;
+    let last = la[steps - 4..].iter().map(|x| x.1).sum::<f64>() / 4.0;
+    assert!(
+        last < first * 0.9,
+        "loss did not fall: first {first}, last {last}"
+    );
+    let ckpt = a.join("checkpoints/ckpt-00000040.safetensors");
+    assert!(ckpt.is_file(), "no final checkpoint");
+    let ck = keel::train::load_checkpoint(&ckpt, &candle::Device::Cpu)?;
+    assert_eq!(ck.step, 40);
+    assert!(ck.tensors.contains_key("stem.0.weight") && ck.tensors.contains_key("head.bias"));
+    assert!(ck.tensors.keys().any(|k| k.starts_with("optim.")));
+    assert!(a.join("health.json").is_file());
+
+    // The same run in a child process, killed with SIGKILL after its first checkpoint.
+    let b = tmp("killed");
+    let mut proc = child(&tiny(&b, steps), &[("SEG_TRAIN_STEP_DELAY_MS", "40")]).spawn()?;
+    let t0 = Instant::now();
+    let first_ckpt = b.join("checkpoints/ckpt-00000010.safetensors");
+    while !first_ckpt.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "child wrote no checkpoint"
+        );
+        assert!(proc.try_wait()?.is_none(), "child exited early");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(150)); // a few steps past the checkpoint
+    proc.kill()?; // SIGKILL
+    let status = proc.wait()?;
+    assert!(!status.success(), "the child finished before it was killed");
+    let logged = step_losses(&b).len();
+    assert!(
+        logged < steps,
+        "the kill came too late ({logged} steps logged)"
+    );
+
+    // Resume: the losses after the checkpoint equal the uninterrupted run's, bit for bit.
+    run_cli(&[
+        "seg_train".into(),
+        "--quiet".into(),
+        "--device".into(),
+        "cpu".into(),
+        "--resume".into(),
+        b.display().to_string(),
+    ])?;
+    let lb = step_losses(&b);
+    assert_eq!(lb.len(), steps, "log after resume: {lb:?}");
+    for ((sa, xa), (sb, xb)) in la.iter().zip(&lb) {
+        assert_eq!(sa, sb);
+        assert_eq!(
+            xa.to_bits(),
+            xb.to_bits(),
+            "step {sa}: loss {xa} uninterrupted vs {xb} resumed"
+        );
+    }
+    let cb = keel::train::load_checkpoint(
+        b.join("checkpoints/ckpt-00000040.safetensors"),
+        &candle::Device::Cpu,
+    )?;
+    for (k, t) in &ck.tensors {
+        let diff = (t - &cb.tensors[k])?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(candle::DType::F64)?
+            .to_scalar::<f64>()?;
+        assert_eq!(diff, 0.0, "{k} differs after resume");
+    }
+
+    // A truncated checkpoint is a clear error, and a fresh run refuses to overwrite a run.
+    let c = tmp("corrupt");
+    std::fs::create_dir_all(&c)?;
+    for f in ["config.json", "log.jsonl"] {
+        std::fs::copy(b.join(f), c.join(f))?;
+    }
+    std::fs::create_dir_all(c.join("checkpoints"))?;
+    let bytes = std::fs::read(b.join("checkpoints/ckpt-00000040.safetensors"))?;
+    std::fs::write(
+        c.join("checkpoints/ckpt-00000040.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )?;
+    let err = run_cli(&[
+        "seg_train".into(),
+        "--quiet".into(),
+        "--resume".into(),
+        c.display().to_string(),
+    ])
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("ckpt-00000040"), "{err:#}");
+    let err = run_cli(&tiny(&b, steps)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("already holds a run"),
+        "{err:#}"
+    );
+    for d in [a, b, c] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_a_clear_error_and_writes_nothing() -> anyhow::Result<()> {
+    let out = tmp("bad");
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("--norm", "layernorm")], "unknown norm"),
+        (vec![("--norm", "gn:3")], "groups do not divide"),
+        (vec![("--batch-size", "0")], "--batch-size"),
+        (
+            vec![("--data-dir", "/nonexistent/voc")],
+            "no such directory",
+        ),
+        (vec![("--amp", "f8")], "--amp"),
+        (vec![("--optimizer", "lion")], "--optimizer"),
+    ];
+    for (flags, want) in cases {
+        let mut args = tiny(&out, 2);
+        for (k, v) in flags {
+            let i = args.iter().position(|a| a == k);
+            match i {
+                Some(i) => args[i + 1] = v.to_string(),
+                None => args.extend([k.to_string(), v.to_string()]),
+            }
+        }
+        let err = run_cli(&args).unwrap_err();
+        assert!(format!("{err:#}").contains(want), "{args:?}: {err:#}");
+        assert!(!out.exists(), "{args:?} left {} behind", out.display());
+    }
+    // --out under a regular file cannot be created.
+    let file = tmp("a-file");
+    std::fs::write(&file, b"x")?;
+    let err = run_cli(&tiny(&file.join("sub"), 2)).unwrap_err();
+    assert!(format!("{err:#}").contains("--out"), "{err:#}");
+    // The binary's exit code.
+    let mut args = tiny(&out, 2);
+    let i = args.iter().position(|a| a == "--norm").unwrap();
+    args[i + 1] = "bogus".into();
+    let status = child(&args, &[]).output()?;
+    assert_eq!(
+        status.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(String::from_utf8_lossy(&status.stderr).contains("unknown norm"));
+    assert!(!out.exists());
+    let _ = std::fs::remove_file(file);
+    Ok(())
+}
+
+/// Writes a tiny Pascal VOC layout: 3 train and 2 val images with masks as palette,
+/// grayscale and RGB (VOC colour map) PNGs.
+fn write_voc(root: &Path) -> anyhow::Result<()> {
+    for d in ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    let (w, h) = (40u32, 30u32);
+    let ids = |k: u32| -> Vec<u8> {
+        (0..w * h)
+            .map(|i| {
+                let (x, y) = (i % w, i / w);
+                if y == 0 {
+                    255 // ignore
+                } else if x < 10 + k * 5 {
+                    0
+                } else if y < 15 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect()
+    };
+    for k in 0..5u32 {
+        let id = format!("img{k}");
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 6) as u8, (y * 8) as u8, (k * 40) as u8])
+        });
+        img.save(root.join(format!("JPEGImages/{id}.jpg")))?;
+        let mask = ids(k);
+        let path = root.join(format!("SegmentationClass/{id}.png"));
+        let file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        let mut enc = png::Encoder::new(file, w, h);
+        enc.set_depth(png::BitDepth::Eight);
+        match k % 3 {
+            0 => {
+                // palette PNG: index = class id, colours from the VOC map
+                enc.set_color(png::ColorType::Indexed);
+                let mut pal = vec![0u8; 256 * 3];
+                pal[3..6].copy_from_slice(&[128, 0, 0]);
+                pal[6..9].copy_from_slice(&[0, 128, 0]);
+                pal[255 * 3..].copy_from_slice(&[224, 224, 192]);
+                enc.set_palette(pal);
+                enc.write_header()?.write_image_data(&mask)?;
+            }
+            1 => {
+                enc.set_color(png::ColorType::Grayscale);
+                enc.write_header()?.write_image_data(&mask)?;
+            }
+            _ => {
+                enc.set_color(png::ColorType::Rgb);
+                let colours = |v: u8| match v {
+                    0 => [0, 0, 0],
+                    1 => [128, 0, 0],
+                    2 => [0, 128, 0],
+                    _ => [224, 224, 192],
+                };
+                let rgb: Vec<u8> = mask.iter().flat_map(|&v| colours(v)).collect();
+                enc.write_header()?.write_image_data(&rgb)?;
+            }
+        }
+    }
+    std::fs::write(
+        root.join("ImageSets/Segmentation/train.txt"),
+        "img0\nimg1\nimg2\n",
+    )?;
+    std::fs::write(root.join("ImageSets/Segmentation/val.txt"), "img3\nimg4\n")?;
+    Ok(())
+}
+
+#[test]
+fn voc_loader_reads_palette_gray_and_rgb_masks_and_names_bad_files() -> anyhow::Result<()> {
+    let root = tmp("voc");
+    write_voc(&root)?;
+    let voc = data::Voc::open(&root, "train", 3)?;
+    for k in 0..3 {
+        let s = voc.decode(k)?;
+        assert_eq!(s.image.dimensions(), (40, 30));
+        let m = s.mask.as_raw();
+        assert_eq!(m[0], 255, "mask {k}: row 0 is ignore");
+        assert_eq!(m[40], 0);
+        assert_eq!(m[40 + 39], 1, "mask {k}");
+        assert_eq!(m[29 * 40 + 39], 2, "mask {k}");
+    }
+    // Augmented loads are deterministic per seed and have the requested size.
+    use rand::SeedableRng;
+    let src: &dyn data::Source = &voc;
+    let a = src.load(1, 32, Some(&mut rand_chacha::ChaCha8Rng::seed_from_u64(3)))?;
+    let b = src.load(1, 32, Some(&mut rand_chacha::ChaCha8Rng::seed_from_u64(3)))?;
+    assert_eq!(a.mask.dimensions(), (32, 32));
+    assert_eq!(a.mask.as_raw(), b.mask.as_raw());
+    assert!(a.mask.as_raw().iter().all(|&v| v < 3 || v == 255));
+
+    // Train a few steps on it through the CLI.
+    let out = tmp("voc-run");
+    let mut args = tiny(&out, 3);
+    args.extend(
+        [
+            "--data-dir",
+            root.to_str().unwrap(),
+            "--num-classes",
+            "3",
+            "--workers",
+            "2",
+        ]
+        .map(String::from),
+    );
+    run_cli(&args)?;
+    assert_eq!(step_losses(&out).len(), 3);
+
+    // Bad data: each error names the file.
+    let err = |r: anyhow::Result<data::Voc>| format!("{:#}", r.err().expect("an error"));
+    assert!(err(data::Voc::open(&root, "test", 3)).contains("test.txt"));
+    std::fs::write(root.join("ImageSets/Segmentation/empty.txt"), "\n")?;
+    assert!(err(data::Voc::open(&root, "empty", 3)).contains("empty"));
+    std::fs::write(
+        root.join("ImageSets/Segmentation/missing.txt"),
+        "img0\nnope\n",
+    )?;
+    assert!(err(data::Voc::open(&root, "missing", 3)).contains("nope.jpg"));
+    let e = format!(
+        "{:#}",
+        data::Voc::open(&root, "train", 2)?.decode(0).unwrap_err()
+    );
+    assert!(e.contains("img0.png") && e.contains("class id 2"), "{e}");
+    image::RgbImage::new(20, 20).save(root.join("JPEGImages/img1.jpg"))?;
+    let e = format!(
+        "{:#}",
+        data::Voc::open(&root, "train", 3)?.decode(1).unwrap_err()
+    );
+    assert!(e.contains("img1.png") && e.contains("40x30"), "{e}");
+    std::fs::remove_file(root.join("SegmentationClass/img2.png"))?;
+    assert!(err(data::Voc::open(&root, "train", 3)).contains("img2.png"));
+    for d in [root, out] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    Ok(())
+}
+
+#[test]
+fn model_is_the_torch_twin() -> anyhow::Result<()> {
+    use candle::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let cfg = model::ModelConfig {
+        width: 64,
+        fpn: 128,
+        num_classes: 21,
+        norm: "gn".parse()?,
+    };
+    let _net = model::SegNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    // sum(p.numel() for p in SegNet("gn").parameters()) in torch_seg_twin.py
+    assert_eq!(model::count_params(&vm), 11_460_277);
+    let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
+    for n in [
+        "stem.0.weight",
+        "stem.1.weight",
+        "stem.3.weight",
+        "stem.4.bias",
+        "stages.1.0.skip.0.weight",
+        "stages.1.0.skip.1.weight",
+        "stages.3.1.c2.weight",
+        "stages.0.0.n1.bias",
+        "lat.3.bias",
+        "smooth.0.weight",
+        "smooth.1.weight",
+        "head.weight",
+        "head.bias",
+    ] {
+        assert!(names.iter().any(|k| k == n), "missing {n}");
+    }
+    // BN variant: running statistics under PyTorch's keys.
+    let vm = VarMap::new();
+    let cfg = model::ModelConfig {
+        norm: "bn".parse()?,
+        ..cfg
+    };
+    let _net = model::SegNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    assert!(vm
+        .data()
+        .lock()
+        .unwrap()
+        .contains_key("stages.2.0.skip.1.running_var"));
+    Ok(())
+}
+
+#[test]
+fn resize_ops_match_pytorch() -> anyhow::Result<()> {
+    use candle::{Device, Tensor};
+    let x = Tensor::new(&[[0f32, 1.], [2., 3.]], &Device::Cpu)?.reshape((1, 1, 2, 2))?;
+    // F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
+    let y = model::upsample_bilinear(&x, 4, 4)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let want = [
+        0., 0.25, 0.75, 1., 0.5, 0.75, 1.25, 1.5, 1.5, 1.75, 2.25, 2.5, 2., 2.25, 2.75, 3.,
+    ];
+    for (a, b) in y.iter().zip(want) {
+        assert!((a - b).abs() < 1e-6, "{y:?}");
+    }
+    // F.interpolate(x, size=(3, 5), mode="nearest"): rows [0, 0, 1], cols [0, 0, 0, 1, 1]
+    let y = model::upsample_nearest(&x, 3, 5)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(
+        y,
+        [0., 0., 0., 1., 1., 0., 0., 0., 1., 1., 2., 2., 2., 3., 3.]
+    );
+    // Both are differentiable.
+    let v = candle::Var::from_tensor(&x)?;
+    let g = model::upsample_bilinear(&model::upsample_nearest(v.as_tensor(), 3, 5)?, 7, 9)?
+        .sum_all()?
+        .backward()?;
+    assert!(g.get(&v).is_some());
+    Ok(())
+}
+
+#[test]
+fn synthetic_shapes_are_deterministic_and_varied() {
+    let a = data::Shapes::generate(20, 48, 1);
+    let b = data::Shapes::generate(20, 48, 1);
+    let mut seen = [false; 5];
+    for (x, y) in a.samples().iter().zip(b.samples()) {
+        assert_eq!(x.image.as_raw(), y.image.as_raw());
+        assert_eq!(x.mask.as_raw(), y.mask.as_raw());
+        for &v in x.mask.as_raw() {
+            seen[v as usize] = true;
+        }
+    }
+    assert!(seen.iter().all(|&s| s), "classes seen: {seen:?}");
+    let _ = train::RunSummary::default();
+}
