@@ -1,6 +1,6 @@
 //! keel-kernels: fused, differentiable ops for candle.
 //!
-//! - [`group_norm_silu`] / [`group_norm`]: fused Group Normalization (Wu & He, 2018)
+//! - [`group_norm_silu`] / [`group_norm()`]: fused Group Normalization (Wu & He, 2018)
 //!   with an optional SiLU (Elfwing et al., 2018), forward and backward on CPU (and CUDA
 //!   with the `cuda` feature), plus the composed references [`group_norm_silu_slow`] and
 //!   [`group_norm_slow`].
