@@ -16,5 +16,5 @@ mod cuda;
 mod group_norm;
 pub mod nn;
 
-pub use conv::{conv2d, conv2d_slow, Conv2dParams};
+pub use conv::{conv2d, conv2d_slow, conv_tf32, set_conv_tf32, Conv2dParams};
 pub use group_norm::{group_norm, group_norm_silu, group_norm_silu_slow, group_norm_slow};

@@ -17,9 +17,9 @@ use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 use half::{bf16, f16};
 
 /// Module name under which the PTX is cached by the device.
-const MODULE: &str = "keel_group_norm";
+pub(crate) const MODULE: &str = "keel_group_norm";
 /// The committed PTX (`cargo xtask ptx` regenerates it; `cargo xtask ptx --check` verifies it).
-const PTX: &str = include_str!("../../ptx/group_norm.ptx");
+pub(crate) const PTX: &str = include_str!("../../ptx/group_norm.ptx");
 /// Threads per block; must equal `GN_THREADS` in the .cu file.
 const THREADS: u32 = 256;
 /// Blocks to aim for per launch: about 8 resident 256-thread blocks on each of an H100's

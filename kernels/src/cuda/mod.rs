@@ -4,6 +4,8 @@
 //! committed `kernels/ptx/*.ptx` that are embedded here with `include_str!` and loaded lazily
 //! by name through `CudaDevice::get_or_load_custom_func` (one module per source file).
 
+#[cfg(feature = "cudnn")]
+pub(crate) mod conv;
 pub(crate) mod group_norm;
 
 use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
