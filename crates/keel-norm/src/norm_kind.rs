@@ -235,7 +235,8 @@ pub fn norm(kind: NormKind, channels: usize, vb: VarBuilder) -> Result<Norm> {
 /// (mmcv convention) for `ws-gn`.
 #[derive(Clone, Debug)]
 pub enum Conv {
-    /// candle-nn's convolution.
+    /// A plain convolution: candle-nn's layer type (weights and config), run on keel's
+    /// conv2d op ([`keel_kernels::conv2d`]), not candle's.
     Plain(candle_nn::Conv2d),
     /// Weight-Standardized convolution.
     Ws(WsConv2d),
