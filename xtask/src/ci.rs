@@ -80,6 +80,29 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
                 run_cmd(&mut cmd)
             },
         )?;
+        step(
+            "cudnn compile check: WITH_CUDNN=1 scripts/setup-nvcc.sh + cargo clippy -p keel-kernels --all-targets --features cudnn -- -D warnings (CARGO_TARGET_DIR=target/cuda)",
+            || {
+                // The setup script also installs the pinned cuDNN 9.21 wheels when asked.
+                std::env::set_var("WITH_CUDNN", "1");
+                let env = cuda_env()?;
+                let mut cmd = cargo();
+                cmd.args([
+                    "clippy",
+                    "-p",
+                    "keel-kernels",
+                    "--all-targets",
+                    "--features",
+                    "cudnn",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .envs(env)
+                .env("CARGO_TARGET_DIR", root().join("target/cuda"));
+                run_cmd(&mut cmd)
+            },
+        )?;
     }
     eprintln!(
         "\nci: all selected steps passed in {:.1} s",
