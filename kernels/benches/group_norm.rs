@@ -155,6 +155,9 @@ fn bench(c: &mut Criterion) {
         g.bench_function("candle", |bch| {
             bch.iter(|| black_box(fwd_bwd(&i, candle_fwd).map(|_| ())))
         });
+        g.bench_function("floor", |bch| {
+            bch.iter(|| black_box(fwd_bwd(&i, loss_floor).map(|_| ())))
+        });
         g.finish();
     }
 }
