@@ -20,8 +20,9 @@
 //            g = dy * silu'(z) or dy) + gn_bwd_finalize (per group m1 = sum_c w_c B / L,
 //            m2 = sum_c w_c A / L; dweight = sum_n A, dbias = sum_n B) + gn_bwd_dx
 //            (dx = rstd * (w * g - m1 - xhat * m2)). Nothing x-sized but dx is written.
-// L2 reuse: gn_fwd_apply and gn_bwd_reduce walk their rows in reverse order, so they
-// start on the data the previous kernel read last (still in the 50 MB L2 of an H100).
+// L2 reuse: gn_fwd_apply and gn_bwd_reduce walk the grid and each chunk in reverse order,
+// so they start on the data the previous kernel read last (still in the 50 MB L2 of an
+// H100); gn_bwd_dx walks forward, where gn_bwd_reduce ended. Outputs use streaming stores.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -258,23 +259,25 @@ __device__ void gn_fwd_apply(const T* __restrict__ x, const T* __restrict__ w, c
   const T* xv = px + head;
   T* yv = py + head;
   i64 i = t;
+  // Vectors are visited last to first (j = nvec - 1 - i): gn_stats walked its chunk first
+  // to last, so the end of each chunk is what is still in L2.
   for (; i + (GN_UNROLL - 1) * GN_THREADS < nvec; i += GN_UNROLL * GN_THREADS) {
     float v[GN_UNROLL][V];
 #pragma unroll
-    for (int u = 0; u < GN_UNROLL; ++u) load_pack<T>(xv + (i + u * GN_THREADS) * V, v[u]);
+    for (int u = 0; u < GN_UNROLL; ++u) load_pack<T>(xv + (nvec - 1 - (i + u * GN_THREADS)) * V, v[u]);
 #pragma unroll
     for (int u = 0; u < GN_UNROLL; ++u) {
 #pragma unroll
       for (int k = 0; k < V; ++k) v[u][k] = f(v[u][k]);
-      store_pack<T>(yv + (i + u * GN_THREADS) * V, v[u]);
+      store_pack<T>(yv + (nvec - 1 - (i + u * GN_THREADS)) * V, v[u]);
     }
   }
   for (; i < nvec; i += GN_THREADS) {
     float v[V];
-    load_pack<T>(xv + i * V, v);
+    load_pack<T>(xv + (nvec - 1 - i) * V, v);
 #pragma unroll
     for (int k = 0; k < V; ++k) v[k] = f(v[k]);
-    store_pack<T>(yv + i * V, v);
+    store_pack<T>(yv + (nvec - 1 - i) * V, v);
   }
   if (tail0 + t < len) py[tail0 + t] = from_f<T>(f(to_f(px[tail0 + t])));
 }
@@ -326,12 +329,14 @@ __device__ void gn_bwd_reduce(const T* __restrict__ x, const T* __restrict__ w, 
   const T* xv = px + head;
   const T* dv = pd + head;
   i64 i = t;
+  // Last to first, like gn_fwd_apply (x's chunk ends are in L2 after gn_stats).
   for (; i + (GN_UNROLL / 2 - 1) * GN_THREADS < nvec; i += (GN_UNROLL / 2) * GN_THREADS) {
     float vx[GN_UNROLL / 2][V], vd[GN_UNROLL / 2][V];
 #pragma unroll
     for (int u = 0; u < GN_UNROLL / 2; ++u) {
-      load_pack<T>(xv + (i + u * GN_THREADS) * V, vx[u]);
-      load_pack<T>(dv + (i + u * GN_THREADS) * V, vd[u]);
+      const i64 j = nvec - 1 - (i + u * GN_THREADS);
+      load_pack<T>(xv + j * V, vx[u]);
+      load_pack<T>(dv + j * V, vd[u]);
     }
 #pragma unroll
     for (int u = 0; u < GN_UNROLL / 2; ++u) {
@@ -345,8 +350,8 @@ __device__ void gn_bwd_reduce(const T* __restrict__ x, const T* __restrict__ w, 
   }
   for (; i < nvec; i += GN_THREADS) {
     float vx[V], vd[V];
-    load_pack<T>(xv + i * V, vx);
-    load_pack<T>(dv + i * V, vd);
+    load_pack<T>(xv + (nvec - 1 - i) * V, vx);
+    load_pack<T>(dv + (nvec - 1 - i) * V, vd);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       e(vx[k], vd[k], xh, g);

@@ -4,6 +4,8 @@
 
   python3 report.py keel_bench.jsonl torch_bench.jsonl
 
+"autograd": what candle's autograd adds by itself on x (seed ones_like(y), zeros_like(x) +
+dx when storing the gradient), included in keel's and candle's f+b.
 x torch / x candle are speedups of keel (their ms / keel ms). GB/s: 2 x tensor bytes / keel
 forward time; % copy: of the device-to-device copy bandwidth measured by keel in the same
 call. Targets (issue 3): forward >= 3x torch eager on every row and >= 70% of copy on
@@ -33,7 +35,9 @@ def load(paths):
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if r.get("kind") == "copy":
+                if r.get("kind") == "autograd":
+                    rows.setdefault((r["dtype"], r["shape"]), {})["autograd"] = r
+                elif r.get("kind") == "copy":
                     copy[r["impl"]] = r["gbps"]
                 elif r.get("kind") == "gn":
                     rows.setdefault((r["dtype"], r["shape"]), {})[r["impl"]] = r
@@ -56,7 +60,7 @@ def main(paths):
     copy_gbps = copy.get("keel")
     order = {"f32": 0, "f16": 1, "bf16": 2}
     head = ("dtype", "shape", "keel fwd", "torch fwd", "candle fwd", "x torch", "x candle",
-            "GB/s", "% copy", "keel f+b", "torch f+b", "candle f+b", "x torch", "x candle", "targets")
+            "GB/s", "% copy", "keel f+b", "autograd", "torch f+b", "candle f+b", "x torch", "x candle", "targets")
     table = [head]
     misses = 0
     for (dt, shape) in sorted(rows, key=lambda k: (order.get(k[0], 9), k[1])):
@@ -79,7 +83,7 @@ def main(paths):
         misses += bool(notes)
         table.append((dt, shape, fmt(kf), fmt(tf), fmt(cf), fmt(fx, ".1f"), fmt(ratio(cf, kf), ".1f"),
                       fmt(gbps, ".0f"), fmt(None if pct is None else 100 * pct, ".0f"),
-                      fmt(kb), fmt(tb), fmt(cb), fmt(bx, ".1f"), fmt(ratio(cb, kb), ".1f"),
+                      fmt(kb), fmt(get("autograd", "ms")), fmt(tb), fmt(cb), fmt(bx, ".1f"), fmt(ratio(cb, kb), ".1f"),
                       "ok" if not notes else "MISS " + ",".join(notes)))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     print(f"\nGroupNorm(32)+SiLU, median ms (fwd+bwd = forward + backward through autograd); "

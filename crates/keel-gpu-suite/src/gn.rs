@@ -6,7 +6,8 @@
 //! r: loss = sum(y * r)). Output buffers are poisoned with NaN first (see main.rs).
 //!
 //! bench: the 6 shapes x 3 dtypes of shared/GPU.md, keel fused vs candle_nn::GroupNorm +
-//! silu, forward and forward+backward (candle autograd, `y.backward()`), median ms; JSON lines.
+//! silu, forward and forward+backward (candle autograd, `y.backward()`), median ms, plus the
+//! cost candle's autograd adds on its own (seed ones + zeros + add on x); JSON lines.
 
 use crate::util::{compare, time_ms, BenchOpts, Tol};
 use anyhow::Result;
@@ -121,13 +122,27 @@ struct Out {
 
 type GnFn = fn(&Tensor, &Tensor, &Tensor, usize, f64) -> candle::Result<Tensor>;
 
-fn run(f: GnFn, x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor, groups: usize) -> Result<Out> {
+/// Runs `f` on x (or, with `narrow = Some(n)`, on the view `x.narrow(0, 1, n)`, which keeps
+/// a start offset into x's storage: a Var copies its tensor, so the view is taken after).
+fn run(
+    f: GnFn,
+    x: &Tensor,
+    narrow: Option<usize>,
+    w: &Tensor,
+    b: &Tensor,
+    r: &Tensor,
+    groups: usize,
+) -> Result<Out> {
     let (xv, wv, bv) = (
         Var::from_tensor(x)?,
         Var::from_tensor(w)?,
         Var::from_tensor(b)?,
     );
-    let y = f(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), groups, EPS)?;
+    let xin = match narrow {
+        Some(n) => xv.as_tensor().narrow(0, 1, n)?,
+        None => xv.as_tensor().clone(),
+    };
+    let y = f(&xin, wv.as_tensor(), bv.as_tensor(), groups, EPS)?;
     let grads = (&y * r)?.sum_all()?.backward()?;
     let get = |v: &Var, what: &str| {
         grads
@@ -135,8 +150,12 @@ fn run(f: GnFn, x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor, groups: usize) -
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("no gradient for {what}"))
     };
+    let dx = get(&xv, "x")?;
     Ok(Out {
-        dx: get(&xv, "x")?,
+        dx: match narrow {
+            Some(n) => dx.narrow(0, 1, n)?,
+            None => dx,
+        },
         dw: get(&wv, "weight")?,
         db: get(&bv, "bias")?,
         y,
@@ -181,15 +200,9 @@ pub fn test(dev: &Device) -> Result<usize> {
             let w = Tensor::from_vec(wv.clone(), ch, &cpu)?.to_dtype(dtype)?;
             let b = Tensor::from_vec(bv.clone(), ch, &cpu)?.to_dtype(dtype)?;
             let r = Tensor::from_vec(rv.clone(), shape.as_slice(), &cpu)?.to_dtype(dtype)?;
-            let narrow = |t: &Tensor| -> Result<Tensor> {
-                Ok(if matches!(c.input, Input::Offset) {
-                    t.narrow(0, 1, shape[0])?
-                } else {
-                    t.clone()
-                })
-            };
-            let x = narrow(&x_big)?;
-            let xg = narrow(&x_big.to_device(dev)?)?;
+            let narrow = matches!(c.input, Input::Offset).then_some(shape[0]);
+            let x = x_big;
+            let xg = x.to_device(dev)?;
             let (wg, bg, rg) = (w.to_device(dev)?, b.to_device(dev)?, r.to_device(dev)?);
             let f32c = |t: &Tensor| t.to_dtype(DType::F32);
             for silu in [true, false] {
@@ -208,11 +221,12 @@ pub fn test(dev: &Device) -> Result<usize> {
                     c.input
                 );
                 let result = (|| -> Result<Vec<(bool, String)>> {
-                    let gpu = run(fused, &xg, &wg, &bg, &rg, c.groups)?;
-                    let cpu_out = run(fused, &x, &w, &b, &r, c.groups)?;
+                    let gpu = run(fused, &xg, narrow, &wg, &bg, &rg, c.groups)?;
+                    let cpu_out = run(fused, &x, narrow, &w, &b, &r, c.groups)?;
                     let reference = run(
                         slow,
                         &f32c(&x)?,
+                        narrow,
                         &f32c(&w)?,
                         &f32c(&b)?,
                         &f32c(&r)?,
@@ -307,6 +321,16 @@ pub fn bench(dev: &Device, opts: &BenchOpts) -> Result<()> {
                 Ok(())
             })?;
             emit("keel", fwd, fb);
+            // What candle's autograd itself adds to any op's fwd+bwd on x: the seed
+            // `ones_like(y)`, then `zeros_like(x) + dx` when the gradient is stored.
+            let autograd = time_ms(dev, opts, || {
+                let seed = x.ones_like()?;
+                x.zeros_like()?.add(&seed)?;
+                Ok(())
+            })?;
+            println!(
+                r#"{{"kind":"autograd","impl":"candle","dtype":"{dt}","shape":"{shape}","ms":{autograd:.5}}}"#
+            );
 
             let gn = candle_nn::GroupNorm::new(w.clone(), b.clone(), c, 32, EPS)?;
             let gn_var = candle_nn::GroupNorm::new(
