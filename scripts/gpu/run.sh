@@ -61,12 +61,18 @@ torch_rc=$?
 cat "$OUT/torch_bench.jsonl"
 tail -5 "$OUT/torch_bench.err"
 
+say "torch conv2d benchmark (timeout ${T_TORCH}s)"
+timeout "$T_TORCH" "$PY" "$B/torch_conv_bench.py" "${TORCH_ARGS[@]}" >"$OUT/torch_conv_bench.jsonl" 2>"$OUT/torch_conv_bench.err" || torch_rc=$?
+cat "$OUT/torch_conv_bench.jsonl"
+tail -5 "$OUT/torch_conv_bench.err"
+
 echo
 n_pass=$(grep -c '^PASS' "$OUT/test.log" 2>/dev/null || true)
 n_fail=$(grep -c '^FAIL' "$OUT/test.log" 2>/dev/null || true)
 echo "correctness: rc=$test_rc (${n_pass:-0} PASS, ${n_fail:-0} FAIL)  keel bench rc=$bench_rc  torch bench rc=$torch_rc"
 grep '^FAIL' -A8 "$OUT/test.log" 2>/dev/null | head -40
 "$PY" "$B/report.py" "$OUT/keel_bench.jsonl" "$OUT/torch_bench.jsonl" | tee "$OUT/report.txt"
+"$PY" "$B/report_conv.py" "$OUT/keel_bench.jsonl" "$OUT/torch_conv_bench.jsonl" | tee -a "$OUT/report.txt"
 if [ "$test_rc" != 0 ]; then exit 1; fi
 if [ "$bench_rc" != 0 ] || [ "$torch_rc" != 0 ]; then exit 3; fi
 exit 0

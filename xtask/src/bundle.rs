@@ -1,5 +1,5 @@
 //! `cargo xtask gpu-bundle`: everything one device call needs, in `.bundle/` (git-ignored):
-//! the stripped, xz-compressed `--features cuda` release build of `keel-gpu-suite` (built
+//! the stripped, xz-compressed `--features cudnn` (implies cuda) release build of `keel-gpu-suite` (built
 //! with the pinned toolchain, CARGO_TARGET_DIR=target/cuda) and the GPU machine's scripts
 //! from `scripts/gpu/`. Prints the exact device command.
 
@@ -11,15 +11,23 @@ use std::process::Command;
 const BIN: &str = "keel-gpu-suite";
 const PACKAGE: &str = "keel-gpu-suite";
 /// Files of scripts/gpu/ copied next to the binary.
-const SCRIPTS: [&str; 3] = ["run.sh", "torch_gn_bench.py", "report.py"];
+const SCRIPTS: [&str; 5] = [
+    "run.sh",
+    "torch_gn_bench.py",
+    "report.py",
+    "torch_conv_bench.py",
+    "report_conv.py",
+];
 
 pub(crate) fn run() -> Result<()> {
     let root = root();
     let bundle = root.join(".bundle");
     let target = root.join("target/cuda");
     step(
-        "pinned CUDA toolchain + cargo build --release --features cuda",
+        "pinned CUDA toolchain (+ cuDNN) + cargo build --release --features cudnn",
         || {
+            // cuDNN wheels too: the conv suite runs keel's cuDNN path (`cudnn` implies `cuda`).
+            std::env::set_var("WITH_CUDNN", "1");
             let env = cuda_env()?;
             run_cmd(
                 Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -29,7 +37,7 @@ pub(crate) fn run() -> Result<()> {
                         "-p",
                         PACKAGE,
                         "--features",
-                        "cuda",
+                        "cudnn",
                         "--bin",
                         BIN,
                     ])

@@ -13,6 +13,7 @@
 //! every output buffer is filled with NaN before the kernels run: an element a kernel does
 //! not write fails the comparison.
 
+mod conv;
 mod gn;
 mod util;
 
@@ -27,12 +28,21 @@ struct Suite {
     bench: fn(&Device, &util::BenchOpts) -> Result<()>,
 }
 
-const SUITES: &[Suite] = &[Suite {
-    name: "gn",
-    about: "fused GroupNorm(+SiLU) forward/backward vs CPU, composed reference, candle_nn",
-    test: gn::test,
-    bench: gn::bench,
-}];
+const SUITES: &[Suite] = &[
+    Suite {
+        name: "gn",
+        about: "fused GroupNorm(+SiLU) forward/backward vs CPU, composed reference, candle_nn",
+        test: gn::test,
+        bench: gn::bench,
+    },
+    Suite {
+        name: "conv",
+        about:
+            "conv2d forward/dx/dw/dbias vs CPU (cuDNN with --features cudnn), keel vs candle bench",
+        test: conv::test,
+        bench: conv::bench,
+    },
+];
 
 const USAGE: &str = "usage: keel-gpu-suite (test|bench|list) [SUITE..] [--iters N] [--quick]";
 
