@@ -151,7 +151,8 @@ fn moments / moments_g / moments_avx2 <T> (x: &[T]) -> Moments {
     };
     let s = first.to_f32();
     let (mut s1, mut s2) = (0f64, 0f64);
-    blocks!(T, x, |b| {
+    let mut bx = [0f32; BLK];
+    blocks!(T, &mut bx, x, |b| {
         let (a, q) = shifted_sums(b, s);
         s1 += a as f64;
         s2 += q as f64;
@@ -175,20 +176,21 @@ struct GroupCtx<'a> {
 
 multiversion! {
 fn fwd_apply / fwd_apply_g / fwd_apply_avx2 <T> (x: &[T], y: &mut [T], lo: usize, ctx: GroupCtx<'_>) -> () {
+    let (mut bx, mut by) = ([0f32; BLK], [0f32; BLK]);
     segments!(lo, lo + x.len(), ctx.hw, |cl, s, e| {
         let scale = ctx.rstd * ctx.w[cl];
         let beta = ctx.b[cl];
         let mean = ctx.mean;
         let (xs, ys) = (&x[s - lo..e - lo], &mut y[s - lo..e - lo]);
         if ctx.silu {
-            blocks_map!(T, xs, ys, |xb, yb| {
+            blocks_map!(T, &mut bx, &mut by, xs, ys, |xb, yb| {
                 for (y, &x) in yb.iter_mut().zip(xb) {
                     let z = (x - mean) * scale + beta;
                     *y = silu_f32(z);
                 }
             });
         } else {
-            blocks_map!(T, xs, ys, |xb, yb| {
+            blocks_map!(T, &mut bx, &mut by, xs, ys, |xb, yb| {
                 for (y, &x) in yb.iter_mut().zip(xb) {
                     *y = (x - mean) * scale + beta;
                 }
@@ -306,10 +308,11 @@ multiversion! {
 fn bwd_reduce / bwd_reduce_g / bwd_reduce_avx2 <T>
     (x: &[T], dy: &[T], lo: usize, ctx: BwdCtx<'_>, acc: &mut [[f64; 2]]) -> () {
     // acc[cl] += (Σ dy_eff * xhat, Σ dy_eff) over this chunk's elements of channel cl.
+    let (mut bx, mut bd) = ([0f32; BLK], [0f32; BLK]);
     segments!(lo, lo + x.len(), ctx.hw, |cl, s, e| {
         let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
         let (mut sgx, mut sg) = (0f64, 0f64);
-        blocks2!(T, &x[s - lo..e - lo], &dy[s - lo..e - lo], |xb, db| {
+        blocks2!(T, &mut bx, &mut bd, &x[s - lo..e - lo], &dy[s - lo..e - lo], |xb, db| {
             let mut a = [0f32; L];
             let mut q = [0f32; L];
             let mut xi = xb.chunks_exact(L);
@@ -352,11 +355,12 @@ struct DxCoef {
 multiversion! {
 fn bwd_dx / bwd_dx_g / bwd_dx_avx2 <T>
     (x: &[T], dy: &[T], dx: &mut [T], lo: usize, ctx: BwdCtx<'_>, coef: DxCoef) -> () {
+    let (mut bx, mut bd, mut bo) = ([0f32; BLK], [0f32; BLK], [0f32; BLK]);
     segments!(lo, lo + x.len(), ctx.hw, |cl, s, e| {
         let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
         let (p, q, r) = (rstd * w, coef.q, coef.r);
         let (xs, ds, os) = (&x[s - lo..e - lo], &dy[s - lo..e - lo], &mut dx[s - lo..e - lo]);
-        blocks_map!(T, xs, ds, os, |xb, db, ob| {
+        blocks_map!(T, &mut bx, &mut bd, &mut bo, xs, ds, os, |xb, db, ob| {
             for ((o, &xv), &dv) in ob.iter_mut().zip(xb).zip(db) {
                 let xc = xv - mean;
                 let g = dy_eff(dv, xc * rstd, w, b, silu);

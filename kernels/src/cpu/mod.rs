@@ -129,12 +129,14 @@ impl_half_elem!(bf16);
 // `#[target_feature]` instantiation made by `multiversion!` and would not get AVX2.
 
 /// Runs `$body` with `$xb` bound to consecutive blocks of at most [`BLK`] elements of `$x`
-/// (of element type `$T`), as `&[f32]`.
+/// (of element type `$T`), as `&[f32]`. The `[f32; BLK]` scratch buffers (used only by
+/// f16/bf16) come from the caller, so a loop over short channel runs does not re-initialise
+/// them for every run.
 macro_rules! blocks {
-    ($T:ty, $x:expr, |$xb:ident| $body:block) => {{
-        let mut bx = [0f32; $crate::cpu::BLK];
+    ($T:ty, $bx:expr, $x:expr, |$xb:ident| $body:block) => {{
+        let bx: &mut [f32; $crate::cpu::BLK] = $bx;
         for xc in $x.chunks($crate::cpu::BLK) {
-            let $xb = <$T as $crate::cpu::Elem>::load(xc, &mut bx);
+            let $xb = <$T as $crate::cpu::Elem>::load(xc, bx);
             $body
         }
     }};
@@ -143,12 +145,11 @@ pub(crate) use blocks;
 
 /// Like [`blocks!`] over two equally long slices.
 macro_rules! blocks2 {
-    ($T:ty, $a:expr, $b:expr, |$ab:ident, $bb:ident| $body:block) => {{
-        let mut ba = [0f32; $crate::cpu::BLK];
-        let mut bb = [0f32; $crate::cpu::BLK];
+    ($T:ty, $ba:expr, $bb_:expr, $a:expr, $b:expr, |$ab:ident, $bb:ident| $body:block) => {{
+        let (ba, bb): (&mut [f32; $crate::cpu::BLK], &mut [f32; $crate::cpu::BLK]) = ($ba, $bb_);
         for (ac, bc) in $a.chunks($crate::cpu::BLK).zip($b.chunks($crate::cpu::BLK)) {
-            let $ab = <$T as $crate::cpu::Elem>::load(ac, &mut ba);
-            let $bb = <$T as $crate::cpu::Elem>::load(bc, &mut bb);
+            let $ab = <$T as $crate::cpu::Elem>::load(ac, ba);
+            let $bb = <$T as $crate::cpu::Elem>::load(bc, bb);
             $body
         }
     }};
@@ -158,34 +159,35 @@ pub(crate) use blocks2;
 /// Runs `$body` on matching blocks of the inputs (`&[f32]`) and of the output `$y`
 /// (`&mut [f32]`), then writes the output block back into `$y`.
 macro_rules! blocks_map {
-    ($T:ty, $x:expr, $y:expr, |$xb:ident, $yb:ident| $body:block) => {{
-        let mut bx = [0f32; $crate::cpu::BLK];
-        let mut by = [0f32; $crate::cpu::BLK];
+    ($T:ty, $bx:expr, $by:expr, $x:expr, $y:expr, |$xb:ident, $yb:ident| $body:block) => {{
+        let (bx, by): (&mut [f32; $crate::cpu::BLK], &mut [f32; $crate::cpu::BLK]) = ($bx, $by);
         for (xc, yc) in $x
             .chunks($crate::cpu::BLK)
             .zip($y.chunks_mut($crate::cpu::BLK))
         {
             {
-                let $xb = <$T as $crate::cpu::Elem>::load(xc, &mut bx);
-                let $yb = <$T as $crate::cpu::Elem>::out(yc, &mut by);
+                let $xb = <$T as $crate::cpu::Elem>::load(xc, bx);
+                let $yb = <$T as $crate::cpu::Elem>::out(yc, by);
                 $body
             }
-            <$T as $crate::cpu::Elem>::store(&by, yc);
+            <$T as $crate::cpu::Elem>::store(by, yc);
         }
     }};
-    ($T:ty, $a:expr, $b:expr, $y:expr, |$ab:ident, $bb:ident, $yb:ident| $body:block) => {{
-        let mut ba = [0f32; $crate::cpu::BLK];
-        let mut bb = [0f32; $crate::cpu::BLK];
-        let mut by = [0f32; $crate::cpu::BLK];
+    ($T:ty, $ba:expr, $bb_:expr, $by:expr, $a:expr, $b:expr, $y:expr, |$ab:ident, $bb:ident, $yb:ident| $body:block) => {{
+        let (ba, bb, by): (
+            &mut [f32; $crate::cpu::BLK],
+            &mut [f32; $crate::cpu::BLK],
+            &mut [f32; $crate::cpu::BLK],
+        ) = ($ba, $bb_, $by);
         let chunks = $a.chunks($crate::cpu::BLK).zip($b.chunks($crate::cpu::BLK));
         for ((ac, bc), yc) in chunks.zip($y.chunks_mut($crate::cpu::BLK)) {
             {
-                let $ab = <$T as $crate::cpu::Elem>::load(ac, &mut ba);
-                let $bb = <$T as $crate::cpu::Elem>::load(bc, &mut bb);
-                let $yb = <$T as $crate::cpu::Elem>::out(yc, &mut by);
+                let $ab = <$T as $crate::cpu::Elem>::load(ac, ba);
+                let $bb = <$T as $crate::cpu::Elem>::load(bc, bb);
+                let $yb = <$T as $crate::cpu::Elem>::out(yc, by);
                 $body
             }
-            <$T as $crate::cpu::Elem>::store(&by, yc);
+            <$T as $crate::cpu::Elem>::store(by, yc);
         }
     }};
 }
@@ -254,7 +256,8 @@ mod tests {
     fn half_blocks_roundtrip() {
         let x: Vec<f16> = (0..2500).map(|i| f16::from_f32(i as f32 * 0.25)).collect();
         let mut y = vec![f16::ZERO; x.len()];
-        blocks_map!(f16, &x, &mut y, |a, b| {
+        let (mut bx, mut by) = ([0f32; BLK], [0f32; BLK]);
+        blocks_map!(f16, &mut bx, &mut by, &x, &mut y, |a, b| {
             for (b, a) in b.iter_mut().zip(a) {
                 *b = a * 2.0;
             }
