@@ -470,3 +470,54 @@ fn synthetic_shapes_are_deterministic_and_varied() {
     assert!(seen.iter().all(|&s| s), "classes seen: {seen:?}");
     let _ = train::RunSummary::default();
 }
+
+#[test]
+fn every_norm_optimizer_and_precision_path_trains() -> anyhow::Result<()> {
+    let set = |args: &mut Vec<String>, k: &str, v: &str| match args.iter().position(|a| a == k) {
+        Some(i) => args[i + 1] = v.to_string(),
+        None => args.extend([k.to_string(), v.to_string()]),
+    };
+    let cases: [&[(&str, &str)]; 4] = [
+        &[("--norm", "bn"), ("--accum-steps", "2")],
+        &[
+            ("--norm", "ws-gn"),
+            ("--optimizer", "adamw"),
+            ("--clip-grad", "1.0"),
+        ],
+        &[("--norm", "gn:2"), ("--amp", "f16"), ("--ema-decay", "0.9")],
+        &[("--norm", "frozen-bn")],
+    ];
+    let mut bn_ckpt = None;
+    for (i, flags) in cases.iter().enumerate() {
+        let out = tmp(&format!("path{i}"));
+        let mut args = tiny(&out, 3);
+        for (k, v) in flags.iter() {
+            set(&mut args, k, v);
+        }
+        run_cli(&args)?;
+        let losses = step_losses(&out);
+        assert_eq!(losses.len(), 3, "{flags:?}");
+        assert!(
+            losses.iter().all(|l| l.1.is_finite()),
+            "{flags:?}: {losses:?}"
+        );
+        if i == 0 {
+            bn_ckpt = Some(out.join("checkpoints/ckpt-00000003.safetensors"));
+        }
+    }
+    // --init from the BatchNorm run's weights: converted to GroupNorm and to FrozenBatchNorm.
+    let ckpt = bn_ckpt.unwrap();
+    for norm in ["gn", "frozen-bn"] {
+        let out = tmp(&format!("init-{norm}"));
+        let mut args = tiny(&out, 2);
+        set(&mut args, "--norm", norm);
+        set(&mut args, "--init", ckpt.to_str().unwrap());
+        run_cli(&args)?;
+        assert_eq!(step_losses(&out).len(), 2);
+        let _ = std::fs::remove_dir_all(out);
+    }
+    for i in 0..cases.len() {
+        let _ = std::fs::remove_dir_all(tmp(&format!("path{i}")));
+    }
+    Ok(())
+}

@@ -44,14 +44,14 @@ pub struct CommonArgs {
     /// Optimizer: sgd (momentum 0.9, poly 0.9) or adamw (cosine).
     #[arg(long, default_value = "sgd")]
     pub optimizer: String,
-    /// Base learning rate (default: sgd 0.02, adamw 1e-3).
+    /// Base learning rate (default: sgd 0.05, adamw 1e-3).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Weight decay on conv weights (default: sgd 1e-4, adamw 0.05); norms and biases get none.
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// Linear warmup steps (0 = off).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 200)]
     pub warmup_steps: usize,
     /// Clip gradients to this global L2 norm.
     #[arg(long)]
@@ -78,7 +78,7 @@ pub struct CommonArgs {
     #[arg(long)]
     pub num_classes: Option<usize>,
     /// Synthetic training images.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 4000)]
     pub train_size: usize,
     /// Synthetic validation images.
     #[arg(long, default_value_t = 100)]
@@ -90,7 +90,7 @@ pub struct CommonArgs {
     #[arg(long, default_value_t = 4)]
     pub prefetch: usize,
     /// Evaluate every N steps (and at the end).
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 2000)]
     pub eval_every: usize,
     /// Checkpoint every N steps (default: --eval-every; and at the end).
     #[arg(long)]
@@ -115,7 +115,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 2)]
     pub batch_size: usize,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 12000)]
     pub steps: usize,
     /// Seed of the weights init and the sample order / augmentation.
     #[arg(long, default_value_t = 0)]

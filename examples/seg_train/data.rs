@@ -264,7 +264,7 @@ fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
                 let mut p = [(0f32, 0f32); 3];
                 for (k, pk) in p.iter_mut().enumerate() {
                     let a =
-                        a0 + k as f32 * std::f32::consts::TAU / 3.0 + rng.random_range(-0.35..0.35);
+                        a0 + k as f32 * std::f32::consts::TAU / 3.0 + rng.random_range(-0.2..0.2);
                     let rr = r * rng.random_range(0.85..1.2);
                     *pk = (cx + rr * a.cos(), cy + rr * a.sin());
                 }
@@ -277,7 +277,16 @@ fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
                 r_in: r * rng.random_range(0.45..0.7),
             },
         };
-        let (fa, fb) = (random_colour(rng), random_colour(rng));
+        // Shape colours differ from the background's mean colour by at least 0.3 (L1 over
+        // RGB in [0, 1]): a shape may be faint, never invisible.
+        let bg: [f32; 3] = std::array::from_fn(|c| (c0[c] + c1[c]) / 2.0);
+        let far = |rng: &mut ChaCha8Rng| loop {
+            let c = random_colour(rng);
+            if c.iter().zip(&bg).map(|(a, b)| (a - b).abs()).sum::<f32>() >= 0.3 {
+                break c;
+            }
+        };
+        let (fa, fb) = (far(rng), far(rng));
         let texture = match rng.random_range(0..4) {
             0 => Texture::Solid,
             1 => {
@@ -292,7 +301,7 @@ fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
                 period: rng.random_range(3.0..8.0) * s / 96.0,
             },
             _ => Texture::Speckle {
-                amount: rng.random_range(0.1..0.3),
+                amount: rng.random_range(0.1..0.2),
             },
         };
         for y in 0..size {

@@ -32,7 +32,7 @@ pub struct RunConfig {
     pub steps: usize,
     pub seed: u64,
     pub optimizer: String,
-    /// Base LR; `None` = the optimizer's default (SGD 0.02, AdamW 1e-3).
+    /// Base LR; `None` = the optimizer's default (SGD 0.05, AdamW 1e-3).
     pub lr: Option<f64>,
     pub weight_decay: Option<f64>,
     pub warmup_steps: usize,
@@ -66,7 +66,7 @@ impl RunConfig {
         self.lr.unwrap_or(if self.optimizer == "adamw" {
             1e-3
         } else {
-            0.02
+            0.05
         })
     }
 
