@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 #[path = "../examples/seg_train/main.rs"]
 mod seg_train;
 
-use seg_train::{cli, data, model, train};
+use seg_train::{cli, compare, data, model, train};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("keel-seg-train-{}-{name}", std::process::id()));
@@ -201,6 +201,10 @@ fn bad_input_is_a_clear_error_and_writes_nothing() -> anyhow::Result<()> {
         ),
         (vec![("--amp", "f8")], "--amp"),
         (vec![("--optimizer", "lion")], "--optimizer"),
+        (
+            vec![("--norm", "bn"), ("--batch-size", "1")],
+            "one value per channel",
+        ),
     ];
     for (flags, want) in cases {
         let mut args = tiny(&out, 2);
@@ -519,5 +523,64 @@ fn every_norm_optimizer_and_precision_path_trains() -> anyhow::Result<()> {
     for i in 0..cases.len() {
         let _ = std::fs::remove_dir_all(tmp(&format!("path{i}")));
     }
+    Ok(())
+}
+
+#[test]
+fn compare_table_and_plot_from_run_summaries() -> anyhow::Result<()> {
+    use clap::Parser;
+    // The grid's own runs are child processes of the seg_train binary; here the table and
+    // the plot are built from summaries of real (tiny) runs.
+    let mut cells = Vec::new();
+    for (norm, batch) in [("bn", 2), ("gn", 2)] {
+        let mut runs = Vec::new();
+        for seed in 0..2 {
+            let out = tmp(&format!("cmp-{norm}-{seed}"));
+            let mut args = tiny(&out, 12);
+            let i = args.iter().position(|a| a == "--norm").unwrap();
+            args[i + 1] = norm.into();
+            args.extend(["--seed".into(), seed.to_string()]);
+            let i = args.iter().position(|a| a == "--batch-size").unwrap();
+            args[i + 1] = batch.to_string();
+            run_cli(&args)?;
+            let s: train::RunSummary =
+                serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
+            assert_eq!(s.losses.len(), 12);
+            assert_eq!(s.grad_norms.len(), 12);
+            assert!(!s.evals.is_empty() && s.final_miou > 0.0);
+            runs.push(s);
+            let _ = std::fs::remove_dir_all(out);
+        }
+        cells.push(compare::Cell {
+            norm: norm.into(),
+            batch,
+            runs,
+        });
+    }
+    let cli = cli::Cli::try_parse_from([
+        "seg_train",
+        "compare",
+        "--norms",
+        "bn,gn",
+        "--batch-sizes",
+        "2",
+        "--seeds",
+        "2",
+        "--steps",
+        "12",
+    ])?;
+    let Some(cli::Command::Compare(args)) = cli.command else {
+        panic!("not compare")
+    };
+    let md = compare::results_md(&args, &cells, 1.0, &candle::Device::Cpu);
+    assert!(
+        md.contains("| bn | 2 |") && md.contains("| gn | 2 |"),
+        "{md}"
+    );
+    let png = tmp("curves.png");
+    compare::plot(&png, &cells, 12)?;
+    let bytes = std::fs::read(&png)?;
+    assert_eq!(&bytes[1..4], b"PNG");
+    let _ = std::fs::remove_file(png);
     Ok(())
 }

@@ -158,6 +158,17 @@ impl RunConfig {
             }
         }
         self.model()?.validate()?;
+        if self.norm_kind()? == NormKind::BatchNorm {
+            // The smallest BN input is the last stage's: 5 stride-2 convs, each ceil(n / 2).
+            let side = (0..5).fold(self.image_size, |n, _| n.div_ceil(2));
+            if self.batch_size * side * side < 2 {
+                bail!(
+                    "--norm bn cannot train at --batch-size {} with --image-size {}: the last stage is {side}x{side}, one value per channel; use --norm gn or frozen-bn, a larger batch or image",
+                    self.batch_size,
+                    self.image_size
+                )
+            }
+        }
         Ok(())
     }
 }
