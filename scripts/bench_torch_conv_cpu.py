@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""PyTorch CPU baseline for kernels/benches/conv.rs: conv2d 3x3 padding 1, f32, forward
+and forward+backward (gradients of input and weight; loss y.sum() as in the bench),
+torch.set_num_threads(2) unless --threads says otherwise; median and min ms.
+
+Run from the repository root:  python3 scripts/bench_torch_conv_cpu.py [--reps 30] [--threads 2]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+# (N, C_in, H, W, C_out), the CPU conv shapes of ../shared/GPU.md
+SHAPES = [(8, 32, 64, 64, 32), (8, 64, 32, 32, 64), (2, 16, 96, 96, 16)]
+
+
+def median_min_ms(fn, reps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, mkldnn {torch.backends.mkldnn.is_available()}")
+    for n, ci, h, w, co in SHAPES:
+        x = torch.randn(n, ci, h, w, requires_grad=True)
+        k = (torch.randn(co, ci, 3, 3) * 0.1).requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                F.conv2d(x, k, padding=1)
+
+        def fwd_bwd():
+            x.grad = None
+            k.grad = None
+            F.conv2d(x, k, padding=1).sum().backward()
+
+        f, fm = median_min_ms(fwd, args.reps)
+        fb, fbm = median_min_ms(fwd_bwd, args.reps)
+        print(f"conv3x3 {n}x{ci}x{h}x{w} -> {co}: fwd {f:.3f} / {fm:.3f} ms, "
+              f"fwd+bwd {fb:.3f} / {fbm:.3f} ms (median / min)")
+
+
+if __name__ == "__main__":
+    main()
