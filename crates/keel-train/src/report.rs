@@ -273,7 +273,11 @@ pub(crate) fn build(m: &StabilityMonitor, ctx: &RunContext) -> HealthReport {
         }
         _ => false,
     };
-    let n = cfg.unstable_events.max(1);
+    // Isolated events in a long run are a Warning: Unstable needs both a count and a rate.
+    let n = cfg
+        .unstable_events
+        .max(1)
+        .max((cfg.unstable_rate * s.steps as f64).ceil() as usize);
     let skip_fraction = if s.steps > 0 {
         s.skipped_steps as f64 / s.steps as f64
     } else {
