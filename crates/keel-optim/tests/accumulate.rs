@@ -31,8 +31,12 @@ fn k_micro_batches_of_one_equal_one_batch_of_k() -> Result<()> {
     let k = 4;
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-    let x = Tensor::randn(0f32, 1.0, (k, 2, 5, 5), &dev)?;
-    let t = Tensor::randn(0f32, 1.0, (k, 3), &dev)?;
+    // Deterministic inputs (candle's CPU randn cannot be seeded), so a failure reproduces.
+    let wave = |n: usize, f: f64| -> candle::Result<Tensor> {
+        (Tensor::arange(0u32, n as u32, &dev)?.to_dtype(DType::F32)? * f)?.sin()
+    };
+    let x = wave(k * 2 * 5 * 5, 0.37)?.reshape((k, 2, 5, 5))?;
+    let t = wave(k * 3, 1.13)?.reshape((k, 3))?;
     let full = net_loss(vb.clone(), &x, &t)?.backward()?;
 
     let mut acc = GradAccumulator::new(k)?;
@@ -48,7 +52,8 @@ fn k_micro_batches_of_one_equal_one_batch_of_k() -> Result<()> {
     let vars = vm.all_vars();
     for v in &vars {
         let (a, b) = (total.get(v).unwrap(), full.get(v).unwrap());
-        assert_tensor_close("accumulated grad", a, b, 1e-5, 1e-7)?;
+        // f32 sums in another order: the error scales with the summands, so atol 1e-6.
+        assert_tensor_close("accumulated grad", a, b, 1e-5, 1e-6)?;
         // Without scale_loss the sum would be k times too large: the check can fail.
         let unscaled = (a * k as f64)?;
         assert!(
@@ -77,7 +82,7 @@ fn k_micro_batches_of_one_equal_one_batch_of_k() -> Result<()> {
     }
     Sgd::new(vars.clone(), cfg)?.step(&total)?;
     for (v, f) in vars.iter().zip(&after_full) {
-        assert_tensor_close("weights after step", v.as_tensor(), f, 1e-6, 1e-7)?;
+        assert_tensor_close("weights after step", v.as_tensor(), f, 1e-6, 1e-6)?;
     }
     Ok(())
 }
