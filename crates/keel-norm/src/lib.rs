@@ -29,5 +29,5 @@ pub use norm_kind::{
     conv_for, conv_norm_act, norm, Activation, Conv, ConvNormAct, Norm, NormKind, DEFAULT_GROUPS,
     NORM_EPS,
 };
-pub use recommend::{recommend, BN_MIN_BATCH, WS_MAX_BATCH};
+pub use recommend::{recommend, BN_MIN_BATCH};
 pub use ws_conv::{ws_conv2d, ws_conv2d_no_bias, WsConfig, WsConv2d, WsConvention};

@@ -322,7 +322,10 @@ fn batchnorm_at_batch_2_train_eval_gap() {
         bn.contains("--norm gn") && bn.contains("--norm frozen-bn"),
         "{bn}"
     );
-    assert!(bn.contains("--norm ws-gn"), "decision table pick: {bn}");
+    assert!(
+        bn.contains("decision table picks --norm gn at batch 2"),
+        "decision table pick: {bn}"
+    );
     assert!(bn.contains("train/eval mismatch"), "{bn}");
     assert!(report
         .findings
@@ -359,12 +362,12 @@ fn norm_advice_for_an_unhealthy_run_off_the_table() {
     }
     let mut mon = StabilityMonitor::new(MonitorConfig::default());
     feed(&mut mon, &records);
-    let report = mon.report(&ctx("gn", 1));
+    let report = mon.report(&ctx("ws-gn", 1));
     assert_eq!(report.verdict, Verdict::Unstable);
     assert!(report
         .recommendations
         .iter()
-        .any(|r| r.contains("recommends --norm ws-gn at batch 1 from scratch")));
+        .any(|r| r.contains("recommends --norm gn at batch 1 from scratch")));
 }
 
 #[test]
@@ -541,4 +544,33 @@ fn report_round_trips_and_prints() -> anyhow::Result<()> {
         "{text}"
     );
     Ok(())
+}
+
+/// Repeated grad-norm explosions make a run Unstable, unless a tight `--clip-grad` bounded
+/// them (then they are a Warning: clipping is doing its job).
+#[test]
+fn explosions_bounded_by_a_tight_clip_are_a_warning() {
+    let mut records = smooth_curve(1000, 5);
+    for t in [200, 400, 600, 800] {
+        records[t].grad_norm = Some(15.0);
+    }
+    let mut mon = StabilityMonitor::new(MonitorConfig::default());
+    feed(&mut mon, &records);
+    assert_eq!(mon.report(&ctx("gn", 8)).summary.grad_explosions, 4);
+    assert_eq!(mon.report(&ctx("gn", 8)).verdict, Verdict::Unstable);
+    let clipped = RunContext {
+        clip_grad: Some(1.2),
+        ..ctx("gn", 8)
+    };
+    let report = mon.report(&clipped);
+    assert_eq!(report.verdict, Verdict::Warning, "{}", report.to_text());
+    assert!(report
+        .findings
+        .iter()
+        .any(|f| f.contains("--clip-grad 1.2 bounded them")));
+    let loose = RunContext {
+        clip_grad: Some(10.0),
+        ..ctx("gn", 8)
+    };
+    assert_eq!(mon.report(&loose).verdict, Verdict::Unstable);
 }
