@@ -285,10 +285,17 @@ pub(crate) fn build(m: &StabilityMonitor, ctx: &RunContext) -> HealthReport {
     };
     let excess_skips = skip_fraction > cfg.max_skip_fraction;
     let gap = s.train_eval_gap.filter(|&g| g > cfg.eval_regression_margin);
+    // Explosions that a clip at most 1.5x the healthy p99 bounded are what clipping is for:
+    // they make a Warning, not an Unstable run.
+    let clip_bounds_explosions = ctx.clip_grad.is_some_and(|c| {
+        s.healthy_grad_norm_p99
+            .or(s.grad_norm_p50)
+            .is_some_and(|p| c <= 1.5 * p)
+    });
     let verdict = if nonfinite_end || blown_up {
         Verdict::Diverged
     } else if s.loss_spikes >= n
-        || s.grad_explosions >= n
+        || (s.grad_explosions >= n && !clip_bounds_explosions)
         || s.non_finite_losses >= n
         || s.eval_regressions >= cfg.unstable_regressions.max(1)
         || m.scale_collapsed
@@ -334,12 +341,16 @@ pub(crate) fn build(m: &StabilityMonitor, ctx: &RunContext) -> HealthReport {
     }
     if s.grad_explosions > 0 {
         findings.push(format!(
-            "{} grad-norm explosion(s) above {}x the trailing median (max {}, p50 {}), at steps {}",
+            "{} grad-norm explosion(s) above {}x the trailing median (max {}, p50 {}), at steps {}{}",
             s.grad_explosions,
             cfg.grad_explosion_factor,
             fmt_opt(s.grad_norm_max),
             fmt_opt(s.grad_norm_p50),
-            steps_list(&m.explosions.steps, s.grad_explosions)
+            steps_list(&m.explosions.steps, s.grad_explosions),
+            match ctx.clip_grad {
+                Some(c) if clip_bounds_explosions => format!("; --clip-grad {c} bounded them"),
+                _ => String::new(),
+            }
         ));
     }
     if s.non_finite > 0 {
