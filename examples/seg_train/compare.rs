@@ -99,8 +99,9 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     );
     let t0 = Instant::now();
     // Every run is a child process of this binary (`seg_train run-config`), `--jobs` at a
-    // time: candle's CPU ops share one global thread pool per process, and at this model
-    // size one single-threaded process per core is ~3x faster than two threads in one.
+    // time, each on one rayon thread unless RAYON_NUM_THREADS says otherwise: candle's CPU
+    // ops share one global thread pool per process, and at this model size one
+    // single-threaded process per core beats two processes fighting over two threads each.
     let mut queue = Vec::new();
     for n in &norms {
         for &b in &batches {
@@ -130,7 +131,11 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
             let cfg_path = dir.with_extension("config.json");
             std::fs::write(&cfg_path, serde_json::to_string_pretty(cfg)?)?;
             pb.set_message(format!("{n} batch {b} seed {seed}"));
-            let child = std::process::Command::new(&exe)
+            let mut cmd = std::process::Command::new(&exe);
+            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                cmd.env("RAYON_NUM_THREADS", "1");
+            }
+            let child = cmd
                 .args(["run-config", "--device", device_flag, "--config"])
                 .arg(&cfg_path)
                 .arg("--out")
@@ -218,7 +223,7 @@ pub fn results_md(
         c.train_size, c.val_size, c.image_size, c.image_size, c.width, c.fpn, c.optimizer,
         if c.optimizer == "adamw" { "cosine" } else { "poly 0.9" },
         args.common.config("gn", 1, args.steps, 0, None).lr(), c.warmup_steps,
-        c.clip_grad.map_or("off".into(), |v| v.to_string()), c.amp, args.steps, args.seeds, device.location(), seconds
+        if c.clip_grad == 0.0 { "off".to_string() } else { c.clip_grad.to_string() }, c.amp, args.steps, args.seeds, device.location(), seconds
     );
     let _ = writeln!(md, "| norm | batch | final val mIoU (mean ± std) | per seed | loss spikes (total) | grad-norm p99 | NaN/Inf steps | skipped steps | s/step | verdicts |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");

@@ -21,12 +21,6 @@ pub(crate) mod model;
 pub(crate) mod train;
 
 fn main() {
-    // candle's CPU ops run on rayon's global pool. For this model size one thread per
-    // process is ~3x faster than two on the 2-core reference machine (measured: 0.026 vs
-    // 0.077 s/step); set RAYON_NUM_THREADS to override. Set here, before any thread exists.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", "1");
-    }
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = cli::run(args) {
         eprintln!("seg_train: error: {e:#}");

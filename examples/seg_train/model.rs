@@ -146,9 +146,9 @@ impl Block {
 pub struct SegNet {
     stem: [ConvNorm; 2],
     stages: Vec<[Block; 2]>,
-    lat: Vec<candle_nn::Conv2d>,
+    lat: Vec<keel::kernels::nn::Conv2d>,
     smooth: ConvNorm,
-    head: candle_nn::Conv2d,
+    head: keel::kernels::nn::Conv2d,
     batch_norms: Vec<(String, candle_nn::BatchNorm)>,
 }
 
@@ -193,7 +193,7 @@ impl SegNet {
             .iter()
             .enumerate()
             .map(|(i, &wi)| {
-                candle_nn::conv2d(
+                keel::kernels::nn::conv2d(
                     wi,
                     cfg.fpn,
                     1,
@@ -211,7 +211,7 @@ impl SegNet {
             vb.pp("smooth.0"),
             vb.pp("smooth.1"),
         )?;
-        let head = candle_nn::conv2d(
+        let head = keel::kernels::nn::conv2d(
             cfg.fpn,
             cfg.num_classes,
             1,
