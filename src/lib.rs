@@ -9,7 +9,10 @@
 //!   FrozenBatchNorm2d, Weight Standardization, one `NormKind` switch for a whole model,
 //!   BatchNorm -> GroupNorm / FrozenBatchNorm checkpoint conversion.
 //! - [`kernels`]: fused, differentiable kernels (CPU, and CUDA with the `cuda` feature)
-//!   behind the layers: GroupNorm(+SiLU) forward and backward.
+//!   behind the layers: GroupNorm(+SiLU) forward and backward, and conv2d with dedicated
+//!   backward-data / backward-filter ops (im2col + GEMM on CPU, cuDNN with `cudnn`).
+//! - [`optim`]: LR schedules with warmup, global-norm clipping, SGD and AdamW with PyTorch
+//!   semantics, f16/bf16 mixed precision with dynamic loss scaling, accumulation, EMA.
 //! - [`train`]: the training-loop pieces: a stability monitor with a health report
 //!   ("is my training going haywire?"), mIoU metrics, atomic checkpoints, JSONL logs.
 //!
@@ -31,8 +34,5 @@
 
 pub use keel_kernels as kernels;
 pub use keel_norm as norm;
-/// LR schedules, clipping, SGD/AdamW, loss scaling, accumulation and EMA (issue 4).
 pub use keel_optim as optim;
-/// Training-loop pieces: stability monitor and health report, segmentation metrics,
-/// atomic checkpoints, JSONL logs (issue 5).
 pub use keel_train as train;
