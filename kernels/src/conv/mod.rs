@@ -3,12 +3,12 @@
 //! bias through dedicated backward-data and backward-filter ops.
 //!
 //! # Contract
-//! - Forward: [`forward::ConvFwdOp`] is a `CustomOp2` on `(x, w)`, x contiguous
+//! - Forward: [`op::ConvOp`] of kind `Forward` is a `CustomOp2` on `(x, w)`, x contiguous
 //!   `(N, C_in, H, W)`, w contiguous `(C_out, C_in / groups, kH, kW)`, one dtype (f32, f16
 //!   or bf16); arithmetic and accumulation in `f32`; the output has x's dtype.
-//! - Its `bwd` calls [`backward_data::ConvBwdDataOp`] (a `CustomOp2` on `(dy, w)` returning
-//!   dx) and [`backward_filter::ConvBwdFilterOp`] (a `CustomOp2` on `(x, dy)` returning dw).
-//!   Neither has a backward of its own (no double backward: `BackwardNotSupported`).
+//! - Its `bwd` runs the same op with kind `BackwardData` (on `(dy, w)`, returning dx) and
+//!   `BackwardFilter` (on `(x, dy)`, returning dw). Neither has a backward of its own (no
+//!   double backward: `BackwardNotSupported`).
 //! - The bias is added with a broadcast candle op, so its gradient (the sum of dy over
 //!   N, H, W) comes from candle's autograd.
 //! - candle's own conv backward is never used (it fails for stride > 1 when rows and
@@ -30,12 +30,12 @@
 //! - Non-contiguous x or w are copied to a contiguous layout first.
 //! - Empty batches (N = 0) give empty outputs and a zero weight gradient.
 
-mod backward_data;
-mod backward_filter;
 pub(crate) mod composed;
 mod cpu;
-mod forward;
+mod op;
 mod params;
+
+pub(crate) use op::Kind;
 
 pub use params::Conv2dParams;
 
@@ -264,7 +264,13 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: &Conv2dParams) -
     let y = if x.device().is_cuda() && !cfg!(feature = "cudnn") {
         composed::fallback_forward(&x, &w, geom)?
     } else {
-        x.apply_op2(&w, forward::ConvFwdOp { geom })?
+        x.apply_op2(
+            &w,
+            op::ConvOp {
+                geom,
+                kind: Kind::Forward,
+            },
+        )?
     };
     add_bias(y, bias)
 }

@@ -19,7 +19,7 @@
 //!   handles are neither `Send` nor `Sync`).
 
 use super::{poison, poison_outputs};
-use crate::conv::Geom;
+use crate::conv::{Geom, Kind};
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::cudnn::sys::{
     cudnnConvolutionBwdDataAlgo_t as DataAlgo, cudnnConvolutionBwdFilterAlgo_t as FilterAlgo,
@@ -41,17 +41,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// The most workspace (bytes) one cuDNN convolution call may use: 256 MiB. Algorithms
 /// that need more are skipped for a fallback (see the module docs).
 pub(crate) const WORKSPACE_CAP: usize = 256 << 20;
-
-/// Which of the three convolutions to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Kind {
-    /// `(x, w) -> y`.
-    Forward,
-    /// `(dy, w) -> dx`.
-    BackwardData,
-    /// `(x, dy) -> dw`.
-    BackwardFilter,
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Algo {
