@@ -8,11 +8,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle::{DType, Device, Tensor, Var, D};
-use candle_nn::{Optimizer, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use keel::norm::NormKind;
 use keel::optim::{
-    clip_grad_norm, split_no_decay, AdamW, AdamWConfig, Cosine, Ema, EmaConfig, EmaWarmup,
-    GradAccumulator, GradScaler, GradScalerConfig, LrSchedule, Poly, Sgd, SgdConfig, Warmup,
+    clip_grad_norm, split_no_decay, AdamW, AdamWConfig, Cosine, DynOptimizer, Ema, EmaConfig,
+    EmaWarmup, GradAccumulator, GradScaler, GradScalerConfig, LrSchedule, Poly, Sgd, SgdConfig,
+    StateDict, Warmup,
 };
 use keel::train::{
     load_checkpoint, Alarm, Checkpoint, CheckpointManager, ConfusionMatrix, EvalRecord,
@@ -226,7 +227,7 @@ enum Opt {
 }
 
 impl Opt {
-    fn set_lr(&mut self, lr: f64) {
+    fn set_lr(&mut self, lr: f64) -> candle::Result<()> {
         match self {
             Opt::Sgd(o) => o.set_learning_rate(lr),
             Opt::AdamW(o) => o.set_learning_rate(lr),
@@ -623,7 +624,7 @@ pub fn run(
     for step in start..cfg.steps {
         let t0 = Instant::now();
         let lr = schedule.lr(step);
-        opt.set_lr(lr);
+        opt.set_lr(lr)?;
         let mut loss_sum = 0.0;
         let mut grads = None;
         for _ in 0..cfg.accum_steps {
@@ -655,7 +656,11 @@ pub fn run(
         let skipped = found_inf || !grad_norm.is_finite() || !loss.is_finite();
         let stepped = match scaler.as_mut() {
             Some(s) => {
-                let stepped = !skipped && s.step(&mut OptRef(&mut opt), &mut grads, &vars)?;
+                let o: &mut dyn DynOptimizer = match &mut opt {
+                    Opt::Sgd(o) => o,
+                    Opt::AdamW(o) => o,
+                };
+                let stepped = !skipped && s.step(o, &mut grads, &vars)?;
                 s.update(!stepped);
                 stepped
             }
@@ -849,31 +854,6 @@ pub fn run(
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(summary)
-}
-
-/// `&mut Opt` as a candle optimizer, for `GradScaler::step`.
-struct OptRef<'a>(&'a mut Opt);
-
-impl Optimizer for OptRef<'_> {
-    type Config = ();
-    fn new(_: Vec<Var>, _: ()) -> candle::Result<Self> {
-        candle::bail!("OptRef wraps an existing optimizer")
-    }
-    fn step(&mut self, grads: &candle::backprop::GradStore) -> candle::Result<()> {
-        match &mut *self.0 {
-            Opt::Sgd(o) => o.step(grads),
-            Opt::AdamW(o) => o.step(grads),
-        }
-    }
-    fn learning_rate(&self) -> f64 {
-        match &*self.0 {
-            Opt::Sgd(o) => o.learning_rate(),
-            Opt::AdamW(o) => o.learning_rate(),
-        }
-    }
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.0.set_lr(lr)
-    }
 }
 
 /// Copies the BatchNorm running statistics of a cast (mixed-precision) model into the f32

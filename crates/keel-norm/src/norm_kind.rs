@@ -359,3 +359,17 @@ pub fn conv_norm_act(
     let norm = norm(kind, out_channels, vb.pp("norm"))?;
     Ok(ConvNormAct::new(conv, norm, act))
 }
+
+/// Serialized as its string form (`"gn:16"`, `"ws-gn"`, ...), the same text `--norm` takes.
+impl serde::Serialize for NormKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NormKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}

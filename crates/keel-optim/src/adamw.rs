@@ -5,13 +5,13 @@
 //! underflows in f16; here f16/bf16/f32 params all get f32 moments and f32 arithmetic.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle::backprop::GradStore;
 use candle::{Tensor, Var};
 
 use crate::param_group::ParamGroup;
 use crate::state;
+use crate::traits::StateDict;
 
 /// Hyper-parameters of [`AdamW`]; `Default` is PyTorch's (`lr = 1e-3`,
 /// `betas = (0.9, 0.999)`, `eps = 1e-8`, `weight_decay = 1e-2`).
@@ -147,10 +147,12 @@ impl AdamW {
     fn params(&self) -> impl Iterator<Item = &Param> {
         self.groups.iter().flat_map(|g| g.params.iter())
     }
+}
 
+impl StateDict for AdamW {
     /// The state: `lr`, `num_params`, and for every param (flat index across groups)
     /// that has stepped, `state.{i}.step`, `state.{i}.exp_avg`, `state.{i}.exp_avg_sq`.
-    pub fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
+    fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         out.insert("lr".to_string(), state::scalar(self.cfg.lr)?);
         out.insert(
@@ -169,7 +171,7 @@ impl AdamW {
 
     /// Restores a state from [`AdamW::state_dict`]; the optimizer must be built over the
     /// same parameters in the same order.
-    pub fn load_state_dict(&mut self, st: &HashMap<String, Tensor>) -> candle::Result<()> {
+    fn load_state_dict(&mut self, st: &HashMap<String, Tensor>) -> candle::Result<()> {
         state::check_count("AdamW", st, self.params().count())?;
         let lr = state::get_scalar("AdamW", st, "lr")?;
         let mut loaded = Vec::new();
@@ -193,17 +195,6 @@ impl AdamW {
         }
         self.cfg.lr = lr;
         Ok(())
-    }
-
-    /// Saves [`AdamW::state_dict`] to a safetensors file.
-    pub fn save<P: AsRef<Path>>(&self, path: P) -> candle::Result<()> {
-        state::save_file(&self.state_dict()?, path.as_ref())
-    }
-
-    /// Loads a state saved by [`AdamW::save`].
-    pub fn load<P: AsRef<Path>>(&mut self, path: P) -> candle::Result<()> {
-        let st = state::load_file(path.as_ref())?;
-        self.load_state_dict(&st)
     }
 }
 

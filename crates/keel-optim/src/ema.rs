@@ -3,11 +3,11 @@
 //! YOLOv5's exponential ramp), kept in f32, for stable evaluation of small-batch runs.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle::{Tensor, Var};
 
 use crate::state;
+use crate::traits::StateDict;
 
 /// How the effective decay ramps up over the first updates (`n` = updates done so far).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -143,9 +143,11 @@ impl Ema {
         }
         Ok(())
     }
+}
 
+impl StateDict for Ema {
     /// The state: `updates`, `num_params` and `shadow.{i}`.
-    pub fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
+    fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         out.insert("updates".to_string(), state::scalar(self.updates as f64)?);
         out.insert(
@@ -159,7 +161,7 @@ impl Ema {
     }
 
     /// Restores a state from [`Ema::state_dict`] for the same vars.
-    pub fn load_state_dict(&mut self, st: &HashMap<String, Tensor>) -> candle::Result<()> {
+    fn load_state_dict(&mut self, st: &HashMap<String, Tensor>) -> candle::Result<()> {
         state::check_count("Ema", st, self.shadow.len())?;
         let updates = state::get_count("Ema", st, "updates")?;
         let shadow = self
@@ -171,16 +173,5 @@ impl Ema {
         self.shadow = shadow;
         self.updates = updates;
         Ok(())
-    }
-
-    /// Saves [`Ema::state_dict`] to a safetensors file.
-    pub fn save<P: AsRef<Path>>(&self, path: P) -> candle::Result<()> {
-        state::save_file(&self.state_dict()?, path.as_ref())
-    }
-
-    /// Loads a state saved by [`Ema::save`].
-    pub fn load<P: AsRef<Path>>(&mut self, path: P) -> candle::Result<()> {
-        let st = state::load_file(path.as_ref())?;
-        self.load_state_dict(&st)
     }
 }

@@ -11,13 +11,12 @@
 //! bf16 ([`crate::mixed`]) and step the f32 master weights directly.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle::backprop::GradStore;
 use candle::{DType, Tensor, Var};
-use candle_nn::Optimizer;
 
 use crate::state;
+use crate::traits::{DynOptimizer, StateDict};
 
 /// Hyper-parameters of [`GradScaler`]; `Default` is PyTorch's (65536, 2.0, 0.5, 2000).
 ///
@@ -172,9 +171,9 @@ impl GradScaler {
     /// Unscales (unless [`GradScaler::unscale`] already ran) and calls `opt.step`
     /// unless a gradient is inf/NaN. Returns whether the optimizer stepped; pass
     /// `!stepped` to [`GradScaler::update`].
-    pub fn step<O: Optimizer>(
+    pub fn step(
         &mut self,
-        opt: &mut O,
+        opt: &mut dyn DynOptimizer,
         grads: &mut GradStore,
         vars: &[Var],
     ) -> candle::Result<bool> {
@@ -211,10 +210,12 @@ impl GradScaler {
             self.growth_tracker = successful;
         }
     }
+}
 
+impl StateDict for GradScaler {
     /// The state, like PyTorch's `GradScaler.state_dict()`: `scale`, `growth_tracker`,
     /// `growth_factor`, `backoff_factor` and `growth_interval`.
-    pub fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
+    fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         out.insert("scale".to_string(), state::scalar(self.scale as f64)?);
         out.insert(
@@ -238,7 +239,7 @@ impl GradScaler {
 
     /// Restores a state from [`GradScaler::state_dict`], config included (as PyTorch's
     /// `load_state_dict` does); the loaded values are validated like [`GradScaler::new`].
-    pub fn load_state_dict(&mut self, st: &HashMap<String, Tensor>) -> candle::Result<()> {
+    fn load_state_dict(&mut self, st: &HashMap<String, Tensor>) -> candle::Result<()> {
         let op = "GradScaler";
         let cfg = GradScalerConfig {
             init_scale: state::get_scalar(op, st, "scale")?,
@@ -257,16 +258,5 @@ impl GradScaler {
             ..loaded
         };
         Ok(())
-    }
-
-    /// Saves [`GradScaler::state_dict`] to a safetensors file.
-    pub fn save<P: AsRef<Path>>(&self, path: P) -> candle::Result<()> {
-        state::save_file(&self.state_dict()?, path.as_ref())
-    }
-
-    /// Loads a state saved by [`GradScaler::save`].
-    pub fn load<P: AsRef<Path>>(&mut self, path: P) -> candle::Result<()> {
-        let st = state::load_file(path.as_ref())?;
-        self.load_state_dict(&st)
     }
 }

@@ -13,9 +13,11 @@
 //! - Mixed precision: f32 master weights cast per forward ([`mixed`]), and dynamic
 //!   loss scaling for f16 ([`GradScaler`]).
 //! - [`GradAccumulator`] for gradient accumulation and [`Ema`] for weight averaging.
+//! - The run's choices as enums: [`OptimizerKind`] and [`Precision`].
 
 pub mod accumulate;
 pub mod adamw;
+pub mod choice;
 pub mod clip;
 pub mod ema;
 pub mod grad_scaler;
@@ -24,12 +26,15 @@ pub mod param_group;
 pub mod schedule;
 pub mod sgd;
 mod state;
+pub mod traits;
 
 pub use accumulate::GradAccumulator;
 pub use adamw::{AdamW, AdamWConfig};
+pub use choice::{OptimizerKind, Precision};
 pub use clip::{clip_grad_norm, clip_grad_value};
 pub use ema::{Ema, EmaConfig, EmaWarmup};
 pub use grad_scaler::{GradScaler, GradScalerConfig};
 pub use param_group::{is_no_decay_name, split_no_decay, ParamGroup};
 pub use schedule::{Constant, Cosine, LrSchedule, MultiStep, Poly, Warmup};
 pub use sgd::{Sgd, SgdConfig};
+pub use traits::{DynOptimizer, StateDict};

@@ -2,13 +2,13 @@
 //! L2 weight decay, exactly as `torch.optim.SGD` (Sutskever et al. 2013 for Nesterov).
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle::backprop::GradStore;
 use candle::{Tensor, Var};
 
 use crate::param_group::ParamGroup;
 use crate::state;
+use crate::traits::StateDict;
 
 /// Hyper-parameters of [`Sgd`]; `Default` is PyTorch's (`lr = 1e-3`, everything else 0).
 ///
@@ -146,10 +146,12 @@ impl Sgd {
     fn params(&self) -> impl Iterator<Item = &Param> {
         self.groups.iter().flat_map(|g| g.params.iter())
     }
+}
 
+impl StateDict for Sgd {
     /// The state: `lr`, `num_params`, and `state.{i}.momentum_buffer` for every param
     /// (flat index across groups) that has one.
-    pub fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
+    fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         out.insert("lr".to_string(), state::scalar(self.cfg.lr)?);
         out.insert(
@@ -166,7 +168,7 @@ impl Sgd {
 
     /// Restores a state from [`Sgd::state_dict`]; the optimizer must be built over the
     /// same parameters in the same order.
-    pub fn load_state_dict(&mut self, st: &HashMap<String, Tensor>) -> candle::Result<()> {
+    fn load_state_dict(&mut self, st: &HashMap<String, Tensor>) -> candle::Result<()> {
         state::check_count("Sgd", st, self.params().count())?;
         let lr = state::get_scalar("Sgd", st, "lr")?;
         let mut bufs = Vec::new();
@@ -184,17 +186,6 @@ impl Sgd {
         }
         self.cfg.lr = lr;
         Ok(())
-    }
-
-    /// Saves [`Sgd::state_dict`] to a safetensors file.
-    pub fn save<P: AsRef<Path>>(&self, path: P) -> candle::Result<()> {
-        state::save_file(&self.state_dict()?, path.as_ref())
-    }
-
-    /// Loads a state saved by [`Sgd::save`].
-    pub fn load<P: AsRef<Path>>(&mut self, path: P) -> candle::Result<()> {
-        let st = state::load_file(path.as_ref())?;
-        self.load_state_dict(&st)
     }
 }
 

@@ -1,8 +1,6 @@
-//! Shared helpers for state dicts: scalars stored as f64 tensors, checked lookups,
-//! safetensors files.
+//! Shared helpers for state dicts: scalars stored as f64 tensors, checked lookups.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle::{DType, Device, Tensor};
 
@@ -89,16 +87,6 @@ pub(crate) fn check_count(
         )
     }
     Ok(())
-}
-
-/// Writes a state dict to a safetensors file.
-pub(crate) fn save_file(state: &HashMap<String, Tensor>, path: &Path) -> candle::Result<()> {
-    candle::safetensors::save(state, path)
-}
-
-/// Reads a safetensors state dict to the CPU.
-pub(crate) fn load_file(path: &Path) -> candle::Result<HashMap<String, Tensor>> {
-    candle::safetensors::load(path, &Device::Cpu)
 }
 
 /// The dtype in which optimizer state and arithmetic live for a parameter dtype:

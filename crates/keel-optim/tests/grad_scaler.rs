@@ -18,6 +18,7 @@ use anyhow::Result;
 use candle::{Device, Tensor, Var};
 use candle_nn::Optimizer;
 use common::{assert_close, assert_tensor_close, fixture, num, tensor, values};
+use keel_optim::StateDict;
 use keel_optim::{GradScaler, GradScalerConfig, Sgd, SgdConfig};
 
 #[test]

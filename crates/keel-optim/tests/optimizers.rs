@@ -20,6 +20,7 @@ use candle::backprop::GradStore;
 use candle::{Device, Var};
 use candle_nn::Optimizer;
 use common::{assert_tensor_close, fixture, max_errors, num, tensor, values};
+use keel_optim::StateDict;
 use keel_optim::{AdamW, AdamWConfig, ParamGroup, Sgd, SgdConfig};
 use serde_json::Value;
 

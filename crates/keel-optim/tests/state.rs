@@ -7,6 +7,7 @@ use candle::backprop::GradStore;
 use candle::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use common::{scratch, values};
+use keel_optim::StateDict;
 use keel_optim::{
     AdamW, AdamWConfig, Cosine, Ema, EmaConfig, EmaWarmup, LrSchedule, ParamGroup, Sgd, SgdConfig,
     Warmup,
