@@ -18,12 +18,14 @@ use serde::{Deserialize, Serialize};
 /// # Ok::<(), candle::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// [`crate::Sgd`] with momentum 0.9 and a polynomial (power 0.9) decay.
     #[default]
     Sgd,
     /// [`crate::AdamW`] with a cosine decay.
+    #[cfg_attr(feature = "clap", value(name = "adamw"))]
     AdamW,
 }
 
@@ -86,11 +88,13 @@ impl FromStr for OptimizerKind {
 /// # Ok::<(), candle::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Plain f32 everywhere.
     #[default]
     #[serde(alias = "off")]
+    #[cfg_attr(feature = "clap", value(alias = "off"))]
     F32,
     /// f16 compute with f32 master weights and dynamic loss scaling ([`crate::GradScaler`]).
     F16,
