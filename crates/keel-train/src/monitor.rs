@@ -384,93 +384,108 @@ impl StabilityMonitor {
                 loss_scale: r.loss_scale,
             });
         }
-
         if loss_finite {
-            if self.losses.len() >= self.min_history() {
-                let window: Vec<f64> = self.losses.iter().copied().collect();
-                let log_scale = r.loss > 0.0 && window.iter().all(|&l| l > 0.0);
-                let (x, window) = if log_scale {
-                    (r.loss.ln(), window.iter().map(|l| l.ln()).collect())
-                } else {
-                    (r.loss, window)
-                };
-                if let Some((med, mad)) = median_mad(&window) {
-                    let floor = if log_scale {
-                        self.cfg.mad_floor_rel.ln_1p()
-                    } else {
-                        (self.cfg.mad_floor_rel * med.abs()).max(self.cfg.mad_floor_abs)
-                    };
-                    let sigma = (1.4826 * mad).max(floor);
-                    if x > med + self.cfg.spike_k * sigma {
-                        self.spikes.add(r.step);
-                        alarms.push(Alarm::LossSpike {
-                            step: r.step,
-                            loss: r.loss,
-                            median: if log_scale { med.exp() } else { med },
-                            mad: sigma,
-                            log_scale,
-                        });
-                    }
-                }
-            }
-            push_bounded(&mut self.losses, r.loss, window);
-            if self.first_losses.len() < window {
-                self.first_losses.push(r.loss);
-            }
+            self.judge_loss(r, &mut alarms);
         }
         push_bounded(&mut self.recent_nonfinite, !loss_finite, window);
-
         if let Some(g) = r.grad_norm.filter(|g| g.is_finite()) {
-            let mut healthy = true;
-            if self.grads.len() >= self.min_history() {
-                if let Some(med) = median(self.grads.iter().copied()) {
-                    if med > 0.0 && g > self.cfg.grad_explosion_factor * med {
-                        healthy = false;
-                        self.explosions.add(r.step);
-                        alarms.push(Alarm::GradExplosion {
-                            step: r.step,
-                            grad_norm: g,
-                            median: med,
-                        });
-                    }
-                }
-            }
-            if healthy {
-                self.grad_healthy.add(g);
-            }
-            self.grad_all.add(g);
-            push_bounded(&mut self.grads, g, window);
+            self.judge_grad(r.step, g, &mut alarms);
         }
-
         if let Some(s) = r.loss_scale {
-            if self.last_scale.is_some_and(|prev| s < prev) {
-                self.halvings.push_back(r.step);
-            }
-            while self
-                .halvings
-                .front()
-                .is_some_and(|&h| h.saturating_add(window) <= r.step)
-            {
-                self.halvings.pop_front();
-            }
-            if s.is_finite() {
-                self.min_scale = Some(self.min_scale.map_or(s, |m| m.min(s)));
-            }
-            let collapsed = s.is_nan()
-                || s < self.cfg.min_loss_scale
-                || self.halvings.len() >= self.cfg.max_scale_halvings.max(1);
-            if collapsed && !self.scale_collapsed {
-                self.collapses.add(r.step);
-                alarms.push(Alarm::LossScaleCollapse {
-                    step: r.step,
-                    scale: s,
-                    halvings_in_window: self.halvings.len(),
-                });
-            }
-            self.scale_collapsed = collapsed;
-            self.last_scale = Some(s);
+            self.judge_scale(r.step, s, &mut alarms);
         }
         alarms
+    }
+
+    /// The spike test of a finite loss, then its entry into the windows.
+    fn judge_loss(&mut self, r: &StepRecord, alarms: &mut Vec<Alarm>) {
+        let window = self.window();
+        if self.losses.len() >= self.min_history() {
+            let window: Vec<f64> = self.losses.iter().copied().collect();
+            let log_scale = r.loss > 0.0 && window.iter().all(|&l| l > 0.0);
+            let (x, window) = if log_scale {
+                (r.loss.ln(), window.iter().map(|l| l.ln()).collect())
+            } else {
+                (r.loss, window)
+            };
+            if let Some((med, mad)) = median_mad(&window) {
+                let floor = if log_scale {
+                    self.cfg.mad_floor_rel.ln_1p()
+                } else {
+                    (self.cfg.mad_floor_rel * med.abs()).max(self.cfg.mad_floor_abs)
+                };
+                let sigma = (1.4826 * mad).max(floor);
+                if x > med + self.cfg.spike_k * sigma {
+                    self.spikes.add(r.step);
+                    alarms.push(Alarm::LossSpike {
+                        step: r.step,
+                        loss: r.loss,
+                        median: if log_scale { med.exp() } else { med },
+                        mad: sigma,
+                        log_scale,
+                    });
+                }
+            }
+        }
+        push_bounded(&mut self.losses, r.loss, window);
+        if self.first_losses.len() < window {
+            self.first_losses.push(r.loss);
+        }
+    }
+
+    /// The explosion test of a finite grad norm, then its entry into the window and sketches.
+    fn judge_grad(&mut self, step: usize, g: f64, alarms: &mut Vec<Alarm>) {
+        let window = self.window();
+        let mut healthy = true;
+        if self.grads.len() >= self.min_history() {
+            if let Some(med) = median(self.grads.iter().copied()) {
+                if med > 0.0 && g > self.cfg.grad_explosion_factor * med {
+                    healthy = false;
+                    self.explosions.add(step);
+                    alarms.push(Alarm::GradExplosion {
+                        step,
+                        grad_norm: g,
+                        median: med,
+                    });
+                }
+            }
+        }
+        if healthy {
+            self.grad_healthy.add(g);
+        }
+        self.grad_all.add(g);
+        push_bounded(&mut self.grads, g, window);
+    }
+
+    /// The collapse test of a loss scale: a halving count over the window, a floor, NaN.
+    fn judge_scale(&mut self, step: usize, s: f64, alarms: &mut Vec<Alarm>) {
+        let window = self.window();
+        if self.last_scale.is_some_and(|prev| s < prev) {
+            self.halvings.push_back(step);
+        }
+        while self
+            .halvings
+            .front()
+            .is_some_and(|&h| h.saturating_add(window) <= step)
+        {
+            self.halvings.pop_front();
+        }
+        if s.is_finite() {
+            self.min_scale = Some(self.min_scale.map_or(s, |m| m.min(s)));
+        }
+        let collapsed = s.is_nan()
+            || s < self.cfg.min_loss_scale
+            || self.halvings.len() >= self.cfg.max_scale_halvings.max(1);
+        if collapsed && !self.scale_collapsed {
+            self.collapses.add(step);
+            alarms.push(Alarm::LossScaleCollapse {
+                step,
+                scale: s,
+                halvings_in_window: self.halvings.len(),
+            });
+        }
+        self.scale_collapsed = collapsed;
+        self.last_scale = Some(s);
     }
 
     /// Feeds one evaluation; returns the alarms it raised. A non-finite mIoU is remembered
