@@ -825,12 +825,12 @@ pub fn run(
     }
 
     let ctx = RunContext {
-        norm: kind.to_string(),
+        norm: kind,
         batch_size: cfg.batch_size,
         pretrained: cfg.init.is_some(),
         lr: cfg.lr(),
         clip_grad: cfg.clip_grad,
-        amp: cfg.amp.clone(),
+        precision: cfg.amp.parse()?,
         steps: cfg.steps,
     };
     let report: HealthReport = monitor.report(&ctx);
