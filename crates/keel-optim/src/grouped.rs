@@ -215,10 +215,8 @@ impl<R: UpdateRule> StateDict for Grouped<R> {
     /// The state: `lr`, `num_params`, and `state.{i}.{name}` for every entry of every
     /// parameter (flat index across groups) that has a state.
     fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        out.insert("lr".to_string(), state::scalar(self.rule.lr())?);
-        let n = self.slots().count();
-        out.insert("num_params".to_string(), state::scalar(n as f64)?);
+        let n = self.slots().count() as f64;
+        let mut out = state::scalars(&[("lr", self.rule.lr()), ("num_params", n)])?;
         for (i, slot) in self.slots().enumerate() {
             let Some(st) = &slot.state else { continue };
             for (name, t) in st.save()? {
