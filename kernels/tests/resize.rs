@@ -26,9 +26,12 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -
     let w = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let mut worst: Option<(usize, f32)> = None;
     for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        let ratio = (a - b).abs() / (rtol * b.abs()).max(atol);
-        if !(ratio <= 1.0) && worst.is_none_or(|(_, r)| !(ratio <= r)) {
-            worst = Some((i, ratio));
+        let (err, tol) = ((a - b).abs(), (rtol * b.abs()).max(atol));
+        if !(err <= tol) {
+            let ratio = if tol > 0.0 { err / tol } else { f32::INFINITY };
+            if worst.is_none_or(|(_, r)| !(ratio <= r)) {
+                worst = Some((i, ratio));
+            }
         }
     }
     if let Some((i, ratio)) = worst {
@@ -136,32 +139,54 @@ fn bilinear_is_within_f32_rounding_of_the_examples_matmul_form() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?;
         let a = resize_bilinear(&x, size)?;
         let b = matmul_bilinear(&x, size.0, size.1)?;
-        assert_close(&format!("{shape:?} -> {size:?}"), &a, &b, 1e-5, 1e-6)?;
+        // f32 taps vs f64 taps: the weights differ by ~1e-7 per unit of source index.
+        assert_close(&format!("{shape:?} -> {size:?}"), &a, &b, 1e-5, 5e-6)?;
     }
     Ok(())
 }
 
 #[test]
-fn double_backward_is_the_forward_resize() -> Result<()> {
-    // d/d(dy) of <backward(dy), v> is resize(v): check through a second backward pass.
+fn backward_is_the_adjoint_and_double_backward_is_the_forward_resize() -> Result<()> {
+    // <resize(v), dy> = <v, dx> for the autograd dx of sum(resize(x) * dy).
     let dev = Device::Cpu;
-    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 3, 5), &dev)?)?;
-    let dy = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 7, 4), &dev)?)?;
+    let x = Tensor::randn(0f32, 1.0, (1, 2, 3, 5), &dev)?;
+    let dy = Tensor::randn(0f32, 1.0, (1, 2, 7, 4), &dev)?;
     let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 5), &dev)?;
-    for (_, fused, _) in FUSED {
-        let y = fused(x.as_tensor(), (7, 4))?;
-        let dx = (&y * dy.as_tensor())?
-            .sum_all()?
-            .backward()?
-            .get(&x)
-            .unwrap()
-            .clone();
-        assert!(dx.track_op(), "the gradient must be differentiable in dy");
-        let g = (dx * &v)?.sum_all()?.backward()?;
-        let want = fused(&v, (7, 4))?;
-        assert_close("d/d(dy)", g.get(&dy).unwrap(), &want, 1e-6, 1e-6)?;
+    for (mode, fused, _) in FUSED {
+        let (_, dx) = run(fused, &x, (7, 4), &dy)?;
+        let lhs = (fused(&v, (7, 4))? * &dy)?.sum_all()?.to_scalar::<f32>()?;
+        let rhs = (&v * &dx)?.sum_all()?.to_scalar::<f32>()?;
+        assert!(
+            (lhs - rhs).abs() <= 1e-5 * lhs.abs().max(1.0),
+            "{mode}: {lhs} vs {rhs}"
+        );
     }
-    Ok(())
+    // candle detaches gradients unless CANDLE_GRAD_DO_NOT_DETACH is set (read once per
+    // thread): in a fresh thread, d/d(dy) of <dx, v> must be resize(v).
+    std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
+    std::thread::spawn(move || -> Result<()> {
+        let x = Var::from_tensor(&x)?;
+        let dy = Var::from_tensor(&dy)?;
+        for (mode, fused, _) in FUSED {
+            let y = fused(x.as_tensor(), (7, 4))?;
+            let g = (&y * dy.as_tensor())?.sum_all()?.backward()?;
+            let dx = g.get(&x).unwrap().clone();
+            let g2 = (dx * &v)?.sum_all()?.backward()?;
+            let Some(got) = g2.get(&dy) else {
+                bail!("{mode}: no second-order gradient")
+            };
+            assert_close(
+                &format!("{mode} d/d(dy)"),
+                got,
+                &fused(&v, (7, 4))?,
+                1e-6,
+                1e-6,
+            )?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("double-backward thread panicked"))?
 }
 
 #[test]
@@ -179,7 +204,7 @@ fn errors_name_the_op_the_values_and_the_fix() -> Result<()> {
             );
             let e = err(f(&x.flatten_to(1)?, (4, 4)));
             assert!(
-                e.starts_with(&op) && e.contains("(N, C, H, W), got [1, 2, 3]"),
+                e.starts_with(&op) && e.contains("(N, C, H, W), got [2, 3, 3]"),
                 "{e}"
             );
             let e = err(f(&x.to_dtype(DType::U8)?, (4, 4)));

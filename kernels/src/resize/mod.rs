@@ -11,7 +11,8 @@
 //! - Backward: `cpu::ResizeBwdOp` is a `CustomOp1` on dy `(N, C, oh, ow)` that scatters
 //!   each output gradient onto its taps (`f32` accumulation per plane), returning dx
 //!   `(N, C, H, W)`. Both maps are linear and each other's adjoint, so the backward op's own
-//!   backward is the forward resize (double backward works).
+//!   backward is the forward resize (double backward works where candle keeps the
+//!   gradient graph, i.e. with `CANDLE_GRAD_DO_NOT_DETACH=1`).
 //! - Nothing is cached: the taps of an axis are recomputed per call (O(oh + ow)).
 //!
 //! # Devices
