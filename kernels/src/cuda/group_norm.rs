@@ -105,6 +105,22 @@ fn cfg(blocks: usize) -> LaunchConfig {
     }
 }
 
+/// Launches group_norm.cu's kernel `stem` for element type `T` on `blocks` blocks of
+/// [`THREADS`] threads with its parameter struct.
+///
+/// # Safety
+/// As for [`launch`]: `P` is the kernel's parameter struct and its pointers are live buffers
+/// of the sizes the kernel touches for this grid.
+unsafe fn run<T: KernelDType, P: DeviceRepr>(
+    dev: &CudaDevice,
+    stem: &str,
+    blocks: usize,
+    params: &P,
+) -> Result<()> {
+    // SAFETY: the caller's contract above.
+    unsafe { launch(dev, MODULE, &kernel_name::<T>(stem), cfg(blocks), params) }
+}
+
 /// Mirror of `GnDims` in group_norm.cu: the geometry and options every kernel of a call shares.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -290,15 +306,7 @@ fn fwd_t<T: KernelDType>(
         // L = C / G * HW); grid = N * G * S blocks, block b reads [s * chunk,
         // min((s + 1) * chunk, L)) of its group and writes 3 floats at part[3 * b]; part
         // holds 3 * N * G * S floats. Guards held until the end of this block.
-        unsafe {
-            launch(
-                &dev,
-                MODULE,
-                &kernel_name::<T>("gn_stats"),
-                cfg(p.stats_blocks()),
-                &stats,
-            )
-        }?;
+        unsafe { run::<T, _>(&dev, "gn_stats", p.stats_blocks(), &stats) }?;
         let apply = GnFwdApplyParams {
             x: xp,
             w: gd.read(&w),
@@ -311,15 +319,7 @@ fn fwd_t<T: KernelDType>(
         // elements, part the N * G * S triples written above; grid = N * C * RS blocks,
         // each writing [s * rchunk, min((s + 1) * rchunk, HW)) of its row, so every y
         // element is written exactly once (RS = ceil(HW / rchunk)).
-        unsafe {
-            launch(
-                &dev,
-                MODULE,
-                &kernel_name::<T>("gn_fwd_apply"),
-                cfg(p.row_blocks()),
-                &apply,
-            )
-        }?;
+        unsafe { run::<T, _>(&dev, "gn_fwd_apply", p.row_blocks(), &apply) }?;
     }
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
@@ -410,15 +410,7 @@ fn bwd_t<T: KernelDType + ValidAsZeroBits>(
         d,
     };
     // SAFETY: as in fwd_t: x holds N * G * L elements of T; part 3 * N * G * S floats.
-    unsafe {
-        launch(
-            &dev,
-            MODULE,
-            &kernel_name::<T>("gn_stats"),
-            cfg(p.stats_blocks()),
-            &stats,
-        )
-    }?;
+    unsafe { run::<T, _>(&dev, "gn_stats", p.stats_blocks(), &stats) }?;
 
     let reduce = GnBwdReduceParams {
         x: xp,
@@ -432,15 +424,7 @@ fn bwd_t<T: KernelDType + ValidAsZeroBits>(
     // SAFETY: gn_bwd_reduce_<T>: x and dy hold N * C * HW elements of T, w and b C elements
     // each (the two halves of wb's 2 C), part the stats triples; grid = N * C * RS blocks,
     // block (row, s) writes ab[2 * (row * RS + s) + {0, 1}], and ab holds 2 * N * C * RS floats.
-    unsafe {
-        launch(
-            &dev,
-            MODULE,
-            &kernel_name::<T>("gn_bwd_reduce"),
-            cfg(p.row_blocks()),
-            &reduce,
-        )
-    }?;
+    unsafe { run::<T, _>(&dev, "gn_bwd_reduce", p.row_blocks(), &reduce) }?;
 
     let fin = GnBwdFinalizeParams {
         part: partp,
@@ -455,15 +439,7 @@ fn bwd_t<T: KernelDType + ValidAsZeroBits>(
     // (coef holds 4 * N * G floats) and, for sample 0, dw[c] and db[c] for the C / G channels
     // of its group, so each of the C elements of dw and db (inside out's numel + 2 C) is
     // written once.
-    unsafe {
-        launch(
-            &dev,
-            MODULE,
-            &kernel_name::<T>("gn_bwd_finalize"),
-            cfg(p.n * p.g),
-            &fin,
-        )
-    }?;
+    unsafe { run::<T, _>(&dev, "gn_bwd_finalize", p.n * p.g, &fin) }?;
 
     let dxk = GnBwdDxParams {
         x: xp,
@@ -477,15 +453,7 @@ fn bwd_t<T: KernelDType + ValidAsZeroBits>(
     // SAFETY: gn_bwd_dx_<T>: dx is the first N * C * HW elements of `out`; grid = N * C * RS
     // blocks, each writing its [s * rchunk, min((s + 1) * rchunk, HW)) range of its row, so
     // every dx element is written exactly once; coef was written by gn_bwd_finalize.
-    unsafe {
-        launch(
-            &dev,
-            MODULE,
-            &kernel_name::<T>("gn_bwd_dx"),
-            cfg(p.row_blocks()),
-            &dxk,
-        )
-    }?;
+    unsafe { run::<T, _>(&dev, "gn_bwd_dx", p.row_blocks(), &dxk) }?;
     drop(gd);
 
     Ok((CudaStorage::wrap_cuda_slice(out, dev), out_shape))
