@@ -25,6 +25,7 @@
 // H100); gn_bwd_dx walks forward, where gn_bwd_reduce ended. Outputs use streaming stores.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define GN_THREADS 256
@@ -481,40 +482,108 @@ __device__ void gn_bwd_dx(const T* __restrict__ x, const T* __restrict__ w, cons
   if (tail0 + t < len) po[tail0 + t] = from_f<T>(f(to_f(px[tail0 + t]), to_f(pd[tail0 + t])));
 }
 
+// ---------------------------------------------------------------- launch parameters
+// Each kernel takes ONE argument, a parameter struct passed by value. The structs are
+// mirrored field for field by #[repr(C)] structs in kernels/src/cuda/group_norm.rs (device
+// pointers are u64 there); the static_asserts below and the const asserts there pin the
+// same sizes and offsets, and the host check (kernels/cuda/host-check) builds these very
+// structs. Pointers first, then 8-byte integers, then 4-byte fields: no hidden padding.
+
+// The geometry and options shared by every kernel of one call (see the file header).
+struct GnDims {
+  i64 HW;      // spatial size of a row
+  i64 L;       // elements per group, Cg * HW
+  i64 chunk;   // stats chunk (elements)
+  i64 rchunk;  // row chunk (elements)
+  int N, C, G;
+  int S;       // stats chunks per group
+  int RS;      // row chunks per row
+  float eps;
+  int silu;    // 0 or 1
+  int pad;     // explicit tail padding (0)
+};
+
+template <typename T> struct GnStatsParams {
+  const T* x;
+  float* part;
+  GnDims d;
+};
+
+template <typename T> struct GnFwdApplyParams {
+  const T* x;
+  const T* w;
+  const T* b;
+  T* y;
+  const float* part;
+  GnDims d;
+};
+
+template <typename T> struct GnBwdReduceParams {
+  const T* x;
+  const T* w;
+  const T* b;
+  const T* dy;
+  const float* part;
+  float* ab;
+  GnDims d;
+};
+
+template <typename T> struct GnBwdFinalizeParams {
+  const float* part;
+  const float* ab;
+  const T* w;
+  float* coef;
+  T* dw;
+  T* db;
+  GnDims d;
+};
+
+template <typename T> struct GnBwdDxParams {
+  const T* x;
+  const T* w;
+  const T* b;
+  const T* dy;
+  const float* coef;
+  T* dx;
+  GnDims d;
+};
+
+// Keep in sync with the const asserts in kernels/src/cuda/group_norm.rs.
+static_assert(sizeof(void*) == 8, "64-bit device pointers expected");
+static_assert(sizeof(GnDims) == 64 && offsetof(GnDims, N) == 32 && offsetof(GnDims, eps) == 52 &&
+                  offsetof(GnDims, silu) == 56, "GnDims layout");
+static_assert(sizeof(GnStatsParams<float>) == 80 && offsetof(GnStatsParams<float>, d) == 16, "GnStatsParams layout");
+static_assert(sizeof(GnFwdApplyParams<float>) == 104 && offsetof(GnFwdApplyParams<float>, d) == 40,
+              "GnFwdApplyParams layout");
+static_assert(sizeof(GnBwdReduceParams<float>) == 112 && offsetof(GnBwdReduceParams<float>, d) == 48,
+              "GnBwdReduceParams layout");
+static_assert(sizeof(GnBwdFinalizeParams<float>) == 112 && offsetof(GnBwdFinalizeParams<float>, d) == 48,
+              "GnBwdFinalizeParams layout");
+static_assert(sizeof(GnBwdDxParams<float>) == 112 && offsetof(GnBwdDxParams<float>, d) == 48, "GnBwdDxParams layout");
+
 // ---------------------------------------------------------------- extern "C" entry points
 #define GN_INSTANTIATE(SUF, T)                                                                          \
-  extern "C" __global__ void __launch_bounds__(GN_THREADS)                                              \
-      gn_stats_##SUF(const T* x, float* part, i64 L, i64 chunk, int S) {                                \
-    gn_stats<T>(x, part, L, chunk, S);                                                                  \
+  extern "C" __global__ void __launch_bounds__(GN_THREADS) gn_stats_##SUF(const GnStatsParams<T> p) {  \
+    gn_stats<T>(p.x, p.part, p.d.L, p.d.chunk, p.d.S);                                                  \
+  }                                                                                                     \
+  extern "C" __global__ void __launch_bounds__(GN_THREADS) gn_fwd_apply_##SUF(const GnFwdApplyParams<T> p) { \
+    gn_fwd_apply<T>(p.x, p.w, p.b, p.y, p.part, p.d.C, p.d.G, p.d.HW, p.d.rchunk, p.d.RS, p.d.S, p.d.eps, \
+                    p.d.silu);                                                                          \
   }                                                                                                     \
   extern "C" __global__ void __launch_bounds__(GN_THREADS)                                              \
-      gn_fwd_apply_##SUF(const T* x, const T* w, const T* b, T* y, const float* part, int C, int G,    \
-                         i64 HW, i64 rchunk, int RS, int S, float eps, int silu) {                     \
-    gn_fwd_apply<T>(x, w, b, y, part, C, G, HW, rchunk, RS, S, eps, silu);                              \
+      gn_bwd_reduce_##SUF(const GnBwdReduceParams<T> p) {                                               \
+    gn_bwd_reduce<T>(p.x, p.w, p.b, p.dy, p.part, p.ab, p.d.C, p.d.G, p.d.HW, p.d.rchunk, p.d.RS, p.d.S, \
+                     p.d.eps, p.d.silu);                                                                \
   }                                                                                                     \
   extern "C" __global__ void __launch_bounds__(GN_THREADS)                                              \
-      gn_bwd_reduce_##SUF(const T* x, const T* w, const T* b, const T* dy, const float* part,           \
-                          float* ab, int C, int G, i64 HW, i64 rchunk, int RS, int S, float eps,        \
-                          int silu) {                                                                   \
-    gn_bwd_reduce<T>(x, w, b, dy, part, ab, C, G, HW, rchunk, RS, S, eps, silu);                        \
+      gn_bwd_finalize_##SUF(const GnBwdFinalizeParams<T> p) {                                           \
+    gn_bwd_finalize<T>(p.part, p.ab, p.w, p.coef, p.dw, p.db, p.d.N, p.d.C, p.d.G, p.d.HW, p.d.RS, p.d.S, \
+                       p.d.eps);                                                                        \
   }                                                                                                     \
-  extern "C" __global__ void __launch_bounds__(GN_THREADS)                                              \
-      gn_bwd_finalize_##SUF(const float* part, const float* ab, const T* w, float* coef, T* dw, T* db,  \
-                            int N, int C, int G, i64 HW, int RS, int S, float eps) {                    \
-    gn_bwd_finalize<T>(part, ab, w, coef, dw, db, N, C, G, HW, RS, S, eps);                             \
-  }                                                                                                     \
-  extern "C" __global__ void __launch_bounds__(GN_THREADS)                                              \
-      gn_bwd_dx_##SUF(const T* x, const T* w, const T* b, const T* dy, const float* coef, T* dx,        \
-                      int C, int G, i64 HW, i64 rchunk, int RS, int silu) {                             \
-    gn_bwd_dx<T>(x, w, b, dy, coef, dx, C, G, HW, rchunk, RS, silu);                                    \
+  extern "C" __global__ void __launch_bounds__(GN_THREADS) gn_bwd_dx_##SUF(const GnBwdDxParams<T> p) {  \
+    gn_bwd_dx<T>(p.x, p.w, p.b, p.dy, p.coef, p.dx, p.d.C, p.d.G, p.d.HW, p.d.rchunk, p.d.RS, p.d.silu);  \
   }
 
 GN_INSTANTIATE(f32, float)
 GN_INSTANTIATE(f16, __half)
 GN_INSTANTIATE(bf16, __nv_bfloat16)
-
-// Test hook: fills n bytes with `value` (0xFF poisons f32/f16/bf16 with NaN).
-extern "C" __global__ void fill_u8(unsigned char* p, i64 n, unsigned int value) {
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-    p[i] = (unsigned char)value;
-}

@@ -30,6 +30,7 @@
 //! - Non-contiguous x, weight or bias are copied to a contiguous layout first.
 //! - Empty inputs (N = 0 or a zero spatial dim) give empty outputs and zero dweight/dbias.
 
+use crate::cpu::contiguous;
 use crate::cpu::group_norm::{backward, forward, plan_chunks, GnDims};
 use candle::backend::BackendStorage;
 use candle::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -307,14 +308,6 @@ fn cpu_dims(op: &str, l: &Layout, num_groups: usize, c_len: usize) -> Result<GnD
 fn on_pool<R>(d: GnDims, f: impl FnOnce(usize) -> R) -> R {
     let m = (d.c / d.groups) * d.hw;
     f(plan_chunks(d.n * d.groups, m, rayon::current_num_threads()))
-}
-
-/// The contiguous slice of a storage's data described by `l`.
-fn contiguous<'a, T>(op: &str, what: &str, data: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) if b <= data.len() => Ok(&data[a..b]),
-        _ => bail!("{op}: {what} must be contiguous (layout {l:?})"),
-    }
 }
 
 impl CustomOp3 for GroupNormOp {

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use std::process::Command;
 use std::time::Instant;
 
-const STEPS: [&str; 5] = ["fmt", "ptx", "clippy", "test", "cuda"];
+const STEPS: [&str; 6] = ["fmt", "ptx", "hostcheck", "clippy", "test", "cuda"];
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -38,6 +38,13 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     }
     if on("ptx") {
         step("cargo xtask ptx --check", ptx::check)?;
+    }
+    if on("hostcheck") {
+        // The only run the CUDA kernels get without a GPU: the .cu files compiled as host
+        // C++ (needs only a C++20 compiler) and checked against a float64 reference.
+        step("bash kernels/cuda/host-check/run.sh", || {
+            run_cmd(Command::new("bash").arg(root().join("kernels/cuda/host-check/run.sh")))
+        })?;
     }
     if on("clippy") {
         step(

@@ -12,6 +12,7 @@
 //! there are enough of them, otherwise sequential tasks with the GEMM itself parallel.
 
 use super::Geom;
+use crate::cpu::contiguous;
 use candle::backend::BackendStorage;
 use candle::{bail, CpuStorage, Layout, Result};
 use gemm::Parallelism;
@@ -21,14 +22,6 @@ use std::borrow::Cow;
 
 /// Target size (f32 elements) of one im2col tile: 256 Ki floats = 1 MiB, within L2.
 const TILE_FLOATS: usize = 1 << 18;
-
-/// The contiguous slice of a storage's data described by `l`.
-fn contiguous<'a, T>(op: &str, what: &str, data: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) if b <= data.len() => Ok(&data[a..b]),
-        _ => bail!("{op}: {what} must be contiguous (layout {l:?})"),
-    }
-}
 
 /// The contiguous data of `s` as `f32` (borrowed for f32, converted for f16/bf16).
 pub(super) fn as_f32<'a>(
@@ -70,9 +63,10 @@ pub(super) fn same_dtype(op: &str, a: &CpuStorage, b: &CpuStorage) -> Result<()>
     Ok(())
 }
 
-/// `v` as a storage of `like`'s dtype (rounded once for f16/bf16).
-pub(super) fn wrap(like: &CpuStorage, v: Vec<f32>) -> CpuStorage {
-    match like {
+/// `v` as a storage of `like`'s dtype (rounded once for f16/bf16); an error for any dtype
+/// but f32, f16 and bf16 (never a silent f32).
+pub(super) fn wrap(op: &str, like: &CpuStorage, v: Vec<f32>) -> Result<CpuStorage> {
+    Ok(match like {
         CpuStorage::F16(_) => {
             let mut o = vec![f16::ZERO; v.len()];
             o.convert_from_f32_slice(&v);
@@ -83,8 +77,12 @@ pub(super) fn wrap(like: &CpuStorage, v: Vec<f32>) -> CpuStorage {
             o.convert_from_f32_slice(&v);
             CpuStorage::BF16(o)
         }
-        _ => CpuStorage::F32(v),
-    }
+        CpuStorage::F32(_) => CpuStorage::F32(v),
+        other => bail!(
+            "{op}: unsupported dtype {:?}; supported: f32, f16, bf16 (cast with .to_dtype first)",
+            other.dtype()
+        ),
+    })
 }
 
 /// A strided `f32` matrix operand: element `(i, j)` is `data[i * rs + j * cs]`.
@@ -494,7 +492,25 @@ pub(super) fn backward_filter(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_range;
+    use super::{valid_range, wrap};
+    use candle::CpuStorage;
+
+    #[test]
+    fn wrap_rejects_unsupported_dtypes() {
+        let like = CpuStorage::F64(vec![0.0; 2]);
+        let err = wrap("conv2d", &like, vec![1.0, 2.0])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("conv2d") && err.contains("F64"), "{err}");
+        let like = CpuStorage::U8(vec![0; 2]);
+        assert!(wrap("conv2d", &like, vec![1.0, 2.0]).is_err());
+        // The supported dtypes keep their own dtype.
+        let like = CpuStorage::BF16(vec![half::bf16::ZERO; 2]);
+        let got = wrap("conv2d", &like, vec![1.0, 2.0]).unwrap();
+        assert!(matches!(got, CpuStorage::BF16(ref v) if v[1].to_f32() == 2.0));
+        let got = wrap("conv2d", &CpuStorage::F32(vec![]), vec![3.0]).unwrap();
+        assert!(matches!(got, CpuStorage::F32(ref v) if v == &[3.0]));
+    }
 
     #[test]
     fn valid_range_matches_brute_force() {

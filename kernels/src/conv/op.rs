@@ -85,7 +85,7 @@ impl CustomOp2 for ConvOp {
             Kind::BackwardData => cpu::backward_data(g, &a, &b),
             Kind::BackwardFilter => cpu::backward_filter(g, &a, &b),
         };
-        Ok((cpu::wrap(s1, out), shape))
+        Ok((cpu::wrap(op, s1, out)?, shape))
     }
 
     #[cfg(feature = "cudnn")]

@@ -8,7 +8,26 @@
 
 pub(crate) mod group_norm;
 
+use candle::{bail, Layout, Result};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
+
+/// The contiguous slice of a storage's data described by `l`, or an error naming the op and
+/// the operand (`what`) when the layout is strided or reaches past the data.
+pub(crate) fn contiguous<'a, T>(
+    op: &str,
+    what: &str,
+    data: &'a [T],
+    l: &Layout,
+) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if b <= data.len() => Ok(&data[a..b]),
+        Some((a, b)) => bail!(
+            "{op}: {what} layout {l:?} reaches element {b} (from {a}) of a storage of {} elements",
+            data.len()
+        ),
+        None => bail!("{op}: {what} must be contiguous (layout {l:?}); call .contiguous() first"),
+    }
+}
 
 /// Number of elements converted to `f32` at a time for f16/bf16 inputs (16 KiB of stack for
 /// the largest user, which holds four such buffers).

@@ -18,7 +18,7 @@
 //! - **Handles**: one cuDNN handle per (thread, device), bound to candle's stream (cuDNN
 //!   handles are neither `Send` nor `Sync`).
 
-use super::{poison, poison_outputs};
+use super::{poison, poison_outputs, view};
 use crate::conv::{Geom, Kind};
 use candle::backend::BackendStorage;
 use candle::cuda_backend::cudarc::cudnn::sys::{
@@ -140,18 +140,6 @@ fn descs<T: CudnnDataType>(
     Ok((conv, x, w, y))
 }
 
-/// The contiguous view of a storage described by `l`.
-fn view<'a, T: CudaDType + DeviceRepr>(
-    op: &str,
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-        None => bail!("{op} (cudnn): operands must be contiguous (layout {l:?})"),
-    }
-}
-
 /// Runs convolution `kind` of geometry `g` on `(s1, s2)`: `(x, w)`, `(dy, w)` or `(x, dy)`.
 pub(crate) fn run(
     kind: Kind,
@@ -169,6 +157,181 @@ pub(crate) fn run(
             bail!("conv2d (cudnn): operands must be both f32, f16 or bf16, got {a:?} and {b:?}")
         }
     }
+}
+
+/// One cuDNN convolution direction (cudarc's `ConvForward`, `ConvBackwardData`,
+/// `ConvBackwardFilter`): its algorithm type, fallbacks and call, so that [`convolve`] states
+/// the algorithm choice, caching and workspace handling once for all three.
+trait Direction<T: CudnnDataType> {
+    /// cuDNN's algorithm enum for this direction.
+    type Algo: Copy;
+    /// Algorithms with small workspaces, tried in order after cuDNN's heuristic pick.
+    const FALLBACKS: [Self::Algo; 2];
+    /// cuDNN's heuristic choice (`cudnnGetConvolution*Algorithm_v7`).
+    fn heuristic(&self) -> std::result::Result<Self::Algo, CudnnError>;
+    /// Workspace bytes `algo` needs for these descriptors.
+    fn workspace_size(&self, algo: Self::Algo) -> std::result::Result<usize, CudnnError>;
+    /// The algorithm as a cache entry.
+    fn cached(algo: Self::Algo) -> Algo;
+    /// The algorithm of a cache entry, `None` when it belongs to another direction.
+    fn uncached(algo: Algo) -> Option<Self::Algo>;
+    /// Runs the convolution with `alpha = 1`, `beta = 0`: `(a, b)` are the op's two inputs in
+    /// [`run`]'s order, `out` its output.
+    ///
+    /// # Safety
+    /// `a`, `b` and `out` are contiguous NCHW buffers of dtype `T` with exactly the element
+    /// counts of this direction's descriptors, and `ws` holds at least
+    /// `workspace_size(algo)` bytes.
+    unsafe fn call(
+        &self,
+        algo: Self::Algo,
+        ws: Option<&mut CudaSlice<u8>>,
+        a: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        out: &mut CudaSlice<T>,
+    ) -> std::result::Result<(), CudnnError>;
+}
+
+impl<T: CudnnDataType + WithDType> Direction<T> for ConvForward<'_, T, f32, T> {
+    type Algo = FwdAlgo;
+    const FALLBACKS: [FwdAlgo; 2] = [
+        FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+    ];
+    fn heuristic(&self) -> std::result::Result<FwdAlgo, CudnnError> {
+        self.pick_algorithm()
+    }
+    fn workspace_size(&self, algo: FwdAlgo) -> std::result::Result<usize, CudnnError> {
+        self.get_workspace_size(algo)
+    }
+    fn cached(algo: FwdAlgo) -> Algo {
+        Algo::Fwd(algo)
+    }
+    fn uncached(algo: Algo) -> Option<FwdAlgo> {
+        match algo {
+            Algo::Fwd(a) => Some(a),
+            _ => None,
+        }
+    }
+    unsafe fn call(
+        &self,
+        algo: FwdAlgo,
+        ws: Option<&mut CudaSlice<u8>>,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        y: &mut CudaSlice<T>,
+    ) -> std::result::Result<(), CudnnError> {
+        // SAFETY: x (N, C_in, H, W), w (C_out, C_in/G, kH, kW), y (N, C_out, H_out, W_out)
+        // match the descriptors `x`, `w`, `y` (the caller's contract).
+        unsafe { self.launch(algo, ws, (T::from_f64(1.0), T::from_f64(0.0)), x, w, y) }
+    }
+}
+
+impl<T: CudnnDataType + WithDType> Direction<T> for ConvBackwardData<'_, T, f32, T> {
+    type Algo = DataAlgo;
+    const FALLBACKS: [DataAlgo; 2] = [
+        DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+    ];
+    fn heuristic(&self) -> std::result::Result<DataAlgo, CudnnError> {
+        self.pick_algorithm()
+    }
+    fn workspace_size(&self, algo: DataAlgo) -> std::result::Result<usize, CudnnError> {
+        self.get_workspace_size(algo)
+    }
+    fn cached(algo: DataAlgo) -> Algo {
+        Algo::Data(algo)
+    }
+    fn uncached(algo: Algo) -> Option<DataAlgo> {
+        match algo {
+            Algo::Data(a) => Some(a),
+            _ => None,
+        }
+    }
+    unsafe fn call(
+        &self,
+        algo: DataAlgo,
+        ws: Option<&mut CudaSlice<u8>>,
+        dy: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        dx: &mut CudaSlice<T>,
+    ) -> std::result::Result<(), CudnnError> {
+        // SAFETY: dy (N, C_out, H_out, W_out), w and dx (N, C_in, H, W) match the
+        // descriptors `dy`, `w`, `dx` (the caller's contract).
+        unsafe { self.launch(algo, ws, (T::from_f64(1.0), T::from_f64(0.0)), dx, w, dy) }
+    }
+}
+
+impl<T: CudnnDataType + WithDType> Direction<T> for ConvBackwardFilter<'_, T, f32, T> {
+    type Algo = FilterAlgo;
+    const FALLBACKS: [FilterAlgo; 2] = [
+        FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+    ];
+    fn heuristic(&self) -> std::result::Result<FilterAlgo, CudnnError> {
+        self.pick_algorithm()
+    }
+    fn workspace_size(&self, algo: FilterAlgo) -> std::result::Result<usize, CudnnError> {
+        self.get_workspace_size(algo)
+    }
+    fn cached(algo: FilterAlgo) -> Algo {
+        Algo::Filter(algo)
+    }
+    fn uncached(algo: Algo) -> Option<FilterAlgo> {
+        match algo {
+            Algo::Filter(a) => Some(a),
+            _ => None,
+        }
+    }
+    unsafe fn call(
+        &self,
+        algo: FilterAlgo,
+        ws: Option<&mut CudaSlice<u8>>,
+        x: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        dw: &mut CudaSlice<T>,
+    ) -> std::result::Result<(), CudnnError> {
+        // SAFETY: x, dy and dw (C_out, C_in/G, kH, kW) match the descriptors `x`, `dy`,
+        // `dw` (the caller's contract).
+        unsafe { self.launch(algo, ws, (T::from_f64(1.0), T::from_f64(0.0)), x, dw, dy) }
+    }
+}
+
+/// Picks (or recalls) the algorithm of direction `d` for `key` and runs it on `(a, b)` into
+/// `out`, with a workspace of the size cuDNN reports.
+fn convolve<T: CudnnDataType, D: Direction<T>>(
+    d: &D,
+    key: Key,
+    dev: &CudaDevice,
+    (a, b): (&CudaView<'_, T>, &CudaView<'_, T>),
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    let cached = cache().lock().ok().and_then(|c| c.get(&key).copied());
+    let (algo, ws) = match cached {
+        Some((algo, ws)) => match D::uncached(algo) {
+            Some(a) => (a, ws),
+            None => bail!("conv2d (cudnn): algorithm cache mismatch for {key:?}"),
+        },
+        None => {
+            let cands = [d.heuristic()].into_iter().chain(D::FALLBACKS.map(Ok));
+            let Some((algo, ws)) = first_fitting(cands, |a| d.workspace_size(a)) else {
+                bail!(
+                    "conv2d (cudnn): no {:?} algorithm fits the {WORKSPACE_CAP}-byte workspace cap for {:?} in {:?}",
+                    key.kind, key.geom, key.dtype
+                )
+            };
+            if let Ok(mut c) = cache().lock() {
+                c.insert(key, (D::cached(algo), ws));
+            }
+            (algo, ws)
+        }
+    };
+    let mut wsb = workspace(dev, ws)?;
+    // SAFETY: `a`, `b` and `out` are the contiguous NCHW operands of dtype T that [`launch`]
+    // matched to this direction's descriptors, all built from one validated geometry; the
+    // workspace has the size cuDNN reported for `algo`.
+    unsafe { d.call(algo, wsb.as_mut(), a, b, out) }?;
+    Ok(())
 }
 
 fn launch<T>(
@@ -196,18 +359,18 @@ where
         let out = dev.alloc_zeros::<T>(n_out)?;
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
-    let a = view::<T>(OP, s1, l1)?;
-    let b = view::<T>(OP, s2, l2)?;
+    let (n1, n2) = match kind {
+        Kind::Forward => ("x", "weight"),
+        Kind::BackwardData => ("dy", "weight"),
+        Kind::BackwardFilter => ("x", "dy"),
+    };
+    let a = view::<T>(OP, n1, s1, l1)?;
+    let b = view::<T>(OP, n2, s2, l2)?;
     // SAFETY: every element of `out` is written by the cuDNN call below (beta = 0 for all
     // three directions, so the previous contents are never read).
     let mut out = unsafe { dev.alloc::<T>(n_out)? };
     if poison_outputs() {
-        poison(
-            &dev,
-            super::group_norm::MODULE,
-            super::group_norm::PTX,
-            &out,
-        )?;
+        poison(&dev, &mut out)?;
     }
     let cudnn = handle(&dev)?;
     let tf32 = crate::conv::conv_tf32();
@@ -219,147 +382,34 @@ where
         tf32,
         device: dev.id(),
     };
-    let cached = cache().lock().ok().and_then(|c| c.get(&key).copied());
-    let one = T::from_f64(1.0);
-    let zero = T::from_f64(0.0);
-    let pick = |found: Option<(Algo, usize)>| -> Result<(Algo, usize)> {
-        match found {
-            Some(f) => {
-                if let Ok(mut c) = cache().lock() {
-                    c.insert(key, f);
-                }
-                Ok(f)
-            }
-            None => bail!("{OP} (cudnn): no {kind:?} algorithm fits the {WORKSPACE_CAP}-byte workspace cap for {g:?} in {:?}", T::DTYPE),
-        }
-    };
+    let ab = (&a, &b);
     match kind {
         Kind::Forward => {
-            let op = ConvForward {
+            let d = ConvForward {
                 conv: &conv,
                 x: &x,
                 w: &w,
                 y: &y,
             };
-            let (algo, ws) = match cached {
-                Some(c) => c,
-                None => {
-                    use FwdAlgo::*;
-                    let cands = [op.pick_algorithm()].into_iter().chain(
-                        [
-                            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
-                            CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-                        ]
-                        .map(Ok),
-                    );
-                    pick(
-                        first_fitting(cands, |a| op.get_workspace_size(a))
-                            .map(|(a, s)| (Algo::Fwd(a), s)),
-                    )?
-                }
-            };
-            let Algo::Fwd(algo) = algo else {
-                bail!("{OP} (cudnn): algorithm cache mismatch for {key:?}")
-            };
-            let mut wsb = workspace(&dev, ws)?;
-            // SAFETY: `a` is x (N, C_in, H, W), `b` is w (C_out, C_in/G, kH, kW) and `out` is y
-            // (N, C_out, H_out, W_out), all contiguous NCHW of dtype T, exactly the
-            // descriptors `x`, `w`, `y` built from the same validated geometry; the workspace
-            // has the size cuDNN reported for `algo`.
-            unsafe {
-                op.launch::<CudaSlice<u8>, _, _, _>(
-                    algo,
-                    wsb.as_mut(),
-                    (one, zero),
-                    &a,
-                    &b,
-                    &mut out,
-                )
-            }?;
+            convolve(&d, key, &dev, ab, &mut out)?
         }
         Kind::BackwardData => {
-            let op = ConvBackwardData {
+            let d = ConvBackwardData {
                 conv: &conv,
                 dx: &x,
                 w: &w,
                 dy: &y,
             };
-            let (algo, ws) = match cached {
-                Some(c) => c,
-                None => {
-                    use DataAlgo::*;
-                    let cands = [op.pick_algorithm()].into_iter().chain(
-                        [
-                            CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
-                            CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
-                        ]
-                        .map(Ok),
-                    );
-                    pick(
-                        first_fitting(cands, |a| op.get_workspace_size(a))
-                            .map(|(a, s)| (Algo::Data(a), s)),
-                    )?
-                }
-            };
-            let Algo::Data(algo) = algo else {
-                bail!("{OP} (cudnn): algorithm cache mismatch for {key:?}")
-            };
-            let mut wsb = workspace(&dev, ws)?;
-            // SAFETY: `a` is dy (N, C_out, H_out, W_out), `b` is w and `out` is dx (N, C_in, H,
-            // W), contiguous NCHW of dtype T matching the descriptors `y`, `w`, `x`; the
-            // workspace has the size cuDNN reported for `algo`.
-            unsafe {
-                op.launch::<CudaSlice<u8>, _, _, _>(
-                    algo,
-                    wsb.as_mut(),
-                    (one, zero),
-                    &mut out,
-                    &b,
-                    &a,
-                )
-            }?;
+            convolve(&d, key, &dev, ab, &mut out)?
         }
         Kind::BackwardFilter => {
-            let op = ConvBackwardFilter {
+            let d = ConvBackwardFilter {
                 conv: &conv,
                 x: &x,
                 dw: &w,
                 dy: &y,
             };
-            let (algo, ws) = match cached {
-                Some(c) => c,
-                None => {
-                    use FilterAlgo::*;
-                    let cands = [op.pick_algorithm()].into_iter().chain(
-                        [
-                            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
-                            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
-                        ]
-                        .map(Ok),
-                    );
-                    pick(
-                        first_fitting(cands, |a| op.get_workspace_size(a))
-                            .map(|(a, s)| (Algo::Filter(a), s)),
-                    )?
-                }
-            };
-            let Algo::Filter(algo) = algo else {
-                bail!("{OP} (cudnn): algorithm cache mismatch for {key:?}")
-            };
-            let mut wsb = workspace(&dev, ws)?;
-            // SAFETY: `a` is x, `b` is dy and `out` is dw (C_out, C_in/G, kH, kW), contiguous
-            // NCHW of dtype T matching the descriptors `x`, `y`, `w`; the workspace has the
-            // size cuDNN reported for `algo`.
-            unsafe {
-                op.launch::<CudaSlice<u8>, _, _, _>(
-                    algo,
-                    wsb.as_mut(),
-                    (one, zero),
-                    &a,
-                    &mut out,
-                    &b,
-                )
-            }?;
+            convolve(&d, key, &dev, ab, &mut out)?
         }
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))

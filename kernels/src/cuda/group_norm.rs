@@ -7,19 +7,17 @@
 //! recomputed): `gn_stats` + `gn_bwd_reduce` + `gn_bwd_finalize` + `gn_bwd_dx` (4 launches);
 //! the only temporaries are O(N * G * S + N * C * RS) floats of partial sums.
 
-use super::{poison, poison_outputs};
+use super::{kernel_name, launch, poison, poison_outputs, view, Guards, KernelDType, Module};
 use candle::backend::BackendStorage;
-use candle::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-};
-use candle::cuda_backend::{CudaDType, WrapErr};
+use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, ValidAsZeroBits};
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 use half::{bf16, f16};
 
-/// Module name under which the PTX is cached by the device.
-pub(crate) const MODULE: &str = "keel_group_norm";
-/// The committed PTX (`cargo xtask ptx` regenerates it; `cargo xtask ptx --check` verifies it).
-pub(crate) const PTX: &str = include_str!("../../ptx/group_norm.ptx");
+/// `kernels/cuda/group_norm.cu`.
+const MODULE: Module = Module {
+    name: "keel_group_norm",
+    ptx: include_str!("../../ptx/group_norm.ptx"),
+};
 /// Threads per block; must equal `GN_THREADS` in the .cu file.
 const THREADS: u32 = 256;
 /// Blocks to aim for per launch: about 8 resident 256-thread blocks on each of an H100's
@@ -107,20 +105,138 @@ fn cfg(blocks: usize) -> LaunchConfig {
     }
 }
 
-/// The contiguous elements of `s` described by `l`, or an error naming the operand.
-fn view<'a, T: CudaDType>(
-    op: &str,
-    what: &str,
-    s: &'a CudaStorage,
-    l: &Layout,
-) -> Result<CudaView<'a, T>> {
-    let slice = s.as_cuda_slice::<T>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => match slice.try_slice(a..b) {
-            Some(v) => Ok(v),
-            None => bail!("{op} (cuda): {what} layout {l:?} is out of bounds of its storage"),
-        },
-        None => bail!("{op} (cuda): {what} must be contiguous (layout {l:?})"),
+/// Launches group_norm.cu's kernel `stem` for element type `T` on `blocks` blocks of
+/// [`THREADS`] threads with its parameter struct.
+///
+/// # Safety
+/// As for [`launch`]: `P` is the kernel's parameter struct and its pointers are live buffers
+/// of the sizes the kernel touches for this grid.
+unsafe fn run<T: KernelDType, P: DeviceRepr>(
+    dev: &CudaDevice,
+    stem: &str,
+    blocks: usize,
+    params: &P,
+) -> Result<()> {
+    // SAFETY: the caller's contract above.
+    unsafe { launch(dev, MODULE, &kernel_name::<T>(stem), cfg(blocks), params) }
+}
+
+/// Mirror of `GnDims` in group_norm.cu: the geometry and options every kernel of a call shares.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GnDims {
+    hw: i64,
+    l: i64,
+    chunk: i64,
+    rchunk: i64,
+    n: i32,
+    c: i32,
+    g: i32,
+    s: i32,
+    rs: i32,
+    eps: f32,
+    silu: i32,
+    pad: i32,
+}
+
+/// Mirror of `GnStatsParams<T>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GnStatsParams {
+    x: u64,
+    part: u64,
+    d: GnDims,
+}
+
+/// Mirror of `GnFwdApplyParams<T>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GnFwdApplyParams {
+    x: u64,
+    w: u64,
+    b: u64,
+    y: u64,
+    part: u64,
+    d: GnDims,
+}
+
+/// Mirror of `GnBwdReduceParams<T>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GnBwdReduceParams {
+    x: u64,
+    w: u64,
+    b: u64,
+    dy: u64,
+    part: u64,
+    ab: u64,
+    d: GnDims,
+}
+
+/// Mirror of `GnBwdFinalizeParams<T>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GnBwdFinalizeParams {
+    part: u64,
+    ab: u64,
+    w: u64,
+    coef: u64,
+    dw: u64,
+    db: u64,
+    d: GnDims,
+}
+
+/// Mirror of `GnBwdDxParams<T>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct GnBwdDxParams {
+    x: u64,
+    w: u64,
+    b: u64,
+    dy: u64,
+    coef: u64,
+    dx: u64,
+    d: GnDims,
+}
+
+// SAFETY (all six): plain `#[repr(C)]` integers and floats laid out exactly as the .cu
+// structs, which the asserts below pin to the numbers group_norm.cu's static_asserts check.
+unsafe impl DeviceRepr for GnDims {}
+unsafe impl DeviceRepr for GnStatsParams {}
+unsafe impl DeviceRepr for GnFwdApplyParams {}
+unsafe impl DeviceRepr for GnBwdReduceParams {}
+unsafe impl DeviceRepr for GnBwdFinalizeParams {}
+unsafe impl DeviceRepr for GnBwdDxParams {}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<GnDims>() == 64);
+    assert!(offset_of!(GnDims, n) == 32 && offset_of!(GnDims, eps) == 52);
+    assert!(offset_of!(GnDims, silu) == 56);
+    assert!(size_of::<GnStatsParams>() == 80 && offset_of!(GnStatsParams, d) == 16);
+    assert!(size_of::<GnFwdApplyParams>() == 104 && offset_of!(GnFwdApplyParams, d) == 40);
+    assert!(size_of::<GnBwdReduceParams>() == 112 && offset_of!(GnBwdReduceParams, d) == 48);
+    assert!(size_of::<GnBwdFinalizeParams>() == 112 && offset_of!(GnBwdFinalizeParams, d) == 48);
+    assert!(size_of::<GnBwdDxParams>() == 112 && offset_of!(GnBwdDxParams, d) == 48);
+};
+
+impl Plan {
+    /// The kernels' shared parameters (every count was checked to fit in i32 by [`Plan::new`]).
+    fn dims(&self, eps: f32, silu: bool) -> GnDims {
+        GnDims {
+            hw: self.hw as i64,
+            l: self.group_len as i64,
+            chunk: self.chunk as i64,
+            rchunk: self.rchunk as i64,
+            n: self.n as i32,
+            c: self.c as i32,
+            g: self.g as i32,
+            s: self.splits as i32,
+            rs: self.rsplits as i32,
+            eps,
+            silu: i32::from(silu),
+            pad: 0,
+        }
     }
 }
 
@@ -130,55 +246,39 @@ fn alloc_out<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>
     // SAFETY: every element of the first `len` is written by the kernels below before the
     // buffer is returned (or the buffer is poisoned first in test mode); a spare element of
     // an empty output is never read.
-    let out = unsafe { dev.alloc::<T>(len.max(1)) }?;
+    let mut out = unsafe { dev.alloc::<T>(len.max(1)) }?;
     if poison_outputs() {
-        poison(dev, MODULE, PTX, &out)?;
+        poison(dev, &mut out)?;
     }
     Ok(out)
 }
 
-/// Launches `gn_stats_<suffix>`: `part[ng * splits + s]` = Welford (count, mean, M2).
-fn launch_stats<T>(
-    dev: &CudaDevice,
-    sfx: &str,
-    p: &Plan,
-    x: &CudaView<'_, T>,
-    part: &CudaSlice<f32>,
-) -> Result<()> {
-    let func = dev.get_or_load_custom_func(&format!("gn_stats_{sfx}"), MODULE, PTX)?;
-    let (group_len, chunk, splits) = (p.group_len as i64, p.chunk as i64, p.splits as i32);
-    let mut b = func.builder();
-    b.arg(x);
-    b.arg(part);
-    b.arg(&group_len);
-    b.arg(&chunk);
-    b.arg(&splits);
-    // SAFETY: gn_stats(const T* x, float* part, i64 L, i64 chunk, int S) with T matching
-    // `x`'s element type (same dtype suffix); x holds N * G * L elements (contiguous
-    // (N, C, HW), L = C / G * HW); grid = N * G * S blocks of 256 threads, each reading
-    // [s * chunk, min((s + 1) * chunk, L)) of its group and writing 3 floats at
-    // part[3 * block]; part holds 3 * N * G * S floats.
-    unsafe { b.launch(cfg(p.stats_blocks())) }.w()?;
-    Ok(())
-}
+/// The three inputs of one call: `(x, weight, bias)` forward, `(x, wb, dy)` backward.
+type Args<'a> = (
+    &'a CudaStorage,
+    &'a Layout,
+    &'a CudaStorage,
+    &'a Layout,
+    &'a CudaStorage,
+    &'a Layout,
+);
 
-fn fwd_t<T: CudaDType + DeviceRepr>(
-    sfx: &str,
-    op: &str,
-    (s1, l1, s2, l2, s3, l3): (
-        &CudaStorage,
-        &Layout,
-        &CudaStorage,
-        &Layout,
-        &CudaStorage,
-        &Layout,
-    ),
+/// The op's options: name (for errors), groups, eps, SiLU.
+#[derive(Clone, Copy)]
+struct Opts<'a> {
+    op: &'a str,
     num_groups: usize,
     eps: f32,
     silu: bool,
+}
+
+fn fwd_t<T: KernelDType>(
+    o: Opts<'_>,
+    (s1, l1, s2, l2, s3, l3): Args<'_>,
 ) -> Result<(CudaStorage, Shape)> {
+    let op = o.op;
     let dev = s1.device().clone();
-    let p = Plan::new(op, l1, num_groups, l2.shape().elem_count())?;
+    let p = Plan::new(op, l1, o.num_groups, l2.shape().elem_count())?;
     if l3.shape().elem_count() != p.c {
         bail!(
             "{op} (cuda): bias has {} elements, expected {}",
@@ -189,35 +289,37 @@ fn fwd_t<T: CudaDType + DeviceRepr>(
     let x = view::<T>(op, "x", s1, l1)?;
     let w = view::<T>(op, "weight", s2, l2)?;
     let b = view::<T>(op, "bias", s3, l3)?;
-    let y = alloc_out::<T>(&dev, p.numel)?;
+    let mut y = alloc_out::<T>(&dev, p.numel)?;
     if p.numel > 0 {
         // SAFETY: fully written by gn_stats (one triple per block) before gn_fwd_apply reads it.
-        let part = unsafe { dev.alloc::<f32>(3 * p.stats_blocks()) }?;
-        launch_stats(&dev, sfx, &p, &x, &part)?;
-        let func = dev.get_or_load_custom_func(&format!("gn_fwd_apply_{sfx}"), MODULE, PTX)?;
-        let (c, g, hw, rchunk) = (p.c as i32, p.g as i32, p.hw as i64, p.rchunk as i64);
-        let (rs, s, silu) = (p.rsplits as i32, p.splits as i32, i32::from(silu));
-        let mut lb = func.builder();
-        lb.arg(&x);
-        lb.arg(&w);
-        lb.arg(&b);
-        lb.arg(&y);
-        lb.arg(&part);
-        lb.arg(&c);
-        lb.arg(&g);
-        lb.arg(&hw);
-        lb.arg(&rchunk);
-        lb.arg(&rs);
-        lb.arg(&s);
-        lb.arg(&eps);
-        lb.arg(&silu);
-        // SAFETY: gn_fwd_apply(const T* x, const T* w, const T* b, T* y, const float* part,
-        // int C, int G, i64 HW, i64 rchunk, int RS, int S, float eps, int silu), in that
-        // order; x and y hold N * C * HW elements, w and b C elements, part the N * G * S
-        // triples written above; grid = N * C * RS blocks, each writing
-        // [s * rchunk, min((s + 1) * rchunk, HW)) of its row, so every y element is written
-        // exactly once (RS = ceil(HW / rchunk)).
-        unsafe { lb.launch(cfg(p.row_blocks())) }.w()?;
+        let mut part = unsafe { dev.alloc::<f32>(3 * p.stats_blocks()) }?;
+        let stream = dev.cuda_stream();
+        let mut gd = Guards::new(&stream);
+        let d = p.dims(o.eps, o.silu);
+        let (xp, partp) = (gd.read(&x), gd.write(&mut part));
+        let stats = GnStatsParams {
+            x: xp,
+            part: partp,
+            d,
+        };
+        // SAFETY: gn_stats_<T> reads x (N * G * L elements of T, contiguous (N, C, HW),
+        // L = C / G * HW); grid = N * G * S blocks, block b reads [s * chunk,
+        // min((s + 1) * chunk, L)) of its group and writes 3 floats at part[3 * b]; part
+        // holds 3 * N * G * S floats. Guards held until the end of this block.
+        unsafe { run::<T, _>(&dev, "gn_stats", p.stats_blocks(), &stats) }?;
+        let apply = GnFwdApplyParams {
+            x: xp,
+            w: gd.read(&w),
+            b: gd.read(&b),
+            y: gd.write(&mut y),
+            part: partp,
+            d,
+        };
+        // SAFETY: gn_fwd_apply_<T>: x and y hold N * C * HW elements of T, w and b C
+        // elements, part the N * G * S triples written above; grid = N * C * RS blocks,
+        // each writing [s * rchunk, min((s + 1) * rchunk, HW)) of its row, so every y
+        // element is written exactly once (RS = ceil(HW / rchunk)).
+        unsafe { run::<T, _>(&dev, "gn_fwd_apply", p.row_blocks(), &apply) }?;
     }
     Ok((CudaStorage::wrap_cuda_slice(y, dev), l1.shape().clone()))
 }
@@ -240,33 +342,29 @@ pub(crate) fn fwd(
     } else {
         "group_norm"
     };
+    let o = Opts {
+        op,
+        num_groups,
+        eps,
+        silu,
+    };
     let args = (s1, l1, s2, l2, s3, l3);
     match s1.dtype() {
-        DType::F32 => fwd_t::<f32>("f32", op, args, num_groups, eps, silu),
-        DType::F16 => fwd_t::<f16>("f16", op, args, num_groups, eps, silu),
-        DType::BF16 => fwd_t::<bf16>("bf16", op, args, num_groups, eps, silu),
+        DType::F32 => fwd_t::<f32>(o, args),
+        DType::F16 => fwd_t::<f16>(o, args),
+        DType::BF16 => fwd_t::<bf16>(o, args),
         dt => bail!("{op} (cuda): unsupported dtype {dt:?}; supported: f32, f16, bf16"),
     }
 }
 
-fn bwd_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
-    sfx: &str,
-    op: &str,
-    (s1, l1, s2, l2, s3, l3): (
-        &CudaStorage,
-        &Layout,
-        &CudaStorage,
-        &Layout,
-        &CudaStorage,
-        &Layout,
-    ),
-    num_groups: usize,
-    eps: f32,
-    silu: bool,
+fn bwd_t<T: KernelDType + ValidAsZeroBits>(
+    o: Opts<'_>,
+    (s1, l1, s2, l2, s3, l3): Args<'_>,
 ) -> Result<(CudaStorage, Shape)> {
+    let op = o.op;
     let dev = s1.device().clone();
     let c2 = l2.shape().elem_count();
-    let p = Plan::new(op, l1, num_groups, c2 / 2)?;
+    let p = Plan::new(op, l1, o.num_groups, c2 / 2)?;
     if c2 != 2 * p.c || l3.shape().elem_count() != p.numel {
         bail!(
             "{op} (cuda): expected wb of {} elements and dy of shape {:?}, got {c2} and {:?}",
@@ -285,93 +383,78 @@ fn bwd_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     let x = view::<T>(op, "x", s1, l1)?;
     let wb = view::<T>(op, "wb", s2, l2)?;
     let dy = view::<T>(op, "dy", s3, l3)?;
-    let (w, b) = (wb.slice(0..p.c), wb.slice(p.c..2 * p.c));
-    let out = alloc_out::<T>(&dev, out_len)?;
-    let dx = out.slice(0..p.numel);
-    let dw = out.slice(p.numel..p.numel + p.c);
-    let db = out.slice(p.numel + p.c..out_len);
-
+    let mut out = alloc_out::<T>(&dev, out_len)?;
     // SAFETY (the three scratch buffers): each element is written by exactly one block of
     // the kernel that produces it before a later kernel on the same stream reads it.
-    let part = unsafe { dev.alloc::<f32>(3 * p.stats_blocks()) }?;
-    let ab = unsafe { dev.alloc::<f32>(2 * p.row_blocks()) }?;
-    let coef = unsafe { dev.alloc::<f32>(4 * p.n * p.g) }?;
-    launch_stats(&dev, sfx, &p, &x, &part)?;
-
-    let (n, c, g) = (p.n as i32, p.c as i32, p.g as i32);
-    let (hw, rchunk, rs, s) = (
-        p.hw as i64,
-        p.rchunk as i64,
-        p.rsplits as i32,
-        p.splits as i32,
+    let mut part = unsafe { dev.alloc::<f32>(3 * p.stats_blocks()) }?;
+    let mut ab = unsafe { dev.alloc::<f32>(2 * p.row_blocks()) }?;
+    let mut coef = unsafe { dev.alloc::<f32>(4 * p.n * p.g) }?;
+    let stream = dev.cuda_stream();
+    let mut gd = Guards::new(&stream);
+    let d = p.dims(o.eps, o.silu);
+    let elem = std::mem::size_of::<T>() as u64;
+    let (xp, wp, dyp) = (gd.read(&x), gd.read(&wb), gd.read(&dy));
+    // weight = wb[0..C], bias = wb[C..2C]; dx = out[0..numel], dweight = out[numel..numel + C],
+    // dbias = out[numel + C..numel + 2C] (byte offsets from the buffers' base addresses).
+    let bp = wp + p.c as u64 * elem;
+    let dxp = gd.write(&mut out);
+    let (dwp, dbp) = (
+        dxp + p.numel as u64 * elem,
+        dxp + (p.numel + p.c) as u64 * elem,
     );
-    let silu = i32::from(silu);
+    let (partp, abp, coefp) = (gd.write(&mut part), gd.write(&mut ab), gd.write(&mut coef));
 
-    let func = dev.get_or_load_custom_func(&format!("gn_bwd_reduce_{sfx}"), MODULE, PTX)?;
-    let mut lb = func.builder();
-    lb.arg(&x);
-    lb.arg(&w);
-    lb.arg(&b);
-    lb.arg(&dy);
-    lb.arg(&part);
-    lb.arg(&ab);
-    lb.arg(&c);
-    lb.arg(&g);
-    lb.arg(&hw);
-    lb.arg(&rchunk);
-    lb.arg(&rs);
-    lb.arg(&s);
-    lb.arg(&eps);
-    lb.arg(&silu);
-    // SAFETY: gn_bwd_reduce(const T* x, const T* w, const T* b, const T* dy,
-    // const float* part, float* ab, int C, int G, i64 HW, i64 rchunk, int RS, int S,
-    // float eps, int silu), in that order; x and dy hold N * C * HW elements, w and b C
-    // elements, part the stats triples; grid = N * C * RS blocks, block (row, s) writes
-    // ab[2 * (row * RS + s) + {0, 1}], and ab holds 2 * N * C * RS floats.
-    unsafe { lb.launch(cfg(p.row_blocks())) }.w()?;
+    let stats = GnStatsParams {
+        x: xp,
+        part: partp,
+        d,
+    };
+    // SAFETY: as in fwd_t: x holds N * G * L elements of T; part 3 * N * G * S floats.
+    unsafe { run::<T, _>(&dev, "gn_stats", p.stats_blocks(), &stats) }?;
 
-    let func = dev.get_or_load_custom_func(&format!("gn_bwd_finalize_{sfx}"), MODULE, PTX)?;
-    let mut lb = func.builder();
-    lb.arg(&part);
-    lb.arg(&ab);
-    lb.arg(&w);
-    lb.arg(&coef);
-    lb.arg(&dw);
-    lb.arg(&db);
-    lb.arg(&n);
-    lb.arg(&c);
-    lb.arg(&g);
-    lb.arg(&hw);
-    lb.arg(&rs);
-    lb.arg(&s);
-    lb.arg(&eps);
-    // SAFETY: gn_bwd_finalize(const float* part, const float* ab, const T* w, float* coef,
-    // T* dw, T* db, int N, int C, int G, i64 HW, int RS, int S, float eps), in that order;
-    // grid = N * G blocks; block ng writes coef[4 * ng + {0..3}] (coef holds 4 * N * G
-    // floats) and, for sample 0, dw[c] and db[c] for the C / G channels of its group, so
-    // every one of the C elements of dw and db (views of C elements) is written once.
-    unsafe { lb.launch(cfg(p.n * p.g)) }.w()?;
+    let reduce = GnBwdReduceParams {
+        x: xp,
+        w: wp,
+        b: bp,
+        dy: dyp,
+        part: partp,
+        ab: abp,
+        d,
+    };
+    // SAFETY: gn_bwd_reduce_<T>: x and dy hold N * C * HW elements of T, w and b C elements
+    // each (the two halves of wb's 2 C), part the stats triples; grid = N * C * RS blocks,
+    // block (row, s) writes ab[2 * (row * RS + s) + {0, 1}], and ab holds 2 * N * C * RS floats.
+    unsafe { run::<T, _>(&dev, "gn_bwd_reduce", p.row_blocks(), &reduce) }?;
 
-    let func = dev.get_or_load_custom_func(&format!("gn_bwd_dx_{sfx}"), MODULE, PTX)?;
-    let mut lb = func.builder();
-    lb.arg(&x);
-    lb.arg(&w);
-    lb.arg(&b);
-    lb.arg(&dy);
-    lb.arg(&coef);
-    lb.arg(&dx);
-    lb.arg(&c);
-    lb.arg(&g);
-    lb.arg(&hw);
-    lb.arg(&rchunk);
-    lb.arg(&rs);
-    lb.arg(&silu);
-    // SAFETY: gn_bwd_dx(const T* x, const T* w, const T* b, const T* dy, const float* coef,
-    // T* dx, int C, int G, i64 HW, i64 rchunk, int RS, int silu), in that order; dx is the
-    // first N * C * HW elements of `out`; grid = N * C * RS blocks, each writing its
-    // [s * rchunk, min((s + 1) * rchunk, HW)) range of its row, so every dx element is
-    // written exactly once.
-    unsafe { lb.launch(cfg(p.row_blocks())) }.w()?;
+    let fin = GnBwdFinalizeParams {
+        part: partp,
+        ab: abp,
+        w: wp,
+        coef: coefp,
+        dw: dwp,
+        db: dbp,
+        d,
+    };
+    // SAFETY: gn_bwd_finalize_<T>: grid = N * G blocks; block ng writes coef[4 * ng + {0..3}]
+    // (coef holds 4 * N * G floats) and, for sample 0, dw[c] and db[c] for the C / G channels
+    // of its group, so each of the C elements of dw and db (inside out's numel + 2 C) is
+    // written once.
+    unsafe { run::<T, _>(&dev, "gn_bwd_finalize", p.n * p.g, &fin) }?;
+
+    let dxk = GnBwdDxParams {
+        x: xp,
+        w: wp,
+        b: bp,
+        dy: dyp,
+        coef: coefp,
+        dx: dxp,
+        d,
+    };
+    // SAFETY: gn_bwd_dx_<T>: dx is the first N * C * HW elements of `out`; grid = N * C * RS
+    // blocks, each writing its [s * rchunk, min((s + 1) * rchunk, HW)) range of its row, so
+    // every dx element is written exactly once; coef was written by gn_bwd_finalize.
+    unsafe { run::<T, _>(&dev, "gn_bwd_dx", p.row_blocks(), &dxk) }?;
+    drop(gd);
 
     Ok((CudaStorage::wrap_cuda_slice(out, dev), out_shape))
 }
@@ -395,11 +478,17 @@ pub(crate) fn bwd(
     } else {
         "group_norm_bwd"
     };
+    let o = Opts {
+        op,
+        num_groups,
+        eps,
+        silu,
+    };
     let args = (s1, l1, s2, l2, s3, l3);
     match s1.dtype() {
-        DType::F32 => bwd_t::<f32>("f32", op, args, num_groups, eps, silu),
-        DType::F16 => bwd_t::<f16>("f16", op, args, num_groups, eps, silu),
-        DType::BF16 => bwd_t::<bf16>("bf16", op, args, num_groups, eps, silu),
+        DType::F32 => bwd_t::<f32>(o, args),
+        DType::F16 => bwd_t::<f16>(o, args),
+        DType::BF16 => bwd_t::<bf16>(o, args),
         dt => bail!("{op} (cuda): unsupported dtype {dt:?}; supported: f32, f16, bf16"),
     }
 }

@@ -1,14 +1,17 @@
 // Runs kernels/cuda/group_norm.cu on the CPU (shim.h) against a double-precision reference:
 // forward y and backward dx, dweight, dbias, f32/f16/bf16, with and without SiLU, on shapes
 // that exercise several stats/row chunks per group/row, odd sizes, misaligned base pointers,
-// H*W = 1, a large mean and constant input. Outputs are poisoned with NaN first.
-//   bash scripts/cuda-host-check/run.sh
+// H*W = 1, a large mean and constant input. Outputs are poisoned with NaN first. The kernels
+// are called through their extern "C" entry points with the same parameter structs the Rust
+// host code mirrors, and util.cu's fill_u8 is checked too.
+//   bash kernels/cuda/host-check/run.sh
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
-#include "../../kernels/cuda/group_norm.cu"
+#include "../group_norm.cu"
+#include "../util.cu"
 
 template <typename T> T cvt(float v) { return from_f<T>(v); }
 
@@ -45,13 +48,16 @@ static void expect(const char* name, const char* what, const std::vector<float>&
   }
 }
 
+template <typename T> struct Kernels {
+  void (*stats)(GnStatsParams<T>);
+  void (*apply)(GnFwdApplyParams<T>);
+  void (*reduce)(GnBwdReduceParams<T>);
+  void (*fin)(GnBwdFinalizeParams<T>);
+  void (*dx)(GnBwdDxParams<T>);
+};
+
 template <typename T>
-static void run_case(const Case& k, bool silu, const char* tname, double rtol, double atol,
-                     void (*stats)(const T*, float*, i64, i64, int),
-                     void (*apply)(const T*, const T*, const T*, T*, const float*, int, int, i64, i64, int, int, float, int),
-                     void (*reduce)(const T*, const T*, const T*, const T*, const float*, float*, int, int, i64, i64, int, int, float, int),
-                     void (*fin)(const float*, const float*, const T*, float*, T*, T*, int, int, int, i64, int, int, float),
-                     void (*dxk)(const T*, const T*, const T*, const T*, const float*, T*, int, int, i64, i64, int, int)) {
+static void run_case(const Case& k, bool silu, const char* tname, double rtol, double atol, Kernels<T> kn) {
   const int N = k.n, C = k.c, HW = k.hw, G = k.g, Cg = C / G;
   const long long numel = (long long)N * C * HW, L = (long long)Cg * HW;
   const float eps = 1e-5f;
@@ -76,17 +82,18 @@ static void run_case(const Case& k, bool silu, const char* tname, double rtol, d
   std::vector<float> part(3 * (size_t)N * G * st.count, NAN), ab(2 * (size_t)N * C * rs.count, NAN),
       coef(4 * (size_t)N * G, NAN);
   const int S = st.count, RS = rs.count;
-  launch(N * G * S, GN_THREADS, [&] { stats(x, part.data(), L, st.chunk, S); });
-  launch(N * C * RS, GN_THREADS, [&] { apply(x, w.data(), b.data(), y, part.data(), C, G, HW, rs.chunk, RS, S, eps, silu); });
+  const GnDims d{HW, L, st.chunk, rs.chunk, N, C, G, S, RS, eps, silu ? 1 : 0, 0};
+  launch(N * G * S, GN_THREADS, [&] { kn.stats({x, part.data(), d}); });
+  launch(N * C * RS, GN_THREADS, [&] { kn.apply({x, w.data(), b.data(), y, part.data(), d}); });
   // Backward (stats recomputed, as the Rust side does).
   std::vector<float> part2(part.size(), NAN);
-  launch(N * G * S, GN_THREADS, [&] { stats(x, part2.data(), L, st.chunk, S); });
-  launch(N * C * RS, GN_THREADS, [&] { reduce(x, w.data(), b.data(), dy, part2.data(), ab.data(), C, G, HW, rs.chunk, RS, S, eps, silu); });
+  launch(N * G * S, GN_THREADS, [&] { kn.stats({x, part2.data(), d}); });
+  launch(N * C * RS, GN_THREADS, [&] { kn.reduce({x, w.data(), b.data(), dy, part2.data(), ab.data(), d}); });
   T* dx = outb.data();
   T* dw = dx + numel;
   T* db = dw + C;
-  launch(N * G, GN_THREADS, [&] { fin(part2.data(), ab.data(), w.data(), coef.data(), dw, db, N, C, G, HW, RS, S, eps); });
-  launch(N * C * RS, GN_THREADS, [&] { dxk(x, w.data(), b.data(), dy, coef.data(), dx, C, G, HW, rs.chunk, RS, silu); });
+  launch(N * G, GN_THREADS, [&] { kn.fin({part2.data(), ab.data(), w.data(), coef.data(), dw, db, d}); });
+  launch(N * C * RS, GN_THREADS, [&] { kn.dx({x, w.data(), b.data(), dy, coef.data(), dx, d}); });
 
   // Reference in double from the same (rounded) inputs.
   std::vector<double> ry(numel), rdx(numel), rdw(C, 0), rdb(C, 0);
@@ -136,7 +143,46 @@ static void run_case(const Case& k, bool silu, const char* tname, double rtol, d
   if (failures == before) printf("PASS %s\n", name);
 }
 
+// The host stand-ins of include/ against known bit patterns (round to nearest even).
+static void check_conversions() {
+  struct H { float f; uint16_t bits; } hs[] = {
+      {1.f, 0x3c00}, {-2.f, 0xc000}, {65504.f, 0x7bff}, {65519.f, 0x7bff}, {65520.f, 0x7c00},
+      {1.f / 3, 0x3555}, {5.960464477539063e-8f, 0x0001}, {2.98e-8f, 0x0000}, {6.103515625e-5f, 0x0400},
+      {1.0009765625f + 0.00048828125f, 0x3c02} /* tie -> even */, {INFINITY, 0x7c00}};
+  for (const H& h : hs)
+    if (__float2half_rn(h.f).bits != h.bits || (std::isfinite(h.f) && h.f <= 65504.f && std::fabs(h.f) > 1e-7f &&
+                                                 __half2float(__half{h.bits}) != to_f(from_f<__half>(h.f)))) {
+      ++failures;
+      printf("FAIL f16 conversion of %g: got 0x%04x want 0x%04x\n", h.f, __float2half_rn(h.f).bits, h.bits);
+    }
+  if (!std::isnan(__half2float(__float2half_rn(NAN)))) { ++failures; printf("FAIL f16 NaN\n"); }
+  struct B { float f; uint16_t bits; } bs[] = {{1.f, 0x3f80}, {1.f / 3, 0x3eab}, {-3.f, 0xc040}, {1.00390625f, 0x3f80}};
+  for (const B& b : bs)
+    if (__float2bfloat16_rn(b.f).bits != b.bits) {
+      ++failures;
+      printf("FAIL bf16 conversion of %g: got 0x%04x want 0x%04x\n", b.f, __float2bfloat16_rn(b.f).bits, b.bits);
+    }
+  if (!std::isnan(__bfloat162float(__float2bfloat16_rn(NAN)))) { ++failures; printf("FAIL bf16 NaN\n"); }
+  if (__half2float(__half{0x0001}) != 5.960464477539063e-8f || __half2float(__half{0xc000}) != -2.f) {
+    ++failures;
+    printf("FAIL f16 -> f32\n");
+  }
+}
+
+// util.cu's fill_u8 writes exactly bytes [0, n).
+static void check_fill() {
+  std::vector<unsigned char> buf(1000 + 8, 0);
+  launch(3, 64, [&] { fill_u8({buf.data() + 3, 1000, 0xFFu, 0}); });
+  for (size_t i = 0; i < buf.size(); ++i) {
+    const bool in = i >= 3 && i < 1003;
+    if (buf[i] != (in ? 0xFF : 0)) { ++failures; printf("FAIL fill_u8 at byte %zu\n", i); return; }
+  }
+  printf("PASS fill_u8\n");
+}
+
 int main() {
+  check_conversions();
+  check_fill();
   const Case cases[] = {
       {2, 6, 1000, 3, 0, 1, false, 0, 0, 128},    // several stats and row chunks
       {1, 4, 997, 2, 0, 1, false, 1, 0, 64},      // odd HW, misaligned x, aligned y (scalar rows)
@@ -151,9 +197,12 @@ int main() {
   for (const Case& k : cases)
     for (bool silu : {true, false}) {
       double tm = k.mean > 100 ? 10 : 1;
-      run_case<float>(k, silu, "f32", 1e-4 * tm, 1e-5 * tm, gn_stats_f32, gn_fwd_apply_f32, gn_bwd_reduce_f32, gn_bwd_finalize_f32, gn_bwd_dx_f32);
-      run_case<__half>(k, silu, "f16", 2e-3, 1e-3 * tm, gn_stats_f16, gn_fwd_apply_f16, gn_bwd_reduce_f16, gn_bwd_finalize_f16, gn_bwd_dx_f16);
-      run_case<__nv_bfloat16>(k, silu, "bf16", 1e-2, 8e-3 * tm, gn_stats_bf16, gn_fwd_apply_bf16, gn_bwd_reduce_bf16, gn_bwd_finalize_bf16, gn_bwd_dx_bf16);
+      run_case<float>(k, silu, "f32", 1e-4 * tm, 1e-5 * tm,
+                      {gn_stats_f32, gn_fwd_apply_f32, gn_bwd_reduce_f32, gn_bwd_finalize_f32, gn_bwd_dx_f32});
+      run_case<__half>(k, silu, "f16", 2e-3, 1e-3 * tm,
+                       {gn_stats_f16, gn_fwd_apply_f16, gn_bwd_reduce_f16, gn_bwd_finalize_f16, gn_bwd_dx_f16});
+      run_case<__nv_bfloat16>(k, silu, "bf16", 1e-2, 8e-3 * tm,
+                              {gn_stats_bf16, gn_fwd_apply_bf16, gn_bwd_reduce_bf16, gn_bwd_finalize_bf16, gn_bwd_dx_bf16});
     }
   printf(failures ? "RESULT: FAIL (%d)\n" : "RESULT: PASS\n", failures);
   return failures ? 1 : 0;
