@@ -68,7 +68,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     }
     if on("cuda") {
         step(
-            "cuda compile check: scripts/setup-nvcc.sh + cargo clippy --workspace --all-targets --features cuda -- -D warnings (CARGO_TARGET_DIR=target/cuda)",
+            "cuda compile check: xtask/setup-nvcc.sh + cargo clippy --workspace --all-targets --features cuda -- -D warnings (CARGO_TARGET_DIR=target/cuda)",
             || {
                 let env = cuda_env()?;
                 let mut cmd = cargo();
@@ -88,7 +88,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             },
         )?;
         step(
-            "cudnn compile check: WITH_CUDNN=1 scripts/setup-nvcc.sh + cargo clippy -p keel-kernels --all-targets --features cudnn -- -D warnings (CARGO_TARGET_DIR=target/cuda)",
+            "cudnn compile check: WITH_CUDNN=1 xtask/setup-nvcc.sh + cargo clippy -p keel-kernels --all-targets --features cudnn -- -D warnings (CARGO_TARGET_DIR=target/cuda)",
             || {
                 // The setup script also installs the pinned cuDNN 9.21 wheels when asked.
                 std::env::set_var("WITH_CUDNN", "1");

@@ -75,7 +75,7 @@ fn nvcc() -> Result<(PathBuf, String)> {
         (None, None) => PathBuf::from("nvcc"),
     };
     let hint =
-        "install the pinned toolchain with `eval \"$(bash scripts/setup-nvcc.sh)\"` and rerun";
+        "install the pinned toolchain with `eval \"$(bash xtask/setup-nvcc.sh)\"` and rerun";
     let out = Command::new(&path)
         .arg("--version")
         .output()
@@ -165,7 +165,7 @@ pub(crate) fn check() -> Result<()> {
     }
     if !problems.is_empty() {
         bail!(
-            "PTX out of date:\n  {}\nrun `cargo xtask ptx` (with the pinned nvcc: `eval \"$(bash scripts/setup-nvcc.sh)\"`) and commit kernels/ptx/",
+            "PTX out of date:\n  {}\nrun `cargo xtask ptx` (with the pinned nvcc: `eval \"$(bash xtask/setup-nvcc.sh)\"`) and commit kernels/ptx/",
             problems.join("\n  ")
         );
     }
