@@ -103,7 +103,9 @@ fn train_checkpoint_resume_exactly_after_sigkill() -> anyhow::Result<()> {
 
     // The same run in a child process, killed with SIGKILL after its first checkpoint.
     let b = tmp("killed");
-    let mut proc = child(&tiny(&b, steps), &[("SEG_TRAIN_STEP_DELAY_MS", "40")]).spawn()?;
+    let mut slow = tiny(&b, steps);
+    slow.extend(["--step-delay-ms".to_string(), "40".to_string()]);
+    let mut proc = child(&slow, &[]).spawn()?;
     let t0 = Instant::now();
     let first_ckpt = b.join("checkpoints/ckpt-00000010.safetensors");
     while !first_ckpt.exists() {

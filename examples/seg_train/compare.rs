@@ -7,17 +7,20 @@ use anyhow::{bail, Context};
 use clap::Args;
 use plotters::prelude::*;
 
-use super::cli::CommonArgs;
+use keel::norm::NormKind;
+use keel::train::write_atomic;
+
+use super::cli::{parse_norm, CommonArgs};
 use super::train::{self, RunSummary};
 
 #[derive(Args, Debug, Clone)]
 pub struct CompareArgs {
     /// Comma-separated norms.
-    #[arg(long, default_value = "bn,gn,ws-gn")]
-    pub norms: String,
+    #[arg(long, value_parser = parse_norm, value_delimiter = ',', default_value = "bn,gn,ws-gn")]
+    pub norms: Vec<NormKind>,
     /// Comma-separated batch sizes.
-    #[arg(long, default_value = "1,2,8")]
-    pub batch_sizes: String,
+    #[arg(long, value_delimiter = ',', default_value = "1,2,8")]
+    pub batch_sizes: Vec<usize>,
     /// Seeds per config (0..N).
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
@@ -63,28 +66,14 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 }
 
 pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
-    let norms: Vec<String> = args
-        .norms
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
-    let batches = args
-        .batch_sizes
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<usize>()
-                .with_context(|| format!("--batch-sizes: '{s}' is not a number"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (norms, batches) = (&args.norms, &args.batch_sizes);
     if norms.is_empty() || batches.is_empty() || args.seeds == 0 {
         bail!("compare needs at least one norm, one batch size and one seed")
     }
     // Validate every config up front: a typo fails before hours of training.
-    for n in &norms {
-        for &b in &batches {
-            args.common.config(n, b, args.steps, 0, None).validate()?;
+    for &n in norms {
+        for &b in batches {
+            args.common.config(n, b, args.steps, 0).validate()?;
         }
     }
     let device = args.common.device()?;
@@ -103,19 +92,19 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     // ops share one global thread pool per process, and at this model size one
     // single-threaded process per core beats two processes fighting over two threads each.
     let mut queue = Vec::new();
-    for n in &norms {
-        for &b in &batches {
+    for &n in norms {
+        for &b in batches {
             for seed in 0..args.seeds {
-                let cfg = args.common.config(n, b, args.steps, seed, None);
+                let cfg = args.common.config(n, b, args.steps, seed);
                 let dir = args
                     .out
                     .join("runs")
-                    .join(format!("{}-b{b}-s{seed}", n.replace(':', "_")));
+                    .join(format!("{}-b{b}-s{seed}", n.to_string().replace(':', "_")));
                 if dir.exists() {
                     std::fs::remove_dir_all(&dir)
                         .with_context(|| format!("clearing {}", dir.display()))?;
                 }
-                queue.push((n.clone(), b, seed, cfg, dir));
+                queue.push((n.to_string(), b, seed, cfg, dir));
             }
         }
     }
@@ -129,7 +118,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
             let (n, b, seed, cfg, dir) = &queue[next];
             std::fs::create_dir_all(dir)?;
             let cfg_path = dir.with_extension("config.json");
-            std::fs::write(&cfg_path, serde_json::to_string_pretty(cfg)?)?;
+            write_atomic(&cfg_path, serde_json::to_string_pretty(cfg)?.as_bytes())?;
             pb.set_message(format!("{n} batch {b} seed {seed}"));
             let mut cmd = std::process::Command::new(&exe);
             if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -200,13 +189,6 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
 /// The results table (one row per norm and batch size, statistics across seeds).
 pub fn results_md(
     args: &CompareArgs,
@@ -215,15 +197,17 @@ pub fn results_md(
     device: &candle::Device,
 ) -> String {
     let c = &args.common;
+    let recipe = c
+        .config(NormKind::GroupNorm { groups: None }, 1, args.steps, 0)
+        .recipe();
     let mut md = String::new();
     let _ = writeln!(md, "# seg_train compare\n");
     let _ = writeln!(
         md,
         "Synthetic shapes ({} train / {} val images, {}x{}), width {}, fpn {}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s.\n",
         c.train_size, c.val_size, c.image_size, c.image_size, c.width, c.fpn, c.optimizer,
-        if c.optimizer == "adamw" { "cosine" } else { "poly 0.9" },
-        args.common.config("gn", 1, args.steps, 0, None).lr(), c.warmup_steps,
-        if c.clip_grad == 0.0 { "off".to_string() } else { c.clip_grad.to_string() }, c.amp, args.steps, args.seeds, device.location(), seconds
+        recipe.decay_name(), recipe.lr, c.warmup_steps,
+        if c.clip_grad == 0.0 { "off".to_string() } else { c.clip_grad.to_string() }, train::amp_label(c.amp), args.steps, args.seeds, device.location(), seconds
     );
     let _ = writeln!(md, "| norm | batch | final val mIoU (mean ± std) | per seed | loss spikes (total) | grad-norm p99 | NaN/Inf steps | skipped steps | s/step | verdicts |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
