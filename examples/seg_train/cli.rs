@@ -8,7 +8,7 @@ use candle::Device;
 use clap::{Args, Parser, Subcommand};
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
-use keel::train::OptimRecipe;
+use keel::train::{Advice, OptimRecipe};
 use serde::{Deserialize, Serialize};
 
 use super::compare::{self, CompareArgs};
@@ -331,6 +331,30 @@ pub fn pick_device(want: Option<&str>) -> anyhow::Result<Device> {
             Ok(Device::new_cuda(0).unwrap_or(Device::Cpu))
         }
         None => Ok(Device::Cpu),
+    }
+}
+
+/// The seg_train flags that carry out `advice`, when flags can (keeping the best checkpoint
+/// is a choice of file, not of flags).
+pub fn advice_flags(advice: &Advice) -> Option<String> {
+    let clip = |at: f64| format!("--clip-grad {at:.3}");
+    match advice {
+        Advice::SwitchNorm { to, .. } => Some(format!("--norm {to}")),
+        Advice::RestartWithLowerLr { to } => Some(format!("--init <best checkpoint> --lr {to}")),
+        Advice::LowerLr { to, .. } => Some(format!("--lr {to}")),
+        Advice::ClipGrad { at, .. } => Some(clip(*at)),
+        Advice::GuardAgainstNan {
+            clip_at, try_bf16, ..
+        } => {
+            let mut f: Vec<String> = clip_at.map(clip).into_iter().collect();
+            if *try_bf16 {
+                f.push("--amp bf16".into());
+            }
+            (!f.is_empty()).then(|| f.join(" "))
+        }
+        Advice::UseBf16 { .. } => Some("--amp bf16".into()),
+        Advice::FixNonFiniteGrads { clip_at, .. } => clip_at.map(clip),
+        Advice::KeepBestCheckpoint { .. } => None,
     }
 }
 

@@ -10,7 +10,7 @@ use plotters::prelude::*;
 use keel::norm::NormKind;
 use keel::train::write_atomic;
 
-use super::cli::{parse_norm, CommonArgs};
+use super::cli::{parse_norm, pick_device, CommonArgs};
 use super::train::{self, RunSummary};
 
 #[derive(Args, Debug, Clone)]
@@ -76,7 +76,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
             args.common.config(n, b, args.steps, 0).validate()?;
         }
     }
-    let device = args.common.device()?;
+    let device = pick_device(args.common.device.as_deref())?;
     train::check_writable(&args.out)?;
     let total = norms.len() * batches.len() * args.seeds as usize;
     let pb = indicatif::ProgressBar::new(total as u64);

@@ -16,7 +16,7 @@ use keel::train::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::cli::RunConfig;
+use super::cli::{advice_flags, RunConfig};
 use super::data::{self, Loader, LoaderConfig, Shapes, Source, Voc, IGNORE, SHAPE_CLASSES};
 use super::model::{count_params, init_weights, SegNet};
 
@@ -589,12 +589,12 @@ impl Run<'_> {
             }
         }
         let ctx = RunContext {
-            norm: cfg.norm.to_string(),
+            norm: cfg.norm,
             batch_size: cfg.batch_size,
             pretrained: cfg.init.is_some(),
             lr: cfg.recipe().lr,
             clip_grad: cfg.clip_grad,
-            amp: amp_label(cfg.amp),
+            precision: cfg.amp,
             steps: cfg.steps,
         };
         let report = self.state.monitor.report(&ctx);
@@ -606,6 +606,13 @@ impl Run<'_> {
         s.verdict = format!("{:?}", report.verdict);
         if self.opts.verbose {
             println!("{}", report.to_text());
+            for (a, flags) in report
+                .advice
+                .iter()
+                .filter_map(|a| Some((a, advice_flags(a)?)))
+            {
+                println!("seg_train flags for \"{a}\": {flags}");
+            }
             println!(
                 "final val mIoU {:.4}, pixel accuracy {:.4}; {:.3} s/step; artifacts in {}",
                 s.final_miou,

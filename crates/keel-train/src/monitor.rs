@@ -14,90 +14,10 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::report::{self, HealthReport, RunContext};
+use crate::config::MonitorConfig;
+use crate::report::{HealthReport, RunContext};
 use crate::stats::{lossless_f64, median, median_mad, QuantileSketch};
-
-/// Thresholds of the [`StabilityMonitor`]. The defaults suit per-step records of a
-/// segmentation or detection run; `..Default::default()` keeps the rest.
-///
-/// ```
-/// use keel_train::MonitorConfig;
-/// let cfg = MonitorConfig { window: 50, spike_k: 8.0, ..Default::default() };
-/// assert_eq!(cfg.min_history, MonitorConfig::default().min_history);
-/// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MonitorConfig {
-    /// Trailing window, in finite losses (and finite grad norms, and steps for the loss-scale
-    /// halving count), that the robust statistics use. Default 100; 0 counts as 1.
-    pub window: usize,
-    /// A loss is a spike when `l > median + spike_k * max(1.4826 * MAD, floor)` over the
-    /// trailing window, with `l = ln(loss)` when the loss and the window are positive (else
-    /// the loss itself). Default 6.
-    pub spike_k: f64,
-    /// A grad norm is an explosion when `grad_norm > grad_explosion_factor * median` of the
-    /// trailing window. Default 10 (at 5, healthy batch-2 runs raised one per ~80 steps).
-    pub grad_explosion_factor: f64,
-    /// Spikes and explosions are only judged once the window holds this many values.
-    /// Default 20; 0 counts as 1.
-    pub min_history: usize,
-    /// The spread floor relative to the median, so a flat curve does not alarm on rounding
-    /// noise: `ln(1 + mad_floor_rel)` on the log scale, `max(mad_floor_rel * |median|,
-    /// mad_floor_abs)` on the linear one. Default 0.02.
-    pub mad_floor_rel: f64,
-    /// The absolute spread floor (see [`MonitorConfig::mad_floor_rel`]). Default 1e-6.
-    pub mad_floor_abs: f64,
-    /// A loss scale below this has collapsed. Default 1.0 (PyTorch starts at 65536).
-    pub min_loss_scale: f64,
-    /// This many loss-scale decreases within `window` steps is a collapse. Default 10.
-    pub max_scale_halvings: usize,
-    /// An eval whose mIoU is more than this below the best so far is a regression; the same
-    /// margin flags a train-vs-eval gap. Default 0.03 (absolute mIoU).
-    pub eval_regression_margin: f64,
-    /// This many loss spikes, grad explosions or non-finite losses (each kind counted on its
-    /// own), and at least `unstable_rate` of the steps, make a run Unstable. Default 3.
-    pub unstable_events: usize,
-    /// The event rate (per step) that makes a run Unstable, together with
-    /// `unstable_events`: isolated events in a long run are a Warning. Default 0.001.
-    #[serde(default = "default_unstable_rate")]
-    pub unstable_rate: f64,
-    /// This many eval regressions make a run Unstable. Default 2.
-    pub unstable_regressions: usize,
-    /// A skipped-step fraction above this is a finding (isolated skips are a GradScaler
-    /// doing its job). Default 0.05.
-    pub max_skip_fraction: f64,
-    /// The run has Diverged when at least this fraction of the last `window` steps had a
-    /// non-finite loss. Default 0.5.
-    pub diverged_nonfinite_fraction: f64,
-    /// The run has Diverged when the trailing median loss exceeds this multiple of the
-    /// median of the first `window` losses. Default 10.
-    pub diverge_factor: f64,
-}
-
-fn default_unstable_rate() -> f64 {
-    1e-3
-}
-
-impl Default for MonitorConfig {
-    fn default() -> Self {
-        Self {
-            window: 100,
-            spike_k: 6.0,
-            grad_explosion_factor: 10.0,
-            min_history: 20,
-            mad_floor_rel: 0.02,
-            mad_floor_abs: 1e-6,
-            min_loss_scale: 1.0,
-            max_scale_halvings: 10,
-            eval_regression_margin: 0.03,
-            unstable_events: 3,
-            unstable_rate: default_unstable_rate(),
-            unstable_regressions: 2,
-            max_skip_fraction: 0.05,
-            diverged_nonfinite_fraction: 0.5,
-            diverge_factor: 10.0,
-        }
-    }
-}
+use crate::summary::{EventSteps, MonitorSummary, ReportStats};
 
 /// One optimizer step, as the training loop saw it. Non-finite values survive a JSON round
 /// trip (`"NaN"`, `"inf"`), so these records can go straight into a [`crate::JsonlLogger`].
@@ -167,11 +87,14 @@ pub enum Alarm {
         /// The step.
         step: usize,
         /// The loss.
+        #[serde(with = "lossless_f64")]
         loss: f64,
         /// The trailing median loss (in loss units).
+        #[serde(with = "lossless_f64")]
         median: f64,
         /// The robust spread used, `max(1.4826 * MAD, floor)`, of `ln(loss)` when
         /// `log_scale` (a relative spread), else of the loss.
+        #[serde(with = "lossless_f64")]
         mad: f64,
         /// Whether the test ran on `ln(loss)`.
         #[serde(default)]
@@ -182,8 +105,10 @@ pub enum Alarm {
         /// The step.
         step: usize,
         /// The gradient norm.
+        #[serde(with = "lossless_f64")]
         grad_norm: f64,
         /// The trailing median gradient norm.
+        #[serde(with = "lossless_f64")]
         median: f64,
     },
     /// A NaN or infinite loss, or a non-finite grad norm that was not a GradScaler overflow
@@ -222,8 +147,10 @@ pub enum Alarm {
         /// The eval step.
         step: usize,
         /// Its mIoU.
+        #[serde(with = "lossless_f64")]
         miou: f64,
         /// The best mIoU so far.
+        #[serde(with = "lossless_f64")]
         best_miou: f64,
         /// The step of the best mIoU.
         best_step: usize,
@@ -287,20 +214,17 @@ impl std::fmt::Display for Alarm {
     }
 }
 
-/// How many steps of each event kind a report lists.
-const LISTED_STEPS: usize = 16;
-
-/// Counts and the first steps of each event kind.
+/// The count and the first steps of one event kind.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub(crate) struct Events {
-    pub(crate) count: usize,
-    pub(crate) steps: Vec<usize>,
+struct Events {
+    count: usize,
+    steps: Vec<usize>,
 }
 
 impl Events {
     fn add(&mut self, step: usize) {
         self.count += 1;
-        if self.steps.len() < LISTED_STEPS {
+        if self.steps.len() < EventSteps::LISTED {
             self.steps.push(step);
         }
     }
@@ -308,22 +232,27 @@ impl Events {
 
 /// One eval as remembered by the monitor.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) struct EvalPoint {
-    pub(crate) step: usize,
-    pub(crate) miou: f64,
-    pub(crate) train_loss: Option<f64>,
+struct EvalPoint {
+    step: usize,
+    #[serde(with = "lossless_f64")]
+    miou: f64,
+    #[serde(with = "lossless_f64::option")]
+    train_loss: Option<f64>,
 }
 
 /// Watches a training run for loss spikes, gradient explosions, NaN/Inf, skipped steps,
 /// loss-scale collapses, eval regressions and a train-vs-eval gap, and writes a
-/// [`HealthReport`] with a verdict and recommendations from keel's decision table.
+/// [`HealthReport`] (through the data of a [`MonitorSummary`]) with a verdict and advice
+/// from keel's decision table.
 ///
 /// The monitor is plain data (`Serialize + Deserialize`): store it in the checkpoint meta and
 /// a resumed run raises exactly the alarms an uninterrupted one would. Memory is bounded by
 /// the window, not by the run length.
 ///
 /// ```
-/// use keel_train::{MonitorConfig, RunContext, StabilityMonitor, StepRecord, Verdict};
+/// use keel_norm::NormKind;
+/// use keel_optim::Precision;
+/// use keel_train::{Advice, MonitorConfig, RunContext, StabilityMonitor, StepRecord, Verdict};
 /// let mut mon = StabilityMonitor::new(MonitorConfig::default());
 /// for step in 0..200 {
 ///     let loss = 2.0 * (-(step as f64) / 100.0).exp() + 0.01 * ((step * 7919 % 13) as f64 / 13.0);
@@ -331,48 +260,54 @@ pub(crate) struct EvalPoint {
 ///     let alarms = mon.record_step(&StepRecord { step, loss, grad_norm, loss_scale: None, skipped: false });
 ///     assert!(alarms.is_empty(), "{alarms:?}");
 /// }
-/// let ctx = RunContext { norm: "bn".into(), batch_size: 2, pretrained: false, lr: 0.01,
-///                        clip_grad: None, amp: "off".into(), steps: 200 };
+/// let ctx = RunContext { norm: NormKind::BatchNorm, batch_size: 2, pretrained: false,
+///                        lr: 0.01, clip_grad: None, precision: Precision::F32, steps: 200 };
 /// let report = mon.report(&ctx);
 /// assert!(matches!(report.verdict, Verdict::Healthy));
-/// assert!(report.recommendations.iter().any(|r| r.contains("--norm gn")));
+/// // BatchNorm at batch 2 is advised against even in a healthy run.
+/// assert!(matches!(report.advice[..],
+///                  [Advice::SwitchNorm { to: NormKind::GroupNorm { groups: None }, .. }]));
 /// println!("{}", report.to_text());
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StabilityMonitor {
-    pub(crate) cfg: MonitorConfig,
+    cfg: MonitorConfig,
     /// Trailing finite losses.
+    #[serde(with = "lossless_f64::seq")]
     losses: VecDeque<f64>,
     /// Trailing finite grad norms.
+    #[serde(with = "lossless_f64::seq")]
     grads: VecDeque<f64>,
     /// The first `window` finite losses (the baseline for divergence).
-    pub(crate) first_losses: Vec<f64>,
+    #[serde(with = "lossless_f64::seq")]
+    first_losses: Vec<f64>,
     /// Whether each of the last `window` steps had a non-finite loss.
-    pub(crate) recent_nonfinite: VecDeque<bool>,
+    recent_nonfinite: VecDeque<bool>,
     #[serde(with = "lossless_f64::option")]
     last_scale: Option<f64>,
     #[serde(with = "lossless_f64::option")]
-    pub(crate) min_scale: Option<f64>,
+    min_scale: Option<f64>,
     /// Steps at which the loss scale decreased, within the trailing window.
     halvings: VecDeque<usize>,
-    pub(crate) scale_collapsed: bool,
-    pub(crate) steps: usize,
-    pub(crate) spikes: Events,
-    pub(crate) explosions: Events,
-    pub(crate) non_finite: Events,
-    pub(crate) non_finite_losses: usize,
-    pub(crate) skipped: Events,
-    pub(crate) collapses: Events,
-    pub(crate) regressions: Events,
+    scale_collapsed: bool,
+    steps: usize,
+    spikes: Events,
+    explosions: Events,
+    non_finite: Events,
+    non_finite_losses: usize,
+    skipped: Events,
+    collapses: Events,
+    regressions: Events,
     /// Regressions during which the train loss was no worse than at the best eval.
-    pub(crate) gap_regressions: usize,
-    pub(crate) grad_all: QuantileSketch,
+    gap_regressions: usize,
+    grad_all: QuantileSketch,
     /// Grad norms that were not explosions: the basis of the suggested clip value.
-    pub(crate) grad_healthy: QuantileSketch,
-    pub(crate) evals: Vec<EvalPoint>,
-    pub(crate) best_eval: Option<EvalPoint>,
+    grad_healthy: QuantileSketch,
+    evals: Vec<EvalPoint>,
+    best_eval: Option<EvalPoint>,
     /// Largest mIoU drop below the best at an eval whose train loss was no worse.
-    pub(crate) max_gap: Option<f64>,
+    #[serde(with = "lossless_f64::option")]
+    max_gap: Option<f64>,
 }
 
 impl StabilityMonitor {
@@ -410,7 +345,7 @@ impl StabilityMonitor {
         &self.cfg
     }
 
-    pub(crate) fn window(&self) -> usize {
+    fn window(&self) -> usize {
         self.cfg.window.max(1)
     }
 
@@ -449,93 +384,108 @@ impl StabilityMonitor {
                 loss_scale: r.loss_scale,
             });
         }
-
         if loss_finite {
-            if self.losses.len() >= self.min_history() {
-                let window: Vec<f64> = self.losses.iter().copied().collect();
-                let log_scale = r.loss > 0.0 && window.iter().all(|&l| l > 0.0);
-                let (x, window) = if log_scale {
-                    (r.loss.ln(), window.iter().map(|l| l.ln()).collect())
-                } else {
-                    (r.loss, window)
-                };
-                if let Some((med, mad)) = median_mad(&window) {
-                    let floor = if log_scale {
-                        self.cfg.mad_floor_rel.ln_1p()
-                    } else {
-                        (self.cfg.mad_floor_rel * med.abs()).max(self.cfg.mad_floor_abs)
-                    };
-                    let sigma = (1.4826 * mad).max(floor);
-                    if x > med + self.cfg.spike_k * sigma {
-                        self.spikes.add(r.step);
-                        alarms.push(Alarm::LossSpike {
-                            step: r.step,
-                            loss: r.loss,
-                            median: if log_scale { med.exp() } else { med },
-                            mad: sigma,
-                            log_scale,
-                        });
-                    }
-                }
-            }
-            push_bounded(&mut self.losses, r.loss, window);
-            if self.first_losses.len() < window {
-                self.first_losses.push(r.loss);
-            }
+            self.judge_loss(r, &mut alarms);
         }
         push_bounded(&mut self.recent_nonfinite, !loss_finite, window);
-
         if let Some(g) = r.grad_norm.filter(|g| g.is_finite()) {
-            let mut healthy = true;
-            if self.grads.len() >= self.min_history() {
-                if let Some(med) = median(self.grads.iter().copied()) {
-                    if med > 0.0 && g > self.cfg.grad_explosion_factor * med {
-                        healthy = false;
-                        self.explosions.add(r.step);
-                        alarms.push(Alarm::GradExplosion {
-                            step: r.step,
-                            grad_norm: g,
-                            median: med,
-                        });
-                    }
-                }
-            }
-            if healthy {
-                self.grad_healthy.add(g);
-            }
-            self.grad_all.add(g);
-            push_bounded(&mut self.grads, g, window);
+            self.judge_grad(r.step, g, &mut alarms);
         }
-
         if let Some(s) = r.loss_scale {
-            if self.last_scale.is_some_and(|prev| s < prev) {
-                self.halvings.push_back(r.step);
-            }
-            while self
-                .halvings
-                .front()
-                .is_some_and(|&h| h.saturating_add(window) <= r.step)
-            {
-                self.halvings.pop_front();
-            }
-            if s.is_finite() {
-                self.min_scale = Some(self.min_scale.map_or(s, |m| m.min(s)));
-            }
-            let collapsed = s.is_nan()
-                || s < self.cfg.min_loss_scale
-                || self.halvings.len() >= self.cfg.max_scale_halvings.max(1);
-            if collapsed && !self.scale_collapsed {
-                self.collapses.add(r.step);
-                alarms.push(Alarm::LossScaleCollapse {
-                    step: r.step,
-                    scale: s,
-                    halvings_in_window: self.halvings.len(),
-                });
-            }
-            self.scale_collapsed = collapsed;
-            self.last_scale = Some(s);
+            self.judge_scale(r.step, s, &mut alarms);
         }
         alarms
+    }
+
+    /// The spike test of a finite loss, then its entry into the windows.
+    fn judge_loss(&mut self, r: &StepRecord, alarms: &mut Vec<Alarm>) {
+        let window = self.window();
+        if self.losses.len() >= self.min_history() {
+            let window: Vec<f64> = self.losses.iter().copied().collect();
+            let log_scale = r.loss > 0.0 && window.iter().all(|&l| l > 0.0);
+            let (x, window) = if log_scale {
+                (r.loss.ln(), window.iter().map(|l| l.ln()).collect())
+            } else {
+                (r.loss, window)
+            };
+            if let Some((med, mad)) = median_mad(&window) {
+                let floor = if log_scale {
+                    self.cfg.mad_floor_rel.ln_1p()
+                } else {
+                    (self.cfg.mad_floor_rel * med.abs()).max(self.cfg.mad_floor_abs)
+                };
+                let sigma = (1.4826 * mad).max(floor);
+                if x > med + self.cfg.spike_k * sigma {
+                    self.spikes.add(r.step);
+                    alarms.push(Alarm::LossSpike {
+                        step: r.step,
+                        loss: r.loss,
+                        median: if log_scale { med.exp() } else { med },
+                        mad: sigma,
+                        log_scale,
+                    });
+                }
+            }
+        }
+        push_bounded(&mut self.losses, r.loss, window);
+        if self.first_losses.len() < window {
+            self.first_losses.push(r.loss);
+        }
+    }
+
+    /// The explosion test of a finite grad norm, then its entry into the window and sketches.
+    fn judge_grad(&mut self, step: usize, g: f64, alarms: &mut Vec<Alarm>) {
+        let window = self.window();
+        let mut healthy = true;
+        if self.grads.len() >= self.min_history() {
+            if let Some(med) = median(self.grads.iter().copied()) {
+                if med > 0.0 && g > self.cfg.grad_explosion_factor * med {
+                    healthy = false;
+                    self.explosions.add(step);
+                    alarms.push(Alarm::GradExplosion {
+                        step,
+                        grad_norm: g,
+                        median: med,
+                    });
+                }
+            }
+        }
+        if healthy {
+            self.grad_healthy.add(g);
+        }
+        self.grad_all.add(g);
+        push_bounded(&mut self.grads, g, window);
+    }
+
+    /// The collapse test of a loss scale: a halving count over the window, a floor, NaN.
+    fn judge_scale(&mut self, step: usize, s: f64, alarms: &mut Vec<Alarm>) {
+        let window = self.window();
+        if self.last_scale.is_some_and(|prev| s < prev) {
+            self.halvings.push_back(step);
+        }
+        while self
+            .halvings
+            .front()
+            .is_some_and(|&h| h.saturating_add(window) <= step)
+        {
+            self.halvings.pop_front();
+        }
+        if s.is_finite() {
+            self.min_scale = Some(self.min_scale.map_or(s, |m| m.min(s)));
+        }
+        let collapsed = s.is_nan()
+            || s < self.cfg.min_loss_scale
+            || self.halvings.len() >= self.cfg.max_scale_halvings.max(1);
+        if collapsed && !self.scale_collapsed {
+            self.collapses.add(step);
+            alarms.push(Alarm::LossScaleCollapse {
+                step,
+                scale: s,
+                halvings_in_window: self.halvings.len(),
+            });
+        }
+        self.scale_collapsed = collapsed;
+        self.last_scale = Some(s);
     }
 
     /// Feeds one evaluation; returns the alarms it raised. A non-finite mIoU is remembered
@@ -578,9 +528,54 @@ impl StabilityMonitor {
         alarms
     }
 
-    /// The health report of the run so far, with recommendations for its configuration.
+    /// What the monitor has seen so far, as plain data (the input of a [`HealthReport`]).
+    pub fn summary(&self) -> MonitorSummary {
+        let stats = ReportStats {
+            steps: self.steps,
+            evals: self.evals.len(),
+            loss_spikes: self.spikes.count,
+            grad_explosions: self.explosions.count,
+            non_finite: self.non_finite.count,
+            non_finite_losses: self.non_finite_losses,
+            skipped_steps: self.skipped.count,
+            scale_collapses: self.collapses.count,
+            eval_regressions: self.regressions.count,
+            grad_norm_p50: self.grad_all.quantile(0.5),
+            grad_norm_p99: self.grad_all.quantile(0.99),
+            grad_norm_max: self.grad_all.max(),
+            healthy_grad_norm_p99: self.grad_healthy.quantile(0.99),
+            min_loss_scale: self.min_scale,
+            final_loss: self.trailing_loss(),
+            final_miou: self.evals.last().map(|e| e.miou),
+            best_miou: self.best_eval.as_ref().map(|e| e.miou),
+            best_miou_step: self.best_eval.as_ref().map(|e| e.step),
+            train_eval_gap: self.max_gap,
+        };
+        let events = EventSteps {
+            loss_spikes: self.spikes.steps.clone(),
+            grad_explosions: self.explosions.steps.clone(),
+            non_finite: self.non_finite.steps.clone(),
+            skipped_steps: self.skipped.steps.clone(),
+            scale_collapses: self.collapses.steps.clone(),
+            eval_regressions: self.regressions.steps.clone(),
+        };
+        MonitorSummary {
+            config: self.cfg.clone(),
+            stats,
+            events,
+            gap_regressions: self.gap_regressions,
+            recent_steps: self.recent_nonfinite.len(),
+            recent_non_finite_losses: self.recent_nonfinite.iter().filter(|&&b| b).count(),
+            initial_loss: median(self.first_losses.iter().copied()),
+            initial_losses: self.first_losses.len(),
+            scale_collapsed_at_end: self.scale_collapsed,
+        }
+    }
+
+    /// The health report of the run so far, with advice for its configuration:
+    /// [`HealthReport::from_summary`] of [`StabilityMonitor::summary`].
     pub fn report(&self, ctx: &RunContext) -> HealthReport {
-        report::build(self, ctx)
+        HealthReport::from_summary(&self.summary(), ctx)
     }
 }
 

@@ -1,45 +1,48 @@
-//! The end-of-run health report: a verdict, the numbers behind it, and recommendations from
-//! keel's decision table ([`keel_norm::recommend`]: GroupNorm / Weight Standardization for
-//! batch 1-2 from scratch, FrozenBatchNorm for a pretrained backbone, BatchNorm from batch 16).
+//! The end-of-run health report: a verdict, the numbers behind it, and [`Advice`] from keel's
+//! decision table ([`keel_norm::recommend`]: GroupNorm / Weight Standardization for batch 1-2
+//! from scratch, FrozenBatchNorm for a pretrained backbone, BatchNorm from batch 16). Built
+//! from a [`MonitorSummary`], so it reads data, not the monitor.
 use std::fmt::Write as _;
 
 use keel_norm::{NormKind, BN_MIN_BATCH};
+use keel_optim::Precision;
 use serde::{Deserialize, Serialize};
 
-use crate::monitor::StabilityMonitor;
-use crate::stats::{lossless_f64, median};
+use crate::advice::{Advice, Bf16Cause, LrCause};
+use crate::stats::lossless_f64;
+use crate::summary::{MonitorSummary, ReportStats};
 
-/// The run's configuration, as far as the recommendations need it.
+/// The run's configuration, as far as the advice needs it.
 ///
 /// ```
+/// use keel_norm::NormKind;
+/// use keel_optim::Precision;
 /// use keel_train::RunContext;
-/// let ctx = RunContext { norm: "gn".into(), batch_size: 2, pretrained: false, lr: 0.01,
-///                        clip_grad: Some(1.0), amp: "bf16".into(), steps: 1000 };
-/// assert_eq!(ctx.norm_kind().unwrap().to_string(), "gn");
+/// let ctx = RunContext { norm: NormKind::GroupNorm { groups: None }, batch_size: 2,
+///                        pretrained: false, lr: 0.01, clip_grad: Some(1.0),
+///                        precision: Precision::Bf16, steps: 1000 };
+/// let json = serde_json::to_string(&ctx).unwrap();
+/// assert!(json.contains(r#""norm":"gn""#) && json.contains(r#""precision":"bf16""#));
+/// assert_eq!(serde_json::from_str::<RunContext>(&json).unwrap(), ctx);
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunContext {
-    /// The `--norm` value: a [`NormKind`] string (`bn`, `frozen-bn`, `gn`, `gn:G`, `ws-gn`).
-    pub norm: String,
+    /// The normalization the model uses.
+    pub norm: NormKind,
     /// Images per optimizer step per device.
     pub batch_size: usize,
     /// Whether training started from pretrained weights.
     pub pretrained: bool,
     /// The peak learning rate.
+    #[serde(with = "lossless_f64")]
     pub lr: f64,
     /// The global-norm clipping threshold, if any.
+    #[serde(with = "lossless_f64::option")]
     pub clip_grad: Option<f64>,
-    /// Mixed precision: `off`, `f16` or `bf16`.
-    pub amp: String,
+    /// The numeric precision of the forward and backward passes.
+    pub precision: Precision,
     /// The planned number of steps.
     pub steps: usize,
-}
-
-impl RunContext {
-    /// `norm` parsed as a [`NormKind`].
-    pub fn norm_kind(&self) -> candle::Result<NormKind> {
-        self.norm.parse()
-    }
 }
 
 /// The overall judgement, from best to worst.
@@ -73,74 +76,22 @@ impl std::fmt::Display for Verdict {
     }
 }
 
-/// The numbers behind a [`HealthReport`]. Quantiles of the grad norm are within about 1%.
-///
-/// ```
-/// use keel_train::{MonitorConfig, RunContext, StabilityMonitor};
-/// let mon = StabilityMonitor::new(MonitorConfig::default());
-/// let ctx = RunContext { norm: "gn".into(), batch_size: 8, pretrained: false, lr: 0.01,
-///                        clip_grad: None, amp: "off".into(), steps: 0 };
-/// let stats = mon.report(&ctx).summary;
-/// assert_eq!((stats.steps, stats.loss_spikes, stats.grad_norm_p99), (0, 0, None));
-/// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ReportStats {
-    /// Steps recorded.
-    pub steps: usize,
-    /// Evals recorded.
-    pub evals: usize,
-    /// Loss spikes.
-    pub loss_spikes: usize,
-    /// Gradient-norm explosions.
-    pub grad_explosions: usize,
-    /// Steps with a non-finite loss or an unexpected non-finite grad norm.
-    pub non_finite: usize,
-    /// Steps with a non-finite loss.
-    pub non_finite_losses: usize,
-    /// Skipped optimizer steps.
-    pub skipped_steps: usize,
-    /// Loss-scale collapse episodes.
-    pub scale_collapses: usize,
-    /// Eval regressions.
-    pub eval_regressions: usize,
-    /// Median gradient norm.
-    pub grad_norm_p50: Option<f64>,
-    /// 99th-percentile gradient norm.
-    pub grad_norm_p99: Option<f64>,
-    /// Largest gradient norm.
-    pub grad_norm_max: Option<f64>,
-    /// 99th percentile of the grad norms that were not explosions: the suggested clip value.
-    pub healthy_grad_norm_p99: Option<f64>,
-    /// Smallest loss scale seen.
-    pub min_loss_scale: Option<f64>,
-    /// Median of the trailing loss window at the end.
-    pub final_loss: Option<f64>,
-    /// mIoU of the last eval.
-    #[serde(with = "lossless_f64::option")]
-    pub final_miou: Option<f64>,
-    /// Best mIoU.
-    pub best_miou: Option<f64>,
-    /// Step of the best mIoU.
-    pub best_miou_step: Option<usize>,
-    /// Train-vs-eval gap: the largest mIoU drop below the best so far at an eval whose train
-    /// loss was no worse than at the best eval (the model kept fitting, eval did not follow).
-    /// `None` when no eval fell below the best while the train loss held.
-    pub train_eval_gap: Option<f64>,
-}
-
 /// The verdict, the numbers, what was found and what to do.
 ///
 /// ```
-/// use keel_train::{MonitorConfig, RunContext, StabilityMonitor, StepRecord, Verdict};
+/// use keel_norm::NormKind;
+/// use keel_optim::Precision;
+/// use keel_train::{Advice, MonitorConfig, RunContext, StabilityMonitor, StepRecord, Verdict};
 /// let mut mon = StabilityMonitor::new(MonitorConfig::default());
 /// for step in 0..100 {
 ///     mon.record_step(&StepRecord { step, loss: f64::NAN, grad_norm: None, loss_scale: None, skipped: false });
 /// }
-/// let ctx = RunContext { norm: "gn".into(), batch_size: 4, pretrained: false, lr: 0.1,
-///                        clip_grad: None, amp: "off".into(), steps: 100 };
+/// let ctx = RunContext { norm: NormKind::GroupNorm { groups: None }, batch_size: 4,
+///                        pretrained: false, lr: 0.1, clip_grad: None,
+///                        precision: Precision::F32, steps: 100 };
 /// let report = mon.report(&ctx);
 /// assert_eq!(report.verdict, Verdict::Diverged);
-/// assert!(report.recommendations.iter().any(|r| r.contains("--clip-grad")));
+/// assert!(report.advice.iter().any(|a| matches!(a, Advice::GuardAgainstNan { .. })));
 /// assert!(report.to_text().starts_with("Training health: DIVERGED"));
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -151,28 +102,155 @@ pub struct HealthReport {
     pub summary: ReportStats,
     /// What the monitor observed, one sentence each.
     pub findings: Vec<String>,
-    /// What to change, one sentence each.
-    pub recommendations: Vec<String>,
-    /// The run configuration the recommendations refer to.
+    /// What to change; empty when no action is needed.
+    pub advice: Vec<Advice>,
+    /// The run configuration the advice refers to.
     pub context: RunContext,
 }
 
+/// What the report concludes from a summary before it writes anything down.
+struct Judgement {
+    /// At least `diverged_nonfinite_fraction` of the trailing steps had a non-finite loss.
+    nonfinite_end: bool,
+    /// The trailing median loss is above `diverge_factor` times the initial median.
+    blown_up: bool,
+    /// The event count that makes a run Unstable: `unstable_events`, raised to
+    /// `unstable_rate` of the steps (isolated events in a long run are a Warning).
+    unstable_count: usize,
+    /// The skipped-step fraction exceeds `max_skip_fraction`.
+    excess_skips: bool,
+    /// The train-vs-eval gap, when above the regression margin.
+    gap: Option<f64>,
+    /// The run clipped at most 1.5x the healthy p99: the explosions were bounded.
+    clip_bounds_explosions: bool,
+    /// The healthy grad-norm p99 (or the p50): the basis of a clip suggestion.
+    healthy_p99: Option<f64>,
+    /// BatchNorm below [`BN_MIN_BATCH`] images per device.
+    small_batch_bn: bool,
+}
+
+impl Judgement {
+    fn new(m: &MonitorSummary, ctx: &RunContext) -> Self {
+        let (cfg, s) = (&m.config, &m.stats);
+        let recent = m.recent_steps;
+        let recent_bad = m.recent_non_finite_losses;
+        let nonfinite_end =
+            recent_bad > 0 && recent_bad as f64 >= cfg.diverged_nonfinite_fraction * recent as f64;
+        let blown_up = match (m.initial_loss, s.final_loss) {
+            (Some(a), Some(b)) if m.initial_losses >= cfg.min_history.max(1) => {
+                a > 0.0 && b > cfg.diverge_factor * a
+            }
+            _ => false,
+        };
+        let unstable_count = cfg
+            .unstable_events
+            .max(1)
+            .max((cfg.unstable_rate * s.steps as f64).ceil() as usize);
+        let healthy_p99 = s.healthy_grad_norm_p99.or(s.grad_norm_p50);
+        // Explosions that a clip at most 1.5x the healthy p99 bounded are what clipping is
+        // for: they make a Warning, not an Unstable run.
+        let clip_bounds_explosions = ctx
+            .clip_grad
+            .is_some_and(|c| healthy_p99.is_some_and(|p| c <= 1.5 * p));
+        Self {
+            nonfinite_end,
+            blown_up,
+            unstable_count,
+            excess_skips: m.skip_fraction() > cfg.max_skip_fraction,
+            gap: s.train_eval_gap.filter(|&g| g > cfg.eval_regression_margin),
+            clip_bounds_explosions,
+            healthy_p99,
+            small_batch_bn: ctx.norm == NormKind::BatchNorm && ctx.batch_size < BN_MIN_BATCH,
+        }
+    }
+
+    fn diverged(&self) -> bool {
+        self.nonfinite_end || self.blown_up
+    }
+
+    fn verdict(&self, m: &MonitorSummary) -> Verdict {
+        let (cfg, s, n) = (&m.config, &m.stats, self.unstable_count);
+        if self.diverged() {
+            Verdict::Diverged
+        } else if s.loss_spikes >= n
+            || (s.grad_explosions >= n && !self.clip_bounds_explosions)
+            || s.non_finite_losses >= n
+            || s.eval_regressions >= cfg.unstable_regressions.max(1)
+            || m.scale_collapsed_at_end
+        {
+            Verdict::Unstable
+        } else if s.loss_spikes
+            + s.grad_explosions
+            + s.non_finite
+            + s.scale_collapses
+            + s.eval_regressions
+            > 0
+            || self.excess_skips
+            || self.gap.is_some()
+        {
+            Verdict::Warning
+        } else {
+            Verdict::Healthy
+        }
+    }
+}
+
 impl HealthReport {
+    /// Judges a monitor's summary for a run configured as `ctx`: the verdict, the findings
+    /// and the advice.
+    ///
+    /// ```
+    /// use keel_norm::NormKind;
+    /// use keel_optim::Precision;
+    /// use keel_train::{HealthReport, MonitorConfig, RunContext, StabilityMonitor, Verdict};
+    /// let summary = StabilityMonitor::new(MonitorConfig::default()).summary();
+    /// let ctx = RunContext { norm: NormKind::BatchNorm, batch_size: 64, pretrained: false,
+    ///                        lr: 0.1, clip_grad: None, precision: Precision::F32, steps: 0 };
+    /// let report = HealthReport::from_summary(&summary, &ctx);
+    /// assert_eq!(report.verdict, Verdict::Healthy);
+    /// assert!(report.advice.is_empty());
+    /// assert_eq!(report.recommendations(), vec!["no action needed".to_string()]);
+    /// ```
+    pub fn from_summary(summary: &MonitorSummary, ctx: &RunContext) -> Self {
+        let j = Judgement::new(summary, ctx);
+        let verdict = j.verdict(summary);
+        let mut findings = divergence_findings(summary, &j);
+        findings.extend(event_findings(summary, &j, ctx));
+        findings.extend(eval_findings(summary, &j));
+        let mut advice: Vec<Advice> = norm_advice(summary, &j, ctx, verdict).into_iter().collect();
+        advice.extend(training_advice(summary, &j, ctx));
+        HealthReport {
+            verdict,
+            summary: summary.stats.clone(),
+            findings,
+            advice,
+            context: ctx.clone(),
+        }
+    }
+
+    /// The advice as sentences, or `["no action needed"]` when there is none.
+    pub fn recommendations(&self) -> Vec<String> {
+        if self.advice.is_empty() {
+            vec!["no action needed".to_string()]
+        } else {
+            self.advice.iter().map(Advice::to_string).collect()
+        }
+    }
+
     /// A human-readable multi-line report.
     pub fn to_text(&self) -> String {
         let s = &self.summary;
+        let c = &self.context;
         let mut t = String::new();
         let _ = writeln!(t, "Training health: {}", self.verdict);
         let _ = writeln!(
             t,
-            "  run: norm {}, batch {}, lr {}, clip {}, amp {}, {} steps recorded, {} evals",
-            self.context.norm,
-            self.context.batch_size,
-            self.context.lr,
-            self.context
-                .clip_grad
-                .map_or("off".to_string(), |c| c.to_string()),
-            self.context.amp,
+            "  run: norm {}, batch {}, lr {}, clip {}, precision {}, {} steps recorded, {} evals",
+            c.norm,
+            c.batch_size,
+            c.lr,
+            c.clip_grad.map_or("off".to_string(), |c| c.to_string()),
+            c.precision,
             s.steps,
             s.evals
         );
@@ -207,7 +285,7 @@ impl HealthReport {
             }
         }
         let _ = writeln!(t, "Recommendations:");
-        for r in &self.recommendations {
+        for r in self.recommendations() {
             let _ = writeln!(t, "  - {r}");
         }
         t
@@ -230,113 +308,43 @@ fn steps_list(steps: &[usize], count: usize) -> String {
     s
 }
 
-/// A number as a CLI argument: 3 significant digits.
-fn arg(x: f64) -> String {
-    format!("{}", format!("{x:.2e}").parse::<f64>().unwrap_or(x))
+/// A suggested value, rounded to 3 significant digits.
+fn round3(x: f64) -> f64 {
+    format!("{x:.2e}").parse::<f64>().unwrap_or(x)
 }
 
-pub(crate) fn build(m: &StabilityMonitor, ctx: &RunContext) -> HealthReport {
-    let cfg = &m.cfg;
-    let summary = ReportStats {
-        steps: m.steps,
-        evals: m.evals.len(),
-        loss_spikes: m.spikes.count,
-        grad_explosions: m.explosions.count,
-        non_finite: m.non_finite.count,
-        non_finite_losses: m.non_finite_losses,
-        skipped_steps: m.skipped.count,
-        scale_collapses: m.collapses.count,
-        eval_regressions: m.regressions.count,
-        grad_norm_p50: m.grad_all.quantile(0.5),
-        grad_norm_p99: m.grad_all.quantile(0.99),
-        grad_norm_max: m.grad_all.max(),
-        healthy_grad_norm_p99: m.grad_healthy.quantile(0.99),
-        min_loss_scale: m.min_scale,
-        final_loss: m.trailing_loss(),
-        final_miou: m.evals.last().map(|e| e.miou),
-        best_miou: m.best_eval.as_ref().map(|e| e.miou),
-        best_miou_step: m.best_eval.as_ref().map(|e| e.step),
-        train_eval_gap: m.max_gap,
-    };
-    let s = &summary;
-
-    // Verdict.
-    let recent = m.recent_nonfinite.len();
-    let recent_bad = m.recent_nonfinite.iter().filter(|&&b| b).count();
-    let nonfinite_end = recent > 0
-        && recent_bad as f64 >= cfg.diverged_nonfinite_fraction * recent as f64
-        && recent_bad > 0;
-    let start = median(m.first_losses.iter().copied());
-    let blown_up = match (start, s.final_loss) {
-        (Some(a), Some(b)) if m.first_losses.len() >= cfg.min_history.max(1) => {
-            a > 0.0 && b > cfg.diverge_factor * a
-        }
-        _ => false,
-    };
-    // Isolated events in a long run are a Warning: Unstable needs both a count and a rate.
-    let n = cfg
-        .unstable_events
-        .max(1)
-        .max((cfg.unstable_rate * s.steps as f64).ceil() as usize);
-    let skip_fraction = if s.steps > 0 {
-        s.skipped_steps as f64 / s.steps as f64
-    } else {
-        0.0
-    };
-    let excess_skips = skip_fraction > cfg.max_skip_fraction;
-    let gap = s.train_eval_gap.filter(|&g| g > cfg.eval_regression_margin);
-    // Explosions that a clip at most 1.5x the healthy p99 bounded are what clipping is for:
-    // they make a Warning, not an Unstable run.
-    let clip_bounds_explosions = ctx.clip_grad.is_some_and(|c| {
-        s.healthy_grad_norm_p99
-            .or(s.grad_norm_p50)
-            .is_some_and(|p| c <= 1.5 * p)
-    });
-    let verdict = if nonfinite_end || blown_up {
-        Verdict::Diverged
-    } else if s.loss_spikes >= n
-        || (s.grad_explosions >= n && !clip_bounds_explosions)
-        || s.non_finite_losses >= n
-        || s.eval_regressions >= cfg.unstable_regressions.max(1)
-        || m.scale_collapsed
-    {
-        Verdict::Unstable
-    } else if s.loss_spikes
-        + s.grad_explosions
-        + s.non_finite
-        + s.scale_collapses
-        + s.eval_regressions
-        > 0
-        || excess_skips
-        || gap.is_some()
-    {
-        Verdict::Warning
-    } else {
-        Verdict::Healthy
-    };
-
-    // Findings.
+/// Findings about divergence: non-finite losses at the end, a blown-up loss.
+fn divergence_findings(m: &MonitorSummary, j: &Judgement) -> Vec<String> {
     let mut findings = Vec::new();
-    if nonfinite_end {
+    if j.nonfinite_end {
         findings.push(format!(
-            "{recent_bad} of the last {recent} steps had a non-finite loss: training diverged"
+            "{} of the last {} steps had a non-finite loss: training diverged",
+            m.recent_non_finite_losses, m.recent_steps
         ));
     }
-    if blown_up {
+    if j.blown_up {
         findings.push(format!(
             "the trailing median loss ({}) is more than {}x the initial median ({}): training \
              diverged",
-            fmt_opt(s.final_loss),
-            cfg.diverge_factor,
-            fmt_opt(start)
+            fmt_opt(m.stats.final_loss),
+            m.config.diverge_factor,
+            fmt_opt(m.initial_loss)
         ));
     }
+    findings
+}
+
+/// Findings about step events: loss spikes, grad explosions, NaN/Inf, skipped steps and
+/// loss-scale collapses.
+fn event_findings(m: &MonitorSummary, j: &Judgement, ctx: &RunContext) -> Vec<String> {
+    let (cfg, s, e) = (&m.config, &m.stats, &m.events);
+    let mut findings = Vec::new();
     if s.loss_spikes > 0 {
         findings.push(format!(
             "{} loss spike(s) above median + {} x robust sigma, at steps {}",
             s.loss_spikes,
             cfg.spike_k,
-            steps_list(&m.spikes.steps, s.loss_spikes)
+            steps_list(&e.loss_spikes, s.loss_spikes)
         ));
     }
     if s.grad_explosions > 0 {
@@ -346,9 +354,11 @@ pub(crate) fn build(m: &StabilityMonitor, ctx: &RunContext) -> HealthReport {
             cfg.grad_explosion_factor,
             fmt_opt(s.grad_norm_max),
             fmt_opt(s.grad_norm_p50),
-            steps_list(&m.explosions.steps, s.grad_explosions),
+            steps_list(&e.grad_explosions, s.grad_explosions),
             match ctx.clip_grad {
-                Some(c) if clip_bounds_explosions => format!("; --clip-grad {c} bounded them"),
+                Some(c) if j.clip_bounds_explosions => {
+                    format!("; clipping the global gradient norm at {c} bounded them")
+                }
                 _ => String::new(),
             }
         ));
@@ -358,20 +368,20 @@ pub(crate) fn build(m: &StabilityMonitor, ctx: &RunContext) -> HealthReport {
             "{} step(s) with NaN/Inf ({} non-finite losses), at steps {}",
             s.non_finite,
             s.non_finite_losses,
-            steps_list(&m.non_finite.steps, s.non_finite)
+            steps_list(&e.non_finite, s.non_finite)
         ));
     }
     if s.skipped_steps > 0 {
         findings.push(format!(
             "{} skipped optimizer step(s) ({:.1}% of steps{}), at steps {}",
             s.skipped_steps,
-            100.0 * skip_fraction,
-            if excess_skips {
+            100.0 * m.skip_fraction(),
+            if j.excess_skips {
                 ", too many"
             } else {
                 ", within normal GradScaler behaviour"
             },
-            steps_list(&m.skipped.steps, s.skipped_steps)
+            steps_list(&e.skipped_steps, s.skipped_steps)
         ));
     }
     if s.scale_collapses > 0 {
@@ -379,21 +389,28 @@ pub(crate) fn build(m: &StabilityMonitor, ctx: &RunContext) -> HealthReport {
             "the loss scale collapsed {} time(s) (minimum {}{}), at steps {}",
             s.scale_collapses,
             fmt_opt(s.min_loss_scale),
-            if m.scale_collapsed {
+            if m.scale_collapsed_at_end {
                 ", still collapsed at the end"
             } else {
                 ""
             },
-            steps_list(&m.collapses.steps, s.scale_collapses)
+            steps_list(&e.scale_collapses, s.scale_collapses)
         ));
     }
+    findings
+}
+
+/// Findings about evals: regressions and the train-vs-eval gap.
+fn eval_findings(m: &MonitorSummary, j: &Judgement) -> Vec<String> {
+    let (cfg, s) = (&m.config, &m.stats);
+    let mut findings = Vec::new();
     if s.eval_regressions > 0 {
         findings.push(format!(
             "eval mIoU fell more than {} below its best ({}) {} time(s), at steps {}{}",
             cfg.eval_regression_margin,
             fmt_opt(s.best_miou),
             s.eval_regressions,
-            steps_list(&m.regressions.steps, s.eval_regressions),
+            steps_list(&m.events.eval_regressions, s.eval_regressions),
             if m.gap_regressions > 0 {
                 format!(
                     "; {} of them while the train loss kept improving",
@@ -404,151 +421,99 @@ pub(crate) fn build(m: &StabilityMonitor, ctx: &RunContext) -> HealthReport {
             }
         ));
     }
-    if let Some(g) = gap {
+    if let Some(g) = j.gap {
         findings.push(format!(
             "train-vs-eval gap: eval mIoU dropped up to {g:.4} below its best while the train \
              loss was no worse than at the best eval (the model fits the training batches but \
              does not evaluate well)"
         ));
     }
+    findings
+}
 
-    // Recommendations.
-    let mut recs = Vec::new();
-    let kind = ctx.norm_kind();
+/// The normalization advice: BatchNorm at a small batch always, another norm off keel's
+/// decision table when the run was not healthy.
+fn norm_advice(
+    m: &MonitorSummary,
+    j: &Judgement,
+    ctx: &RunContext,
+    verdict: Verdict,
+) -> Option<Advice> {
     let recommended = keel_norm::recommend(ctx.batch_size, ctx.pretrained);
-    let start_desc = if ctx.pretrained {
-        "with a pretrained backbone"
-    } else {
-        "from scratch"
-    };
-    let b = ctx.batch_size;
-    let healthy_p99 = s.healthy_grad_norm_p99.or(s.grad_norm_p50);
-    match &kind {
-        Err(e) => findings.push(format!(
-            "the run context's norm is not a keel NormKind ({e}); the norm advice is skipped"
-        )),
-        Ok(NormKind::BatchNorm) if b < BN_MIN_BATCH => {
-            let symptom = if gap.is_some() || m.gap_regressions > 0 {
-                " The eval regressions while the train loss kept falling are BatchNorm's \
-                 train/eval mismatch: eval uses running statistics that the noisy batch \
-                 statistics of training never matched."
-            } else {
-                ""
-            };
-            let options = if ctx.pretrained {
-                "freeze BN (--norm frozen-bn) or switch to GroupNorm (--norm gn)"
-            } else {
-                "switch to GroupNorm (--norm gn) or, when starting from pretrained weights, \
-                 freeze BN (--norm frozen-bn)"
-            };
-            recs.push(format!(
-                "BatchNorm at batch {b}: {options}; keel's decision table picks --norm \
-                 {recommended} at batch {b} {start_desc}, since BatchNorm needs about \
-                 {BN_MIN_BATCH} images per device for its batch statistics.{symptom}"
-            ));
-        }
-        Ok(k)
-            if verdict > Verdict::Healthy
-                && std::mem::discriminant(k) != std::mem::discriminant(&recommended) =>
-        {
-            recs.push(format!(
-                "keel's decision table recommends --norm {recommended} at batch {b} {start_desc} \
-                 (this run used --norm {k})"
-            ));
-        }
-        Ok(_) => {}
+    let off_table = std::mem::discriminant(&ctx.norm) != std::mem::discriminant(&recommended);
+    let unhealthy_off_table = verdict > Verdict::Healthy && off_table;
+    if !(j.small_batch_bn || unhealthy_off_table) {
+        return None;
     }
-    if nonfinite_end || blown_up {
-        recs.push(format!(
-            "the run diverged: restart from the best checkpoint or an earlier healthy one with a \
-             lower LR (e.g. {}) and warmup",
-            arg(ctx.lr / 10.0)
-        ));
+    Some(Advice::SwitchNorm {
+        from: ctx.norm,
+        to: recommended,
+        batch_size: ctx.batch_size,
+        pretrained: ctx.pretrained,
+        train_eval_mismatch: j.small_batch_bn && (j.gap.is_some() || m.gap_regressions > 0),
+    })
+}
+
+/// The advice for the training dynamics: divergence, spikes, NaN, loss scaling, skipped
+/// steps, eval regressions.
+fn training_advice(m: &MonitorSummary, j: &Judgement, ctx: &RunContext) -> Vec<Advice> {
+    let s = &m.stats;
+    let lr = ctx.lr;
+    let clip_at = j.healthy_p99.map(round3);
+    let f16 = ctx.precision == Precision::F16;
+    let mut advice = Vec::new();
+    if j.diverged() {
+        advice.push(Advice::RestartWithLowerLr {
+            to: round3(lr / 10.0),
+        });
     }
     if s.grad_explosions > 0 {
-        let clip = healthy_p99.map(arg);
-        let text = match (ctx.clip_grad, &clip) {
-            (None, Some(c)) => format!(
-                "grad-norm spikes: lower the LR (now {}) or clip at {c} (--clip-grad {c}, the \
-                 p99 of the healthy grad norms)",
-                ctx.lr
-            ),
-            (Some(cur), Some(c)) if healthy_p99.is_some_and(|p| cur > 1.5 * p) => format!(
-                "grad-norm spikes: clipping at {cur} is loose; clip at {c} (--clip-grad {c}, \
-                 the p99 of the healthy grad norms) or lower the LR (now {})",
-                ctx.lr
-            ),
-            _ => format!(
-                "grad-norm spikes despite clipping: lower the LR (now {}, e.g. {}) or lengthen \
-                 the warmup (--warmup-steps)",
-                ctx.lr,
-                arg(ctx.lr / 2.0)
-            ),
-        };
-        recs.push(text);
+        let loose = |cur: f64| j.healthy_p99.is_some_and(|p| cur > 1.5 * p);
+        advice.push(match (ctx.clip_grad, clip_at) {
+            (current, Some(at)) if current.is_none_or(loose) => {
+                Advice::ClipGrad { at, current, lr }
+            }
+            _ => Advice::LowerLr {
+                from: lr,
+                to: round3(lr / 2.0),
+                cause: LrCause::GradSpikesDespiteClipping,
+            },
+        });
     }
     if s.loss_spikes > 0 {
-        recs.push(format!(
-            "loss spikes: lower the LR (now {}, e.g. {}) or lengthen the warmup \
-             (--warmup-steps){}",
-            ctx.lr,
-            arg(ctx.lr / 2.0),
-            if b <= 2 {
-                format!("; at batch {b} a step sees few images, --accum-steps averages more")
-            } else {
-                String::new()
-            }
-        ));
+        advice.push(Advice::LowerLr {
+            from: lr,
+            to: round3(lr / 2.0),
+            cause: LrCause::LossSpikes {
+                batch_size: ctx.batch_size,
+            },
+        });
     }
     if s.non_finite_losses > 0 {
-        let clip = healthy_p99.map_or("--clip-grad".to_string(), |p| {
-            format!("--clip-grad {}", arg(p))
+        advice.push(Advice::GuardAgainstNan {
+            clip_at,
+            lr,
+            try_bf16: f16,
         });
-        recs.push(format!(
-            "NaN losses: enable {clip}, warmup (--warmup-steps) and a lower LR (now {}){}",
-            ctx.lr,
-            if ctx.amp == "f16" {
-                "; f16 overflows above 65504: try --amp bf16"
-            } else {
-                ""
-            }
-        ));
     }
     if s.scale_collapses > 0 {
-        recs.push(
-            "loss scale collapsed: use bf16 (--amp bf16, same range as f32) or check for \
-             NaN-producing ops (log or division near 0, sqrt of negatives, exp overflow, f16 \
-             activations above 65504)"
-                .to_string(),
-        );
-    }
-    if excess_skips {
-        recs.push(if ctx.amp == "f16" {
-            "too many skipped steps: the GradScaler keeps overflowing; use --amp bf16 or find \
-             the op that overflows in f16"
-                .to_string()
-        } else {
-            "too many skipped steps: the gradients are non-finite; lower the LR and enable \
-             --clip-grad"
-                .to_string()
+        advice.push(Advice::UseBf16 {
+            cause: Bf16Cause::LossScaleCollapsed,
         });
     }
-    if s.eval_regressions > 0 && !matches!(kind, Ok(NormKind::BatchNorm) if b < BN_MIN_BATCH) {
-        recs.push(format!(
-            "eval regressions: keep the best checkpoint (CheckpointManager::best, mIoU {}), \
-             decay the LR towards the end (poly or cosine) and check for overfitting \
-             (augmentation, more data)",
-            fmt_opt(s.best_miou)
-        ));
+    if j.excess_skips {
+        advice.push(if f16 {
+            Advice::UseBf16 {
+                cause: Bf16Cause::ScalerOverflows,
+            }
+        } else {
+            Advice::FixNonFiniteGrads { clip_at, lr }
+        });
     }
-    if recs.is_empty() {
-        recs.push("no action needed".to_string());
+    if s.eval_regressions > 0 && !j.small_batch_bn {
+        advice.push(Advice::KeepBestCheckpoint {
+            best_miou: s.best_miou,
+        });
     }
-    HealthReport {
-        verdict,
-        summary,
-        findings,
-        recommendations: recs,
-        context: ctx.clone(),
-    }
+    advice
 }

@@ -93,9 +93,10 @@ impl TrainState {
             candle::bail!("TrainState::new: no parameters; pass the model's (name, Var) pairs")
         }
         let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
-        let scaler = match cfg.precision.needs_loss_scaling() {
-            true => Some(GradScaler::new(cfg.scaler)?),
-            false => None,
+        let scaler = if cfg.precision.needs_loss_scaling() {
+            Some(GradScaler::new(cfg.scaler)?)
+        } else {
+            None
         };
         let ema = match &cfg.ema {
             Some(e) => Some(Ema::new(vars.clone(), *e)?),

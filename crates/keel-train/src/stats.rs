@@ -40,6 +40,7 @@ pub(crate) struct QuantileSketch {
     buckets: BTreeMap<i32, u64>,
     zeros: u64,
     count: u64,
+    #[serde(with = "lossless_f64")]
     max: f64,
 }
 
@@ -103,7 +104,7 @@ pub(crate) mod lossless_f64 {
         Null(()),
     }
 
-    pub(crate) fn to_repr<S: Serializer>(x: f64, s: S) -> Result<S::Ok, S::Error> {
+    fn to_repr<S: Serializer>(x: f64, s: S) -> Result<S::Ok, S::Error> {
         if x.is_finite() {
             s.serialize_f64(x)
         } else if x.is_nan() {
@@ -130,6 +131,21 @@ pub(crate) mod lossless_f64 {
         }
     }
 
+    /// An `f64` that (de)serializes in this encoding, for containers of `f64`.
+    struct Lossless(f64);
+
+    impl Serialize for Lossless {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            to_repr(self.0, s)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Lossless {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            from_repr(Repr::deserialize(d)?).map(Lossless)
+        }
+    }
+
     /// `#[serde(with = "lossless_f64")]` for `f64`.
     pub(crate) fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
         to_repr(*x, s)
@@ -144,27 +160,38 @@ pub(crate) mod lossless_f64 {
     pub(crate) mod option {
         use super::*;
 
-        struct Wrap(f64);
-        impl Serialize for Wrap {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                to_repr(self.0, s)
-            }
-        }
-
         pub(crate) fn serialize<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
-            match x {
-                Some(v) => s.serialize_some(&Wrap(*v)),
-                None => s.serialize_none(),
-            }
+            x.map(Lossless).serialize(s)
         }
 
         pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
             d: D,
         ) -> Result<Option<f64>, D::Error> {
-            match Option::<Repr>::deserialize(d)? {
-                None | Some(Repr::Null(())) => Ok(None),
-                Some(r) => from_repr(r).map(Some),
-            }
+            Ok(Option::<Lossless>::deserialize(d)?.map(|x| x.0))
+        }
+    }
+
+    /// `#[serde(with = "lossless_f64::seq")]` for `Vec<f64>` and `VecDeque<f64>`.
+    pub(crate) mod seq {
+        use super::*;
+
+        pub(crate) fn serialize<'a, C, S>(xs: &'a C, s: S) -> Result<S::Ok, S::Error>
+        where
+            &'a C: IntoIterator<Item = &'a f64>,
+            S: Serializer,
+        {
+            s.collect_seq(xs.into_iter().map(|&x| Lossless(x)))
+        }
+
+        pub(crate) fn deserialize<'de, C, D>(d: D) -> Result<C, D::Error>
+        where
+            C: FromIterator<f64>,
+            D: Deserializer<'de>,
+        {
+            Ok(Vec::<Lossless>::deserialize(d)?
+                .into_iter()
+                .map(|x| x.0)
+                .collect())
         }
     }
 }

@@ -1,7 +1,10 @@
 //! StabilityMonitor on synthetic loss curves: what must alarm, what must not, verdicts,
 //! recommendations, and resuming from a serialized monitor.
+use keel_norm::NormKind;
+use keel_optim::Precision;
 use keel_train::{
-    Alarm, EvalRecord, MonitorConfig, RunContext, StabilityMonitor, StepRecord, Verdict,
+    Advice, Alarm, Bf16Cause, EvalRecord, HealthReport, MonitorConfig, RunContext,
+    StabilityMonitor, StepRecord, Verdict,
 };
 
 /// A small deterministic Gaussian source (xorshift64* + Box-Muller), so the curves are the
@@ -48,15 +51,17 @@ fn smooth_curve(n: usize, seed: u64) -> Vec<StepRecord> {
 
 fn ctx(norm: &str, batch_size: usize) -> RunContext {
     RunContext {
-        norm: norm.into(),
+        norm: norm.parse().expect("a keel NormKind"),
         batch_size,
         pretrained: false,
         lr: 0.02,
         clip_grad: None,
-        amp: "off".into(),
+        precision: Precision::F32,
         steps: 1000,
     }
 }
+
+const GN: NormKind = NormKind::GroupNorm { groups: None };
 
 fn feed(mon: &mut StabilityMonitor, records: &[StepRecord]) -> Vec<Alarm> {
     records.iter().flat_map(|r| mon.record_step(r)).collect()
@@ -70,7 +75,10 @@ fn smooth_noisy_decreasing_curve_raises_no_alarm() {
         assert!(alarms.is_empty(), "seed {seed}: {alarms:?}");
         let report = mon.report(&ctx("gn", 8));
         assert_eq!(report.verdict, Verdict::Healthy, "{}", report.to_text());
-        assert_eq!(report.recommendations, vec!["no action needed".to_string()]);
+        assert_eq!(
+            report.recommendations(),
+            vec!["no action needed".to_string()]
+        );
         assert!(report.findings.is_empty(), "{:?}", report.findings);
         let p50 = report.summary.grad_norm_p50.unwrap();
         assert!((p50 - 1.0).abs() < 0.03, "grad p50 {p50}");
@@ -104,7 +112,7 @@ fn a_spike_is_caught_and_only_it() {
     assert_eq!(report.verdict, Verdict::Warning);
     assert!(report.findings.iter().any(|f| f.contains("at steps 300")));
     assert!(report
-        .recommendations
+        .recommendations()
         .iter()
         .any(|r| r.contains("lower the LR")));
 }
@@ -164,9 +172,17 @@ fn non_finite_losses_are_counted_and_do_not_poison_the_window() {
     // Three NaN/Inf losses: Unstable (repeated), not Diverged (they do not dominate the end).
     assert_eq!(report.verdict, Verdict::Unstable);
     assert!(report
-        .recommendations
+        .recommendations()
         .iter()
-        .any(|r| r.starts_with("NaN losses") && r.contains("--clip-grad")));
+        .any(|r| r.starts_with("NaN losses")));
+    // Was a text check for the clip flag; now the advice carries the clip value.
+    assert!(report.advice.iter().any(|a| matches!(
+        a,
+        Advice::GuardAgainstNan {
+            clip_at: Some(_),
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -191,7 +207,7 @@ fn nan_dominated_end_is_diverged() {
     assert_eq!(report.verdict, Verdict::Diverged, "{}", report.to_text());
     assert!(report.findings[0].contains("60 of the last 100 steps"));
     assert!(report
-        .recommendations
+        .recommendations()
         .iter()
         .any(|r| r.contains("diverged")));
 }
@@ -231,12 +247,19 @@ fn grad_explosion_is_caught_and_clip_value_suggested() {
     let healthy = report.summary.healthy_grad_norm_p99.unwrap();
     // The healthy grad norms are 1 +- 0.1 (plus the early 50, never judged): p99 ~ 1.25.
     assert!(healthy > 1.1 && healthy < 1.4, "healthy p99 {healthy}");
-    let rec = report
-        .recommendations
+    let recs = report.recommendations();
+    let rec = recs
         .iter()
         .find(|r| r.starts_with("grad-norm spikes"))
         .expect("a grad-norm recommendation");
-    assert!(rec.contains("--clip-grad 1."), "{rec}");
+    // Was a text check for the clip flag with "1."; now the advice carries the value.
+    let clip = report.advice.iter().find_map(|a| match *a {
+        Advice::ClipGrad {
+            at, current: None, ..
+        } => Some(at),
+        _ => None,
+    });
+    assert!(clip.is_some_and(|c| (1.0..2.0).contains(&c)), "{clip:?}");
     assert!(rec.contains("lower the LR"), "{rec}");
 }
 
@@ -280,7 +303,7 @@ fn eval_regression_is_caught() {
     assert!((report.summary.train_eval_gap.unwrap() - 0.01).abs() < 1e-12);
     assert_eq!(report.verdict, Verdict::Warning);
     assert!(report
-        .recommendations
+        .recommendations()
         .iter()
         .any(|r| r.contains("keep the best checkpoint")));
 }
@@ -316,16 +339,22 @@ fn batchnorm_at_batch_2_train_eval_gap() {
     let report = mon.report(&ctx("bn", 2));
     assert_eq!(report.verdict, Verdict::Unstable);
     assert!((report.summary.train_eval_gap.unwrap() - 0.25).abs() < 1e-12);
-    let bn = &report.recommendations[0];
+    let recs = report.recommendations();
+    let bn = &recs[0];
     assert!(bn.starts_with("BatchNorm at batch 2:"), "{bn}");
-    assert!(
-        bn.contains("--norm gn") && bn.contains("--norm frozen-bn"),
-        "{bn}"
+    // Was a text check for the norm flags (gn, frozen-bn) and the table's pick; now the
+    // advice is typed, and the sentence names both options in plain words.
+    assert_eq!(
+        report.advice[0],
+        Advice::SwitchNorm {
+            from: NormKind::BatchNorm,
+            to: GN,
+            batch_size: 2,
+            pretrained: false,
+            train_eval_mismatch: true,
+        }
     );
-    assert!(
-        bn.contains("decision table picks --norm gn at batch 2"),
-        "decision table pick: {bn}"
-    );
+    assert!(bn.contains("(gn)") && bn.contains("(frozen-bn)"), "{bn}");
     assert!(bn.contains("train/eval mismatch"), "{bn}");
     assert!(report
         .findings
@@ -337,21 +366,34 @@ fn batchnorm_at_batch_2_train_eval_gap() {
 fn norm_advice_follows_the_decision_table() {
     let mut mon = StabilityMonitor::new(MonitorConfig::default());
     feed(&mut mon, &smooth_curve(200, 2));
-    let has = |c: &RunContext, s: &str| mon.report(c).recommendations.iter().any(|r| r.contains(s));
+    let has = |c: &RunContext, s: &str| {
+        mon.report(c)
+            .recommendations()
+            .iter()
+            .any(|r| r.contains(s))
+    };
+    let switch_to = |c: &RunContext| {
+        mon.report(c).advice.iter().find_map(|a| match a {
+            Advice::SwitchNorm { to, .. } => Some(*to),
+            _ => None,
+        })
+    };
     // BatchNorm at a small batch: always advised against, even when healthy.
     assert!(has(&ctx("bn", 2), "BatchNorm at batch 2"));
     let mut pretrained = ctx("bn", 4);
     pretrained.pretrained = true;
-    assert!(has(&pretrained, "picks --norm frozen-bn"));
+    // Was a text check for the table's pick as a norm flag.
+    assert_eq!(switch_to(&pretrained), Some(NormKind::FrozenBatchNorm));
     // BatchNorm at batch 32 and GroupNorm at batch 2 are fine.
     assert!(!has(&ctx("bn", 32), "BatchNorm"));
     assert_eq!(
-        mon.report(&ctx("gn", 2)).recommendations,
+        mon.report(&ctx("gn", 2)).recommendations(),
         vec!["no action needed".to_string()]
     );
-    // A bad norm string is a finding, not a panic.
-    let r = mon.report(&ctx("layernorm", 2));
-    assert!(r.findings.iter().any(|f| f.contains("not a keel NormKind")));
+    // A bad norm string no longer reaches the report: RunContext holds a NormKind, and the
+    // text is rejected, with a message, where it is parsed.
+    let err = "layernorm".parse::<NormKind>().unwrap_err().to_string();
+    assert!(err.contains("layernorm"), "{err}");
 }
 
 #[test]
@@ -364,10 +406,18 @@ fn norm_advice_for_an_unhealthy_run_off_the_table() {
     feed(&mut mon, &records);
     let report = mon.report(&ctx("ws-gn", 1));
     assert_eq!(report.verdict, Verdict::Unstable);
+    // Was a text check for "recommends" plus the norm flag.
+    assert!(report.advice.contains(&Advice::SwitchNorm {
+        from: NormKind::WsGroupNorm { groups: None },
+        to: GN,
+        batch_size: 1,
+        pretrained: false,
+        train_eval_mismatch: false,
+    }));
     assert!(report
-        .recommendations
+        .recommendations()
         .iter()
-        .any(|r| r.contains("recommends --norm gn at batch 1 from scratch")));
+        .any(|r| r.contains("recommends GroupNorm (gn) at batch 1 from scratch")));
 }
 
 #[test]
@@ -407,7 +457,7 @@ fn loss_scale_collapse_and_scaler_overflows() {
         .flatten()
         .all(|a| !matches!(a, Alarm::NonFinite { .. })));
     let mut c = ctx("gn", 8);
-    c.amp = "f16".into();
+    c.precision = Precision::F16;
     let report = mon.report(&c);
     assert_eq!(report.summary.non_finite, 0);
     assert_eq!(report.summary.skipped_steps, 33);
@@ -419,13 +469,16 @@ fn loss_scale_collapse_and_scaler_overflows() {
     );
     assert!(report.summary.min_loss_scale.unwrap() < 1.0);
     assert!(report
-        .recommendations
+        .recommendations()
         .iter()
         .any(|r| r.starts_with("loss scale collapsed: use bf16")));
     assert!(report
-        .recommendations
+        .recommendations()
         .iter()
         .any(|r| r.contains("GradScaler keeps overflowing")));
+    assert!(report.advice.contains(&Advice::UseBf16 {
+        cause: Bf16Cause::ScalerOverflows
+    }));
 }
 
 #[test]
@@ -530,7 +583,7 @@ fn report_round_trips_and_prints() -> anyhow::Result<()> {
         train_loss: None,
     });
     let report = mon.report(&ctx("bn", 2));
-    let back: keel_train::HealthReport = serde_json::from_str(&serde_json::to_string(&report)?)?;
+    let back: HealthReport = serde_json::from_str(&serde_json::to_string(&report)?)?;
     assert_eq!(back, report);
     let text = report.to_text();
     assert!(text.starts_with("Training health: WARNING\n"), "{text}");
@@ -546,7 +599,7 @@ fn report_round_trips_and_prints() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Repeated grad-norm explosions make a run Unstable, unless a tight `--clip-grad` bounded
+/// Repeated grad-norm explosions make a run Unstable, unless a tight clip bounded
 /// them (then they are a Warning: clipping is doing its job).
 #[test]
 fn explosions_bounded_by_a_tight_clip_are_a_warning() {
@@ -567,10 +620,109 @@ fn explosions_bounded_by_a_tight_clip_are_a_warning() {
     assert!(report
         .findings
         .iter()
-        .any(|f| f.contains("--clip-grad 1.2 bounded them")));
+        .any(|f| f.contains("clipping the global gradient norm at 1.2 bounded them")));
     let loose = RunContext {
         clip_grad: Some(10.0),
         ..ctx("gn", 8)
     };
     assert_eq!(mon.report(&loose).verdict, Verdict::Unstable);
+}
+
+/// NaN/inf steps and evals, a NaN mIoU, an infinite loss scale and non-finite thresholds: the
+/// monitor, its summary and its report all survive serde_json (as inside a checkpoint's
+/// meta, through a `Value`), and the restored monitor reports exactly what the original does.
+#[test]
+fn non_finite_state_round_trips_through_json_values() -> anyhow::Result<()> {
+    let cfg = MonitorConfig {
+        diverge_factor: f64::INFINITY,
+        ..Default::default()
+    };
+    let mut mon = StabilityMonitor::new(cfg);
+    let mut records = smooth_curve(300, 37);
+    records[100].loss = f64::NAN;
+    records[120].loss = f64::INFINITY;
+    records[140].grad_norm = Some(f64::NEG_INFINITY);
+    records[160].grad_norm = Some(f64::NAN);
+    for r in &mut records[200..] {
+        r.loss_scale = Some(if r.step == 299 { f64::INFINITY } else { 1024.0 });
+    }
+    feed(&mut mon, &records[..250]);
+    for (step, miou) in [(150, 0.5), (250, f64::NAN)] {
+        mon.record_eval(&EvalRecord {
+            step,
+            miou,
+            pixel_acc: f64::NAN,
+            train_loss: Some(f64::INFINITY),
+        });
+    }
+    feed(&mut mon, &records[250..]);
+
+    let value = serde_json::to_value(&mon)?;
+    let back: StabilityMonitor = serde_json::from_value(value.clone())?;
+    // NaN != NaN: equal states serialize identically, and the re-serialized value is the same.
+    assert_eq!(serde_json::to_value(&back)?, value);
+    assert_eq!(back.config().diverge_factor, f64::INFINITY);
+
+    let summary = mon.summary();
+    assert!(summary.stats.final_miou.is_some_and(f64::is_nan));
+    assert_eq!(summary.stats.non_finite, 4);
+    let summary_value = serde_json::to_value(&summary)?;
+    let summary_back: keel_train::MonitorSummary = serde_json::from_value(summary_value.clone())?;
+    assert!(summary_back.stats.final_miou.is_some_and(f64::is_nan));
+    assert_eq!(serde_json::to_value(&summary_back)?, summary_value);
+    assert_eq!(serde_json::to_value(back.summary())?, summary_value);
+
+    let c = RunContext {
+        lr: f64::INFINITY,
+        clip_grad: Some(f64::NAN),
+        ..ctx("gn", 2)
+    };
+    let report = mon.report(&c);
+    let report_value = serde_json::to_value(&report)?;
+    assert_eq!(serde_json::to_value(back.report(&c))?, report_value);
+    let report_back: HealthReport = serde_json::from_value(report_value.clone())?;
+    assert_eq!(serde_json::to_value(&report_back)?, report_value);
+    assert_eq!(report_back.to_text(), report.to_text());
+    assert!(!report.advice.is_empty());
+    Ok(())
+}
+
+/// No sentence the report writes names a command-line option.
+#[test]
+fn report_text_names_no_command_line_flag() {
+    let mut records = smooth_curve(800, 41);
+    for t in [100, 300, 500] {
+        records[t].loss *= 5.0;
+        records[t + 1].grad_norm = Some(30.0);
+    }
+    records[600].loss = f64::NAN;
+    for r in &mut records[700..] {
+        r.skipped = true;
+        r.loss_scale = Some(0.5);
+    }
+    let mut mon = StabilityMonitor::new(MonitorConfig::default());
+    feed(&mut mon, &records);
+    for (i, miou) in [0.6, 0.4, 0.3].into_iter().enumerate() {
+        mon.record_eval(&EvalRecord {
+            step: 800 + i,
+            miou,
+            pixel_acc: 0.9,
+            train_loss: None,
+        });
+    }
+    for (norm, batch, precision, clip) in [
+        ("bn", 2, Precision::F16, None),
+        ("ws-gn", 1, Precision::F32, Some(100.0)),
+        ("gn", 8, Precision::Bf16, Some(1.0)),
+    ] {
+        let c = RunContext {
+            precision,
+            clip_grad: clip,
+            ..ctx(norm, batch)
+        };
+        let report = mon.report(&c);
+        assert!(report.advice.len() >= 5, "{:?}", report.advice);
+        let text = report.to_text();
+        assert!(!text.contains("--"), "{text}");
+    }
 }

@@ -1,0 +1,96 @@
+//! The thresholds of the [`crate::StabilityMonitor`], shared by the monitor (which raises
+//! alarms with them) and the health report (which judges the run with them).
+use serde::{Deserialize, Serialize};
+
+use crate::stats::lossless_f64;
+
+/// Thresholds of the [`crate::StabilityMonitor`]. The defaults suit per-step records of a
+/// segmentation or detection run; `..Default::default()` keeps the rest.
+///
+/// ```
+/// use keel_train::MonitorConfig;
+/// let cfg = MonitorConfig { window: 50, spike_k: 8.0, ..Default::default() };
+/// assert_eq!(cfg.min_history, MonitorConfig::default().min_history);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MonitorConfig {
+    /// Trailing window, in finite losses (and finite grad norms, and steps for the loss-scale
+    /// halving count), that the robust statistics use. Default 100; 0 counts as 1.
+    pub window: usize,
+    /// A loss is a spike when `l > median + spike_k * max(1.4826 * MAD, floor)` over the
+    /// trailing window, with `l = ln(loss)` when the loss and the window are positive (else
+    /// the loss itself). Default 6.
+    #[serde(with = "lossless_f64")]
+    pub spike_k: f64,
+    /// A grad norm is an explosion when `grad_norm > grad_explosion_factor * median` of the
+    /// trailing window. Default 10 (at 5, healthy batch-2 runs raised one per ~80 steps).
+    #[serde(with = "lossless_f64")]
+    pub grad_explosion_factor: f64,
+    /// Spikes and explosions are only judged once the window holds this many values.
+    /// Default 20; 0 counts as 1.
+    pub min_history: usize,
+    /// The spread floor relative to the median, so a flat curve does not alarm on rounding
+    /// noise: `ln(1 + mad_floor_rel)` on the log scale, `max(mad_floor_rel * |median|,
+    /// mad_floor_abs)` on the linear one. Default 0.02.
+    #[serde(with = "lossless_f64")]
+    pub mad_floor_rel: f64,
+    /// The absolute spread floor (see [`MonitorConfig::mad_floor_rel`]). Default 1e-6.
+    #[serde(with = "lossless_f64")]
+    pub mad_floor_abs: f64,
+    /// A loss scale below this has collapsed. Default 1.0 (PyTorch starts at 65536).
+    #[serde(with = "lossless_f64")]
+    pub min_loss_scale: f64,
+    /// This many loss-scale decreases within `window` steps is a collapse. Default 10.
+    pub max_scale_halvings: usize,
+    /// An eval whose mIoU is more than this below the best so far is a regression; the same
+    /// margin flags a train-vs-eval gap. Default 0.03 (absolute mIoU).
+    #[serde(with = "lossless_f64")]
+    pub eval_regression_margin: f64,
+    /// This many loss spikes, grad explosions or non-finite losses (each kind counted on its
+    /// own), and at least `unstable_rate` of the steps, make a run Unstable. Default 3.
+    pub unstable_events: usize,
+    /// The event rate (per step) that makes a run Unstable, together with
+    /// `unstable_events`: isolated events in a long run are a Warning. Default 0.001.
+    #[serde(default = "default_unstable_rate", with = "lossless_f64")]
+    pub unstable_rate: f64,
+    /// This many eval regressions make a run Unstable. Default 2.
+    pub unstable_regressions: usize,
+    /// A skipped-step fraction above this is a finding (isolated skips are a GradScaler
+    /// doing its job). Default 0.05.
+    #[serde(with = "lossless_f64")]
+    pub max_skip_fraction: f64,
+    /// The run has Diverged when at least this fraction of the last `window` steps had a
+    /// non-finite loss. Default 0.5.
+    #[serde(with = "lossless_f64")]
+    pub diverged_nonfinite_fraction: f64,
+    /// The run has Diverged when the trailing median loss exceeds this multiple of the
+    /// median of the first `window` losses. Default 10.
+    #[serde(with = "lossless_f64")]
+    pub diverge_factor: f64,
+}
+
+fn default_unstable_rate() -> f64 {
+    1e-3
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            window: 100,
+            spike_k: 6.0,
+            grad_explosion_factor: 10.0,
+            min_history: 20,
+            mad_floor_rel: 0.02,
+            mad_floor_abs: 1e-6,
+            min_loss_scale: 1.0,
+            max_scale_halvings: 10,
+            eval_regression_margin: 0.03,
+            unstable_events: 3,
+            unstable_rate: default_unstable_rate(),
+            unstable_regressions: 2,
+            max_skip_fraction: 0.05,
+            diverged_nonfinite_fraction: 0.5,
+            diverge_factor: 10.0,
+        }
+    }
+}
