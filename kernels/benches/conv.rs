@@ -3,7 +3,7 @@
 //! side in one run.
 //!
 //! `cargo bench -p keel-kernels --bench conv` (PyTorch's numbers for the same shapes:
-//! `python3 scripts/bench_torch_conv_cpu.py`).
+//! `python3 kernels/benches/bench_torch_conv_cpu.py`).
 
 use candle::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};

@@ -13,39 +13,18 @@
 use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, Var};
 use keel_kernels::{conv2d, conv2d_slow, Conv2dParams};
+use keel_test_support::{assert_close, check_close, Tol};
 use proptest::prelude::*;
 
 const DEV: Device = Device::Cpu;
 
-/// Checks the tolerance; fails with the worst index and both values. Returns the max abs error.
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Result<f32> {
-    if got.dims() != want.dims() {
-        bail!("{what}: shape {:?} != {:?}", got.dims(), want.dims());
-    }
-    let g = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let w = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut max_err = 0f32;
-    let mut worst: Option<(usize, f32)> = None;
-    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        let err = (a - b).abs();
-        if err.is_nan() {
-            bail!("{what}: index {i}: got {a}, want {b} (NaN)");
-        }
-        max_err = max_err.max(err);
-        let tol = (rtol * b.abs()).max(atol);
-        if err > tol && worst.is_none_or(|(_, r)| err / tol > r) {
-            worst = Some((i, err / tol));
-        }
-    }
-    if let Some((i, ratio)) = worst {
-        bail!(
-            "{what}: worst index {i}: got {}, want {} (|diff| = {}, {ratio:.2}x the tolerance rtol={rtol}, atol={atol}; max abs err {max_err})",
-            g[i],
-            w[i],
-            (g[i] - w[i]).abs()
-        );
-    }
-    Ok(max_err)
+/// `max(1, max |t|)`: the f16/bf16 tests scale `atol` with the output's magnitude.
+fn max_abs(t: &Tensor) -> Result<f64> {
+    Ok(t.abs()?
+        .max_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .max(1.0))
 }
 
 type ConvFn = fn(&Tensor, &Tensor, Option<&Tensor>, &Conv2dParams) -> candle::Result<Tensor>;
@@ -114,26 +93,24 @@ fn matches_pytorch_fixtures() -> Result<()> {
                 &format!("{case} {name}"),
                 got,
                 &get(name),
-                1e-4,
-                1e-4,
-            )?);
+                Tol::F32,
+            ));
         }
         // Measured max abs errors (y, dx, dweight, dbias); see them with --nocapture.
         println!("{case} f32 max abs err y/dx/dw/db: {errs:?}");
         // f16 / bf16: inputs rounded, f32 accumulation, output rounded once.
-        for (dt, tol) in [(DType::F16, 1e-2f32), (DType::BF16, 5e-2)] {
+        for (dt, tol) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
             let r = |s: &str| get(s).to_dtype(dt);
             let out = run(conv2d, &r("x")?, &r("weight")?, &r("bias")?, &get("dy"), &p)?;
             for (name, got) in NAMES.iter().zip(&out) {
                 let want = get(name);
-                let scale = want.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+                let scale = max_abs(&want)?;
                 assert_close(
                     &format!("{case} {dt:?} {name}"),
                     got,
                     &want,
-                    tol,
-                    tol * scale,
-                )?;
+                    Tol::new(tol, tol * scale),
+                );
             }
         }
     }
@@ -196,7 +173,7 @@ fn matches_composed_reference() -> Result<()> {
         let got = run(conv2d, &x, &w, &b, &dy, &p)?;
         let want = run(conv2d_slow, &x, &w, &b, &dy, &p)?;
         for (name, (g, r)) in NAMES.iter().zip(got.iter().zip(&want)) {
-            assert_close(&format!("{c:?} {name}"), g, r, 1e-4, 1e-4)?;
+            assert_close(&format!("{c:?} {name}"), g, r, Tol::F32);
         }
     }
     Ok(())
@@ -219,7 +196,7 @@ fn matches_candle_conv_where_its_backward_works() -> Result<()> {
             Ok(theirs) => {
                 compared += 1;
                 for (name, (g, r)) in NAMES.iter().zip(ours.iter().zip(&theirs)) {
-                    assert_close(&format!("candle {c:?} {name}"), g, r, 1e-4, 1e-4)?;
+                    assert_close(&format!("candle {c:?} {name}"), g, r, Tol::F32);
                 }
             }
             Err(e) => {
@@ -231,7 +208,7 @@ fn matches_candle_conv_where_its_backward_works() -> Result<()> {
                 assert!(rh != rw, "candle failed unexpectedly on {c:?}: {e}");
                 let y = conv2d(&x, &w, Some(&b), &p)?;
                 let yc = candle_conv(&x, &w, Some(&b), &p)?;
-                assert_close(&format!("candle fwd {c:?}"), &y, &yc, 1e-4, 1e-4)?;
+                assert_close(&format!("candle fwd {c:?}"), &y, &yc, Tol::F32);
             }
         }
     }
@@ -244,15 +221,20 @@ fn half_types_match_f32_on_rounded_inputs() -> Result<()> {
     for c in &CASES[..6] {
         let [x, w, b, dy] = inputs(c)?;
         let p = params(c);
-        for (dt, tol) in [(DType::F16, 1e-2f32), (DType::BF16, 4e-2)] {
+        for (dt, tol) in [(DType::F16, 1e-2), (DType::BF16, 4e-2)] {
             let r = |t: &Tensor| t.to_dtype(dt);
             let got = run(conv2d, &r(&x)?, &r(&w)?, &r(&b)?, &dy, &p)?;
             // The reference: the same rounded inputs in f32.
             let f = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dt)?.to_dtype(DType::F32)?) };
             let want = run(conv2d_slow, &f(&x)?, &f(&w)?, &f(&b)?, &dy, &p)?;
             for (name, (g, r)) in NAMES.iter().zip(got.iter().zip(&want)) {
-                let scale = r.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
-                assert_close(&format!("{dt:?} {c:?} {name}"), g, r, tol, tol * scale)?;
+                let scale = max_abs(r)?;
+                assert_close(
+                    &format!("{dt:?} {c:?} {name}"),
+                    g,
+                    r,
+                    Tol::new(tol, tol * scale),
+                );
             }
         }
     }
@@ -283,7 +265,7 @@ fn strided_non_square_input_backpropagates() -> Result<()> {
         .sqr()?
         .sum_all()?
         .backward()?;
-    assert_close("dx", g.get(&x).unwrap(), r.get(&x).unwrap(), 1e-4, 1e-4)?;
+    assert_close("dx", g.get(&x).unwrap(), r.get(&x).unwrap(), Tol::F32);
     Ok(())
 }
 
@@ -298,7 +280,7 @@ fn non_contiguous_inputs_and_empty_batch() -> Result<()> {
     let xt = x.transpose(2, 3)?; // (2, 4, 5, 6), strided
     let got = conv2d(&xt, &w, None, &p)?;
     let want = conv2d_slow(&xt.contiguous()?, &w, None, &p)?;
-    assert_close("transposed x", &got, &want, 1e-5, 1e-5)?;
+    assert_close("transposed x", &got, &want, Tol::new(1e-5, 1e-5));
     let empty = conv2d(
         &Tensor::zeros((0, 4, 6, 5), DType::F32, &DEV)?,
         &w,
@@ -425,15 +407,9 @@ fn layer_is_a_drop_in_for_candle_nn() -> Result<()> {
     assert_eq!(keys, ["c.bias", "c.weight"]);
     let theirs = candle_nn::Conv2d::new(ours.weight().clone(), ours.bias().cloned(), cfg);
     let x = randn(&[2, 4, 9, 9], 1.0)?;
-    assert_close(
-        "layer",
-        &ours.forward(&x)?,
-        &theirs.forward(&x)?,
-        1e-4,
-        1e-4,
-    )?;
+    assert_close("layer", &ours.forward(&x)?, &theirs.forward(&x)?, Tol::F32);
     let from: keel_kernels::nn::Conv2d = theirs.into();
-    assert_close("from", &from.forward(&x)?, &ours.forward(&x)?, 0.0, 0.0)?;
+    assert_close("from", &from.forward(&x)?, &ours.forward(&x)?, Tol::EXACT);
     let nb = keel_kernels::nn::conv2d_no_bias(4, 6, 3, cfg, vb.pp("d"))?;
     assert!(nb.bias().is_none());
     assert!(keel_kernels::nn::Conv2d::new(
@@ -464,7 +440,7 @@ proptest! {
         let got = run(conv2d, &x, &wt, &b, &dy, &p).unwrap();
         let want = run(conv2d_slow, &x, &wt, &b, &dy, &p).unwrap();
         for (name, (g, r)) in NAMES.iter().zip(got.iter().zip(&want)) {
-            if let Err(e) = assert_close(name, g, r, 1e-4, 1e-4) {
+            if let Err(e) = check_close(name, g, r, Tol::F32) {
                 return Err(TestCaseError::fail(format!("{p:?} x {:?}: {e}", x.dims())));
             }
         }

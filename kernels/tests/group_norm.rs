@@ -13,6 +13,7 @@
 use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, Var};
 use keel_kernels::{group_norm, group_norm_silu, group_norm_silu_slow, group_norm_slow};
+use keel_test_support::{assert_close, check_close, Tol};
 use std::collections::BTreeSet;
 
 type GnFn = fn(&Tensor, &Tensor, &Tensor, usize, f64) -> candle::Result<Tensor>;
@@ -31,44 +32,6 @@ fn slow(silu: bool) -> GnFn {
     } else {
         group_norm_slow
     }
-}
-
-/// Checks the tolerance; fails with the worst index and both values. Returns the max abs error.
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Result<f32> {
-    if got.dims() != want.dims() {
-        bail!("{what}: shape {:?} != {:?}", got.dims(), want.dims());
-    }
-    let g = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let w = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut max_err = 0f32;
-    let mut worst: Option<(usize, f32)> = None;
-    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        if b.is_nan() || a.is_nan() {
-            if a.is_nan() != b.is_nan() {
-                bail!("{what}: index {i}: got {a}, want {b} (NaN mismatch)");
-            }
-            continue;
-        }
-        let err = (a - b).abs();
-        max_err = max_err.max(err);
-        let tol = (rtol * b.abs()).max(atol);
-        if err <= tol {
-            continue;
-        }
-        let ratio = err / tol;
-        if worst.is_none_or(|(_, r)| ratio > r) {
-            worst = Some((i, ratio));
-        }
-    }
-    if let Some((i, ratio)) = worst {
-        bail!(
-            "{what}: worst index {i}: got {}, want {} (|diff| = {}, {ratio:.2}x the tolerance rtol={rtol}, atol={atol}; max abs err {max_err})",
-            g[i],
-            w[i],
-            (g[i] - w[i]).abs()
-        );
-    }
-    Ok(max_err)
 }
 
 /// y, dx, dweight, dbias of `f` with loss `sum(y * dy)`.
@@ -102,15 +65,6 @@ fn run(
 }
 
 const OUTS: [&str; 4] = ["y", "dx", "dweight", "dbias"];
-
-/// (rtol, atol) per dtype for comparisons against a float64 or f32-composed reference.
-fn tol(dtype: DType) -> (f32, f32) {
-    match dtype {
-        DType::F32 => (1e-4, 1e-4),
-        DType::F16 => (4e-3, 4e-3),
-        _ => (2e-2, 2e-2),
-    }
-}
 
 /// Deterministic pseudo-random values in `offset ± scale`.
 fn data(len: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
@@ -164,22 +118,26 @@ fn fused_and_slow_match_pytorch_fixtures() -> Result<()> {
             for (act, silu) in [("gn", false), ("gns", true)] {
                 let fused_out = run(fused(silu), &x, &w, &b, &dy, groups, eps)?;
                 let slow_out = run(slow(silu), &x, &w, &b, &dy, groups, eps)?;
-                let (rtol, atol) = tol(dtype);
+                // Tol::for_dtype: f32 1e-4/1e-4, f16 4e-3/4e-3, bf16 2e-2/2e-2.
+                let base = Tol::for_dtype(dtype);
                 for (k, (f, s)) in OUTS.iter().zip(fused_out.iter().zip(&slow_out)) {
                     let want = get(&format!("{case}.{dname}.{act}.{k}"))?;
                     // dweight/dbias sum over N*HW terms: scale atol with the magnitude.
-                    let atol = if k.starts_with('d') { atol * 4.0 } else { atol };
+                    let tol = if k.starts_with('d') {
+                        base.scale_atol(4.0)
+                    } else {
+                        base
+                    };
                     let what = format!("{case} {dname} {act} {k}");
-                    let ef = assert_close(&format!("fused vs torch: {what}"), f, want, rtol, atol)?;
+                    let ef = assert_close(&format!("fused vs torch: {what}"), f, want, tol);
                     // The composed reference sums in f32 without a shift, so a mean of 1e3
                     // costs it ~1e-3 absolute; the fused kernel does not have that loss.
-                    let slow_atol = if case == "large_mean" {
-                        atol.max(5e-3)
+                    let slow_tol = if case == "large_mean" {
+                        tol.with_atol(tol.atol.max(5e-3))
                     } else {
-                        atol
+                        tol
                     };
-                    let es =
-                        assert_close(&format!("slow vs torch: {what}"), s, want, rtol, slow_atol)?;
+                    let es = assert_close(&format!("slow vs torch: {what}"), s, want, slow_tol);
                     report.push(format!("{what}: fused {ef:.2e} slow {es:.2e}"));
                 }
             }
@@ -229,20 +187,23 @@ fn fused_matches_slow_on_awkward_shapes() -> Result<()> {
             for silu in [false, true] {
                 let f = run(fused(silu), &x, &w, &b, &dy, groups, 1e-5)?;
                 let s = run(slow(silu), &x, &w, &b, &dy, groups, 1e-5)?;
-                let (rtol, mut atol) = tol(dtype);
+                let mut base = Tol::for_dtype(dtype);
                 if offset.abs() >= 1e3 && dtype == DType::F32 {
-                    atol = 5e-3; // the composed reference's unshifted f32 sums, see above
+                    base.atol = 5e-3; // the composed reference's unshifted f32 sums, see above
                 }
                 for (k, (f, s)) in OUTS.iter().zip(f.iter().zip(&s)) {
                     assert_eq!(f.dtype(), dtype, "{k} dtype");
-                    let atol = if k.starts_with('d') { atol * 4.0 } else { atol };
+                    let tol = if k.starts_with('d') {
+                        base.scale_atol(4.0)
+                    } else {
+                        base
+                    };
                     assert_close(
                         &format!("{dims:?} g={groups} {dtype:?} silu={silu} {k}"),
                         f,
                         s,
-                        rtol,
-                        atol,
-                    )?;
+                        tol,
+                    );
                 }
             }
         }
@@ -260,10 +221,10 @@ fn constant_input_uses_rstd_of_eps() -> Result<()> {
     let dy = tensor(&[1, 2, 2, 2], 7, 1.0, 0.0)?;
     let [y, dx, _, _] = run(group_norm, &x, &w, &b, &dy, 1, eps)?;
     let want_y = b.reshape((1, 2, 1, 1))?.broadcast_as((1, 2, 2, 2))?;
-    assert_close("constant y", &y, &want_y, 0.0, 1e-6)?;
+    assert_close("constant y", &y, &want_y, Tol::new(0.0, 1e-6));
     let wdy = dy.broadcast_mul(&w.reshape((1, 2, 1, 1))?)?;
     let want_dx = (wdy.broadcast_sub(&wdy.mean_all()?)? * (1.0 / eps.sqrt()))?;
-    assert_close("constant dx", &dx, &want_dx, 1e-5, 1e-5)?;
+    assert_close("constant dx", &dx, &want_dx, Tol::new(1e-5, 1e-5));
     Ok(())
 }
 
@@ -312,7 +273,7 @@ fn non_contiguous_input_is_made_contiguous() -> Result<()> {
     let got = run(group_norm_silu, &x, &w, &b, &dy, 3, 1e-5)?;
     let want = run(group_norm_silu, &x.contiguous()?, &w, &b, &dy, 3, 1e-5)?;
     for (k, (g, w)) in OUTS.iter().zip(got.iter().zip(&want)) {
-        assert_close(k, g, w, 0.0, 0.0)?;
+        assert_close(k, g, w, Tol::EXACT);
     }
     Ok(())
 }
@@ -424,7 +385,12 @@ fn gradients_flow_through_a_conv_gn_silu_conv_model() -> Result<()> {
     {
         let scale = s.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(scale > 0.0, "{name}: zero gradient");
-        assert_close(name, f, s, 1e-4, 1e-5 * scale.max(1.0))?;
+        assert_close(
+            name,
+            f,
+            s,
+            Tol::new(1e-4, 1e-5).scale_atol(scale.max(1.0) as f64),
+        );
     }
     Ok(())
 }
@@ -456,7 +422,7 @@ mod prop {
                 let f = run(fused(silu), &x, &w, &b, &dy, groups, 1e-5)?;
                 let s = run(slow(silu), &x, &w, &b, &dy, groups, 1e-5)?;
                 for (k, (f, s)) in OUTS.iter().zip(f.iter().zip(&s)) {
-                    assert_close(&format!("{dims:?} g={groups} silu={silu} {k}"), f, s, 1e-3, 1e-4)?;
+                    check_close(&format!("{dims:?} g={groups} silu={silu} {k}"), f, s, Tol::new(1e-3, 1e-4))?;
                 }
                 Ok(())
             })();

@@ -1,7 +1,7 @@
 //! `cargo xtask gpu-bundle`: everything one device call needs, in `.bundle/` (git-ignored):
 //! the stripped, xz-compressed `--features cudnn` (implies cuda) release build of `keel-gpu-suite` (built
 //! with the pinned toolchain, CARGO_TARGET_DIR=target/cuda) and the GPU machine's scripts
-//! from `scripts/gpu/`. Prints the exact device command.
+//! from `crates/keel-gpu-suite/scripts/` (see [`SCRIPTS_DIR`]). Prints the exact device command.
 
 use crate::{cuda_env, root, run_cmd, step};
 use anyhow::{Context, Result};
@@ -10,7 +10,9 @@ use std::process::Command;
 
 const BIN: &str = "keel-gpu-suite";
 const PACKAGE: &str = "keel-gpu-suite";
-/// Files of scripts/gpu/ copied next to the binary.
+/// Where the GPU machine's scripts live, beside the suite they serve.
+const SCRIPTS_DIR: &str = "crates/keel-gpu-suite/scripts";
+/// Files of [`SCRIPTS_DIR`] copied next to the binary.
 const SCRIPTS: [&str; 5] = [
     "run.sh",
     "torch_gn_bench.py",
@@ -19,8 +21,23 @@ const SCRIPTS: [&str; 5] = [
     "report_conv.py",
 ];
 
+/// The paths of [`SCRIPTS`], checked to exist: a moved script fails here, before the
+/// long release build, not after it.
+fn script_paths() -> Result<Vec<std::path::PathBuf>> {
+    let dir = root().join(SCRIPTS_DIR);
+    SCRIPTS
+        .iter()
+        .map(|s| {
+            let p = dir.join(s);
+            anyhow::ensure!(p.is_file(), "gpu-bundle: {} is missing", p.display());
+            Ok(p)
+        })
+        .collect()
+}
+
 pub(crate) fn run() -> Result<()> {
     let root = root();
+    let scripts = script_paths()?;
     let bundle = root.join(".bundle");
     let target = root.join("target/cuda");
     step(
@@ -61,9 +78,9 @@ pub(crate) fn run() -> Result<()> {
             .collect();
         run_cmd(Command::new("xz").args(["-6", "-T1", "-f"]).arg(&bin))?;
         let xz = std::fs::metadata(bundle.join(format!("{BIN}.xz")))?.len();
-        for s in SCRIPTS {
-            std::fs::copy(root.join("scripts/gpu").join(s), bundle.join(s))
-                .with_context(|| format!("copying scripts/gpu/{s}"))?;
+        for (s, path) in SCRIPTS.iter().zip(&scripts) {
+            std::fs::copy(path, bundle.join(s))
+                .with_context(|| format!("copying {}", path.display()))?;
         }
         let commit = Command::new("git")
             .args(["rev-parse", "--short", "HEAD"])
@@ -95,4 +112,15 @@ pub(crate) fn run() -> Result<()> {
         "\nGPU bundle ready in .bundle/. On the GPU machine run (device tool):\n  run(command=\"bash .bundle/run.sh\", carry=[\".bundle\"], timeout_s=480)\nIt runs the CUDA correctness suite, the keel/candle benchmark and PyTorch eager on the same shapes, then prints one ratio table."
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gpu_scripts_and_the_toolchain_installer_are_where_xtask_looks() {
+        assert_eq!(script_paths().unwrap().len(), SCRIPTS.len());
+        assert!(root().join(crate::SETUP_NVCC).is_file());
+    }
 }

@@ -24,13 +24,17 @@ tasks:
   ptx [--check]      compile kernels/cuda/*.cu -> kernels/ptx/*.ptx with the pinned nvcc
                      13.0.x (--check: verify the committed PTX against its source, no nvcc)
   ci [options]       fmt --check, ptx --check, clippy -D warnings, test, then the cuda
-                     compile check with the pinned toolchain (scripts/setup-nvcc.sh)
+                     compile check with the pinned toolchain (xtask/setup-nvcc.sh)
       --no-cuda        skip the cuda compile check
       --cuda-only      run only the cuda compile check
       --skip a,b       skip steps by name: fmt, ptx, clippy, test, cuda
   gpu-bundle         build the stripped --features cuda suite binary, xz it into .bundle/
-                     with scripts/gpu/*, and print the device `run` command
+                     with crates/keel-gpu-suite/scripts/*, and print the device `run`
+                     command
 ";
+
+/// The pinned CUDA build toolchain installer, relative to the repository root.
+const SETUP_NVCC: &str = "xtask/setup-nvcc.sh";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -95,17 +99,17 @@ pub(crate) fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
 }
 
 /// Installs (idempotently) the pinned CUDA 13.0 toolchain with the project's own
-/// `scripts/setup-nvcc.sh` and returns the environment it prints
+/// [`SETUP_NVCC`] and returns the environment it prints
 /// (`export KEY="VALUE"` lines): CUDA_HOME, NVCC, PATH, CUDARC_CUDA_VERSION, CUDA_COMPUTE_CAP.
 pub(crate) fn cuda_env() -> Result<Vec<(String, String)>> {
     let out = Command::new("bash")
-        .arg(root().join("scripts/setup-nvcc.sh"))
+        .arg(root().join(SETUP_NVCC))
         .current_dir(root())
         .stderr(std::process::Stdio::inherit())
         .output()
-        .context("could not run scripts/setup-nvcc.sh")?;
+        .with_context(|| format!("could not run {SETUP_NVCC}"))?;
     if !out.status.success() {
-        bail!("scripts/setup-nvcc.sh failed ({})", out.status);
+        bail!("{SETUP_NVCC} failed ({})", out.status);
     }
     let text = String::from_utf8(out.stdout).context("setup-nvcc.sh printed non-UTF-8")?;
     let mut env = Vec::new();

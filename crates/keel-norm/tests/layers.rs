@@ -6,7 +6,6 @@ use std::collections::HashMap;
 
 use candle::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
-use common::assert_close;
 use keel_norm::convert::{
     bn_to_frozen_bn, bn_to_group_norm, find_batch_norms, fold_bn_into_conv, StateDict,
 };
@@ -14,6 +13,7 @@ use keel_norm::{
     conv_norm_act, group_count, group_norm, norm, recommend, Activation, FrozenBatchNorm2d,
     GroupNorm, NormKind, WsConfig, WsConv2d,
 };
+use keel_test_support::{assert_close, Tol};
 use proptest::prelude::*;
 
 const DEV: Device = Device::Cpu;
@@ -158,8 +158,7 @@ fn group_norm_is_batch_independent() -> anyhow::Result<()> {
             &format!("sample {i}"),
             &one,
             &full.narrow(0, i, 1)?,
-            1e-5,
-            1e-5,
+            Tol::new(1e-5, 1e-5),
         );
     }
     Ok(())
@@ -257,11 +256,16 @@ fn fused_gn_silu_in_block_equals_composed() -> anyhow::Result<()> {
     let x = randn(&[2, 4, 5, 7], 1.5);
     let y_fused = fused.forward_t(&x, true)?;
     let y_comp = candle_nn::ops::silu(&fused.norm().forward_t(&fused.conv().forward(&x)?, true)?)?;
-    assert_close("gn+silu", &y_fused, &y_comp, 1e-5, 1e-5);
+    assert_close("gn+silu", &y_fused, &y_comp, Tol::new(1e-5, 1e-5));
     let g1 = y_fused.sqr()?.sum_all()?.backward()?;
     let g2 = y_comp.sqr()?.sum_all()?.backward()?;
     for (name, var) in vm.data().lock().unwrap().iter() {
-        assert_close(name, g1.get(var).unwrap(), g2.get(var).unwrap(), 1e-4, 1e-5);
+        assert_close(
+            name,
+            g1.get(var).unwrap(),
+            g2.get(var).unwrap(),
+            Tol::new(1e-4, 1e-5),
+        );
     }
     Ok(())
 }
@@ -348,7 +352,12 @@ fn frozen_bn_folds_into_conv() -> anyhow::Result<()> {
         let conv = candle_nn::Conv2d::new(randn(&[c, 3, 3, 3], 0.5), bias, cfg);
         let reference = bn.forward(&conv.forward(&x)?)?;
         let folded = bn.fold_into(&conv)?;
-        assert_close("folded conv", &folded.forward(&x)?, &reference, 1e-4, 1e-5);
+        assert_close(
+            "folded conv",
+            &folded.forward(&x)?,
+            &reference,
+            Tol::new(1e-4, 1e-5),
+        );
     }
     let m = err_msg(bn.fold_into_conv(&randn(&[4, 3, 3, 3], 1.0), None));
     assert!(m.contains("expected 6 output channels"), "{m}");
@@ -366,8 +375,7 @@ fn ws_conv_standardizes_and_validates() -> anyhow::Result<()> {
             "ws mean",
             &mean,
             &Tensor::zeros((5, 1), DType::F32, &DEV)?,
-            0.0,
-            1e-5,
+            Tol::new(0.0, 1e-5),
         );
         let var = sw.sqr()?.mean_keepdim(1)?; // biased
         let expected = if ws == WsConfig::mmcv() {
@@ -379,8 +387,7 @@ fn ws_conv_standardizes_and_validates() -> anyhow::Result<()> {
             "ws var",
             &var,
             &Tensor::full(expected as f32, (5, 1), &DEV)?,
-            1e-3,
-            1e-3,
+            Tol::new(1e-3, 1e-3),
         );
     }
     let m = err_msg(WsConv2d::new(
@@ -461,8 +468,7 @@ fn convert_bn_to_frozen_and_group_norm() -> anyhow::Result<()> {
         "loaded running_var",
         fbn.tensors()[3].1,
         &sd["bn1.running_var"],
-        0.0,
-        0.0,
+        Tol::EXACT,
     );
 
     let mut gn = sd.clone();
@@ -531,7 +537,12 @@ fn convert_folds_bn_into_conv() -> anyhow::Result<()> {
         Some(folded["conv1.bias"].clone()),
         cfg,
     );
-    assert_close("folded", &conv.forward(&x)?, &reference, 1e-4, 1e-5);
+    assert_close(
+        "folded",
+        &conv.forward(&x)?,
+        &reference,
+        Tol::new(1e-4, 1e-5),
+    );
     let m = err_msg(fold_bn_into_conv(
         &mut folded,
         &[("nope".into(), "layer1.0.bn1".into())],
@@ -588,8 +599,7 @@ fn var_grads_reach_raw_ws_weight() -> anyhow::Result<()> {
         "grad sums",
         &sums,
         &Tensor::zeros(4, DType::F32, &DEV)?,
-        0.0,
-        1e-3,
+        Tol::new(0.0, 1e-3),
     );
     Ok(())
 }
@@ -627,8 +637,7 @@ fn strided_conv_on_non_square_input_backpropagates() -> anyhow::Result<()> {
         "cropped conv",
         &ours,
         &x.as_tensor().conv2d(&w, 1, 2, 1, 1)?,
-        1e-6,
-        1e-6,
+        Tol::new(1e-6, 1e-6),
     );
     Ok(())
 }

@@ -15,8 +15,9 @@ mod common;
 
 use candle::{DType, Module, ModuleT, Tensor, Var};
 use candle_nn::Conv2dConfig;
-use common::{assert_close, fixtures, get, max_abs_diff};
+use common::{fixtures, get};
 use keel_norm::{FrozenBatchNorm2d, GroupNorm, WsConfig, WsConv2d};
+use keel_test_support::{assert_close, Tol};
 
 const GN_CASES: [&str; 6] = [
     "gn_c48_g6",
@@ -73,13 +74,7 @@ fn run_gn(case: &str, silu: bool, dtype: DType) -> anyhow::Result<[Tensor; 4]> {
     Ok([y.to_dtype(DType::F32)?, grad(&x)?, grad(&w)?, grad(&b)?])
 }
 
-fn check_gn(
-    dtype: DType,
-    rtol: f64,
-    atol: f64,
-    grad_rtol: f64,
-    grad_atol: f64,
-) -> anyhow::Result<()> {
+fn check_gn(dtype: DType, tol: Tol, grad_tol: Tol) -> anyhow::Result<()> {
     let fx = fixtures();
     for case in GN_CASES {
         if dtype != DType::F32 && case == "gn_far_mean" {
@@ -91,38 +86,17 @@ fn check_gn(
             let key = gn_key(case, silu, dtype);
             let [y, dx, dw, db] = run_gn(case, silu, dtype)?;
             let what = |n: &str| format!("{key} {dtype:?} {n}");
-            // Printed with --nocapture: the measured errors behind the parity claim.
-            eprintln!(
-                "{key}: max abs err y {:.2e} dx {:.2e} dweight {:.2e} dbias {:.2e}",
-                max_abs_diff(&y, &get(&fx, &key, "y")),
-                max_abs_diff(&dx, &get(&fx, &key, "dx")),
-                max_abs_diff(&dw, &get(&fx, &key, "dweight")),
-                max_abs_diff(&db, &get(&fx, &key, "dbias")),
-            );
-            assert_close(&what("y"), &y, &get(&fx, &key, "y"), rtol, atol);
-            assert_close(
-                &what("dx"),
-                &dx,
-                &get(&fx, &key, "dx"),
-                grad_rtol,
-                grad_atol,
-            );
+            let want = |n: &str| get(&fx, &key, n);
+            let ey = assert_close(&what("y"), &y, &want("y"), tol);
+            let edx = assert_close(&what("dx"), &dx, &want("dx"), grad_tol);
             // dweight/dbias sum over N*H*W elements: scale the tolerance with the count.
             let n = (dx.elem_count() / dw.elem_count()) as f64;
-            let red_atol = grad_atol * n.sqrt();
-            assert_close(
-                &what("dweight"),
-                &dw,
-                &get(&fx, &key, "dweight"),
-                grad_rtol,
-                red_atol,
-            );
-            assert_close(
-                &what("dbias"),
-                &db,
-                &get(&fx, &key, "dbias"),
-                grad_rtol,
-                red_atol,
+            let red_tol = grad_tol.scale_atol(n.sqrt());
+            let edw = assert_close(&what("dweight"), &dw, &want("dweight"), red_tol);
+            let edb = assert_close(&what("dbias"), &db, &want("dbias"), red_tol);
+            // Printed with --nocapture: the measured errors behind the parity claim.
+            eprintln!(
+                "{key}: max abs err y {ey:.2e} dx {edx:.2e} dweight {edw:.2e} dbias {edb:.2e}"
             );
         }
     }
@@ -131,17 +105,17 @@ fn check_gn(
 
 #[test]
 fn group_norm_f32_matches_pytorch() -> anyhow::Result<()> {
-    check_gn(DType::F32, 1e-4, 1e-4, 1e-3, 1e-4)
+    check_gn(DType::F32, Tol::new(1e-4, 1e-4), Tol::new(1e-3, 1e-4))
 }
 
 #[test]
 fn group_norm_f16_matches_pytorch() -> anyhow::Result<()> {
-    check_gn(DType::F16, 2e-3, 2e-3, 4e-3, 4e-3)
+    check_gn(DType::F16, Tol::new(2e-3, 2e-3), Tol::F16)
 }
 
 #[test]
 fn group_norm_bf16_matches_pytorch() -> anyhow::Result<()> {
-    check_gn(DType::BF16, 1e-2, 1e-2, 2e-2, 2e-2)
+    check_gn(DType::BF16, Tol::new(1e-2, 1e-2), Tol::BF16)
 }
 
 #[test]
@@ -161,14 +135,13 @@ fn frozen_batch_norm_matches_torchvision() -> anyhow::Result<()> {
         )?;
         assert!(!bn.is_affine_trainable());
         let y = bn.forward(x.as_tensor())?;
-        assert_close(&format!("{case} y"), &y, &g("y"), 1e-5, 1e-5);
+        assert_close(&format!("{case} y"), &y, &g("y"), Tol::new(1e-5, 1e-5));
         let grads = (&y * g("dy"))?.sum_all()?.backward()?;
         assert_close(
             &format!("{case} dx"),
             grads.get(&x).unwrap(),
             &g("dx"),
-            1e-5,
-            1e-5,
+            Tol::new(1e-5, 1e-5),
         );
         // Trainable affine: weight and bias receive the same gradients as in PyTorch.
         let w = Var::from_tensor(&g("weight"))?;
@@ -181,21 +154,24 @@ fn frozen_batch_norm_matches_torchvision() -> anyhow::Result<()> {
             eps,
         )?;
         let y = bn.forward(x.as_tensor())?;
-        assert_close(&format!("{case} trainable y"), &y, &g("y"), 1e-5, 1e-5);
+        assert_close(
+            &format!("{case} trainable y"),
+            &y,
+            &g("y"),
+            Tol::new(1e-5, 1e-5),
+        );
         let grads = (&y * g("dy"))?.sum_all()?.backward()?;
         assert_close(
             &format!("{case} dweight"),
             grads.get(&w).unwrap(),
             &g("dweight"),
-            1e-5,
-            1e-4,
+            Tol::new(1e-5, 1e-4),
         );
         assert_close(
             &format!("{case} dbias"),
             grads.get(&b).unwrap(),
             &g("dbias"),
-            1e-5,
-            1e-4,
+            Tol::new(1e-5, 1e-4),
         );
     }
     Ok(())
@@ -222,46 +198,46 @@ fn candle_batch_norm_train_step_matches_pytorch() -> anyhow::Result<()> {
         let s = |n: &str| g(&format!("step{step}.{n}"));
         let x = Var::from_tensor(&s("x"))?;
         let y = bn.forward_t(x.as_tensor(), true)?;
-        assert_close(&format!("bn step{step} y"), &y, &s("y"), 1e-4, 1e-5);
+        assert_close(
+            &format!("bn step{step} y"),
+            &y,
+            &s("y"),
+            Tol::new(1e-4, 1e-5),
+        );
         let grads = (&y * s("dy"))?.sum_all()?.backward()?;
         assert_close(
             &format!("bn step{step} dx"),
             grads.get(&x).unwrap(),
             &s("dx"),
-            1e-3,
-            1e-5,
+            Tol::new(1e-3, 1e-5),
         );
         assert_close(
             &format!("bn step{step} dweight"),
             grads.get(&w).unwrap(),
             &s("dweight"),
-            1e-4,
-            1e-4,
+            Tol::new(1e-4, 1e-4),
         );
         assert_close(
             &format!("bn step{step} dbias"),
             grads.get(&b).unwrap(),
             &s("dbias"),
-            1e-4,
-            1e-4,
+            Tol::new(1e-4, 1e-4),
         );
         assert_close(
             &format!("bn step{step} running_mean"),
             bn.running_mean(),
             &s("running_mean"),
-            1e-5,
-            1e-6,
+            Tol::new(1e-5, 1e-6),
         );
         assert_close(
             &format!("bn step{step} running_var"),
             bn.running_var(),
             &s("running_var"),
-            1e-5,
-            1e-6,
+            Tol::new(1e-5, 1e-6),
         );
     }
     let y = bn.forward_t(&g("eval.x"), false)?;
-    assert_close("bn eval y", &y, &g("eval.y"), 1e-5, 1e-5);
+    assert_close("bn eval y", &y, &g("eval.y"), Tol::new(1e-5, 1e-5));
     Ok(())
 }
 
@@ -297,29 +273,26 @@ fn ws_conv2d_matches_mmcv_and_timm() -> anyhow::Result<()> {
                 ws,
             )?;
             let y = layer.forward(x.as_tensor())?;
-            assert_close(&format!("{case} y"), &y, &g("y"), 1e-4, 1e-4);
+            assert_close(&format!("{case} y"), &y, &g("y"), Tol::new(1e-4, 1e-4));
             let grads = (&y * g("dy"))?.sum_all()?.backward()?;
             assert_close(
                 &format!("{case} dx"),
                 grads.get(&x).unwrap(),
                 &g("dx"),
-                1e-4,
-                1e-4,
+                Tol::new(1e-4, 1e-4),
             );
             assert_close(
                 &format!("{case} dweight"),
                 grads.get(&w).unwrap(),
                 &g("dweight"),
-                1e-3,
-                1e-4,
+                Tol::new(1e-3, 1e-4),
             );
             if has_bias {
                 assert_close(
                     &format!("{case} dbias"),
                     grads.get(&b).unwrap(),
                     &g("dbias"),
-                    1e-4,
-                    1e-4,
+                    Tol::new(1e-4, 1e-4),
                 );
             } else {
                 assert!(grads.get(&b).is_none());

@@ -4,14 +4,10 @@
 //! candle-nn's AdamW keeps the moments in the parameter dtype, where `eps = 1e-8`
 //! underflows in f16; here f16/bf16/f32 params all get f32 moments and f32 arithmetic.
 
-use std::collections::HashMap;
+use candle::Tensor;
 
-use candle::backprop::GradStore;
-use candle::{Tensor, Var};
-
-use crate::param_group::ParamGroup;
+use crate::grouped::{GroupHparams, Grouped, ParamState, SavedState, UpdateRule};
 use crate::state;
-use crate::traits::StateDict;
 
 /// Hyper-parameters of [`AdamW`]; `Default` is PyTorch's (`lr = 1e-3`,
 /// `betas = (0.9, 0.999)`, `eps = 1e-8`, `weight_decay = 1e-2`).
@@ -47,9 +43,23 @@ impl Default for AdamWConfig {
     }
 }
 
-impl AdamWConfig {
+impl UpdateRule for AdamWConfig {
+    const NAME: &'static str = "AdamW";
+    type State = AdamWState;
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn weight_decay(&self) -> f64 {
+        self.weight_decay
+    }
+
     fn validate(&self) -> candle::Result<()> {
-        crate::schedule::check_lr("AdamW", "lr", self.lr)?;
         for (name, b, typical) in [("beta1", self.beta1, "0.9"), ("beta2", self.beta2, "0.999")] {
             if !(0.0..1.0).contains(&b) {
                 candle::bail!(
@@ -71,24 +81,78 @@ impl AdamWConfig {
         }
         Ok(())
     }
+
+    fn step(
+        &self,
+        hparams: &GroupHparams,
+        param: Tensor,
+        g: Tensor,
+        state: &mut Option<AdamWState>,
+    ) -> candle::Result<Tensor> {
+        let (m, v, step) = match state.take() {
+            Some(s) => (s.exp_avg, s.exp_avg_sq, s.step + 1),
+            None => (g.zeros_like()?, g.zeros_like()?, 1),
+        };
+        let lr = hparams.lr;
+        let mut param = param;
+        if hparams.weight_decay != 0.0 {
+            param = param.affine(1.0 - lr * hparams.weight_decay, 0.0)?;
+        }
+        // torch: exp_avg.lerp_(grad, 1 - beta1) == m + (1 - beta1) * (g - m)
+        let m = (&m + (&g - &m)?.affine(1.0 - self.beta1, 0.0)?)?;
+        let v = (v.affine(self.beta2, 0.0)? + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
+        let bias_correction1 = 1.0 - self.beta1.powf(step as f64);
+        let bias_correction2 = 1.0 - self.beta2.powf(step as f64);
+        let step_size = lr / bias_correction1;
+        let denom = (v.sqrt()? / bias_correction2.sqrt())?.affine(1.0, self.eps)?;
+        let new = (param - (m.div(&denom)?).affine(step_size, 0.0)?)?;
+        *state = Some(AdamWState {
+            exp_avg: m,
+            exp_avg_sq: v,
+            step,
+        });
+        Ok(new)
+    }
 }
 
-#[derive(Debug)]
-struct Param {
-    var: Var,
-    /// `(exp_avg, exp_avg_sq)`, created on the first step like PyTorch's lazy state.
-    moments: Option<(Tensor, Tensor)>,
-    step: usize,
+/// The per-parameter state of [`AdamW`], saved as `state.{i}.step`, `state.{i}.exp_avg`
+/// and `state.{i}.exp_avg_sq` (PyTorch's names).
+#[derive(Clone, Debug)]
+pub struct AdamWState {
+    /// The first moment (running mean of the gradient), f32 (f64 for f64 params).
+    pub exp_avg: Tensor,
+    /// The second moment (running mean of the squared gradient).
+    pub exp_avg_sq: Tensor,
+    /// The number of steps this parameter has taken (its bias correction's `t`).
+    pub step: usize,
 }
 
-#[derive(Debug)]
-struct Group {
-    lr_mult: f64,
-    weight_decay: f64,
-    params: Vec<Param>,
+impl ParamState for AdamWState {
+    fn save(&self) -> candle::Result<Vec<(&'static str, Tensor)>> {
+        Ok(vec![
+            ("step", state::scalar(self.step as f64)?),
+            ("exp_avg", self.exp_avg.clone()),
+            ("exp_avg_sq", self.exp_avg_sq.clone()),
+        ])
+    }
+
+    fn load(saved: &SavedState<'_>) -> candle::Result<Option<Self>> {
+        if !saved.has("step") {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            step: saved.count("step")?,
+            exp_avg: saved.tensor("exp_avg")?,
+            exp_avg_sq: saved.tensor("exp_avg_sq")?,
+        }))
+    }
 }
 
-/// AdamW with PyTorch semantics, implementing [`candle_nn::Optimizer`].
+/// AdamW with PyTorch semantics: the [`Grouped`] core running [`AdamWConfig`]'s rule,
+/// so it implements [`candle_nn::Optimizer`] (`AdamW::new(vars, cfg)`),
+/// [`crate::StateDict`] (`lr`, `num_params`, `state.{i}.step`, `state.{i}.exp_avg`,
+/// `state.{i}.exp_avg_sq`) and [`crate::DynOptimizer`], and has
+/// `AdamW::with_groups(groups, cfg)` and `config()`.
 ///
 /// Per parameter with a gradient `g` (params without one are skipped, and their step
 /// count does not advance, as in PyTorch): `t += 1`; `p *= 1 - lr * wd`;
@@ -108,143 +172,4 @@ struct Group {
 /// assert!((v[0] - 0.9).abs() < 1e-5 && (v[1] + 1.9).abs() < 1e-5);
 /// # Ok::<(), candle::Error>(())
 /// ```
-#[derive(Debug)]
-pub struct AdamW {
-    cfg: AdamWConfig,
-    groups: Vec<Group>,
-}
-
-impl AdamW {
-    /// AdamW over parameter groups (per-group LR multiplier and weight decay).
-    pub fn with_groups(groups: Vec<ParamGroup>, cfg: AdamWConfig) -> candle::Result<Self> {
-        cfg.validate()?;
-        let mut out = Vec::with_capacity(groups.len());
-        for (i, g) in groups.into_iter().enumerate() {
-            g.validate("AdamW", i)?;
-            out.push(Group {
-                lr_mult: g.lr_mult,
-                weight_decay: g.weight_decay.unwrap_or(cfg.weight_decay),
-                params: g
-                    .vars
-                    .into_iter()
-                    .filter(|v| v.dtype().is_float())
-                    .map(|var| Param {
-                        var,
-                        moments: None,
-                        step: 0,
-                    })
-                    .collect(),
-            });
-        }
-        Ok(Self { cfg, groups: out })
-    }
-
-    /// The configuration (its `lr` follows `set_learning_rate`).
-    pub fn config(&self) -> &AdamWConfig {
-        &self.cfg
-    }
-
-    fn params(&self) -> impl Iterator<Item = &Param> {
-        self.groups.iter().flat_map(|g| g.params.iter())
-    }
-}
-
-impl StateDict for AdamW {
-    /// The state: `lr`, `num_params`, and for every param (flat index across groups)
-    /// that has stepped, `state.{i}.step`, `state.{i}.exp_avg`, `state.{i}.exp_avg_sq`.
-    fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        out.insert("lr".to_string(), state::scalar(self.cfg.lr)?);
-        out.insert(
-            "num_params".to_string(),
-            state::scalar(self.params().count() as f64)?,
-        );
-        for (i, p) in self.params().enumerate() {
-            if let Some((m, v)) = &p.moments {
-                out.insert(format!("state.{i}.step"), state::scalar(p.step as f64)?);
-                out.insert(format!("state.{i}.exp_avg"), m.clone());
-                out.insert(format!("state.{i}.exp_avg_sq"), v.clone());
-            }
-        }
-        Ok(out)
-    }
-
-    /// Restores a state from [`AdamW::state_dict`]; the optimizer must be built over the
-    /// same parameters in the same order.
-    fn load_state_dict(&mut self, st: &HashMap<String, Tensor>) -> candle::Result<()> {
-        state::check_count("AdamW", st, self.params().count())?;
-        let lr = state::get_scalar("AdamW", st, "lr")?;
-        let mut loaded = Vec::new();
-        for (i, p) in self.params().enumerate() {
-            let key = format!("state.{i}.step");
-            if !st.contains_key(&key) {
-                loaded.push((None, 0));
-                continue;
-            }
-            let step = state::get_count("AdamW", st, &key)?;
-            let dtype = state::compute_dtype(p.var.dtype());
-            let like = p.var.as_tensor();
-            let m = state::get_like("AdamW", st, &format!("state.{i}.exp_avg"), like, dtype)?;
-            let v = state::get_like("AdamW", st, &format!("state.{i}.exp_avg_sq"), like, dtype)?;
-            loaded.push((Some((m, v)), step));
-        }
-        let params = self.groups.iter_mut().flat_map(|g| g.params.iter_mut());
-        for (p, (moments, step)) in params.zip(loaded) {
-            p.moments = moments;
-            p.step = step;
-        }
-        self.cfg.lr = lr;
-        Ok(())
-    }
-}
-
-impl candle_nn::Optimizer for AdamW {
-    type Config = AdamWConfig;
-
-    fn new(vars: Vec<Var>, config: AdamWConfig) -> candle::Result<Self> {
-        Self::with_groups(vec![ParamGroup::new(vars)], config)
-    }
-
-    fn step(&mut self, grads: &GradStore) -> candle::Result<()> {
-        let cfg = self.cfg;
-        for group in self.groups.iter_mut() {
-            let lr = cfg.lr * group.lr_mult;
-            for p in group.params.iter_mut() {
-                let Some(grad) = grads.get(&p.var) else {
-                    continue;
-                };
-                let dtype = state::compute_dtype(p.var.dtype());
-                let g = grad.detach().to_dtype(dtype)?;
-                let (m, v) = match &p.moments {
-                    Some((m, v)) => (m.clone(), v.clone()),
-                    None => (g.zeros_like()?, g.zeros_like()?),
-                };
-                let step = p.step + 1;
-                let mut param = p.var.as_tensor().detach().to_dtype(dtype)?;
-                if group.weight_decay != 0.0 {
-                    param = param.affine(1.0 - lr * group.weight_decay, 0.0)?;
-                }
-                // torch: exp_avg.lerp_(grad, 1 - beta1) == m + (1 - beta1) * (g - m)
-                let m = (&m + (&g - &m)?.affine(1.0 - cfg.beta1, 0.0)?)?;
-                let v = (v.affine(cfg.beta2, 0.0)? + g.sqr()?.affine(1.0 - cfg.beta2, 0.0)?)?;
-                let bias_correction1 = 1.0 - cfg.beta1.powf(step as f64);
-                let bias_correction2 = 1.0 - cfg.beta2.powf(step as f64);
-                let step_size = lr / bias_correction1;
-                let denom = (v.sqrt()? / bias_correction2.sqrt())?.affine(1.0, cfg.eps)?;
-                let new = (param - (m.div(&denom)?).affine(step_size, 0.0)?)?;
-                p.var.set(&new.to_dtype(p.var.dtype())?)?;
-                p.moments = Some((m, v));
-                p.step = step;
-            }
-        }
-        Ok(())
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.cfg.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.cfg.lr = lr;
-    }
-}
+pub type AdamW = Grouped<AdamWConfig>;

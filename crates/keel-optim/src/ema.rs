@@ -148,12 +148,10 @@ impl Ema {
 impl StateDict for Ema {
     /// The state: `updates`, `num_params` and `shadow.{i}`.
     fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        out.insert("updates".to_string(), state::scalar(self.updates as f64)?);
-        out.insert(
-            "num_params".to_string(),
-            state::scalar(self.shadow.len() as f64)?,
-        );
+        let mut out = state::scalars(&[
+            ("updates", self.updates as f64),
+            ("num_params", self.shadow.len() as f64),
+        ])?;
         for (i, s) in self.shadow.iter().enumerate() {
             out.insert(format!("shadow.{i}"), s.clone());
         }

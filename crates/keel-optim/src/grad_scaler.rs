@@ -216,25 +216,13 @@ impl StateDict for GradScaler {
     /// The state, like PyTorch's `GradScaler.state_dict()`: `scale`, `growth_tracker`,
     /// `growth_factor`, `backoff_factor` and `growth_interval`.
     fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        out.insert("scale".to_string(), state::scalar(self.scale as f64)?);
-        out.insert(
-            "growth_tracker".to_string(),
-            state::scalar(self.growth_tracker as f64)?,
-        );
-        out.insert(
-            "growth_factor".to_string(),
-            state::scalar(self.cfg.growth_factor)?,
-        );
-        out.insert(
-            "backoff_factor".to_string(),
-            state::scalar(self.cfg.backoff_factor)?,
-        );
-        out.insert(
-            "growth_interval".to_string(),
-            state::scalar(self.cfg.growth_interval as f64)?,
-        );
-        Ok(out)
+        state::scalars(&[
+            ("scale", self.scale as f64),
+            ("growth_tracker", self.growth_tracker as f64),
+            ("growth_factor", self.cfg.growth_factor),
+            ("backoff_factor", self.cfg.backoff_factor),
+            ("growth_interval", self.cfg.growth_interval as f64),
+        ])
     }
 
     /// Restores a state from [`GradScaler::state_dict`], config included (as PyTorch's

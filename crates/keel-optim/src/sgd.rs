@@ -1,14 +1,9 @@
 //! Stochastic gradient descent with momentum, dampening, Nesterov momentum and
 //! L2 weight decay, exactly as `torch.optim.SGD` (Sutskever et al. 2013 for Nesterov).
 
-use std::collections::HashMap;
+use candle::Tensor;
 
-use candle::backprop::GradStore;
-use candle::{Tensor, Var};
-
-use crate::param_group::ParamGroup;
-use crate::state;
-use crate::traits::StateDict;
+use crate::grouped::{GroupHparams, Grouped, ParamState, SavedState, UpdateRule};
 
 /// Hyper-parameters of [`Sgd`]; `Default` is PyTorch's (`lr = 1e-3`, everything else 0).
 ///
@@ -43,9 +38,23 @@ impl Default for SgdConfig {
     }
 }
 
-impl SgdConfig {
+impl UpdateRule for SgdConfig {
+    const NAME: &'static str = "Sgd";
+    type State = SgdState;
+
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn weight_decay(&self) -> f64 {
+        self.weight_decay
+    }
+
     fn validate(&self) -> candle::Result<()> {
-        crate::schedule::check_lr("Sgd", "lr", self.lr)?;
         if !self.momentum.is_finite() || self.momentum < 0.0 {
             candle::bail!(
                 "Sgd: momentum ({}) must be finite and non-negative; recipes use 0.9",
@@ -73,22 +82,64 @@ impl SgdConfig {
         }
         Ok(())
     }
+
+    fn step(
+        &self,
+        hparams: &GroupHparams,
+        param: Tensor,
+        grad: Tensor,
+        state: &mut Option<SgdState>,
+    ) -> candle::Result<Tensor> {
+        let mut d_p = grad;
+        if hparams.weight_decay != 0.0 {
+            d_p = (d_p + param.affine(hparams.weight_decay, 0.0)?)?;
+        }
+        if self.momentum != 0.0 {
+            let buf = match state {
+                None => d_p.copy()?,
+                Some(s) => {
+                    (s.momentum_buffer.affine(self.momentum, 0.0)?
+                        + d_p.affine(1.0 - self.dampening, 0.0)?)?
+                }
+            };
+            d_p = if self.nesterov {
+                (d_p + buf.affine(self.momentum, 0.0)?)?
+            } else {
+                buf.clone()
+            };
+            *state = Some(SgdState {
+                momentum_buffer: buf,
+            });
+        }
+        param - d_p.affine(hparams.lr, 0.0)?
+    }
 }
 
-#[derive(Debug)]
-struct Param {
-    var: Var,
-    buf: Option<Tensor>,
+/// The per-parameter state of [`Sgd`], saved as `state.{i}.momentum_buffer`.
+#[derive(Clone, Debug)]
+pub struct SgdState {
+    /// The momentum buffer (f32, or f64 for f64 params); only with `momentum > 0`.
+    pub momentum_buffer: Tensor,
 }
 
-#[derive(Debug)]
-struct Group {
-    lr_mult: f64,
-    weight_decay: f64,
-    params: Vec<Param>,
+impl ParamState for SgdState {
+    fn save(&self) -> candle::Result<Vec<(&'static str, Tensor)>> {
+        Ok(vec![("momentum_buffer", self.momentum_buffer.clone())])
+    }
+
+    fn load(saved: &SavedState<'_>) -> candle::Result<Option<Self>> {
+        if !saved.has("momentum_buffer") {
+            return Ok(None);
+        }
+        let momentum_buffer = saved.tensor("momentum_buffer")?;
+        Ok(Some(Self { momentum_buffer }))
+    }
 }
 
-/// SGD with PyTorch semantics, implementing [`candle_nn::Optimizer`].
+/// SGD with PyTorch semantics: the [`Grouped`] core running [`SgdConfig`]'s rule, so it
+/// implements [`candle_nn::Optimizer`] (`Sgd::new(vars, cfg)`), [`crate::StateDict`]
+/// (`lr`, `num_params`, `state.{i}.momentum_buffer`) and [`crate::DynOptimizer`], and
+/// has `Sgd::with_groups(groups, cfg)` and `config()`.
 ///
 /// Per parameter with a gradient `g` (params without one are skipped):
 /// `g += wd * p`; with momentum the buffer is `g` on the first step and
@@ -111,132 +162,4 @@ struct Group {
 /// assert!((w.to_vec1::<f32>()?[0] - 0.46).abs() < 1e-6);
 /// # Ok::<(), candle::Error>(())
 /// ```
-#[derive(Debug)]
-pub struct Sgd {
-    cfg: SgdConfig,
-    groups: Vec<Group>,
-}
-
-impl Sgd {
-    /// SGD over parameter groups (per-group LR multiplier and weight decay).
-    pub fn with_groups(groups: Vec<ParamGroup>, cfg: SgdConfig) -> candle::Result<Self> {
-        cfg.validate()?;
-        let mut out = Vec::with_capacity(groups.len());
-        for (i, g) in groups.into_iter().enumerate() {
-            g.validate("Sgd", i)?;
-            out.push(Group {
-                lr_mult: g.lr_mult,
-                weight_decay: g.weight_decay.unwrap_or(cfg.weight_decay),
-                params: g
-                    .vars
-                    .into_iter()
-                    .filter(|v| v.dtype().is_float())
-                    .map(|var| Param { var, buf: None })
-                    .collect(),
-            });
-        }
-        Ok(Self { cfg, groups: out })
-    }
-
-    /// The configuration (its `lr` follows `set_learning_rate`).
-    pub fn config(&self) -> &SgdConfig {
-        &self.cfg
-    }
-
-    fn params(&self) -> impl Iterator<Item = &Param> {
-        self.groups.iter().flat_map(|g| g.params.iter())
-    }
-}
-
-impl StateDict for Sgd {
-    /// The state: `lr`, `num_params`, and `state.{i}.momentum_buffer` for every param
-    /// (flat index across groups) that has one.
-    fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::new();
-        out.insert("lr".to_string(), state::scalar(self.cfg.lr)?);
-        out.insert(
-            "num_params".to_string(),
-            state::scalar(self.params().count() as f64)?,
-        );
-        for (i, p) in self.params().enumerate() {
-            if let Some(buf) = &p.buf {
-                out.insert(format!("state.{i}.momentum_buffer"), buf.clone());
-            }
-        }
-        Ok(out)
-    }
-
-    /// Restores a state from [`Sgd::state_dict`]; the optimizer must be built over the
-    /// same parameters in the same order.
-    fn load_state_dict(&mut self, st: &HashMap<String, Tensor>) -> candle::Result<()> {
-        state::check_count("Sgd", st, self.params().count())?;
-        let lr = state::get_scalar("Sgd", st, "lr")?;
-        let mut bufs = Vec::new();
-        for (i, p) in self.params().enumerate() {
-            let key = format!("state.{i}.momentum_buffer");
-            let dtype = state::compute_dtype(p.var.dtype());
-            bufs.push(match st.contains_key(&key) {
-                true => Some(state::get_like("Sgd", st, &key, p.var.as_tensor(), dtype)?),
-                false => None,
-            });
-        }
-        let params = self.groups.iter_mut().flat_map(|g| g.params.iter_mut());
-        for (p, buf) in params.zip(bufs) {
-            p.buf = buf;
-        }
-        self.cfg.lr = lr;
-        Ok(())
-    }
-}
-
-impl candle_nn::Optimizer for Sgd {
-    type Config = SgdConfig;
-
-    fn new(vars: Vec<Var>, config: SgdConfig) -> candle::Result<Self> {
-        Self::with_groups(vec![ParamGroup::new(vars)], config)
-    }
-
-    fn step(&mut self, grads: &GradStore) -> candle::Result<()> {
-        let cfg = self.cfg;
-        for group in self.groups.iter_mut() {
-            let lr = cfg.lr * group.lr_mult;
-            for p in group.params.iter_mut() {
-                let Some(grad) = grads.get(&p.var) else {
-                    continue;
-                };
-                let dtype = state::compute_dtype(p.var.dtype());
-                let param = p.var.as_tensor().detach().to_dtype(dtype)?;
-                let mut d_p = grad.detach().to_dtype(dtype)?;
-                if group.weight_decay != 0.0 {
-                    d_p = (d_p + param.affine(group.weight_decay, 0.0)?)?;
-                }
-                if cfg.momentum != 0.0 {
-                    let buf = match &p.buf {
-                        None => d_p.copy()?,
-                        Some(buf) => {
-                            (buf.affine(cfg.momentum, 0.0)?
-                                + d_p.affine(1.0 - cfg.dampening, 0.0)?)?
-                        }
-                    };
-                    d_p = if cfg.nesterov {
-                        (d_p + buf.affine(cfg.momentum, 0.0)?)?
-                    } else {
-                        buf.clone()
-                    };
-                    p.buf = Some(buf);
-                }
-                let new = (param - d_p.affine(lr, 0.0)?)?;
-                p.var.set(&new.to_dtype(p.var.dtype())?)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.cfg.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.cfg.lr = lr;
-    }
-}
+pub type Sgd = Grouped<SgdConfig>;

@@ -9,6 +9,14 @@ pub(crate) fn scalar(v: f64) -> candle::Result<Tensor> {
     Tensor::new(&[v], &Device::Cpu)
 }
 
+/// A state map holding the named scalars (the prologue every state dict starts with).
+pub(crate) fn scalars(entries: &[(&str, f64)]) -> candle::Result<HashMap<String, Tensor>> {
+    entries
+        .iter()
+        .map(|&(k, v)| Ok((k.to_string(), scalar(v)?)))
+        .collect()
+}
+
 /// Reads a scalar written by [`scalar`].
 pub(crate) fn get_scalar(
     op: &str,

@@ -64,15 +64,34 @@ pub trait DynOptimizer: StateDict {
     fn set_learning_rate(&mut self, lr: f64) -> candle::Result<()>;
 }
 
-/// Checks a learning rate before an optimizer takes it.
+/// Checks a learning rate before an optimizer takes it: finite, non-negative, and finite
+/// in f32 too (the parameters are f32; `1e39` would turn every update into inf).
 pub(crate) fn check_lr(op: &str, lr: f64) -> candle::Result<()> {
     if !(lr.is_finite() && lr >= 0.0 && (lr as f32).is_finite()) {
         candle::bail!(
-            "{op}: learning rate {lr} must be finite (also in f32, below {:e}) and >= 0",
+            "{op}: lr ({lr}) must be finite and non-negative, also in f32 (at most {:e}); pass the recipe's peak LR, e.g. 0.05 for SGD or 1e-3 for AdamW",
             f32::MAX
         )
     }
     Ok(())
+}
+
+/// `T`'s name without module paths (`Grouped<SgdConfig>`), for error messages.
+fn short_type_name<T: ?Sized>() -> String {
+    let full = std::any::type_name::<T>();
+    let mut out = String::with_capacity(full.len());
+    let mut word = String::new();
+    for c in full.chars() {
+        if c.is_alphanumeric() || c == '_' || c == ':' {
+            word.push(c);
+        } else {
+            out.push_str(word.rsplit("::").next().unwrap_or(""));
+            word.clear();
+            out.push(c);
+        }
+    }
+    out.push_str(word.rsplit("::").next().unwrap_or(""));
+    out
 }
 
 impl<T: candle_nn::Optimizer + StateDict> DynOptimizer for T {
@@ -85,7 +104,7 @@ impl<T: candle_nn::Optimizer + StateDict> DynOptimizer for T {
     }
 
     fn set_learning_rate(&mut self, lr: f64) -> candle::Result<()> {
-        check_lr(std::any::type_name::<T>(), lr)?;
+        check_lr(&short_type_name::<T>(), lr)?;
         candle_nn::Optimizer::set_learning_rate(self, lr);
         Ok(())
     }

@@ -5,8 +5,9 @@ mod common;
 use anyhow::Result;
 use candle::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, Optimizer, VarBuilder, VarMap};
-use common::{assert_tensor_close, values};
+use common::values;
 use keel_optim::{split_no_decay, GradAccumulator, Sgd, SgdConfig};
+use keel_test_support::{assert_close, check_close, Tol};
 
 fn net_loss(vb: VarBuilder, x: &Tensor, t: &Tensor) -> Result<Tensor> {
     let conv = candle_nn::conv2d(
@@ -53,13 +54,10 @@ fn k_micro_batches_of_one_equal_one_batch_of_k() -> Result<()> {
     for v in &vars {
         let (a, b) = (total.get(v).unwrap(), full.get(v).unwrap());
         // f32 sums in another order: the error scales with the summands, so atol 1e-6.
-        assert_tensor_close("accumulated grad", a, b, 1e-5, 1e-6)?;
+        assert_close("accumulated grad", a, b, Tol::new(1e-5, 1e-6));
         // Without scale_loss the sum would be k times too large: the check can fail.
         let unscaled = (a * k as f64)?;
-        assert!(
-            common::assert_close("k-times grad", &values(&unscaled)?, &values(b)?, 1e-5, 1e-7)
-                .is_err()
-        );
+        assert!(check_close("k-times grad", &unscaled, b, Tol::new(1e-5, 1e-7)).is_err());
     }
     // One step on each gives the same weights.
     let cfg = SgdConfig {
@@ -82,7 +80,7 @@ fn k_micro_batches_of_one_equal_one_batch_of_k() -> Result<()> {
     }
     Sgd::new(vars.clone(), cfg)?.step(&total)?;
     for (v, f) in vars.iter().zip(&after_full) {
-        assert_tensor_close("weights after step", v.as_tensor(), f, 1e-6, 1e-6)?;
+        assert_close("weights after step", v.as_tensor(), f, Tol::new(1e-6, 1e-6));
     }
     Ok(())
 }
@@ -157,7 +155,7 @@ fn no_decay_split_by_varmap_name() -> Result<()> {
             .iter()
             .map(|x| if i < n0 { x * 0.5 } else { *x })
             .collect();
-        common::assert_close(&format!("param {i}"), a, &want, 1e-6, 1e-7)?;
+        assert_close(&format!("param {i}"), a, &want, Tol::new(1e-6, 1e-7));
     }
     Ok(())
 }

@@ -12,8 +12,9 @@ mod common;
 use anyhow::Result;
 use candle::backprop::GradStore;
 use candle::{DType, Device, Tensor, Var};
-use common::{assert_close, assert_tensor_close, fixture, max_errors, num, tensor, values};
+use common::{fixture, num, tensor, values};
 use keel_optim::{clip_grad_norm, clip_grad_value};
+use keel_test_support::{assert_close, check_close, Tol};
 
 fn store(vars: &[Var], grads: &[Tensor]) -> GradStore {
     let mut s = GradStore::default();
@@ -40,9 +41,14 @@ fn clip_grad_norm_matches_torch() -> Result<()> {
         let mut s = store(&vars, &grads);
         let norm = clip_grad_norm(&mut s, &vars, num(&case["max_norm"])?)?;
         let want = num(&case["total_norm"])?;
-        let (a, r) = max_errors(&[norm], &[want]);
+        let c = check_close(
+            &format!("case {k} norm"),
+            &[norm],
+            &[want],
+            Tol::new(1e-6, 0.0),
+        )?;
+        let (a, r) = (c.max_abs, c.max_rel);
         println!("case {k}: norm {norm} vs torch {want}: abs {a:e} rel {r:e}");
-        assert_close(&format!("case {k} norm"), &[norm], &[want], 1e-6, 0.0)?;
         let (mut ga, mut gr) = (0.0f64, 0.0f64);
         for (i, (v, w)) in vars
             .iter()
@@ -51,9 +57,13 @@ fn clip_grad_norm_matches_torch() -> Result<()> {
         {
             let want = tensor(w)?;
             let got = s.get(v).unwrap();
-            let (a, r) = max_errors(&values(got)?, &values(&want)?);
-            (ga, gr) = (ga.max(a), gr.max(r));
-            assert_tensor_close(&format!("case {k} grad {i}"), got, &want, 1e-6, 1e-7)?;
+            let c = check_close(
+                &format!("case {k} grad {i}"),
+                got,
+                &want,
+                Tol::new(1e-6, 1e-7),
+            )?;
+            (ga, gr) = (ga.max(c.max_abs), gr.max(c.max_rel));
         }
         println!("case {k}: clipped grads max abs {ga:e} rel {gr:e}");
     }
@@ -70,15 +80,15 @@ fn clip_norm_is_global_and_in_f32_for_half_grads() -> Result<()> {
     let gb = Tensor::new(&[4f32], &dev)?.to_dtype(DType::BF16)?;
     let mut s = store(&[a.clone(), b.clone()], &[ga, gb]);
     let norm = clip_grad_norm(&mut s, &[a.clone(), b.clone()], 1.0)?;
-    assert_close("norm", &[norm], &[5.0], 1e-6, 0.0)?;
+    assert_close("norm", &[norm], &[5.0], Tol::new(1e-6, 0.0));
     let got = [values(s.get(&a).unwrap())?, values(s.get(&b).unwrap())?].concat();
-    assert_close("clipped", &got, &[0.6, 0.0, 0.8], 4e-3, 0.0)?;
+    assert_close("clipped", &got, &[0.6, 0.0, 0.8], Tol::new(4e-3, 0.0));
     assert_eq!(s.get(&a).unwrap().dtype(), DType::F16);
     // f16 grads whose squares overflow f16 (300^2 > 65504) still give a finite norm.
     let big = Tensor::new(&[300f32, 400.0], &dev)?.to_dtype(DType::F16)?;
     let mut s = store(std::slice::from_ref(&a), &[big]);
     let norm = clip_grad_norm(&mut s, std::slice::from_ref(&a), 1e9)?;
-    assert_close("big norm", &[norm], &[500.0], 1e-6, 0.0)?;
+    assert_close("big norm", &[norm], &[500.0], Tol::new(1e-6, 0.0));
     Ok(())
 }
 

@@ -242,3 +242,46 @@ fn scaler_clip_accumulate_ema_errors() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn config_lr_must_be_finite_in_f32_and_non_negative() -> Result<()> {
+    let v = || Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    for (lr, shown) in [(f64::NAN, "NaN"), (-1.0, "-1"), (1e39, "1000000000000")] {
+        let needles = |op| [op, format!("lr ({shown}"), "f32".into(), "e.g. 0.05".into()];
+        let sgd = Sgd::new(
+            vec![v()],
+            SgdConfig {
+                lr,
+                ..Default::default()
+            },
+        );
+        let n = needles("Sgd".to_string());
+        expect_err(sgd, &n.each_ref().map(String::as_str));
+        let groups = vec![ParamGroup::new(vec![v()])];
+        let adamw = AdamW::with_groups(
+            groups,
+            AdamWConfig {
+                lr,
+                ..Default::default()
+            },
+        );
+        let n = needles("AdamW".to_string());
+        expect_err(adamw, &n.each_ref().map(String::as_str));
+    }
+    // The bounds themselves are valid.
+    Sgd::new(
+        vec![v()],
+        SgdConfig {
+            lr: 0.0,
+            ..Default::default()
+        },
+    )?;
+    AdamW::new(
+        vec![v()],
+        AdamWConfig {
+            lr: f32::MAX as f64,
+            ..Default::default()
+        },
+    )?;
+    Ok(())
+}

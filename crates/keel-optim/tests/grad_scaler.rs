@@ -17,9 +17,10 @@ mod common;
 use anyhow::Result;
 use candle::{Device, Tensor, Var};
 use candle_nn::Optimizer;
-use common::{assert_close, assert_tensor_close, fixture, num, tensor, values};
+use common::{fixture, num, tensor, values};
 use keel_optim::StateDict;
 use keel_optim::{GradScaler, GradScalerConfig, Sgd, SgdConfig};
+use keel_test_support::{assert_close, Tol};
 
 #[test]
 fn scale_sequence_and_params_match_torch() -> Result<()> {
@@ -82,22 +83,20 @@ fn scale_sequence_and_params_match_torch() -> Result<()> {
             }
             scaler.update(!stepped);
             got_scales.push(scaler.current_scale());
-            assert_tensor_close(
+            assert_close(
                 &format!("case {k} step {i} param"),
                 p.as_tensor(),
                 &tensor(want_p)?,
-                1e-6,
-                1e-6,
-            )?;
+                Tol::new(1e-6, 1e-6),
+            );
         }
         // The scale is an f32 in both: exact equality.
         assert_close(
             &format!("case {k} scales"),
             &got_scales,
             &want_scales,
-            0.0,
-            0.0,
-        )?;
+            Tol::EXACT,
+        );
         println!(
             "case {k}: {} scales identical to torch: {got_scales:?}",
             got_scales.len()
@@ -154,7 +153,7 @@ fn unscale_then_clip_then_step() -> Result<()> {
     let mut grads = scaler.scale(&loss)?.backward()?;
     assert!(!scaler.unscale(&mut grads, std::slice::from_ref(&p))?);
     let norm = keel_optim::clip_grad_norm(&mut grads, std::slice::from_ref(&p), 1.0)?;
-    assert_close("unscaled norm", &[norm], &[5.0], 1e-6, 0.0)?;
+    assert_close("unscaled norm", &[norm], &[5.0], Tol::new(1e-6, 0.0));
     assert!(
         scaler
             .unscale(&mut grads, std::slice::from_ref(&p))
@@ -163,7 +162,12 @@ fn unscale_then_clip_then_step() -> Result<()> {
     );
     let stepped = scaler.step(&mut opt, &mut grads, std::slice::from_ref(&p))?; // does not unscale again
     scaler.update(!stepped);
-    assert_close("p", &values(p.as_tensor())?, &[-0.6, -0.8], 1e-5, 0.0)?;
+    assert_close(
+        "p",
+        &values(p.as_tensor())?,
+        &[-0.6, -0.8],
+        Tol::new(1e-5, 0.0),
+    );
     Ok(())
 }
 

@@ -19,13 +19,13 @@ use anyhow::Result;
 use candle::backprop::GradStore;
 use candle::{Device, Var};
 use candle_nn::Optimizer;
-use common::{assert_tensor_close, fixture, max_errors, num, tensor, values};
+use common::{fixture, num, tensor};
 use keel_optim::StateDict;
 use keel_optim::{AdamW, AdamWConfig, ParamGroup, Sgd, SgdConfig};
+use keel_test_support::{check_close, Tol};
 use serde_json::Value;
 
-const RTOL: f64 = 1e-5;
-const ATOL: f64 = 1e-6;
+const TOL: Tol = Tol::new(1e-5, 1e-6);
 
 /// Runs the fixture's 6 steps through `opt` and compares the params after every step.
 fn run<O: Optimizer>(
@@ -55,15 +55,13 @@ fn run<O: Optimizer>(
         opt.step(&store)?;
         for (i, (v, p)) in vars.iter().zip(params.as_array().unwrap()).enumerate() {
             let want = tensor(p)?;
-            let (a, r) = max_errors(&values(v.as_tensor())?, &values(&want)?);
-            (ma, mr) = (ma.max(a), mr.max(r));
-            assert_tensor_close(
+            let c = check_close(
                 &format!("{name} step {} param {i}", step + 1),
                 v.as_tensor(),
                 &want,
-                RTOL,
-                ATOL,
+                TOL,
             )?;
+            (ma, mr) = (ma.max(c.max_abs), mr.max(c.max_rel));
         }
     }
     println!("{name}: 6 steps, max abs {ma:e}, max rel {mr:e}");

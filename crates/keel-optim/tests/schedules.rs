@@ -14,22 +14,23 @@
 mod common;
 
 use anyhow::Result;
-use common::{assert_close, f64s, fixture, max_errors, num};
+use common::{f64s, fixture, num};
 use keel_optim::{Constant, Cosine, LrSchedule, MultiStep, Poly, Warmup};
+use keel_test_support::{assert_close, check_close, Tol};
 use serde_json::Value;
-
-const RTOL: f64 = 1e-10;
-const ATOL: f64 = 1e-15;
 
 fn check(name: &str, case: &Value, s: &dyn LrSchedule) -> Result<()> {
     let want = f64s(&case["lrs"])?;
     let got: Vec<f64> = (0..want.len()).map(|i| s.lr(i)).collect();
-    let (abs, rel) = max_errors(&got, &want);
+    // f64 maths against PyTorch's f64: Tol::F64 is rtol 1e-10, atol 1e-15.
+    let c = check_close(name, &got, &want, Tol::F64)?;
     println!(
-        "{name}: {} steps, max abs {abs:e}, max rel {rel:e}",
-        want.len()
+        "{name}: {} steps, max abs {:e}, max rel {:e}",
+        want.len(),
+        c.max_abs,
+        c.max_rel
     );
-    assert_close(name, &got, &want, RTOL, ATOL)
+    Ok(())
 }
 
 #[test]
@@ -123,7 +124,7 @@ fn exponential_and_multiplicative_warmup_forms() -> Result<()> {
         0.1,
     ];
     let got: Vec<f64> = (0..6).map(|i| e.lr(i)).collect();
-    assert_close("exponential warmup", &got, &want, 1e-14, 0.0)?;
+    assert_close("exponential warmup", &got, &want, Tol::new(1e-14, 0.0));
 
     // detectron2: the factor multiplies the main schedule on the same step axis.
     let cos = Cosine::new(0.1, 10, 0.0)?;
@@ -139,9 +140,8 @@ fn exponential_and_multiplicative_warmup_forms() -> Result<()> {
             &format!("multiplicative step {step}"),
             &[m.lr(step)],
             &[want],
-            1e-14,
-            1e-18,
-        )?;
+            Tol::new(1e-14, 1e-18),
+        );
     }
     // while the sequential form delays the main schedule by the warmup
     let seq = Warmup::linear(cos, 4, 0.001)?;

@@ -12,6 +12,7 @@ use keel_optim::{
     AdamW, AdamWConfig, Cosine, Ema, EmaConfig, EmaWarmup, LrSchedule, ParamGroup, Sgd, SgdConfig,
     Warmup,
 };
+use keel_test_support::{assert_close, Tol};
 
 fn init(dev: &Device) -> Result<Vec<Tensor>> {
     Ok(vec![
@@ -201,13 +202,12 @@ fn ema_warmup_update_and_resume() -> Result<()> {
         for (s, x) in shadow.iter_mut().zip(t) {
             *s = d * *s + (1.0 - d) * x;
         }
-        common::assert_close(
+        assert_close(
             &format!("ema update {n}"),
             &values(&ema.shadow()[0])?,
             &shadow,
-            1e-6,
-            1e-6,
-        )?;
+            Tol::new(1e-6, 1e-6),
+        );
     }
     let exp = Ema::new(
         vec![w.clone()],

@@ -1,10 +1,11 @@
-//! Shared test helpers: fixture loading and explicit tolerances.
+//! Shared test helpers: fixture loading and scratch paths; comparisons use
+//! `keel_test_support::assert_close`.
 //!
 //! Fixtures come from `tests/fixtures/gen_optim.py` (PyTorch 2.x, CPU); rerun it from
 //! the repository root to regenerate them.
 #![allow(dead_code)] // reason: each test binary uses a different subset of the helpers
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use candle::{Device, Tensor};
 use serde_json::Value;
 
@@ -43,73 +44,11 @@ pub fn tensor(v: &Value) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
-/// Largest `|x - y|` and `|x - y| / |y|` over two slices.
-pub fn max_errors(got: &[f64], want: &[f64]) -> (f64, f64) {
-    got.iter()
-        .zip(want)
-        .fold((0.0f64, 0.0f64), |(a, r), (x, y)| {
-            let d = (x - y).abs();
-            (a.max(d), if *y != 0.0 { r.max(d / y.abs()) } else { r })
-        })
-}
-
-/// Asserts `|x - y| <= max(rtol * |y|, atol)` everywhere (NaN never passes) and prints
-/// the worst index with both values otherwise.
-pub fn assert_close(what: &str, got: &[f64], want: &[f64], rtol: f64, atol: f64) -> Result<()> {
-    ensure!(
-        got.len() == want.len(),
-        "{what}: length {} != expected {}",
-        got.len(),
-        want.len()
-    );
-    let mut worst: Option<(usize, f64)> = None;
-    for (i, (x, y)) in got.iter().zip(want).enumerate() {
-        let excess = (x - y).abs() - (rtol * y.abs()).max(atol);
-        let bad = excess.is_nan() || excess > 0.0;
-        if bad && worst.is_none_or(|(_, e)| excess.is_nan() || excess > e) {
-            worst = Some((
-                i,
-                if excess.is_nan() {
-                    f64::INFINITY
-                } else {
-                    excess
-                },
-            ));
-        }
-    }
-    if let Some((i, _)) = worst {
-        anyhow::bail!(
-            "{what}: worst index {i}: got {} expected {} (|diff| {:e}, rtol {rtol:e}, atol {atol:e})",
-            got[i],
-            want[i],
-            (got[i] - want[i]).abs()
-        );
-    }
-    Ok(())
-}
-
 /// A tensor's values as f64.
 pub fn values(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?
         .to_dtype(candle::DType::F64)?
         .to_vec1::<f64>()?)
-}
-
-/// Asserts two tensors close, see [`assert_close`].
-pub fn assert_tensor_close(
-    what: &str,
-    got: &Tensor,
-    want: &Tensor,
-    rtol: f64,
-    atol: f64,
-) -> Result<()> {
-    ensure!(
-        got.dims() == want.dims(),
-        "{what}: shape {:?} != expected {:?}",
-        got.dims(),
-        want.dims()
-    );
-    assert_close(what, &values(got)?, &values(want)?, rtol, atol)
 }
 
 /// A unique scratch path under the target directory's temp dir.

@@ -7,7 +7,7 @@ Forward: F.silu(F.group_norm(x, 32, w, b, 1e-5)).
 Forward+backward: the same, then (y * dy).sum().backward() w.r.t. x, weight and bias
 (matching the Rust bench's loss).
 
-Usage: python3 scripts/bench_torch_gn_cpu.py [--reps N] [--threads 2]
+Usage: python3 kernels/benches/bench_torch_gn_cpu.py [--reps N] [--threads 2]
 Prints the median and the minimum milliseconds per shape.
 """
 import argparse

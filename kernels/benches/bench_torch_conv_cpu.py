@@ -3,7 +3,7 @@
 and forward+backward (gradients of input and weight; loss y.sum() as in the bench),
 torch.set_num_threads(2) unless --threads says otherwise; median and min ms.
 
-Run from the repository root:  python3 scripts/bench_torch_conv_cpu.py [--reps 30] [--threads 2]
+Run from the repository root:  python3 kernels/benches/bench_torch_conv_cpu.py [--reps 30] [--threads 2]
 """
 import argparse
 import statistics
