@@ -178,7 +178,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     }
     pb.finish_and_clear();
     let md = results_md(args, &cells, t0.elapsed().as_secs_f64(), &device);
-    write_atomic(&args.out.join("results.md"), md.as_bytes())?;
+    write_atomic(args.out.join("results.md"), md.as_bytes())?;
     plot(&args.out.join("curves.png"), &cells, args.steps)?;
     println!("{md}");
     println!(
