@@ -10,6 +10,7 @@ use plotters::prelude::*;
 use keel::norm::NormKind;
 use keel::train::write_atomic;
 
+use super::cli::RunConfig;
 use super::cli::{parse_norm, pick_device, CommonArgs};
 use super::train::{self, RunSummary};
 
@@ -87,10 +88,6 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         .expect("static template"),
     );
     let t0 = Instant::now();
-    // Every run is a child process of this binary (`seg_train run-config`), `--jobs` at a
-    // time, each on one rayon thread unless RAYON_NUM_THREADS says otherwise: candle's CPU
-    // ops share one global thread pool per process, and at this model size one
-    // single-threaded process per core beats two processes fighting over two threads each.
     let mut queue = Vec::new();
     for &n in norms {
         for &b in batches {
@@ -104,69 +101,26 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
                     std::fs::remove_dir_all(&dir)
                         .with_context(|| format!("clearing {}", dir.display()))?;
                 }
-                queue.push((n.to_string(), b, seed, cfg, dir));
+                queue.push(Job {
+                    norm: n.to_string(),
+                    batch: b,
+                    seed,
+                    cfg,
+                    dir,
+                });
             }
         }
     }
-    let exe = std::env::current_exe().context("locating the seg_train binary")?;
     let device_flag = if device.is_cpu() { "cpu" } else { "cuda" };
-    let mut running: Vec<(std::process::Child, usize)> = Vec::new();
-    let mut summaries: Vec<Option<RunSummary>> = vec![None; queue.len()];
-    let mut next = 0;
-    while next < queue.len() || !running.is_empty() {
-        while next < queue.len() && running.len() < args.jobs.max(1) {
-            let (n, b, seed, cfg, dir) = &queue[next];
-            std::fs::create_dir_all(dir)?;
-            let cfg_path = dir.with_extension("config.json");
-            write_atomic(&cfg_path, serde_json::to_string_pretty(cfg)?.as_bytes())?;
-            pb.set_message(format!("{n} batch {b} seed {seed}"));
-            let mut cmd = std::process::Command::new(&exe);
-            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-                cmd.env("RAYON_NUM_THREADS", "1");
-            }
-            let child = cmd
-                .args(["run-config", "--device", device_flag, "--config"])
-                .arg(&cfg_path)
-                .arg("--out")
-                .arg(dir)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(dir.with_extension("stderr.txt"))?)
-                .spawn()
-                .with_context(|| format!("starting {}", exe.display()))?;
-            running.push((child, next));
-            next += 1;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let mut still = Vec::new();
-        for (mut child, i) in running.drain(..) {
-            match child.try_wait()? {
-                None => still.push((child, i)),
-                Some(status) => {
-                    let (n, b, seed, _, dir) = &queue[i];
-                    if !status.success() {
-                        let err = std::fs::read_to_string(dir.with_extension("stderr.txt"))
-                            .unwrap_or_default();
-                        bail!(
-                            "run {n} batch {b} seed {seed} failed ({status}): {}",
-                            err.trim()
-                        )
-                    }
-                    let text =
-                        std::fs::read_to_string(dir.join("summary.json")).with_context(|| {
-                            format!("run {n} batch {b} seed {seed}: no summary.json")
-                        })?;
-                    let s: RunSummary = serde_json::from_str(&text)?;
-                    pb.suspend(|| eprintln!("{n:>6} batch {b} seed {seed}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}", s.final_miou, s.seconds_per_step, s.loss_spikes, s.verdict));
-                    summaries[i] = Some(s);
-                    pb.inc(1);
-                }
-            }
-        }
-        running = still;
-    }
+    let summaries = run_jobs(&queue, args.jobs.max(1), device_flag, &pb)?;
     let mut cells: Vec<Cell> = Vec::new();
-    for ((n, b, _, _, _), s) in queue.iter().zip(summaries) {
-        let s = s.expect("every run finished");
+    for (
+        Job {
+            norm: n, batch: b, ..
+        },
+        s,
+    ) in queue.iter().zip(summaries)
+    {
         match cells.iter_mut().find(|c| c.norm == *n && c.batch == *b) {
             Some(c) => c.runs.push(s),
             None => cells.push(Cell {
@@ -187,6 +141,112 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         args.out.join("curves.png").display()
     );
     Ok(())
+}
+
+/// One run of the grid.
+struct Job {
+    norm: String,
+    batch: usize,
+    seed: u64,
+    cfg: RunConfig,
+    dir: PathBuf,
+}
+
+impl Job {
+    /// Starts the run as a child process of this binary (`seg_train run-config`).
+    fn spawn(&self, device_flag: &str) -> anyhow::Result<std::process::Child> {
+        let exe = std::env::current_exe().context("locating the seg_train binary")?;
+        std::fs::create_dir_all(&self.dir)?;
+        let cfg_path = self.dir.with_extension("config.json");
+        write_atomic(
+            &cfg_path,
+            serde_json::to_string_pretty(&self.cfg)?.as_bytes(),
+        )?;
+        let mut cmd = std::process::Command::new(&exe);
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            cmd.env("RAYON_NUM_THREADS", "1");
+        }
+        cmd.args(["run-config", "--device", device_flag, "--config"])
+            .arg(&cfg_path)
+            .arg("--out")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(
+                self.dir.with_extension("stderr.txt"),
+            )?)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))
+    }
+
+    /// The summary of the finished run, or its error output.
+    fn summary(&self, status: std::process::ExitStatus) -> anyhow::Result<RunSummary> {
+        let (n, b, seed) = (&self.norm, self.batch, self.seed);
+        if !status.success() {
+            let err =
+                std::fs::read_to_string(self.dir.with_extension("stderr.txt")).unwrap_or_default();
+            bail!(
+                "run {n} batch {b} seed {seed} failed ({status}): {}",
+                err.trim()
+            )
+        }
+        let text = std::fs::read_to_string(self.dir.join("summary.json"))
+            .with_context(|| format!("run {n} batch {b} seed {seed}: no summary.json"))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+/// Runs `queue`, `jobs` child processes at a time, each on one rayon thread unless
+/// RAYON_NUM_THREADS says otherwise: candle's CPU ops share one global thread pool per
+/// process, and at this model size one single-threaded process per core beats two
+/// processes fighting over two threads each. Returns the summaries in queue order.
+fn run_jobs(
+    queue: &[Job],
+    jobs: usize,
+    device_flag: &str,
+    pb: &indicatif::ProgressBar,
+) -> anyhow::Result<Vec<RunSummary>> {
+    let mut running: Vec<(std::process::Child, usize)> = Vec::new();
+    let mut summaries: Vec<Option<RunSummary>> = vec![None; queue.len()];
+    let mut next = 0;
+    while next < queue.len() || !running.is_empty() {
+        while next < queue.len() && running.len() < jobs {
+            let job = &queue[next];
+            pb.set_message(format!(
+                "{} batch {} seed {}",
+                job.norm, job.batch, job.seed
+            ));
+            running.push((job.spawn(device_flag)?, next));
+            next += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut still = Vec::new();
+        for (mut child, i) in running.drain(..) {
+            let Some(status) = child.try_wait()? else {
+                still.push((child, i));
+                continue;
+            };
+            let (job, s) = (&queue[i], queue[i].summary(status)?);
+            pb.suspend(|| {
+                eprintln!(
+                    "{:>6} batch {} seed {}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}",
+                    job.norm,
+                    job.batch,
+                    job.seed,
+                    s.final_miou,
+                    s.seconds_per_step,
+                    s.loss_spikes,
+                    s.verdict
+                )
+            });
+            summaries[i] = Some(s);
+            pb.inc(1);
+        }
+        running = still;
+    }
+    Ok(summaries
+        .into_iter()
+        .map(|s| s.expect("every run finished"))
+        .collect())
 }
 
 /// The results table (one row per norm and batch size, statistics across seeds).

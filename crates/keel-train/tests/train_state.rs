@@ -168,7 +168,11 @@ fn f16_with_the_scaler_skips_overflows_and_backs_off() -> anyhow::Result<()> {
     let out = loop {
         let out = s.state.step(0.01, None, |_| forward(&small))?;
         if !out.skipped {
-            assert_eq!(out.loss_scale, Some(scale), "no growth before 2000 clean steps");
+            assert_eq!(
+                out.loss_scale,
+                Some(scale),
+                "no growth before 2000 clean steps"
+            );
             break out;
         }
         scale /= 2.0;

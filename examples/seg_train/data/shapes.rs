@@ -153,6 +153,45 @@ fn random_colour(rng: &mut ChaCha8Rng) -> [f32; 3] {
     [rng.random(), rng.random(), rng.random()]
 }
 
+/// One random shape (centre, size, kind, orientation) in an image of side `s`.
+fn random_shape(rng: &mut ChaCha8Rng, s: f32) -> Shape {
+    let r = rng.random_range(0.10..0.25) * s;
+    let (cx, cy) = (
+        rng.random_range(0.1..0.9) * s,
+        rng.random_range(0.1..0.9) * s,
+    );
+    match rng.random_range(0..4) {
+        0 => Shape::Circle { cx, cy, r },
+        1 => {
+            let a: f32 = rng.random_range(0.0..std::f32::consts::PI);
+            Shape::Rect {
+                cx,
+                cy,
+                hw: r * rng.random_range(0.6..1.0),
+                hh: r * rng.random_range(0.5..1.0),
+                cos: a.cos(),
+                sin: a.sin(),
+            }
+        }
+        2 => {
+            let a0: f32 = rng.random_range(0.0..std::f32::consts::TAU);
+            let mut p = [(0f32, 0f32); 3];
+            for (k, pk) in p.iter_mut().enumerate() {
+                let a = a0 + k as f32 * std::f32::consts::TAU / 3.0 + rng.random_range(-0.2..0.2);
+                let rr = r * rng.random_range(0.85..1.2);
+                *pk = (cx + rr * a.cos(), cy + rr * a.sin());
+            }
+            Shape::Triangle { p }
+        }
+        _ => Shape::Ring {
+            cx,
+            cy,
+            r,
+            r_in: r * rng.random_range(0.45..0.7),
+        },
+    }
+}
+
 fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
     let s = size as f32;
     // Background: two-colour linear gradient in a random direction, plus clutter strokes.
@@ -186,42 +225,7 @@ fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
     }
     let mut mask = vec![0u8; size * size];
     for _ in 0..rng.random_range(1..=3) {
-        let r = rng.random_range(0.10..0.25) * s;
-        let (cx, cy) = (
-            rng.random_range(0.1..0.9) * s,
-            rng.random_range(0.1..0.9) * s,
-        );
-        let shape = match rng.random_range(0..4) {
-            0 => Shape::Circle { cx, cy, r },
-            1 => {
-                let a: f32 = rng.random_range(0.0..std::f32::consts::PI);
-                Shape::Rect {
-                    cx,
-                    cy,
-                    hw: r * rng.random_range(0.6..1.0),
-                    hh: r * rng.random_range(0.5..1.0),
-                    cos: a.cos(),
-                    sin: a.sin(),
-                }
-            }
-            2 => {
-                let a0: f32 = rng.random_range(0.0..std::f32::consts::TAU);
-                let mut p = [(0f32, 0f32); 3];
-                for (k, pk) in p.iter_mut().enumerate() {
-                    let a =
-                        a0 + k as f32 * std::f32::consts::TAU / 3.0 + rng.random_range(-0.2..0.2);
-                    let rr = r * rng.random_range(0.85..1.2);
-                    *pk = (cx + rr * a.cos(), cy + rr * a.sin());
-                }
-                Shape::Triangle { p }
-            }
-            _ => Shape::Ring {
-                cx,
-                cy,
-                r,
-                r_in: r * rng.random_range(0.45..0.7),
-            },
-        };
+        let shape = random_shape(rng, s);
         // Shape colours differ from the background's mean colour by at least 0.3 (L1 over
         // RGB in [0, 1]): a shape may be faint, never invisible.
         let bg: [f32; 3] = std::array::from_fn(|c| (c0[c] + c1[c]) / 2.0);
