@@ -10,9 +10,13 @@
 //!   BatchNorm -> GroupNorm / FrozenBatchNorm checkpoint conversion.
 //! - [`kernels`]: fused, differentiable kernels (CPU, and CUDA with the `cuda` feature)
 //!   behind the layers: GroupNorm(+SiLU) forward and backward, and conv2d with dedicated
-//!   backward-data / backward-filter ops (im2col + GEMM on CPU, cuDNN with `cudnn`).
+//!   backward-data / backward-filter ops (im2col + GEMM on CPU, cuDNN with `cudnn`), and
+//!   the segmentation ops: cross-entropy with `ignore_index` and class weights, and
+//!   differentiable nearest / bilinear resizing.
 //! - [`optim`]: LR schedules with warmup, global-norm clipping, SGD and AdamW with PyTorch
 //!   semantics, f16/bf16 mixed precision with dynamic loss scaling, accumulation, EMA.
+//! - [`models`]: networks with PyTorch parameter names: `SegNet` (ResNet-18-style
+//!   encoder, FPN-lite decoder) shaped by a serde-able `ModelConfig`.
 //! - [`train`]: the training-loop pieces: a stability monitor with a health report
 //!   ("is my training going haywire?"), mIoU metrics, atomic checkpoints, JSONL logs.
 //!
@@ -33,6 +37,7 @@
 #![warn(missing_docs)]
 
 pub use keel_kernels as kernels;
+pub use keel_models as models;
 pub use keel_norm as norm;
 pub use keel_optim as optim;
 pub use keel_train as train;

@@ -7,6 +7,11 @@
 //! - [`conv2d`]: 2D convolution with stride, padding, dilation and groups, differentiable
 //!   through dedicated backward-data and backward-filter kernels (im2col + GEMM on CPU,
 //!   cuDNN with the `cudnn` feature), plus the composed reference [`conv2d_slow`].
+//! - [`cross_entropy`]: mean cross-entropy with `ignore_index` and class weights, fused
+//!   forward and backward on CPU, plus the composed [`cross_entropy_slow`] (used on CUDA).
+//! - [`resize_nearest`] / [`resize_bilinear`]: differentiable NCHW resizing with PyTorch's
+//!   `F.interpolate` semantics, CPU kernels with backward, plus the composed `*_slow` twins
+//!   (used on CUDA).
 //! - [`nn`]: layers on these ops ([`nn::Conv2d`], a drop-in for candle_nn's).
 
 mod conv;
@@ -14,7 +19,11 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod group_norm;
+mod loss;
 pub mod nn;
+mod resize;
 
 pub use conv::{conv2d, conv2d_slow, conv_tf32, set_conv_tf32, Conv2dParams};
 pub use group_norm::{group_norm, group_norm_silu, group_norm_silu_slow, group_norm_slow};
+pub use loss::{cross_entropy, cross_entropy_slow, CrossEntropyConfig};
+pub use resize::{resize_bilinear, resize_bilinear_slow, resize_nearest, resize_nearest_slow};

@@ -7,10 +7,11 @@ mod common;
 use anyhow::Result;
 use candle::{Device, Tensor, Var};
 use candle_nn::Optimizer;
-use common::{assert_close, values};
+use common::values;
 use keel_optim::{
     DynOptimizer, GroupHparams, Grouped, ParamGroup, ParamState, SavedState, StateDict, UpdateRule,
 };
+use keel_test_support::{assert_close, Tol};
 
 /// Plain SGD without momentum, L2 weight decay: `p -= lr * (g + wd * p)`. Stateless.
 #[derive(Clone, Copy, Debug)]
@@ -70,8 +71,18 @@ fn plain_sgd_rule_matches_hand_computation() -> Result<()> {
         opt.step(&loss.backward()?)?;
     }
     // group 0: p *= 1 - 0.1 * (2 + 0.5) = 0.75 per step; group 1 (lr 0.2): p *= 0.5.
-    assert_close("a", &values(a.as_tensor())?, &[0.5625, -1.125], 1e-6, 0.0)?;
-    assert_close("b", &values(b.as_tensor())?, &[1.0], 1e-6, 0.0)?;
+    assert_close(
+        "a",
+        &values(a.as_tensor())?[..],
+        &[0.5625, -1.125][..],
+        Tol::new(1e-6, 0.0),
+    );
+    assert_close(
+        "b",
+        &values(b.as_tensor())?[..],
+        &[1.0][..],
+        Tol::new(1e-6, 0.0),
+    );
     assert_eq!(c.to_vec1::<f32>()?, vec![3.0]);
     // A stateless rule saves only the prologue.
     let mut keys: Vec<_> = opt.state_dict()?.into_keys().collect();
@@ -179,15 +190,19 @@ fn stateful_rule_matches_hand_computation_and_resumes_exactly() -> Result<()> {
         opt.backward_step(&loss(&w)?)?;
         want = want.map(|(x, s)| adagrad_by_hand(x, s, 0.1));
     }
-    assert_close("w", &values(w.as_tensor())?, &want.map(|p| p.0), 1e-6, 0.0)?;
+    assert_close(
+        "w",
+        &values(w.as_tensor())?[..],
+        &want.map(|p| p.0)[..],
+        Tol::new(1e-6, 0.0),
+    );
     let st = opt.state_dict()?;
     assert_close(
         "sum",
-        &values(&st["state.0.sum"])?,
-        &want.map(|p| p.1),
-        1e-6,
-        0.0,
-    )?;
+        &values(&st["state.0.sum"])?[..],
+        &want.map(|p| p.1)[..],
+        Tol::new(1e-6, 0.0),
+    );
     assert_eq!(values(&st["state.0.step"])?, vec![2.0]);
 
     // Resume into a fresh optimizer over a copy: the next step is bit-identical.
