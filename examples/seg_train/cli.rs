@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use candle::Device;
 use clap::{Args, Parser, Subcommand};
+use keel::models::seg::ModelConfig;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
 use keel::train::{Advice, OptimRecipe};
@@ -13,7 +14,6 @@ use serde::{Deserialize, Serialize};
 
 use super::compare::{self, CompareArgs};
 use super::data::SHAPE_CLASSES;
-use super::model::ModelConfig;
 use super::train::{self, RunOpts};
 
 #[derive(Parser, Debug)]

@@ -13,12 +13,12 @@
 //! norms come from keel::norm (GN + SiLU on the fused kernel), the optimizer recipe and the
 //! train state (step, clipping, loss scaling, accumulation, EMA, checkpoint snapshot and
 //! restore), metrics, logs, checkpoints and the stability monitor from keel::train and
-//! keel::optim. Modules: cli (flags, RunConfig), data (shapes, voc, loader), model, train
-//! (one run), compare (the grid); `tests/seg_train.rs` includes them with `#[path]`.
+//! keel::optim, the network (`SegNet`) from keel::models and the loss from keel::kernels.
+//! Modules: cli (flags, RunConfig), data (shapes, voc, loader), train (one run), compare
+//! (the grid); `tests/seg_train.rs` includes them with `#[path]`.
 pub(crate) mod cli;
 pub(crate) mod compare;
 pub(crate) mod data;
-pub(crate) mod model;
 pub(crate) mod train;
 
 fn main() {

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use candle::{DType, Device, Tensor, D};
+use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use keel::kernels::{cross_entropy, CrossEntropyConfig};
+use keel::models::seg::{count_params, init_weights, SegNet};
 use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::{
@@ -18,7 +20,6 @@ use serde::{Deserialize, Serialize};
 
 use super::cli::{advice_flags, RunConfig};
 use super::data::{self, Loader, LoaderConfig, Shapes, Source, Voc, IGNORE, SHAPE_CLASSES};
-use super::model::{count_params, init_weights, SegNet};
 
 /// How a run is driven (not part of its identity).
 pub struct RunOpts {
@@ -77,22 +78,6 @@ struct CkptMeta {
     /// All randomness derives from `(seed, step)` (see data/mod.rs): the step restored by
     /// TrainState is the RNG position.
     rng: serde_json::Value,
-}
-
-/// Mean cross-entropy over the pixels whose target is not 255 (PyTorch's
-/// `F.cross_entropy(logits, target, ignore_index=255)`), computed in f32.
-pub fn cross_entropy_ignore(logits: &Tensor, target: &Tensor) -> candle::Result<Tensor> {
-    let c = logits.dim(1)?;
-    let logits = logits.to_dtype(DType::F32)?;
-    let logp =
-        candle_nn::ops::log_softmax(&logits.permute((0, 2, 3, 1))?.reshape(((), c))?, D::Minus1)?;
-    let t = target.flatten_all()?;
-    let keep = t.ne(IGNORE as u32)?;
-    let safe = keep.where_cond(&t, &t.zeros_like()?)?;
-    let picked = logp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let keep = keep.to_dtype(DType::F32)?;
-    let count = keep.sum_all()?.maximum(1f32)?;
-    (picked * &keep)?.sum_all()?.neg()?.div(&count)
 }
 
 /// The data of a run: train and val sources and the class names.
@@ -382,7 +367,11 @@ impl<'a> Run<'a> {
                 // BN running statistics were updated on the cast copy: write them back.
                 copy_bn_stats(vm, c).map_err(to_candle)?;
             }
-            cross_entropy_ignore(&logits, &t)
+            let ignore = CrossEntropyConfig {
+                ignore_index: Some(IGNORE as i64),
+                weight: None,
+            };
+            cross_entropy(&logits, &t, &ignore)
         };
         Ok(self.state.step(lr, cfg.clip_grad, &mut micro)?)
     }
