@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 #[path = "../examples/seg_train/main.rs"]
 mod seg_train;
 
-use seg_train::{cli, compare, data, model, train};
+use keel::models::seg as model;
+use seg_train::{cli, compare, data, train};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("keel-seg-train-{}-{name}", std::process::id()));
@@ -103,7 +104,9 @@ fn train_checkpoint_resume_exactly_after_sigkill() -> anyhow::Result<()> {
 
     // The same run in a child process, killed with SIGKILL after its first checkpoint.
     let b = tmp("killed");
-    let mut proc = child(&tiny(&b, steps), &[("SEG_TRAIN_STEP_DELAY_MS", "40")]).spawn()?;
+    let mut slow = tiny(&b, steps);
+    slow.extend(["--step-delay-ms".to_string(), "40".to_string()]);
+    let mut proc = child(&slow, &[]).spawn()?;
     let t0 = Instant::now();
     let first_ckpt = b.join("checkpoints/ckpt-00000010.safetensors");
     while !first_ckpt.exists() {
@@ -433,7 +436,7 @@ fn resize_ops_match_pytorch() -> anyhow::Result<()> {
     use candle::{Device, Tensor};
     let x = Tensor::new(&[[0f32, 1.], [2., 3.]], &Device::Cpu)?.reshape((1, 1, 2, 2))?;
     // F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
-    let y = model::upsample_bilinear(&x, 4, 4)?
+    let y = keel::kernels::resize_bilinear(&x, (4, 4))?
         .flatten_all()?
         .to_vec1::<f32>()?;
     let want = [
@@ -443,7 +446,7 @@ fn resize_ops_match_pytorch() -> anyhow::Result<()> {
         assert!((a - b).abs() < 1e-6, "{y:?}");
     }
     // F.interpolate(x, size=(3, 5), mode="nearest"): rows [0, 0, 1], cols [0, 0, 0, 1, 1]
-    let y = model::upsample_nearest(&x, 3, 5)?
+    let y = keel::kernels::resize_nearest(&x, (3, 5))?
         .flatten_all()?
         .to_vec1::<f32>()?;
     assert_eq!(
@@ -452,9 +455,12 @@ fn resize_ops_match_pytorch() -> anyhow::Result<()> {
     );
     // Both are differentiable.
     let v = candle::Var::from_tensor(&x)?;
-    let g = model::upsample_bilinear(&model::upsample_nearest(v.as_tensor(), 3, 5)?, 7, 9)?
-        .sum_all()?
-        .backward()?;
+    let g = keel::kernels::resize_bilinear(
+        &keel::kernels::resize_nearest(v.as_tensor(), (3, 5))?,
+        (7, 9),
+    )?
+    .sum_all()?
+    .backward()?;
     assert!(g.get(&v).is_some());
     Ok(())
 }

@@ -6,8 +6,9 @@
 //! compared after each step.
 use std::collections::HashMap;
 
-use candle::{DType, Device, Module, Tensor, D};
+use candle::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, Optimizer, VarBuilder, VarMap};
+use keel::kernels::{cross_entropy, CrossEntropyConfig};
 use keel::norm::{conv_for, norm, Activation, Conv, Norm, NormKind};
 use keel::optim::{clip_grad_norm, LrSchedule, Poly, Sgd, SgdConfig, Warmup};
 
@@ -58,15 +59,11 @@ impl Net {
 
 /// Mean cross-entropy over the pixels whose target is not 255 (PyTorch's ignore_index).
 fn cross_entropy_ignore(logits: &Tensor, target: &Tensor) -> candle::Result<Tensor> {
-    let c = logits.dim(1)?;
-    let logp =
-        candle_nn::ops::log_softmax(&logits.permute((0, 2, 3, 1))?.reshape(((), c))?, D::Minus1)?;
-    let t = target.flatten_all()?;
-    let keep = t.ne(255i64)?;
-    let safe = keep.where_cond(&t, &t.zeros_like()?)?;
-    let picked = logp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let keep = keep.to_dtype(DType::F32)?;
-    (picked * &keep)?.sum_all()?.neg()? / keep.sum_all()?.to_scalar::<f32>()? as f64
+    let cfg = CrossEntropyConfig {
+        ignore_index: Some(255),
+        weight: None,
+    };
+    cross_entropy(logits, target, &cfg)
 }
 
 fn scalar(fx: &HashMap<String, Tensor>, key: &str) -> f64 {

@@ -1,12 +1,20 @@
-//! Command line: `seg_train [train flags]`, `seg_train --resume DIR`, `seg_train compare ...`.
+//! Command line: `seg_train [train flags]`, `seg_train --resume DIR`, `seg_train compare ...`,
+//! and the [`RunConfig`] a run is defined by.
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use candle::Device;
 use clap::{Args, Parser, Subcommand};
+use keel::models::seg::ModelConfig;
+use keel::norm::NormKind;
+use keel::optim::{OptimizerKind, Precision};
+use keel::train::{Advice, OptimRecipe};
+use serde::{Deserialize, Serialize};
 
 use super::compare::{self, CompareArgs};
-use super::train::{self, RunConfig, RunOpts};
+use super::data::SHAPE_CLASSES;
+use super::train::{self, RunOpts};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -38,12 +46,17 @@ pub enum Command {
     },
 }
 
+/// `--norm`: NormKind's text form (bn, frozen-bn, gn, gn:G, ws-gn, ws-gn:G).
+pub fn parse_norm(s: &str) -> Result<NormKind, String> {
+    s.parse().map_err(|e: candle::Error| e.to_string())
+}
+
 /// Settings shared by a single run and the compare grid.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
     /// Optimizer: sgd (momentum 0.9, poly 0.9) or adamw (cosine).
-    #[arg(long, default_value = "sgd")]
-    pub optimizer: String,
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    pub optimizer: OptimizerKind,
     /// Base learning rate (default: sgd 0.05, adamw 1e-3).
     #[arg(long)]
     pub lr: Option<f64>,
@@ -58,9 +71,9 @@ pub struct CommonArgs {
     /// spike above 10x their median.
     #[arg(long, default_value_t = 2.0)]
     pub clip_grad: f64,
-    /// Mixed precision: off, f16 (with a GradScaler) or bf16 (CUDA only).
-    #[arg(long, default_value = "off")]
-    pub amp: String,
+    /// Mixed precision: off (f32), f16 (with a GradScaler) or bf16 (CUDA only).
+    #[arg(long, value_enum, default_value = "off")]
+    pub amp: Precision,
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     pub accum_steps: usize,
@@ -111,8 +124,8 @@ pub struct CommonArgs {
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Norm: bn, frozen-bn, gn, gn:G, ws-gn, ws-gn:G.
-    #[arg(long, default_value = "gn")]
-    pub norm: String,
+    #[arg(long, value_parser = parse_norm, default_value = "gn")]
+    pub norm: NormKind,
     /// Images per micro-batch.
     #[arg(long, default_value_t = 2)]
     pub batch_size: usize,
@@ -134,31 +147,60 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Sleep this long after every step (tests use it to kill a run mid-way).
+    #[arg(long, hide = true)]
+    pub step_delay_ms: Option<u64>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
 
+/// Everything that defines a run; saved as `config.json` in the output directory and in
+/// every checkpoint, so `--resume` continues with exactly these settings. The choices
+/// serialize as their text forms, and the old spellings (`"amp": "off"`) still read.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunConfig {
+    pub norm: NormKind,
+    pub batch_size: usize,
+    pub steps: usize,
+    pub seed: u64,
+    pub optimizer: OptimizerKind,
+    /// Base LR; `None` = the optimizer's default (SGD 0.05, AdamW 1e-3).
+    pub lr: Option<f64>,
+    pub weight_decay: Option<f64>,
+    pub warmup_steps: usize,
+    pub clip_grad: Option<f64>,
+    pub amp: Precision,
+    pub accum_steps: usize,
+    pub eval_every: usize,
+    pub ckpt_every: usize,
+    pub keep_last: usize,
+    pub width: usize,
+    pub fpn: usize,
+    pub image_size: usize,
+    pub num_classes: Option<usize>,
+    pub data_dir: Option<PathBuf>,
+    pub train_size: usize,
+    pub val_size: usize,
+    pub workers: usize,
+    pub prefetch: usize,
+    pub ema_decay: f64,
+    pub init: Option<PathBuf>,
+}
+
 impl CommonArgs {
     /// A run config with these settings and the run-specific ones.
-    pub fn config(
-        &self,
-        norm: &str,
-        batch_size: usize,
-        steps: usize,
-        seed: u64,
-        init: Option<PathBuf>,
-    ) -> RunConfig {
+    pub fn config(&self, norm: NormKind, batch_size: usize, steps: usize, seed: u64) -> RunConfig {
         RunConfig {
-            norm: norm.to_string(),
+            norm,
             batch_size,
             steps,
             seed,
-            optimizer: self.optimizer.to_ascii_lowercase(),
+            optimizer: self.optimizer,
             lr: self.lr,
             weight_decay: self.weight_decay,
             warmup_steps: self.warmup_steps.min(steps.saturating_sub(1)),
             clip_grad: (self.clip_grad != 0.0).then_some(self.clip_grad),
-            amp: self.amp.to_ascii_lowercase(),
+            amp: self.amp,
             accum_steps: self.accum_steps,
             eval_every: self.eval_every,
             ckpt_every: self.ckpt_every.unwrap_or(self.eval_every),
@@ -173,12 +215,103 @@ impl CommonArgs {
             workers: self.workers,
             prefetch: self.prefetch,
             ema_decay: self.ema_decay,
-            init,
+            init: None,
+        }
+    }
+}
+
+impl RunConfig {
+    /// The optimizer and schedule: the kind's defaults unless --lr / --weight-decay.
+    pub fn recipe(&self) -> OptimRecipe {
+        let r = OptimRecipe::new(self.optimizer, self.steps).with_warmup(self.warmup_steps);
+        OptimRecipe {
+            lr: self.lr.unwrap_or(r.lr),
+            weight_decay: self.weight_decay.unwrap_or(r.weight_decay),
+            ..r
         }
     }
 
-    pub fn device(&self) -> anyhow::Result<Device> {
-        pick_device(self.device.as_deref())
+    pub fn num_classes(&self) -> usize {
+        let default = if self.data_dir.is_some() {
+            21
+        } else {
+            SHAPE_CLASSES.len()
+        };
+        self.num_classes.unwrap_or(default)
+    }
+
+    pub fn model(&self) -> ModelConfig {
+        ModelConfig {
+            width: self.width,
+            fpn: self.fpn,
+            num_classes: self.num_classes(),
+            norm: self.norm,
+        }
+    }
+
+    /// Checks every setting before anything is created or written.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let at_least_1 = [
+            ("--batch-size", self.batch_size),
+            ("--steps", self.steps),
+            ("--accum-steps", self.accum_steps),
+            ("--eval-every", self.eval_every),
+            ("--ckpt-every", self.ckpt_every),
+            ("--keep-last", self.keep_last),
+        ];
+        for (flag, v) in at_least_1 {
+            if v == 0 {
+                bail!("{flag} must be at least 1 (got 0)")
+            }
+        }
+        if self.image_size < 32 {
+            bail!(
+                "--image-size {} is too small: the encoder downsamples by 32",
+                self.image_size
+            )
+        }
+        if let Some(c) = self.clip_grad {
+            if !(c.is_finite() && c > 0.0) {
+                bail!("--clip-grad {c}: must be a positive number")
+            }
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            bail!(
+                "--ema-decay {}: must lie in [0, 1) (0 = off)",
+                self.ema_decay
+            )
+        }
+        if self.warmup_steps >= self.steps {
+            bail!(
+                "--warmup-steps {} must be smaller than --steps {}",
+                self.warmup_steps,
+                self.steps
+            )
+        }
+        if self.data_dir.is_none() {
+            if let Some(n) = self.num_classes.filter(|&n| n != SHAPE_CLASSES.len()) {
+                bail!("--num-classes {n}: the synthetic shapes set has {} classes ({}); --num-classes is for --data-dir", SHAPE_CLASSES.len(), SHAPE_CLASSES.join(", "))
+            }
+            if self.train_size == 0 || self.val_size == 0 {
+                bail!("--train-size and --val-size must be at least 1")
+            }
+        }
+        if let Some(p) = self.init.as_ref().filter(|p| !p.is_file()) {
+            bail!("--init {}: no such file", p.display())
+        }
+        self.model().validate()?;
+        if self.norm == NormKind::BatchNorm {
+            // The smallest BN input is the last stage's: 5 stride-2 convs, each ceil(n / 2).
+            let side = (0..5).fold(self.image_size, |n, _| n.div_ceil(2));
+            if self.batch_size * side * side < 2 {
+                bail!(
+                    "--norm bn cannot train at --batch-size {} with --image-size {}: the last stage is {side}x{side}, one value per channel; use --norm gn or frozen-bn, a larger batch or image",
+                    self.batch_size,
+                    self.image_size
+                )
+            }
+        }
+        Ok(())
     }
 }
 
@@ -194,21 +327,54 @@ pub fn pick_device(want: Option<&str>) -> anyhow::Result<Device> {
             Device::new_cuda(0).context("--device cuda: no usable CUDA device")
         }
         Some(other) => bail!("--device {other}: expected cpu or cuda"),
-        None => Ok(if candle::utils::cuda_is_available() {
-            Device::new_cuda(0).unwrap_or(Device::Cpu)
-        } else {
-            Device::Cpu
-        }),
+        None if candle::utils::cuda_is_available() => {
+            Ok(Device::new_cuda(0).unwrap_or(Device::Cpu))
+        }
+        None => Ok(Device::Cpu),
     }
+}
+
+/// The seg_train flags that carry out `advice`, when flags can (keeping the best checkpoint
+/// is a choice of file, not of flags).
+pub fn advice_flags(advice: &Advice) -> Option<String> {
+    let clip = |at: f64| format!("--clip-grad {at:.3}");
+    match advice {
+        Advice::SwitchNorm { to, .. } => Some(format!("--norm {to}")),
+        Advice::RestartWithLowerLr { to } => Some(format!("--init <best checkpoint> --lr {to}")),
+        Advice::LowerLr { to, .. } => Some(format!("--lr {to}")),
+        Advice::ClipGrad { at, .. } => Some(clip(*at)),
+        Advice::GuardAgainstNan {
+            clip_at, try_bf16, ..
+        } => {
+            let mut f: Vec<String> = clip_at.map(clip).into_iter().collect();
+            if *try_bf16 {
+                f.push("--amp bf16".into());
+            }
+            (!f.is_empty()).then(|| f.join(" "))
+        }
+        Advice::UseBf16 { .. } => Some("--amp bf16".into()),
+        Advice::FixNonFiniteGrads { clip_at, .. } => clip_at.map(clip),
+        Advice::KeepBestCheckpoint { .. } => None,
+    }
+}
+
+/// Reads a saved RunConfig (`config.json` of a run, or a compare job's file).
+pub fn read_config(path: &std::path::Path) -> anyhow::Result<RunConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "no {} (is this a seg_train --out directory?)",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a seg_train config", path.display()))
 }
 
 /// Parses `args` (program name first) and runs.
 pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     let cli = Cli::try_parse_from(args).map_err(|e| {
-        if matches!(
-            e.kind(),
-            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-        ) {
+        use clap::error::ErrorKind;
+        if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
             let _ = e.print();
             std::process::exit(0);
         }
@@ -221,39 +387,42 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
             out,
             device,
         }) => {
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("reading {}", config.display()))?;
-            let cfg: RunConfig = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a seg_train config", config.display()))?;
+            let cfg = read_config(&config)?;
             let opts = RunOpts {
                 device: pick_device(device.as_deref())?,
                 progress: false,
                 verbose: false,
+                step_delay: None,
             };
-            train::run(&cfg, &out, false, &opts)?;
-            Ok(())
+            train::run(&cfg, &out, false, &opts).map(drop)
         }
         None => {
             let t = cli.train;
-            let device = t.common.device()?;
             let opts = RunOpts {
-                device,
+                device: pick_device(t.common.device.as_deref())?,
                 progress: !t.quiet,
                 verbose: true,
+                step_delay: t.step_delay_ms.map(Duration::from_millis),
             };
-            match &t.resume {
+            let (cfg, out, resume) = match &t.resume {
                 Some(dir) => {
-                    let cfg = train::saved_config(dir)?;
-                    train::run(&cfg, dir, true, &opts)?;
+                    let cfg = read_config(&dir.join("config.json"))
+                        .with_context(|| format!("--resume {}", dir.display()))?;
+                    (cfg, dir, true)
                 }
                 None => {
-                    let cfg =
-                        t.common
-                            .config(&t.norm, t.batch_size, t.steps, t.seed, t.init.clone());
-                    train::run(&cfg, &t.out, false, &opts)?;
+                    let cfg = t.common.config(t.norm, t.batch_size, t.steps, t.seed);
+                    (
+                        RunConfig {
+                            init: t.init.clone(),
+                            ..cfg
+                        },
+                        &t.out,
+                        false,
+                    )
                 }
-            }
-            Ok(())
+            };
+            train::run(&cfg, out, resume, &opts).map(drop)
         }
     }
 }

@@ -7,17 +7,21 @@ use anyhow::{bail, Context};
 use clap::Args;
 use plotters::prelude::*;
 
-use super::cli::CommonArgs;
+use keel::norm::NormKind;
+use keel::train::write_atomic;
+
+use super::cli::RunConfig;
+use super::cli::{parse_norm, pick_device, CommonArgs};
 use super::train::{self, RunSummary};
 
 #[derive(Args, Debug, Clone)]
 pub struct CompareArgs {
     /// Comma-separated norms.
-    #[arg(long, default_value = "bn,gn,ws-gn")]
-    pub norms: String,
+    #[arg(long, value_parser = parse_norm, value_delimiter = ',', default_value = "bn,gn,ws-gn")]
+    pub norms: Vec<NormKind>,
     /// Comma-separated batch sizes.
-    #[arg(long, default_value = "1,2,8")]
-    pub batch_sizes: String,
+    #[arg(long, value_delimiter = ',', default_value = "1,2,8")]
+    pub batch_sizes: Vec<usize>,
     /// Seeds per config (0..N).
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
@@ -63,31 +67,17 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 }
 
 pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
-    let norms: Vec<String> = args
-        .norms
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
-    let batches = args
-        .batch_sizes
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<usize>()
-                .with_context(|| format!("--batch-sizes: '{s}' is not a number"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (norms, batches) = (&args.norms, &args.batch_sizes);
     if norms.is_empty() || batches.is_empty() || args.seeds == 0 {
         bail!("compare needs at least one norm, one batch size and one seed")
     }
     // Validate every config up front: a typo fails before hours of training.
-    for n in &norms {
-        for &b in &batches {
-            args.common.config(n, b, args.steps, 0, None).validate()?;
+    for &n in norms {
+        for &b in batches {
+            args.common.config(n, b, args.steps, 0).validate()?;
         }
     }
-    let device = args.common.device()?;
+    let device = pick_device(args.common.device.as_deref())?;
     train::check_writable(&args.out)?;
     let total = norms.len() * batches.len() * args.seeds as usize;
     let pb = indicatif::ProgressBar::new(total as u64);
@@ -98,86 +88,39 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         .expect("static template"),
     );
     let t0 = Instant::now();
-    // Every run is a child process of this binary (`seg_train run-config`), `--jobs` at a
-    // time, each on one rayon thread unless RAYON_NUM_THREADS says otherwise: candle's CPU
-    // ops share one global thread pool per process, and at this model size one
-    // single-threaded process per core beats two processes fighting over two threads each.
     let mut queue = Vec::new();
-    for n in &norms {
-        for &b in &batches {
+    for &n in norms {
+        for &b in batches {
             for seed in 0..args.seeds {
-                let cfg = args.common.config(n, b, args.steps, seed, None);
+                let cfg = args.common.config(n, b, args.steps, seed);
                 let dir = args
                     .out
                     .join("runs")
-                    .join(format!("{}-b{b}-s{seed}", n.replace(':', "_")));
+                    .join(format!("{}-b{b}-s{seed}", n.to_string().replace(':', "_")));
                 if dir.exists() {
                     std::fs::remove_dir_all(&dir)
                         .with_context(|| format!("clearing {}", dir.display()))?;
                 }
-                queue.push((n.clone(), b, seed, cfg, dir));
+                queue.push(Job {
+                    norm: n.to_string(),
+                    batch: b,
+                    seed,
+                    cfg,
+                    dir,
+                });
             }
         }
     }
-    let exe = std::env::current_exe().context("locating the seg_train binary")?;
     let device_flag = if device.is_cpu() { "cpu" } else { "cuda" };
-    let mut running: Vec<(std::process::Child, usize)> = Vec::new();
-    let mut summaries: Vec<Option<RunSummary>> = vec![None; queue.len()];
-    let mut next = 0;
-    while next < queue.len() || !running.is_empty() {
-        while next < queue.len() && running.len() < args.jobs.max(1) {
-            let (n, b, seed, cfg, dir) = &queue[next];
-            std::fs::create_dir_all(dir)?;
-            let cfg_path = dir.with_extension("config.json");
-            std::fs::write(&cfg_path, serde_json::to_string_pretty(cfg)?)?;
-            pb.set_message(format!("{n} batch {b} seed {seed}"));
-            let mut cmd = std::process::Command::new(&exe);
-            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-                cmd.env("RAYON_NUM_THREADS", "1");
-            }
-            let child = cmd
-                .args(["run-config", "--device", device_flag, "--config"])
-                .arg(&cfg_path)
-                .arg("--out")
-                .arg(dir)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(dir.with_extension("stderr.txt"))?)
-                .spawn()
-                .with_context(|| format!("starting {}", exe.display()))?;
-            running.push((child, next));
-            next += 1;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let mut still = Vec::new();
-        for (mut child, i) in running.drain(..) {
-            match child.try_wait()? {
-                None => still.push((child, i)),
-                Some(status) => {
-                    let (n, b, seed, _, dir) = &queue[i];
-                    if !status.success() {
-                        let err = std::fs::read_to_string(dir.with_extension("stderr.txt"))
-                            .unwrap_or_default();
-                        bail!(
-                            "run {n} batch {b} seed {seed} failed ({status}): {}",
-                            err.trim()
-                        )
-                    }
-                    let text =
-                        std::fs::read_to_string(dir.join("summary.json")).with_context(|| {
-                            format!("run {n} batch {b} seed {seed}: no summary.json")
-                        })?;
-                    let s: RunSummary = serde_json::from_str(&text)?;
-                    pb.suspend(|| eprintln!("{n:>6} batch {b} seed {seed}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}", s.final_miou, s.seconds_per_step, s.loss_spikes, s.verdict));
-                    summaries[i] = Some(s);
-                    pb.inc(1);
-                }
-            }
-        }
-        running = still;
-    }
+    let summaries = run_jobs(&queue, args.jobs.max(1), device_flag, &pb)?;
     let mut cells: Vec<Cell> = Vec::new();
-    for ((n, b, _, _, _), s) in queue.iter().zip(summaries) {
-        let s = s.expect("every run finished");
+    for (
+        Job {
+            norm: n, batch: b, ..
+        },
+        s,
+    ) in queue.iter().zip(summaries)
+    {
         match cells.iter_mut().find(|c| c.norm == *n && c.batch == *b) {
             Some(c) => c.runs.push(s),
             None => cells.push(Cell {
@@ -189,7 +132,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     }
     pb.finish_and_clear();
     let md = results_md(args, &cells, t0.elapsed().as_secs_f64(), &device);
-    write_atomic(&args.out.join("results.md"), md.as_bytes())?;
+    write_atomic(args.out.join("results.md"), md.as_bytes())?;
     plot(&args.out.join("curves.png"), &cells, args.steps)?;
     println!("{md}");
     println!(
@@ -200,11 +143,110 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+/// One run of the grid.
+struct Job {
+    norm: String,
+    batch: usize,
+    seed: u64,
+    cfg: RunConfig,
+    dir: PathBuf,
+}
+
+impl Job {
+    /// Starts the run as a child process of this binary (`seg_train run-config`).
+    fn spawn(&self, device_flag: &str) -> anyhow::Result<std::process::Child> {
+        let exe = std::env::current_exe().context("locating the seg_train binary")?;
+        std::fs::create_dir_all(&self.dir)?;
+        let cfg_path = self.dir.with_extension("config.json");
+        write_atomic(
+            &cfg_path,
+            serde_json::to_string_pretty(&self.cfg)?.as_bytes(),
+        )?;
+        let mut cmd = std::process::Command::new(&exe);
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            cmd.env("RAYON_NUM_THREADS", "1");
+        }
+        cmd.args(["run-config", "--device", device_flag, "--config"])
+            .arg(&cfg_path)
+            .arg("--out")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(
+                self.dir.with_extension("stderr.txt"),
+            )?)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))
+    }
+
+    /// The summary of the finished run, or its error output.
+    fn summary(&self, status: std::process::ExitStatus) -> anyhow::Result<RunSummary> {
+        let (n, b, seed) = (&self.norm, self.batch, self.seed);
+        if !status.success() {
+            let err =
+                std::fs::read_to_string(self.dir.with_extension("stderr.txt")).unwrap_or_default();
+            bail!(
+                "run {n} batch {b} seed {seed} failed ({status}): {}",
+                err.trim()
+            )
+        }
+        let text = std::fs::read_to_string(self.dir.join("summary.json"))
+            .with_context(|| format!("run {n} batch {b} seed {seed}: no summary.json"))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+/// Runs `queue`, `jobs` child processes at a time, each on one rayon thread unless
+/// RAYON_NUM_THREADS says otherwise: candle's CPU ops share one global thread pool per
+/// process, and at this model size one single-threaded process per core beats two
+/// processes fighting over two threads each. Returns the summaries in queue order.
+fn run_jobs(
+    queue: &[Job],
+    jobs: usize,
+    device_flag: &str,
+    pb: &indicatif::ProgressBar,
+) -> anyhow::Result<Vec<RunSummary>> {
+    let mut running: Vec<(std::process::Child, usize)> = Vec::new();
+    let mut summaries: Vec<Option<RunSummary>> = vec![None; queue.len()];
+    let mut next = 0;
+    while next < queue.len() || !running.is_empty() {
+        while next < queue.len() && running.len() < jobs {
+            let job = &queue[next];
+            pb.set_message(format!(
+                "{} batch {} seed {}",
+                job.norm, job.batch, job.seed
+            ));
+            running.push((job.spawn(device_flag)?, next));
+            next += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut still = Vec::new();
+        for (mut child, i) in running.drain(..) {
+            let Some(status) = child.try_wait()? else {
+                still.push((child, i));
+                continue;
+            };
+            let (job, s) = (&queue[i], queue[i].summary(status)?);
+            pb.suspend(|| {
+                eprintln!(
+                    "{:>6} batch {} seed {}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}",
+                    job.norm,
+                    job.batch,
+                    job.seed,
+                    s.final_miou,
+                    s.seconds_per_step,
+                    s.loss_spikes,
+                    s.verdict
+                )
+            });
+            summaries[i] = Some(s);
+            pb.inc(1);
+        }
+        running = still;
+    }
+    Ok(summaries
+        .into_iter()
+        .map(|s| s.expect("every run finished"))
+        .collect())
 }
 
 /// The results table (one row per norm and batch size, statistics across seeds).
@@ -215,15 +257,17 @@ pub fn results_md(
     device: &candle::Device,
 ) -> String {
     let c = &args.common;
+    let recipe = c
+        .config(NormKind::GroupNorm { groups: None }, 1, args.steps, 0)
+        .recipe();
     let mut md = String::new();
     let _ = writeln!(md, "# seg_train compare\n");
     let _ = writeln!(
         md,
         "Synthetic shapes ({} train / {} val images, {}x{}), width {}, fpn {}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s.\n",
         c.train_size, c.val_size, c.image_size, c.image_size, c.width, c.fpn, c.optimizer,
-        if c.optimizer == "adamw" { "cosine" } else { "poly 0.9" },
-        args.common.config("gn", 1, args.steps, 0, None).lr(), c.warmup_steps,
-        if c.clip_grad == 0.0 { "off".to_string() } else { c.clip_grad.to_string() }, c.amp, args.steps, args.seeds, device.location(), seconds
+        recipe.decay_name(), recipe.lr, c.warmup_steps,
+        if c.clip_grad == 0.0 { "off".to_string() } else { c.clip_grad.to_string() }, train::amp_label(c.amp), args.steps, args.seeds, device.location(), seconds
     );
     let _ = writeln!(md, "| norm | batch | final val mIoU (mean ± std) | per seed | loss spikes (total) | grad-norm p99 | NaN/Inf steps | skipped steps | s/step | verdicts |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");

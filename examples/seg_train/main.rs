@@ -9,15 +9,16 @@
 //! ```
 //!
 //! The model is the PyTorch twin of `shared/tools/torch_seg_twin.py` (twin parameter names;
-//! `--width 64 --fpn 128 --num-classes 21` is the twin exactly). Norms come from keel::norm
-//! (GN + SiLU on the fused kernel), the optimizer, schedule, clipping, loss scaling,
-//! accumulation and EMA from keel::optim, the metrics, logs, checkpoints and the stability
-//! monitor from keel::train. The code is split in modules (cli, data, model, train,
-//! compare) that `tests/seg_train.rs` includes with `#[path]`.
+//! `--width 64 --fpn 128 --num-classes 21` is the twin exactly). The example is wiring:
+//! norms come from keel::norm (GN + SiLU on the fused kernel), the optimizer recipe and the
+//! train state (step, clipping, loss scaling, accumulation, EMA, checkpoint snapshot and
+//! restore), metrics, logs, checkpoints and the stability monitor from keel::train and
+//! keel::optim, the network (`SegNet`) from keel::models and the loss from keel::kernels.
+//! Modules: cli (flags, RunConfig), data (shapes, voc, loader), train (one run), compare
+//! (the grid); `tests/seg_train.rs` includes them with `#[path]`.
 pub(crate) mod cli;
 pub(crate) mod compare;
 pub(crate) mod data;
-pub(crate) mod model;
 pub(crate) mod train;
 
 fn main() {

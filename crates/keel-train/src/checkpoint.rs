@@ -25,7 +25,11 @@ use std::path::{Path, PathBuf};
 
 use candle::Tensor;
 
-use crate::ckpt_file::{encode, io_err, peek, write_atomic};
+use candle::Device;
+
+use crate::ckpt_file::{peek, to_bytes};
+use crate::fsio::{io_err, write_atomic};
+use crate::load_checkpoint;
 
 const PREFIX: &str = "ckpt-";
 const SUFFIX: &str = ".safetensors";
@@ -131,6 +135,18 @@ pub struct CheckpointManager {
     entries: Vec<Entry>,
 }
 
+/// The checkpoint [`CheckpointManager::load_latest`] found, with the newer files it had to
+/// skip.
+#[derive(Debug)]
+pub struct Resume {
+    /// The newest checkpoint that verified.
+    pub checkpoint: Checkpoint,
+    /// Its file.
+    pub path: PathBuf,
+    /// Newer checkpoint files that failed verification, newest first.
+    pub skipped: Vec<PathBuf>,
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     step: usize,
@@ -207,16 +223,7 @@ impl CheckpointManager {
     pub fn save(&mut self, ckpt: &Checkpoint, metric: Option<f64>) -> candle::Result<PathBuf> {
         let metric = metric.filter(|m| m.is_finite());
         let path = self.path_for(ckpt.step);
-        let (views, header) = encode(ckpt, metric)?;
-        let tmp = self.dir.join(format!(
-            ".{}.tmp-{}",
-            file_name(ckpt.step),
-            std::process::id()
-        ));
-        if let Err(e) = write_atomic(&views, header, &tmp, &path, &self.dir) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
+        write_atomic(&path, &to_bytes(ckpt, metric)?)?;
         self.entries.retain(|e| e.step != ckpt.step);
         self.entries.push(Entry {
             step: ckpt.step,
@@ -233,6 +240,67 @@ impl CheckpointManager {
     /// names are ignored. Rescans the directory, so it sees checkpoints of other processes.
     pub fn latest(&self) -> candle::Result<Option<PathBuf>> {
         Ok(scan(&self.dir)?.pop().map(|e| e.path))
+    }
+
+    /// Loads the newest checkpoint that verifies (header and checksum, see
+    /// [`crate::load_checkpoint`]) onto `device`, for resuming. Newer checkpoint files that
+    /// do not verify (a crash mid-copy, a damaged disk) are skipped and listed in
+    /// [`Resume::skipped`], so the caller can warn about them.
+    ///
+    /// `Ok(None)` when the directory holds no checkpoint file at all; an error naming the
+    /// newest file and what is wrong with it when files exist but none verifies.
+    ///
+    /// ```
+    /// use candle::{Device, Tensor};
+    /// use keel_train::{Checkpoint, CheckpointManager};
+    /// # fn main() -> candle::Result<()> {
+    /// # let dir = std::env::temp_dir().join(format!("keel-train-resume-doc-{}", std::process::id()));
+    /// let mut mgr = CheckpointManager::new(&dir, 3)?;
+    /// assert!(mgr.load_latest(&Device::Cpu)?.is_none());
+    /// for step in [10, 20] {
+    ///     let mut ckpt = Checkpoint::new(step);
+    ///     ckpt.tensors.insert("w".into(), Tensor::new(&[step as f32], &Device::Cpu)?);
+    ///     mgr.save(&ckpt, None)?;
+    /// }
+    /// std::fs::write(dir.join("ckpt-00000020.safetensors"), b"torn").unwrap();
+    /// let r = mgr.load_latest(&Device::Cpu)?.unwrap();
+    /// assert_eq!(r.checkpoint.step, 10);
+    /// assert_eq!(r.skipped, vec![dir.join("ckpt-00000020.safetensors")]);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok(()) }
+    /// ```
+    pub fn load_latest(&self, device: &Device) -> candle::Result<Option<Resume>> {
+        let mut files: Vec<(usize, PathBuf)> = list_names(&self.dir)?
+            .into_iter()
+            .filter_map(|name| Some((parse_file_name(&name)?, self.dir.join(name))))
+            .collect();
+        files.sort();
+        let mut skipped = Vec::new();
+        let mut newest_err = None;
+        while let Some((_, path)) = files.pop() {
+            match load_checkpoint(&path, device) {
+                Ok(checkpoint) => {
+                    return Ok(Some(Resume {
+                        checkpoint,
+                        path,
+                        skipped,
+                    }))
+                }
+                Err(e) => {
+                    newest_err.get_or_insert(e);
+                    skipped.push(path);
+                }
+            }
+        }
+        match (skipped.first(), newest_err) {
+            (Some(newest), Some(e)) => candle::bail!(
+                "CheckpointManager: no valid checkpoint in {}; the newest, {}, is corrupt or \
+                 truncated: {e}; restart the run or restore a checkpoint from a backup",
+                self.dir.display(),
+                newest.display()
+            ),
+            _ => Ok(None),
+        }
     }
 
     /// The checkpoint saved with the highest metric so far (the earliest one on ties), if any

@@ -1,6 +1,5 @@
 //! The keel checkpoint file: safetensors with verified header metadata, written
-//! atomically (temp file, fsync, rename, fsync of the directory: the protocol of
-//! LevelDB/SQLite and of PyTorch Lightning's `atomic_save`).
+//! atomically by [`crate::write_atomic`].
 //!
 //! See [`crate::CheckpointManager`] for the layout of the header metadata.
 use std::collections::HashMap;
@@ -12,6 +11,7 @@ use candle::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensorError, SafeTensors, View};
 use sha2::{Digest, Sha256};
 
+use crate::fsio::io_err;
 use crate::Checkpoint;
 
 /// The `format` value in the header metadata of every keel checkpoint.
@@ -120,10 +120,6 @@ pub fn load_checkpoint(path: impl AsRef<Path>, device: &Device) -> candle::Resul
         tensors,
         meta,
     })
-}
-
-pub(crate) fn io_err(what: String, e: std::io::Error) -> candle::Error {
-    candle::Error::Msg(format!("{what}: {e}"))
 }
 
 /// Reads only the header: `(step, metric)` when the file is a keel checkpoint whose size
@@ -263,10 +259,10 @@ fn checksum_finish(h: Sha256) -> String {
     s
 }
 
-pub(crate) type Encoded = (Vec<(String, OwnedView)>, HashMap<String, String>);
+type Encoded = (Vec<(String, OwnedView)>, HashMap<String, String>);
 
 /// The tensors as owned views (sorted by name) and the header metadata with the checksum.
-pub(crate) fn encode(ckpt: &Checkpoint, metric: Option<f64>) -> candle::Result<Encoded> {
+fn encode(ckpt: &Checkpoint, metric: Option<f64>) -> candle::Result<Encoded> {
     let mut names: Vec<&String> = ckpt.tensors.keys().collect();
     names.sort();
     let mut views = Vec::with_capacity(names.len());
@@ -298,49 +294,14 @@ pub(crate) fn encode(ckpt: &Checkpoint, metric: Option<f64>) -> candle::Result<E
     Ok((views, header))
 }
 
-pub(crate) fn write_atomic(
-    views: &[(String, OwnedView)],
-    header: HashMap<String, String>,
-    tmp: &Path,
-    path: &Path,
-    dir: &Path,
-) -> candle::Result<()> {
+/// The file bytes of `ckpt`: safetensors with the keel header metadata.
+pub(crate) fn to_bytes(ckpt: &Checkpoint, metric: Option<f64>) -> candle::Result<Vec<u8>> {
+    let (views, header) = encode(ckpt, metric)?;
     let data = views.iter().map(|(k, v)| (k.as_str(), v));
-    safetensors::serialize_to_file(data, Some(header), tmp).map_err(|e| {
+    safetensors::serialize(data, Some(header)).map_err(|e| {
         candle::Error::Msg(format!(
-            "checkpoint: cannot write {} (for {}): {e}",
-            tmp.display(),
-            path.display()
+            "checkpoint: cannot serialize step {}: {e}",
+            ckpt.step
         ))
-    })?;
-    File::open(tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io_err(format!("checkpoint: cannot fsync {}", tmp.display()), e))?;
-    fs::rename(tmp, path).map_err(|e| {
-        io_err(
-            format!(
-                "checkpoint: cannot move {} into place as {}",
-                tmp.display(),
-                path.display()
-            ),
-            e,
-        )
-    })?;
-    sync_dir(dir)
-}
-
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> candle::Result<()> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| {
-        io_err(
-            format!("checkpoint: cannot fsync directory {}", dir.display()),
-            e,
-        )
     })
-}
-
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> candle::Result<()> {
-    // Directories cannot be opened for fsync on this platform; the rename is still atomic.
-    Ok(())
 }

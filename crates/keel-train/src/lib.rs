@@ -1,5 +1,11 @@
 //! # keel-train: the reusable parts of a small-batch training loop
 //!
+//! - [`TrainState`] and its [`TrainState::step`]: forward-loss-backward per micro-batch,
+//!   loss unscaling, global-norm clipping, the optimizer step (skipped on inf/NaN), EMA
+//!   update and monitor record, in one call; [`TrainState::snapshot`] and
+//!   [`TrainState::restore`] to and from keel checkpoints, bit-exact on resume.
+//! - [`OptimRecipe`]: the optimizer and LR schedule of an [`keel_optim::OptimizerKind`]
+//!   (SGD + poly, AdamW + cosine, linear warmup).
 //! - [`StabilityMonitor`]: "is my training going haywire?" Robust loss-spike detection,
 //!   gradient-norm explosions, NaN/Inf, skipped steps, loss-scale collapses, eval regressions
 //!   and the train-vs-eval gap. [`StabilityMonitor::summary`] returns what it saw as data
@@ -10,6 +16,57 @@
 //! - [`CheckpointManager`] and [`load_checkpoint`]: atomic, checksummed safetensors
 //!   checkpoints, keep-last-K plus the best, resume from the latest.
 //! - [`JsonlLogger`]: one JSON record per line, flushed, resumable.
+//! - [`write_atomic`]: the one atomic file write (temp, fsync, rename, fsync directory).
+//!
+//! A custom loop with keel's parts (a linear model learning `y = x0 + x1 + x2 + x3`,
+//! SGD with warmup and clipping, a checkpoint, a resume that continues bit for bit):
+//!
+//! ```
+//! use candle::{DType, Device, Module, Tensor};
+//! use candle_nn::{linear, VarBuilder, VarMap};
+//! use keel_optim::{split_no_decay, LrSchedule, OptimizerKind};
+//! use keel_train::{named_vars, CheckpointManager, OptimRecipe, TrainConfig, TrainState};
+//! # fn main() -> candle::Result<()> {
+//! # let dir = std::env::temp_dir().join(format!("keel-train-loop-doc-{}", std::process::id()));
+//! let dev = Device::Cpu;
+//! let x = (Tensor::arange(0f32, 64.0, &dev)?.reshape((16, 4))? / 64.0)?.sin()?;
+//! let y = x.sum_keepdim(1)?;
+//! let build = || -> candle::Result<_> {
+//!     let vm = VarMap::new();
+//!     let model = linear(4, 1, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+//!     let recipe = OptimRecipe { lr: 0.1, ..OptimRecipe::new(OptimizerKind::Sgd, 60) }.with_warmup(5);
+//!     let opt = recipe.optimizer(split_no_decay(&vm))?;
+//!     let state = TrainState::new(named_vars(&vm), opt, &TrainConfig::default())?;
+//!     Ok((model, state, recipe.schedule()?))
+//! };
+//! let (model, mut state, schedule) = build()?;
+//! let mut ckpts = CheckpointManager::new(&dir, 2)?;
+//! let mut losses = Vec::new();
+//! while state.step < 60 {
+//!     let lr = schedule.lr(state.step);
+//!     let out = state.step(lr, Some(1.0), |_micro| (model.forward(&x)? - &y)?.sqr()?.mean_all())?;
+//!     assert!(!out.skipped && out.grad_norm.is_finite());
+//!     losses.push(out.loss);
+//!     if state.step == 30 {
+//!         ckpts.save(&state.snapshot(&"any serde meta")?, Some(-out.loss))?;
+//!     }
+//! }
+//! assert!(losses[59] < 0.1 * losses[0], "{losses:?}");
+//! // A new process: build the same parts, restore the newest checkpoint, continue.
+//! let (model, mut resumed, schedule) = build()?;
+//! let found = ckpts.load_latest(&dev)?.expect("a checkpoint");
+//! let meta: String = resumed.restore(&found.checkpoint)?;
+//! assert_eq!((meta.as_str(), resumed.step), ("any serde meta", 30));
+//! while resumed.step < 60 {
+//!     let (i, lr) = (resumed.step, schedule.lr(resumed.step));
+//!     let out = resumed.step(lr, Some(1.0), |_| (model.forward(&x)? - &y)?.sqr()?.mean_all())?;
+//!     assert_eq!(out.loss.to_bits(), losses[i].to_bits()); // bit for bit
+//! }
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok(()) }
+//! ```
+//!
+//! The stability monitor on its own:
 //!
 //! ```
 //! use keel_norm::NormKind;
@@ -38,19 +95,25 @@ mod advice;
 mod checkpoint;
 mod ckpt_file;
 mod config;
+mod fsio;
 mod log;
 mod metrics;
 mod monitor;
+mod recipe;
 mod report;
+mod state;
 mod stats;
 mod summary;
 
 pub use advice::{Advice, Bf16Cause, LrCause};
-pub use checkpoint::{Checkpoint, CheckpointManager};
+pub use checkpoint::{Checkpoint, CheckpointManager, Resume};
 pub use ckpt_file::{load_checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION};
 pub use config::MonitorConfig;
+pub use fsio::write_atomic;
 pub use log::JsonlLogger;
 pub use metrics::ConfusionMatrix;
 pub use monitor::{Alarm, EvalRecord, StabilityMonitor, StepRecord};
+pub use recipe::{OptimRecipe, POLY_POWER, SGD_MOMENTUM, WARMUP_START_FACTOR};
 pub use report::{HealthReport, RunContext, Verdict};
+pub use state::{named_vars, StepOutcome, TrainConfig, TrainState, TRAIN_STATE_FORMAT};
 pub use summary::{EventSteps, MonitorSummary, ReportStats};

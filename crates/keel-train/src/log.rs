@@ -76,6 +76,51 @@ impl JsonlLogger {
         Ok(Self { file, path })
     }
 
+    /// Opens the log of a run resumed at `step` (the number of steps its checkpoint holds):
+    /// keeps the records whose `"step"` field is below `step` (a resumed run logs the later
+    /// steps again; records without a step and a torn last line go too), rewritten with
+    /// [`crate::write_atomic`], then appends. A missing file is created.
+    ///
+    /// ```
+    /// use keel_train::JsonlLogger;
+    /// # fn main() -> candle::Result<()> {
+    /// # let dir = std::env::temp_dir().join(format!("keel-train-log-resume-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir).unwrap();
+    /// let path = dir.join("log.jsonl");
+    /// std::fs::write(&path, "{\"step\":0}\n{\"step\":1}\n{\"step\":2}\n{\"st").unwrap();
+    /// let mut log = JsonlLogger::resume(&path, 2)?; // the checkpoint holds 2 steps
+    /// log.log(&serde_json::json!({ "step": 2 }))?;
+    /// assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\":0}\n{\"step\":1}\n{\"step\":2}\n");
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok(()) }
+    /// ```
+    pub fn resume(path: impl AsRef<Path>, step: usize) -> candle::Result<Self> {
+        let path = path.as_ref();
+        if path.exists() {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                candle::Error::Msg(format!(
+                    "JsonlLogger: cannot read log file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let mut kept = String::new();
+            for line in text.lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue; // a torn last line
+                };
+                if v.get("step")
+                    .and_then(|s| s.as_u64())
+                    .is_some_and(|s| (s as usize) < step)
+                {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+            crate::write_atomic(path, kept.as_bytes())?;
+        }
+        Self::append(path)
+    }
+
     /// Writes `record` as one line and flushes it.
     pub fn log<T: serde::Serialize>(&mut self, record: &T) -> candle::Result<()> {
         let mut line = serde_json::to_vec(record).map_err(|e| {

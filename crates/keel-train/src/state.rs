@@ -1,0 +1,320 @@
+//! The state of a training loop and its step: [`TrainState`] holds the optimizer, the loss
+//! scaler, the weight EMA, the stability monitor, the gradient accumulator and the step
+//! count; [`TrainState::step`] runs one optimizer step the way PyTorch's AMP recipe does
+//! (<https://pytorch.org/docs/stable/notes/amp_examples.html>): forward, loss and backward
+//! per micro-batch, unscale, clip (one global L2 norm), step unless a gradient or the loss
+//! is not finite, EMA update, monitor record. [`TrainState::snapshot`] and
+//! [`TrainState::restore`] turn it into a keel [`Checkpoint`] and back, so a resumed run
+//! continues bit for bit.
+//!
+//! Randomness: the state holds no RNG. Derive every random draw from `(seed, step)` (as
+//! seg_train's loader does), and the step restored here is the whole RNG position.
+use candle::backprop::GradStore;
+use candle::{DType, Tensor, Var};
+use keel_optim::{
+    clip_grad_norm, DynOptimizer, Ema, EmaConfig, GradAccumulator, GradScaler, GradScalerConfig,
+    Precision, StateDict,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{Alarm, Checkpoint, MonitorConfig, StabilityMonitor, StepRecord};
+
+/// The `format` value in the meta of [`TrainState::snapshot`]'s checkpoints.
+pub const TRAIN_STATE_FORMAT: &str = "keel train state v1";
+
+/// How a [`TrainState`] is set up besides its parameters and optimizer.
+#[derive(Clone, Debug, Default)]
+pub struct TrainConfig {
+    /// Compute precision; [`Precision::F16`] adds a [`GradScaler`].
+    pub precision: Precision,
+    /// The scaler's settings (used only with f16).
+    pub scaler: GradScalerConfig,
+    /// Micro-batches per optimizer step (0 counts as 1).
+    pub accum_steps: usize,
+    /// Keep an EMA of the weights with these settings.
+    pub ema: Option<EmaConfig>,
+    /// The stability monitor's settings.
+    pub monitor: MonitorConfig,
+}
+
+/// What one [`TrainState::step`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// The step index (0-based) this outcome belongs to.
+    pub step: usize,
+    /// Mean loss over the micro-batches (unscaled).
+    pub loss: f64,
+    /// The learning rate of the step.
+    pub lr: f64,
+    /// Global L2 norm of the gradients before clipping (after unscaling).
+    pub grad_norm: f64,
+    /// The loss scale after the step (f16 only).
+    pub loss_scale: Option<f64>,
+    /// True when the optimizer did not step (a non-finite gradient, norm or loss).
+    pub skipped: bool,
+    /// The monitor's alarms for this step.
+    pub alarms: Vec<Alarm>,
+}
+
+/// The mutable state of a training loop: parameters (named, in a fixed order), optimizer,
+/// optional loss scaler and EMA, the stability monitor, the gradient accumulator and the
+/// number of optimizer steps taken. Parts, not a framework: the caller owns the model, the
+/// data and the loop, and calls [`TrainState::step`] once per optimizer step.
+pub struct TrainState {
+    params: Vec<(String, Var)>,
+    vars: Vec<Var>,
+    /// The optimizer (any [`DynOptimizer`]).
+    pub optimizer: Box<dyn DynOptimizer>,
+    /// The dynamic loss scaler, present with f16.
+    pub scaler: Option<GradScaler>,
+    /// The weight EMA, when configured.
+    pub ema: Option<Ema>,
+    /// The stability monitor every step is recorded in.
+    pub monitor: StabilityMonitor,
+    /// Gradient accumulation over micro-batches.
+    pub accumulator: GradAccumulator,
+    /// The compute precision.
+    pub precision: Precision,
+    /// Optimizer steps taken (the index of the next step).
+    pub step: usize,
+}
+
+impl TrainState {
+    /// A fresh state at step 0 over `params` (name, variable); the names key the weights in
+    /// checkpoints, and their order is the order gradients are reduced in (keep it fixed,
+    /// e.g. sorted). `optimizer` must update the same variables.
+    pub fn new(
+        params: Vec<(String, Var)>,
+        optimizer: Box<dyn DynOptimizer>,
+        cfg: &TrainConfig,
+    ) -> candle::Result<Self> {
+        if params.is_empty() {
+            candle::bail!("TrainState::new: no parameters; pass the model's (name, Var) pairs")
+        }
+        let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        let scaler = if cfg.precision.needs_loss_scaling() {
+            Some(GradScaler::new(cfg.scaler)?)
+        } else {
+            None
+        };
+        let ema = match &cfg.ema {
+            Some(e) => Some(Ema::new(vars.clone(), *e)?),
+            None => None,
+        };
+        Ok(Self {
+            params,
+            vars,
+            optimizer,
+            scaler,
+            ema,
+            monitor: StabilityMonitor::new(cfg.monitor.clone()),
+            accumulator: GradAccumulator::new(cfg.accum_steps.max(1))?,
+            precision: cfg.precision,
+            step: 0,
+        })
+    }
+
+    /// The parameters, in their fixed order.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    /// The parameter variables, in the same order.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// One optimizer step at learning rate `lr`, clipping the global gradient norm to
+    /// `clip` (`None`: measured, not clipped). `micro_batch(i)` runs the forward pass of
+    /// micro-batch `i` (of [`GradAccumulator::k`]) and returns its scalar loss (any float
+    /// dtype); the state scales it (by `1/k`, and by the loss scale with f16), runs the
+    /// backward pass and sums the gradients. The optimizer steps unless a gradient, the
+    /// gradient norm or the loss is not finite; then the scaler updates, the EMA follows
+    /// (only after a real step) and the monitor records the step.
+    ///
+    /// # Shapes
+    /// `micro_batch` returns a tensor with one element.
+    pub fn step(
+        &mut self,
+        lr: f64,
+        clip: Option<f64>,
+        mut micro_batch: impl FnMut(usize) -> candle::Result<Tensor>,
+    ) -> candle::Result<StepOutcome> {
+        self.optimizer.set_learning_rate(lr)?;
+        let (loss, mut grads) = match self.forward_backward(&mut micro_batch) {
+            Ok(r) => r,
+            Err(e) => {
+                self.accumulator.reset(); // no half-accumulated gradients leak into a retry
+                return Err(e);
+            }
+        };
+        let found_inf = match self.scaler.as_mut() {
+            Some(s) => s.unscale(&mut grads, &self.vars)?,
+            None => false,
+        };
+        let max_norm = clip.unwrap_or(f32::MAX as f64);
+        let grad_norm = clip_grad_norm(&mut grads, &self.vars, max_norm)?;
+        let skipped = found_inf || !grad_norm.is_finite() || !loss.is_finite();
+        let stepped = match self.scaler.as_mut() {
+            Some(s) => {
+                let stepped =
+                    !skipped && s.step(self.optimizer.as_mut(), &mut grads, &self.vars)?;
+                s.update(!stepped);
+                stepped
+            }
+            None => {
+                if !skipped {
+                    self.optimizer.step(&grads)?;
+                }
+                !skipped
+            }
+        };
+        if stepped {
+            if let Some(e) = self.ema.as_mut() {
+                e.update()?;
+            }
+        }
+        let loss_scale = self.scaler.as_ref().map(|s| s.current_scale());
+        let rec = StepRecord {
+            step: self.step,
+            loss,
+            grad_norm: Some(grad_norm),
+            loss_scale,
+            skipped: !stepped,
+        };
+        let alarms = self.monitor.record_step(&rec);
+        self.step += 1;
+        Ok(StepOutcome {
+            step: rec.step,
+            loss,
+            lr,
+            grad_norm,
+            loss_scale,
+            skipped: !stepped,
+            alarms,
+        })
+    }
+
+    /// Runs the micro-batches, returning the mean loss and the summed gradients.
+    fn forward_backward(
+        &mut self,
+        micro_batch: &mut impl FnMut(usize) -> candle::Result<Tensor>,
+    ) -> candle::Result<(f64, GradStore)> {
+        let k = self.accumulator.k();
+        let mut loss_sum = 0.0;
+        let mut grads = None;
+        for i in 0..k {
+            let loss = micro_batch(i)?;
+            loss_sum += loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+            let mut l = self.accumulator.scale_loss(&loss)?;
+            if let Some(s) = &self.scaler {
+                l = s.scale(&l)?;
+            }
+            grads = self.accumulator.accumulate(l.backward()?)?;
+        }
+        match grads {
+            Some(g) => Ok((loss_sum / k as f64, g)),
+            None => candle::bail!(
+                "TrainState::step: gradient accumulation did not complete after {k} micro-batches (the accumulator held a partial sum from elsewhere); call accumulator.reset() first"
+            ),
+        }
+    }
+
+    /// The state as a checkpoint at [`TrainState::step`]: the weights under their plain
+    /// names (a PyTorch twin's `load_state_dict(strict=False)` takes the file as is), the
+    /// optimizer under `optim.`, the scaler under `scaler.`, the EMA under `ema.`; the meta
+    /// holds the monitor, the precision and `user` (your config, curves...) under `"user"`.
+    pub fn snapshot(&self, user: &impl Serialize) -> candle::Result<Checkpoint> {
+        let mut ck = Checkpoint::new(self.step);
+        ck.extend_prefixed(
+            "",
+            self.params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone())),
+        );
+        ck.extend_prefixed("optim.", self.optimizer.state_dict()?);
+        if let Some(s) = &self.scaler {
+            ck.extend_prefixed("scaler.", s.state_dict()?);
+        }
+        if let Some(e) = &self.ema {
+            ck.extend_prefixed("ema.", e.state_dict()?);
+        }
+        let json = |what: &str, e: serde_json::Error| {
+            candle::Error::Msg(format!(
+                "TrainState::snapshot: cannot serialize {what}: {e}"
+            ))
+        };
+        ck.meta = serde_json::json!({
+            "format": TRAIN_STATE_FORMAT,
+            "precision": self.precision,
+            "monitor": serde_json::to_value(&self.monitor).map_err(|e| json("the monitor", e))?,
+            "user": serde_json::to_value(user).map_err(|e| json("the user meta", e))?,
+        });
+        Ok(ck)
+    }
+
+    /// Restores a [`TrainState::snapshot`] into this state (built like the one that wrote
+    /// it: same parameters, optimizer kind, precision, EMA) and returns the user meta.
+    /// Parameter names and shapes are checked before anything changes; a mismatch is an
+    /// error naming the tensor.
+    pub fn restore<T: DeserializeOwned>(&mut self, ck: &Checkpoint) -> candle::Result<T> {
+        let bad = |what: String| candle::Error::Msg(format!("TrainState::restore: {what}"));
+        if ck.meta["format"] != TRAIN_STATE_FORMAT {
+            return Err(bad(format!(
+                "the checkpoint meta is not a `{TRAIN_STATE_FORMAT}` (format {}); was it written by TrainState::snapshot?",
+                ck.meta["format"]
+            )));
+        }
+        let precision = ck.meta["precision"].clone();
+        if serde_json::from_value::<keel_optim::Precision>(precision).ok() != Some(self.precision) {
+            return Err(bad(format!(
+                "the checkpoint was trained at precision {}, this state is {}; build the state with the saved precision",
+                ck.meta["precision"], self.precision
+            )));
+        }
+        let mut weights = Vec::with_capacity(self.params.len());
+        for (k, v) in &self.params {
+            let t = ck.tensors.get(k).ok_or_else(|| {
+                bad(format!(
+                    "no tensor '{k}': was it written for another model?"
+                ))
+            })?;
+            if t.dims() != v.dims() {
+                return Err(bad(format!(
+                    "'{k}' has shape {:?}, the model's is {:?}",
+                    t.dims(),
+                    v.dims()
+                )));
+            }
+            weights.push(t.to_dtype(v.dtype())?.to_device(v.device())?);
+        }
+        let monitor: StabilityMonitor = serde_json::from_value(ck.meta["monitor"].clone())
+            .map_err(|e| bad(format!("meta `monitor`: {e}")))?;
+        let user: T = serde_json::from_value(ck.meta["user"].clone())
+            .map_err(|e| bad(format!("meta `user`: {e}")))?;
+        self.optimizer.load_state_dict(&ck.prefixed("optim."))?;
+        if let Some(s) = self.scaler.as_mut() {
+            s.load_state_dict(&ck.prefixed("scaler."))?;
+        }
+        if let Some(e) = self.ema.as_mut() {
+            e.load_state_dict(&ck.prefixed("ema."))?;
+        }
+        for ((_, v), t) in self.params.iter().zip(weights) {
+            v.set(&t)?;
+        }
+        self.monitor = monitor;
+        self.accumulator.reset();
+        self.step = ck.step;
+        Ok(user)
+    }
+}
+
+/// The variables of `varmap` as (name, variable) pairs sorted by name: the fixed order
+/// [`TrainState::new`] wants.
+pub fn named_vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

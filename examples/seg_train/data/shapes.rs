@@ -1,0 +1,293 @@
+//! The synthetic shapes set: generated in memory, deterministic per seed.
+use image::imageops::FilterType;
+use image::{GrayImage, RgbImage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{mix, Sample, Source};
+
+/// The synthetic shapes set: `n` images of `size x size`, generated in memory from
+/// `seed`: noisy gradient backgrounds with unlabeled clutter strokes, 1-3 overlapping
+/// circles, rectangles, triangles and rings of random size, position, rotation, colour and
+/// texture (solid, stripes, checker, speckle), with exact masks (a pixel belongs to the
+/// last shape that covers its centre).
+pub struct Shapes {
+    samples: Vec<Sample>,
+}
+
+/// Train and val seeds of the synthetic set are fixed: every run (and every `--seed`) sees
+/// the same data, so seeds compare training, not data sets.
+pub const SHAPES_TRAIN_SEED: u64 = 0x5eed_7a1a;
+pub const SHAPES_VAL_SEED: u64 = 0x5eed_0fa1;
+
+impl Shapes {
+    pub fn generate(n: usize, size: usize, seed: u64) -> Self {
+        let samples = (0..n)
+            .map(|i| render_shapes(size, &mut ChaCha8Rng::seed_from_u64(mix(seed, i as u64, 0))))
+            .collect();
+        Self { samples }
+    }
+
+    #[allow(dead_code)] // reason: used by tests/seg_train.rs, not by the binary
+    pub fn samples(&self) -> &[Sample] {
+        &self.samples
+    }
+}
+
+impl Source for Shapes {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    fn load(
+        &self,
+        idx: usize,
+        size: usize,
+        aug: Option<&mut ChaCha8Rng>,
+    ) -> anyhow::Result<Sample> {
+        let s = &self.samples[idx];
+        let mut out = if s.image.width() as usize == size {
+            s.clone()
+        } else {
+            Sample {
+                image: image::imageops::resize(
+                    &s.image,
+                    size as u32,
+                    size as u32,
+                    FilterType::Triangle,
+                ),
+                mask: image::imageops::resize(
+                    &s.mask,
+                    size as u32,
+                    size as u32,
+                    FilterType::Nearest,
+                ),
+            }
+        };
+        if let Some(rng) = aug {
+            if rng.random_bool(0.5) {
+                image::imageops::flip_horizontal_in_place(&mut out.image);
+                image::imageops::flip_horizontal_in_place(&mut out.mask);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Shape {
+    Circle {
+        cx: f32,
+        cy: f32,
+        r: f32,
+    },
+    Rect {
+        cx: f32,
+        cy: f32,
+        hw: f32,
+        hh: f32,
+        cos: f32,
+        sin: f32,
+    },
+    Triangle {
+        p: [(f32, f32); 3],
+    },
+    Ring {
+        cx: f32,
+        cy: f32,
+        r: f32,
+        r_in: f32,
+    },
+}
+
+impl Shape {
+    fn class(&self) -> u8 {
+        match self {
+            Shape::Circle { .. } => 1,
+            Shape::Rect { .. } => 2,
+            Shape::Triangle { .. } => 3,
+            Shape::Ring { .. } => 4,
+        }
+    }
+
+    fn contains(&self, x: f32, y: f32) -> bool {
+        match *self {
+            Shape::Circle { cx, cy, r } => (x - cx).powi(2) + (y - cy).powi(2) <= r * r,
+            Shape::Ring { cx, cy, r, r_in } => {
+                let d = (x - cx).powi(2) + (y - cy).powi(2);
+                d <= r * r && d >= r_in * r_in
+            }
+            Shape::Rect {
+                cx,
+                cy,
+                hw,
+                hh,
+                cos,
+                sin,
+            } => {
+                let (dx, dy) = (x - cx, y - cy);
+                (dx * cos + dy * sin).abs() <= hw && (-dx * sin + dy * cos).abs() <= hh
+            }
+            Shape::Triangle { p } => {
+                let cross = |a: (f32, f32), b: (f32, f32)| {
+                    (b.0 - a.0) * (y - a.1) - (b.1 - a.1) * (x - a.0)
+                };
+                let (d1, d2, d3) = (cross(p[0], p[1]), cross(p[1], p[2]), cross(p[2], p[0]));
+                let neg = d1 < 0.0 || d2 < 0.0 || d3 < 0.0;
+                let pos = d1 > 0.0 || d2 > 0.0 || d3 > 0.0;
+                !(neg && pos)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Texture {
+    Solid,
+    Stripes { cos: f32, sin: f32, period: f32 },
+    Checker { period: f32 },
+    Speckle { amount: f32 },
+}
+
+fn random_colour(rng: &mut ChaCha8Rng) -> [f32; 3] {
+    [rng.random(), rng.random(), rng.random()]
+}
+
+/// One random shape (centre, size, kind, orientation) in an image of side `s`.
+fn random_shape(rng: &mut ChaCha8Rng, s: f32) -> Shape {
+    let r = rng.random_range(0.10..0.25) * s;
+    let (cx, cy) = (
+        rng.random_range(0.1..0.9) * s,
+        rng.random_range(0.1..0.9) * s,
+    );
+    match rng.random_range(0..4) {
+        0 => Shape::Circle { cx, cy, r },
+        1 => {
+            let a: f32 = rng.random_range(0.0..std::f32::consts::PI);
+            Shape::Rect {
+                cx,
+                cy,
+                hw: r * rng.random_range(0.6..1.0),
+                hh: r * rng.random_range(0.5..1.0),
+                cos: a.cos(),
+                sin: a.sin(),
+            }
+        }
+        2 => {
+            let a0: f32 = rng.random_range(0.0..std::f32::consts::TAU);
+            let mut p = [(0f32, 0f32); 3];
+            for (k, pk) in p.iter_mut().enumerate() {
+                let a = a0 + k as f32 * std::f32::consts::TAU / 3.0 + rng.random_range(-0.2..0.2);
+                let rr = r * rng.random_range(0.85..1.2);
+                *pk = (cx + rr * a.cos(), cy + rr * a.sin());
+            }
+            Shape::Triangle { p }
+        }
+        _ => Shape::Ring {
+            cx,
+            cy,
+            r,
+            r_in: r * rng.random_range(0.45..0.7),
+        },
+    }
+}
+
+fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
+    let s = size as f32;
+    // Background: two-colour linear gradient in a random direction, plus clutter strokes.
+    let (c0, c1) = (random_colour(rng), random_colour(rng));
+    let ang: f32 = rng.random_range(0.0..std::f32::consts::TAU);
+    let (gc, gs) = (ang.cos(), ang.sin());
+    let mut img = vec![[0f32; 3]; size * size];
+    for y in 0..size {
+        for x in 0..size {
+            let t = (((x as f32 / s - 0.5) * gc + (y as f32 / s - 0.5) * gs) + 0.7) / 1.4;
+            let t = t.clamp(0.0, 1.0);
+            for c in 0..3 {
+                img[y * size + x][c] = c0[c] * (1.0 - t) + c1[c] * t;
+            }
+        }
+    }
+    for _ in 0..rng.random_range(0..4) {
+        // A thin unlabeled stroke: an edge that is background.
+        let col = random_colour(rng);
+        let (x0, y0) = (rng.random_range(0.0..s), rng.random_range(0.0..s));
+        let a: f32 = rng.random_range(0.0..std::f32::consts::PI);
+        let half = rng.random_range(0.5..1.2) * s / 96.0;
+        let (nx, ny) = (-a.sin(), a.cos());
+        for y in 0..size {
+            for x in 0..size {
+                if ((x as f32 + 0.5 - x0) * nx + (y as f32 + 0.5 - y0) * ny).abs() <= half {
+                    img[y * size + x] = col;
+                }
+            }
+        }
+    }
+    let mut mask = vec![0u8; size * size];
+    for _ in 0..rng.random_range(1..=3) {
+        let shape = random_shape(rng, s);
+        // Shape colours differ from the background's mean colour by at least 0.3 (L1 over
+        // RGB in [0, 1]): a shape may be faint, never invisible.
+        let bg: [f32; 3] = std::array::from_fn(|c| (c0[c] + c1[c]) / 2.0);
+        let far = |rng: &mut ChaCha8Rng| loop {
+            let c = random_colour(rng);
+            if c.iter().zip(&bg).map(|(a, b)| (a - b).abs()).sum::<f32>() >= 0.3 {
+                break c;
+            }
+        };
+        let (fa, fb) = (far(rng), far(rng));
+        let texture = match rng.random_range(0..4) {
+            0 => Texture::Solid,
+            1 => {
+                let a: f32 = rng.random_range(0.0..std::f32::consts::PI);
+                Texture::Stripes {
+                    cos: a.cos(),
+                    sin: a.sin(),
+                    period: rng.random_range(3.0..9.0) * s / 96.0,
+                }
+            }
+            2 => Texture::Checker {
+                period: rng.random_range(3.0..8.0) * s / 96.0,
+            },
+            _ => Texture::Speckle {
+                amount: rng.random_range(0.1..0.2),
+            },
+        };
+        for y in 0..size {
+            for x in 0..size {
+                let (px, py) = (x as f32 + 0.5, y as f32 + 0.5);
+                if !shape.contains(px, py) {
+                    continue;
+                }
+                let second = match texture {
+                    Texture::Solid => false,
+                    Texture::Stripes { cos, sin, period } => {
+                        ((px * cos + py * sin) / period).floor() as i64 % 2 == 0
+                    }
+                    Texture::Checker { period } => {
+                        ((px / period).floor() as i64 + (py / period).floor() as i64) % 2 == 0
+                    }
+                    Texture::Speckle { amount } => rng.random::<f32>() < amount,
+                };
+                img[y * size + x] = if second { fb } else { fa };
+                mask[y * size + x] = shape.class();
+            }
+        }
+    }
+    // Sensor noise over everything.
+    let sigma: f32 = rng.random_range(0.02..0.08);
+    let mut image = RgbImage::new(size as u32, size as u32);
+    for (i, px) in image.pixels_mut().enumerate() {
+        for (v, &base) in px.0.iter_mut().zip(img[i].iter()) {
+            // Sum of 3 uniforms: roughly Gaussian with std sigma.
+            let n = (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5)
+                * 2.0
+                * sigma;
+            *v = ((base + n).clamp(0.0, 1.0) * 255.0).round() as u8;
+        }
+    }
+    Sample {
+        image,
+        mask: GrayImage::from_raw(size as u32, size as u32, mask).expect("size x size mask"),
+    }
+}
