@@ -13,40 +13,11 @@
 use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, Var};
 use keel_kernels::{cross_entropy, cross_entropy_slow, CrossEntropyConfig};
+use keel_test_support::{assert_close, Tol};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
 type CeFn = fn(&Tensor, &Tensor, &CrossEntropyConfig) -> candle::Result<Tensor>;
-
-/// Checks the tolerance; fails with the worst index and both values.
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Result<()> {
-    if got.dims() != want.dims() {
-        bail!("{what}: shape {:?} != {:?}", got.dims(), want.dims());
-    }
-    let g = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let w = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut worst: Option<(usize, f32)> = None;
-    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        if a.is_nan() || b.is_nan() {
-            if a.is_nan() != b.is_nan() {
-                bail!("{what}: index {i}: got {a}, want {b} (NaN mismatch)");
-            }
-            continue;
-        }
-        let ratio = (a - b).abs() / (rtol * b.abs()).max(atol);
-        if ratio > 1.0 && worst.is_none_or(|(_, r)| ratio > r) {
-            worst = Some((i, ratio));
-        }
-    }
-    if let Some((i, ratio)) = worst {
-        bail!(
-            "{what}: worst index {i}: got {}, want {} ({ratio:.2}x the tolerance rtol={rtol}, atol={atol})",
-            g[i],
-            w[i]
-        );
-    }
-    Ok(())
-}
 
 /// Loss and dlogits of `f` for the upstream gradient `dloss`.
 fn run(
@@ -131,16 +102,14 @@ fn fused_and_slow_match_pytorch_in_f32_f16_bf16() -> Result<()> {
                     &format!("{case} {dn} {name} loss"),
                     &loss,
                     &want_loss,
-                    1e-5,
-                    1e-6,
-                )?;
+                    Tol::new(1e-5, 1e-6),
+                );
                 assert_close(
                     &format!("{case} {dn} {name} dlogits"),
                     &g,
                     &want_g,
-                    rtol,
-                    atol,
-                )?;
+                    Tol::new(rtol, atol),
+                );
             }
         }
     }
@@ -230,8 +199,9 @@ fn non_contiguous_logits_and_targets_work() -> Result<()> {
     let cfg = CrossEntropyConfig::default();
     let (a, ga) = run(cross_entropy, &x, &t, &cfg, 1.0)?;
     let (b, gb) = run(cross_entropy_slow, &x, &t, &cfg, 1.0)?;
-    assert_close("loss", &a, &b, 1e-5, 1e-6)?;
-    assert_close("dlogits", &ga, &gb, 1e-5, 1e-6)
+    assert_close("loss", &a, &b, Tol::new(1e-5, 1e-6));
+    assert_close("dlogits", &ga, &gb, Tol::new(1e-5, 1e-6));
+    Ok(())
 }
 
 fn random_case(
@@ -283,8 +253,9 @@ proptest! {
             let (x, t, cfg) = random_case(n, c, (h, w), ignore, weighted, seed)?;
             let (a, ga) = run(cross_entropy, &x, &t, &cfg, 1.3)?;
             let (b, gb) = run(cross_entropy_slow, &x, &t, &cfg, 1.3)?;
-            assert_close("loss", &a, &b, 1e-5, 1e-6)?;
-            assert_close("dlogits", &ga, &gb, 1e-4, 1e-6)
+            assert_close("loss", &a, &b, Tol::new(1e-5, 1e-6));
+            assert_close("dlogits", &ga, &gb, Tol::new(1e-4, 1e-6));
+ Ok(())
         };
         check().map_err(|e| TestCaseError::fail(e.to_string()))?;
     }

@@ -12,37 +12,11 @@
 use anyhow::{bail, Result};
 use candle::{DType, Device, Tensor, Var};
 use keel_kernels::{resize_bilinear, resize_bilinear_slow, resize_nearest, resize_nearest_slow};
+use keel_test_support::{assert_close, Tol};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
 type ResizeFn = fn(&Tensor, (usize, usize)) -> candle::Result<Tensor>;
-
-/// Checks the tolerance; fails with the worst index and both values.
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Result<()> {
-    if got.dims() != want.dims() {
-        bail!("{what}: shape {:?} != {:?}", got.dims(), want.dims());
-    }
-    let g = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let w = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut worst: Option<(usize, f32)> = None;
-    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        let (err, tol) = ((a - b).abs(), (rtol * b.abs()).max(atol));
-        if !(err <= tol) {
-            let ratio = if tol > 0.0 { err / tol } else { f32::INFINITY };
-            if worst.is_none_or(|(_, r)| !(ratio <= r)) {
-                worst = Some((i, ratio));
-            }
-        }
-    }
-    if let Some((i, ratio)) = worst {
-        bail!(
-            "{what}: worst index {i}: got {}, want {} ({ratio:.2}x the tolerance rtol={rtol}, atol={atol})",
-            g[i],
-            w[i]
-        );
-    }
-    Ok(())
-}
 
 /// y and dx of `f` with loss `sum(y * dy)`.
 fn run(f: ResizeFn, x: &Tensor, size: (usize, usize), dy: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -95,8 +69,8 @@ fn fused_and_slow_match_pytorch_in_f32_f16_bf16() -> Result<()> {
                     } else {
                         (rtol, atol)
                     };
-                    assert_close(&format!("{what} y"), &y, &want_y, yr, ya)?;
-                    assert_close(&format!("{what} dx"), &dx, &want_dx, rtol, atol)?;
+                    assert_close(&format!("{what} y"), &y, &want_y, Tol::new(yr, ya));
+                    assert_close(&format!("{what} dx"), &dx, &want_dx, Tol::new(rtol, atol));
                 }
             }
         }
@@ -140,7 +114,12 @@ fn bilinear_is_within_f32_rounding_of_the_examples_matmul_form() -> Result<()> {
         let a = resize_bilinear(&x, size)?;
         let b = matmul_bilinear(&x, size.0, size.1)?;
         // f32 taps vs f64 taps: the weights differ by ~1e-7 per unit of source index.
-        assert_close(&format!("{shape:?} -> {size:?}"), &a, &b, 1e-5, 5e-6)?;
+        assert_close(
+            &format!("{shape:?} -> {size:?}"),
+            &a,
+            &b,
+            Tol::new(1e-5, 5e-6),
+        );
     }
     Ok(())
 }
@@ -179,9 +158,8 @@ fn backward_is_the_adjoint_and_double_backward_is_the_forward_resize() -> Result
                 &format!("{mode} d/d(dy)"),
                 got,
                 &fused(&v, (7, 4))?,
-                1e-6,
-                1e-6,
-            )?;
+                Tol::new(1e-6, 1e-6),
+            );
         }
         Ok(())
     })
@@ -224,15 +202,14 @@ fn same_size_is_the_identity_and_non_contiguous_input_works() -> Result<()> {
     let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &Device::Cpu)?;
     for (_, fused, slow) in FUSED {
         let y = fused(&x, (4, 5))?;
-        assert_close("identity", &y, &x, 0.0, 0.0)?;
+        assert_close("identity", &y, &x, Tol::new(0.0, 0.0));
         let xt = x.transpose(2, 3)?; // (2, 3, 5, 4), strided
         assert_close(
             "strided",
             &fused(&xt, (3, 9))?,
             &slow(&xt.contiguous()?, (3, 9))?,
-            1e-5,
-            1e-6,
-        )?;
+            Tol::new(1e-5, 1e-6),
+        );
     }
     Ok(())
 }
@@ -253,8 +230,8 @@ proptest! {
                 let (y, dx) = run(fused, &x, (oh, ow), &dy)?;
                 let (ys, dxs) = run(slow, &x, (oh, ow), &dy)?;
                 let exact = if mode == "nearest" { 0.0 } else { 1e-5 };
-                assert_close(&format!("{mode} y"), &y, &ys, exact, exact)?;
-                assert_close(&format!("{mode} dx"), &dx, &dxs, 1e-5, 1e-5)?;
+                assert_close(&format!("{mode} y"), &y, &ys, Tol::new(exact, exact));
+                assert_close(&format!("{mode} dx"), &dx, &dxs, Tol::new(1e-5, 1e-5));
             }
             Ok(())
         };

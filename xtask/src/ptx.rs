@@ -74,8 +74,7 @@ fn nvcc() -> Result<(PathBuf, String)> {
         (None, Some(h)) => PathBuf::from(h).join("bin/nvcc"),
         (None, None) => PathBuf::from("nvcc"),
     };
-    let hint =
-        "install the pinned toolchain with `eval \"$(bash xtask/setup-nvcc.sh)\"` and rerun";
+    let hint = "install the pinned toolchain with `eval \"$(bash xtask/setup-nvcc.sh)\"` and rerun";
     let out = Command::new(&path)
         .arg("--version")
         .output()
