@@ -64,6 +64,42 @@ fn run(
     Ok([y, grad(&xv, "x")?, grad(&wv, "weight")?, grad(&bv, "bias")?])
 }
 
+/// GroupNorm composed from candle ops in f64 (x: [N, C, *]), the reference of the property test.
+fn gn_f64(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64) -> candle::Result<Tensor> {
+    let (n, c) = (x.dim(0)?, x.dim(1)?);
+    let g = x.reshape((n, groups, ()))?;
+    let mean = g.mean_keepdim(2)?;
+    let centered = g.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(2)?;
+    let xhat = centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape(x.dims())?;
+    let mut shape = vec![1, c];
+    shape.resize(x.rank(), 1);
+    xhat.broadcast_mul(&w.reshape(shape.as_slice())?)?
+        .broadcast_add(&b.reshape(shape.as_slice())?)
+}
+
+/// The worst `(|mean| + std) / std` over the groups of `x` ([N, C, *]), in f64.
+fn group_condition(x: &Tensor, groups: usize) -> candle::Result<f64> {
+    let g = x.to_dtype(DType::F64)?.reshape((x.dim(0)?, groups, ()))?;
+    let mean = g.mean_keepdim(2)?;
+    let std = g.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?.sqrt()?;
+    let cond = ((mean.abs()? + &std)? / (std + 1e-12)?)?;
+    cond.flatten_all()?.max(0)?.to_scalar::<f64>()
+}
+
+/// [`gn_f64`] followed by SiLU.
+fn gn_silu_f64(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> candle::Result<Tensor> {
+    gn_f64(x, w, b, groups, eps)?.silu()
+}
+
 const OUTS: [&str; 4] = ["y", "dx", "dweight", "dbias"];
 
 /// Deterministic pseudo-random values in `offset ± scale`.
@@ -186,7 +222,19 @@ fn fused_matches_slow_on_awkward_shapes() -> Result<()> {
             );
             for silu in [false, true] {
                 let f = run(fused(silu), &x, &w, &b, &dy, groups, 1e-5)?;
-                let s = run(slow(silu), &x, &w, &b, &dy, groups, 1e-5)?;
+                // The reference runs the composed ops in f64: in f32 they lose the digits
+                // that a group of two values with a large offset needs (the fused kernel
+                // accumulates in f64).
+                let f64s = |t: &Tensor| t.to_dtype(DType::F64);
+                let s = run(
+                    slow(silu),
+                    &f64s(&x)?,
+                    &f64s(&w)?,
+                    &f64s(&b)?,
+                    &f64s(&dy)?,
+                    groups,
+                    1e-5,
+                )?;
                 let mut base = Tol::for_dtype(dtype);
                 if offset.abs() >= 1e3 && dtype == DType::F32 {
                     base.atol = 5e-3; // the composed reference's unshifted f32 sums, see above
@@ -420,9 +468,20 @@ mod prop {
                 let b = tensor(&[c], seed + 2, 1.0, 0.0)?;
                 let dy = tensor(&dims, seed + 3, 1.0, 0.0)?;
                 let f = run(fused(silu), &x, &w, &b, &dy, groups, 1e-5)?;
-                let s = run(slow(silu), &x, &w, &b, &dy, groups, 1e-5)?;
+                // The reference is composed in f64: the f32 `*_slow` twin loses the digits
+                // that a group of two values with a large offset needs (the fused kernel
+                // accumulates in f64), which made this property fail on such draws.
+                let f64s = |t: &Tensor| t.to_dtype(DType::F64);
+                let reference: GnFn = if silu { gn_silu_f64 } else { gn_f64 };
+                // f32 cancellation in x - mean costs ~|mean| / std of the group in relative
+                // accuracy (a group of two close values at offset 10 is ill-conditioned):
+                // the tolerance grows with that condition number, never below 1e-3 / 1e-4.
+                let cond = group_condition(&x, groups)?;
+                let c = (cond / 8.0).max(1.0);
+                let tol = Tol::new(1e-3 * c, 1e-4 * c);
+                let s = run(reference, &f64s(&x)?, &f64s(&w)?, &f64s(&b)?, &f64s(&dy)?, groups, 1e-5)?;
                 for (k, (f, s)) in OUTS.iter().zip(f.iter().zip(&s)) {
-                    check_close(&format!("{dims:?} g={groups} silu={silu} {k}"), f, s, Tol::new(1e-3, 1e-4))?;
+                    check_close(&format!("{dims:?} g={groups} silu={silu} {k} cond={cond:.1}"), f, s, tol)?;
                 }
                 Ok(())
             })();
