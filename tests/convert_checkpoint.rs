@@ -141,6 +141,7 @@ fn bad_input_errors_and_writes_nothing() {
     std::fs::create_dir(d.0.join("dir")).unwrap();
     let before = d.names();
     let out = d.0.join("out.safetensors");
+    let (dir, same) = (d.0.join("dir"), d.0.join("./neg.safetensors"));
     let fold = [arg("--fold"), arg("conv1=bn1")];
     let cases: Vec<(Vec<&Path>, &str)> = vec![
         (
@@ -155,12 +156,9 @@ fn bad_input_errors_and_writes_nothing() {
             vec![arg("--to"), arg("gn"), &text, &out],
             "is not a safetensors file: text starting",
         ),
+        (vec![arg("--to"), arg("gn"), &neg, &dir], "is a directory"),
         (
-            vec![arg("--to"), arg("gn"), &neg, &d.0.join("dir")],
-            "is a directory",
-        ),
-        (
-            vec![arg("--to"), arg("gn"), &neg, &d.0.join("./neg.safetensors")],
+            vec![arg("--to"), arg("gn"), &neg, &same],
             "is the same file as IN",
         ),
     ];
