@@ -341,6 +341,9 @@ pub fn advice_flags(advice: &Advice) -> Option<String> {
     match advice {
         Advice::SwitchNorm { to, .. } => Some(format!("--norm {to}")),
         Advice::RestartWithLowerLr { to } => Some(format!("--init <best checkpoint> --lr {to}")),
+        Advice::RestartBeforeDivergence { step, to, .. } => Some(format!(
+            "--init <a checkpoint from before step {step}> --lr {to} --warmup-steps <a few hundred>"
+        )),
         Advice::LowerLr { to, .. } => Some(format!("--lr {to}")),
         Advice::ClipGrad { at, .. } => Some(clip(*at)),
         Advice::GuardAgainstNan {

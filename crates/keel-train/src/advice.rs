@@ -68,6 +68,18 @@ pub enum Advice {
         #[serde(with = "lossless_f64")]
         to: f64,
     },
+    /// A divergence alarm at `step`: restart from the last checkpoint before that step with
+    /// the learning rate lowered tenfold and a warmup.
+    RestartBeforeDivergence {
+        /// The step of the first divergence alarm.
+        step: usize,
+        /// The run's peak learning rate.
+        #[serde(with = "lossless_f64")]
+        from: f64,
+        /// The suggested peak learning rate (a tenth of the run's).
+        #[serde(with = "lossless_f64")]
+        to: f64,
+    },
     /// Gradient-norm explosions with no or loose clipping: clip the global gradient norm at
     /// `at` (the p99 of the healthy grad norms), or lower the learning rate.
     ClipGrad {
@@ -204,6 +216,11 @@ impl fmt::Display for Advice {
                 f,
                 "the run diverged: restart from the best checkpoint or an earlier healthy one \
                  with a lower LR (e.g. {to}) and warmup"
+            ),
+            Advice::RestartBeforeDivergence { step, from, to } => write!(
+                f,
+                "the run diverged at step {step}: restart from the last checkpoint before step \
+                 {step} with the LR lowered 10x (now {from}, e.g. {to}) and a warmup"
             ),
             Advice::ClipGrad {
                 at,

@@ -67,6 +67,80 @@ pub struct MonitorConfig {
     /// median of the first `window` losses. Default 10.
     #[serde(with = "lossless_f64")]
     pub diverge_factor: f64,
+    /// The anchor: the first `anchor_len` positive finite losses that were not anchor spikes,
+    /// frozen once filled. Its median is the robust initial loss of the step-0 divergence
+    /// test, and its median/MAD of `ln(loss)` judges spikes from the first step on, which a
+    /// run diverging later cannot poison. Default 10; 0 counts as 1.
+    #[serde(default = "default_anchor_len")]
+    pub anchor_len: usize,
+    /// A loss is also a spike when `ln(loss) > median + max(spike_k * sigma, ln(anchor_spike_factor))`
+    /// over the anchor (sigma as for `spike_k`): in the first steps the noise level is
+    /// unknown, so only a jump of this factor above the start counts. Default 1000.
+    #[serde(default = "default_anchor_spike_factor", with = "lossless_f64")]
+    pub anchor_spike_factor: f64,
+    /// How many trailing finite losses the step-level divergence tests take the median of,
+    /// so a single outlier is a spike, not a divergence. Default 5; 0 counts as 1.
+    #[serde(default = "default_diverge_confirm")]
+    pub diverge_confirm: usize,
+    /// [`crate::Alarm::Divergence`] when the median of the last `diverge_confirm` losses
+    /// exceeds this multiple of the anchor's median (and the `reference_loss`, when given: a
+    /// loss below a uniform prediction has not diverged). Default 20 (a healthy warmup may
+    /// rise about 3x).
+    #[serde(default = "default_diverge_initial_factor", with = "lossless_f64")]
+    pub diverge_initial_factor: f64,
+    /// The loss of a uniform prediction, when the caller knows it: `ln(num_classes)` for
+    /// cross-entropy. `None` (the default) disables the reference test.
+    #[serde(default, with = "lossless_f64::option")]
+    pub reference_loss: Option<f64>,
+    /// [`crate::Alarm::Divergence`] when the median of the last `diverge_confirm` losses
+    /// exceeds this multiple of `reference_loss`. Default 10.
+    #[serde(default = "default_reference_factor", with = "lossless_f64")]
+    pub reference_factor: f64,
+    /// The grad-norm growth test looks at the last this many finite, positive grad norms.
+    /// Default 10; below 3 counts as 3.
+    #[serde(default = "default_grad_growth_window")]
+    pub grad_growth_window: usize,
+    /// [`crate::Alarm::Divergence`] when the grad norm grows geometrically: the Theil-Sen
+    /// slope of `ln(grad_norm)` over the window exceeds `ln(grad_growth_rate)` per step ...
+    /// Default 1.5.
+    #[serde(default = "default_grad_growth_rate", with = "lossless_f64")]
+    pub grad_growth_rate: f64,
+    /// ... and the growth that slope implies across the window exceeds this factor.
+    /// Default 100.
+    #[serde(default = "default_grad_growth_total", with = "lossless_f64")]
+    pub grad_growth_total: f64,
+}
+
+fn default_anchor_len() -> usize {
+    10
+}
+
+fn default_anchor_spike_factor() -> f64 {
+    1000.0
+}
+
+fn default_diverge_confirm() -> usize {
+    5
+}
+
+fn default_diverge_initial_factor() -> f64 {
+    20.0
+}
+
+fn default_reference_factor() -> f64 {
+    10.0
+}
+
+fn default_grad_growth_window() -> usize {
+    10
+}
+
+fn default_grad_growth_rate() -> f64 {
+    1.5
+}
+
+fn default_grad_growth_total() -> f64 {
+    100.0
 }
 
 fn default_unstable_rate() -> f64 {
@@ -91,6 +165,15 @@ impl Default for MonitorConfig {
             max_skip_fraction: 0.05,
             diverged_nonfinite_fraction: 0.5,
             diverge_factor: 10.0,
+            anchor_len: default_anchor_len(),
+            anchor_spike_factor: default_anchor_spike_factor(),
+            diverge_confirm: default_diverge_confirm(),
+            diverge_initial_factor: default_diverge_initial_factor(),
+            reference_loss: None,
+            reference_factor: default_reference_factor(),
+            grad_growth_window: default_grad_growth_window(),
+            grad_growth_rate: default_grad_growth_rate(),
+            grad_growth_total: default_grad_growth_total(),
         }
     }
 }

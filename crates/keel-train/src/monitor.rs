@@ -10,11 +10,17 @@
 //! k = 6, on a log scale none. Gradient-norm explosions are judged against the trailing median, the
 //! loss scale of f16 mixed precision against PyTorch's `GradScaler` dynamics (halve on
 //! overflow, grow after 2000 clean steps).
+//!
+//! Those tests need a healthy baseline; a run that diverges from its first update has none.
+//! Spikes are therefore also judged against a frozen anchor of the first losses, and
+//! [`Alarm::Divergence`] comes from absolute tests (`crate::divergence`): the loss far above
+//! its robust initial value or a uniform prediction, geometric grad-norm growth, NaN weights.
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::MonitorConfig;
+use crate::divergence::{DivergenceCause, DivergenceEvent, DivergenceWatch};
 use crate::report::{HealthReport, RunContext};
 use crate::stats::{lossless_f64, median, median_mad, QuantileSketch};
 use crate::summary::{EventSteps, MonitorSummary, ReportStats};
@@ -142,6 +148,14 @@ pub enum Alarm {
         /// Scale decreases within the trailing window.
         halvings_in_window: usize,
     },
+    /// The run is diverging (absolute tests that need no healthy baseline). Raised when an
+    /// episode of one test begins, and at each report of non-finite weights.
+    Divergence {
+        /// The step.
+        step: usize,
+        /// Which test fired, with its values.
+        cause: DivergenceCause,
+    },
     /// Eval mIoU more than `eval_regression_margin` below the best so far.
     EvalRegression {
         /// The eval step.
@@ -170,6 +184,7 @@ impl Alarm {
             | Alarm::NonFinite { step, .. }
             | Alarm::SkippedStep { step, .. }
             | Alarm::LossScaleCollapse { step, .. }
+            | Alarm::Divergence { step, .. }
             | Alarm::EvalRegression { step, .. } => step,
         }
     }
@@ -200,6 +215,7 @@ impl std::fmt::Display for Alarm {
                 f,
                 "step {step}: loss scale collapsed to {scale} ({halvings_in_window} decreases in the window)"
             ),
+            Alarm::Divergence { step, cause } => write!(f, "step {step}: divergence: {cause}"),
             Alarm::EvalRegression { step, miou, best_miou, best_step, train_loss_improved } => {
                 write!(
                     f,
@@ -308,6 +324,15 @@ pub struct StabilityMonitor {
     /// Largest mIoU drop below the best at an eval whose train loss was no worse.
     #[serde(with = "lossless_f64::option")]
     max_gap: Option<f64>,
+    /// The step-0 divergence tests; `None` in a monitor serialized before they existed (the
+    /// anchor is then rebuilt from `first_losses`).
+    #[serde(default)]
+    watch: Option<DivergenceWatch>,
+    #[serde(default)]
+    divergences: Events,
+    /// The first [`EventSteps::LISTED`] divergence alarms.
+    #[serde(default)]
+    divergence_events: Vec<DivergenceEvent>,
 }
 
 impl StabilityMonitor {
@@ -337,6 +362,9 @@ impl StabilityMonitor {
             evals: Vec::new(),
             best_eval: None,
             max_gap: None,
+            watch: Some(DivergenceWatch::default()),
+            divergences: Events::default(),
+            divergence_events: Vec::new(),
         }
     }
 
@@ -353,9 +381,63 @@ impl StabilityMonitor {
         self.cfg.min_history.max(1)
     }
 
+    /// The robust initial loss: the median of the anchor (the first `anchor_len` positive
+    /// finite losses that were not anchor spikes).
+    pub fn anchor_loss(&self) -> Option<f64> {
+        match &self.watch {
+            Some(w) => w.anchor_loss(),
+            None => DivergenceWatch::from_first_losses(&self.cfg, &self.first_losses).anchor_loss(),
+        }
+    }
+
     /// The median of the trailing finite losses.
     pub fn trailing_loss(&self) -> Option<f64> {
         median(self.losses.iter().copied())
+    }
+
+    /// The divergence watch, rebuilt from the first losses when deserialized from an older
+    /// monitor.
+    fn watch(&mut self) -> &mut DivergenceWatch {
+        let (cfg, first) = (&self.cfg, &self.first_losses);
+        self.watch
+            .get_or_insert_with(|| DivergenceWatch::from_first_losses(cfg, first))
+    }
+
+    /// Counts a divergence and returns its alarm.
+    fn diverge(&mut self, step: usize, cause: DivergenceCause) -> Alarm {
+        self.divergences.add(step);
+        if self.divergence_events.len() < EventSteps::LISTED {
+            self.divergence_events.push(DivergenceEvent {
+                step,
+                cause: cause.clone(),
+            });
+        }
+        Alarm::Divergence { step, cause }
+    }
+
+    /// Reports whether the weights were all finite at `step` (a cheap check the caller runs
+    /// every few steps, e.g. the sum of every parameter); returns an
+    /// [`Alarm::Divergence`] with [`DivergenceCause::NonFiniteWeights`] when they were not.
+    ///
+    /// ```
+    /// use keel_train::{Alarm, DivergenceCause, MonitorConfig, StabilityMonitor};
+    /// let mut mon = StabilityMonitor::new(MonitorConfig::default());
+    /// assert!(mon.record_weights_finite(100, true).is_empty());
+    /// let alarms = mon.record_weights_finite(200, false);
+    /// assert!(matches!(alarms[..],
+    ///     [Alarm::Divergence { step: 200, cause: DivergenceCause::NonFiniteWeights }]));
+    /// ```
+    pub fn record_weights_finite(&mut self, step: usize, finite: bool) -> Vec<Alarm> {
+        if finite {
+            Vec::new()
+        } else {
+            vec![self.diverge(step, DivergenceCause::NonFiniteWeights)]
+        }
+    }
+
+    /// Whether a loss or grad-norm divergence test held at the last step.
+    pub fn diverging(&self) -> bool {
+        self.watch.as_ref().is_some_and(DivergenceWatch::active)
     }
 
     /// Feeds one step; returns the alarms it raised (empty for a healthy step).
@@ -390,6 +472,10 @@ impl StabilityMonitor {
         push_bounded(&mut self.recent_nonfinite, !loss_finite, window);
         if let Some(g) = r.grad_norm.filter(|g| g.is_finite()) {
             self.judge_grad(r.step, g, &mut alarms);
+            let cfg = self.cfg.clone();
+            if let Some(cause) = self.watch().judge_grad(&cfg, r.step, g) {
+                alarms.push(self.diverge(r.step, cause));
+            }
         }
         if let Some(s) = r.loss_scale {
             self.judge_scale(r.step, s, &mut alarms);
@@ -397,9 +483,36 @@ impl StabilityMonitor {
         alarms
     }
 
-    /// The spike test of a finite loss, then its entry into the windows.
+    /// The spike tests of a finite loss (trailing window, then anchor), the divergence test,
+    /// then its entry into the windows.
     fn judge_loss(&mut self, r: &StepRecord, alarms: &mut Vec<Alarm>) {
         let window = self.window();
+        let trailing_spike = self.trailing_spike(r, alarms);
+        let cfg = self.cfg.clone();
+        let anchor = self.watch().anchor_spike(&cfg, r.loss);
+        if let (false, Some(a)) = (trailing_spike, &anchor) {
+            self.spikes.add(r.step);
+            alarms.push(Alarm::LossSpike {
+                step: r.step,
+                loss: r.loss,
+                median: a.median,
+                mad: a.sigma,
+                log_scale: true,
+            });
+        }
+        self.watch().admit(&cfg, r.loss, anchor.is_some());
+        if let Some(cause) = self.watch().judge_loss(&cfg, r.loss) {
+            alarms.push(self.diverge(r.step, cause));
+        }
+        push_bounded(&mut self.losses, r.loss, window);
+        if self.first_losses.len() < window {
+            self.first_losses.push(r.loss);
+        }
+    }
+
+    /// The spike test of a finite loss against the trailing window (once it holds
+    /// `min_history` values); whether it raised an alarm.
+    fn trailing_spike(&mut self, r: &StepRecord, alarms: &mut Vec<Alarm>) -> bool {
         if self.losses.len() >= self.min_history() {
             let window: Vec<f64> = self.losses.iter().copied().collect();
             let log_scale = r.loss > 0.0 && window.iter().all(|&l| l > 0.0);
@@ -424,13 +537,11 @@ impl StabilityMonitor {
                         mad: sigma,
                         log_scale,
                     });
+                    return true;
                 }
             }
         }
-        push_bounded(&mut self.losses, r.loss, window);
-        if self.first_losses.len() < window {
-            self.first_losses.push(r.loss);
-        }
+        false
     }
 
     /// The explosion test of a finite grad norm, then its entry into the window and sketches.
@@ -550,6 +661,7 @@ impl StabilityMonitor {
             best_miou: self.best_eval.as_ref().map(|e| e.miou),
             best_miou_step: self.best_eval.as_ref().map(|e| e.step),
             train_eval_gap: self.max_gap,
+            divergences: self.divergences.count,
         };
         let events = EventSteps {
             loss_spikes: self.spikes.steps.clone(),
@@ -569,6 +681,9 @@ impl StabilityMonitor {
             initial_loss: median(self.first_losses.iter().copied()),
             initial_losses: self.first_losses.len(),
             scale_collapsed_at_end: self.scale_collapsed,
+            divergence_events: self.divergence_events.clone(),
+            diverging_at_end: self.diverging(),
+            anchor_loss: self.anchor_loss(),
         }
     }
 

@@ -61,7 +61,8 @@ pub enum Verdict {
     /// Repeated spikes, explosions, non-finite losses or eval regressions, or a loss scale
     /// still collapsed at the end.
     Unstable,
-    /// Non-finite losses dominate the end of the run, or the loss ended far above its start.
+    /// Non-finite losses dominate the end of the run, the loss ended far above its start, or
+    /// the monitor raised an [`crate::Alarm::Divergence`].
     Diverged,
 }
 
@@ -114,6 +115,8 @@ struct Judgement {
     nonfinite_end: bool,
     /// The trailing median loss is above `diverge_factor` times the initial median.
     blown_up: bool,
+    /// The first divergence alarm, when the monitor raised one.
+    alarmed: Option<usize>,
     /// The event count that makes a run Unstable: `unstable_events`, raised to
     /// `unstable_rate` of the steps (isolated events in a long run are a Warning).
     unstable_count: usize,
@@ -155,6 +158,7 @@ impl Judgement {
         Self {
             nonfinite_end,
             blown_up,
+            alarmed: m.divergence_events.first().map(|e| e.step),
             unstable_count,
             excess_skips: m.skip_fraction() > cfg.max_skip_fraction,
             gap: s.train_eval_gap.filter(|&g| g > cfg.eval_regression_margin),
@@ -165,7 +169,7 @@ impl Judgement {
     }
 
     fn diverged(&self) -> bool {
-        self.nonfinite_end || self.blown_up
+        self.nonfinite_end || self.blown_up || self.alarmed.is_some()
     }
 
     fn verdict(&self, m: &MonitorSummary) -> Verdict {
@@ -322,6 +326,29 @@ fn divergence_findings(m: &MonitorSummary, j: &Judgement) -> Vec<String> {
             m.recent_non_finite_losses, m.recent_steps
         ));
     }
+    if let Some(first) = m.divergence_events.first() {
+        let causes: Vec<String> = m
+            .divergence_events
+            .iter()
+            .map(|e| format!("step {}: {}", e.step, e.cause))
+            .collect();
+        findings.push(format!(
+            "training diverged from step {}: {} divergence alarm(s) ({}{}); {}",
+            first.step,
+            m.stats.divergences,
+            causes.join("; "),
+            if m.stats.divergences > causes.len() {
+                format!("; ... ({} more)", m.stats.divergences - causes.len())
+            } else {
+                String::new()
+            },
+            if m.diverging_at_end {
+                "still diverging at the last step"
+            } else {
+                "the loss and grad-norm tests no longer held at the last step"
+            }
+        ));
+    }
     if j.blown_up {
         findings.push(format!(
             "the trailing median loss ({}) is more than {}x the initial median ({}): training \
@@ -462,7 +489,13 @@ fn training_advice(m: &MonitorSummary, j: &Judgement, ctx: &RunContext) -> Vec<A
     let clip_at = j.healthy_p99.map(round3);
     let f16 = ctx.precision == Precision::F16;
     let mut advice = Vec::new();
-    if j.diverged() {
+    if let Some(step) = j.alarmed {
+        advice.push(Advice::RestartBeforeDivergence {
+            step,
+            from: lr,
+            to: round3(lr / 10.0),
+        });
+    } else if j.diverged() {
         advice.push(Advice::RestartWithLowerLr {
             to: round3(lr / 10.0),
         });

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::MonitorConfig;
+use crate::divergence::DivergenceEvent;
 use crate::stats::lossless_f64;
 
 /// The numbers behind a [`crate::HealthReport`]. Quantiles of the grad norm are within about
@@ -67,6 +68,10 @@ pub struct ReportStats {
     /// `None` when no eval fell below the best while the train loss held.
     #[serde(with = "lossless_f64::option")]
     pub train_eval_gap: Option<f64>,
+    /// Divergence alarms (loss far above its start or a uniform prediction, geometric
+    /// grad-norm growth, non-finite weights).
+    #[serde(default)]
+    pub divergences: usize,
 }
 
 /// The first steps (up to [`EventSteps::LISTED`]) of each event kind; the counts are in
@@ -131,6 +136,16 @@ pub struct MonitorSummary {
     pub initial_losses: usize,
     /// Whether the loss scale was still collapsed at the last step.
     pub scale_collapsed_at_end: bool,
+    /// The first [`EventSteps::LISTED`] divergence alarms, with their causes.
+    #[serde(default)]
+    pub divergence_events: Vec<DivergenceEvent>,
+    /// Whether a loss or grad-norm divergence test still held at the last step.
+    #[serde(default)]
+    pub diverging_at_end: bool,
+    /// The robust initial loss of the divergence tests: the median of the anchor (the first
+    /// `config.anchor_len` positive losses that were not anchor spikes).
+    #[serde(default, with = "lossless_f64::option")]
+    pub anchor_loss: Option<f64>,
 }
 
 impl MonitorSummary {

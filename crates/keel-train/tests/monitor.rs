@@ -7,24 +7,8 @@ use keel_train::{
     StabilityMonitor, StepRecord, Verdict,
 };
 
-/// A small deterministic Gaussian source (xorshift64* + Box-Muller), so the curves are the
-/// same on every machine.
-struct Noise(u64);
-
-impl Noise {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn gauss(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
+mod common;
+use common::Noise;
 
 fn step(step: usize, loss: f64, grad_norm: f64) -> StepRecord {
     StepRecord {
