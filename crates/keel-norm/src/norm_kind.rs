@@ -185,7 +185,7 @@ impl ModuleT for Norm {
                     // running variance and store inf.
                     candle::bail!(
                         "BatchNorm: training needs more than 1 value per channel, got input {:?}; \
-                         at batch 1 use --norm gn or frozen-bn",
+                         at batch 1 use NormKind::GroupNorm or NormKind::FrozenBatchNorm (gn, frozen-bn)",
                         x.dims()
                     )
                 }

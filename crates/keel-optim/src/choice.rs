@@ -93,10 +93,12 @@ impl FromStr for OptimizerKind {
 pub enum Precision {
     /// Plain f32 everywhere.
     #[default]
-    #[serde(alias = "off")]
-    #[cfg_attr(feature = "clap", value(alias = "off"))]
+    #[serde(alias = "off", alias = "fp32")]
+    #[cfg_attr(feature = "clap", value(alias = "off", alias = "fp32"))]
     F32,
     /// f16 compute with f32 master weights and dynamic loss scaling ([`crate::GradScaler`]).
+    #[serde(alias = "fp16")]
+    #[cfg_attr(feature = "clap", value(alias = "fp16"))]
     F16,
     /// bf16 compute with f32 master weights (f32's exponent range: no loss scaling).
     Bf16,
@@ -160,6 +162,22 @@ mod tests {
         }
         for k in OptimizerKind::ALL {
             assert_eq!(k.to_string().parse::<OptimizerKind>().unwrap(), k);
+        }
+        // Every spelling FromStr takes, serde takes too (config files), and the reverse.
+        for (text, p) in [
+            ("off", Precision::F32),
+            ("fp32", Precision::F32),
+            ("f32", Precision::F32),
+            ("fp16", Precision::F16),
+            ("f16", Precision::F16),
+            ("bf16", Precision::Bf16),
+        ] {
+            assert_eq!(text.parse::<Precision>().unwrap(), p, "{text}");
+            assert_eq!(
+                serde_json::from_str::<Precision>(&format!("\"{text}\"")).unwrap(),
+                p,
+                "{text}"
+            );
         }
         let e = "lamb".parse::<OptimizerKind>().unwrap_err().to_string();
         assert!(e.contains("lamb") && e.contains("sgd, adamw"), "{e}");

@@ -9,6 +9,8 @@
 //!
 //! Randomness: the state holds no RNG. Derive every random draw from `(seed, step)` (as
 //! seg_train's loader does), and the step restored here is the whole RNG position.
+use std::collections::HashMap;
+
 use candle::backprop::GradStore;
 use candle::{DType, Tensor, Var};
 use keel_optim::{
@@ -257,7 +259,8 @@ impl TrainState {
     /// Restores a [`TrainState::snapshot`] into this state (built like the one that wrote
     /// it: same parameters, optimizer kind, precision, EMA) and returns the user meta.
     /// Parameter names and shapes are checked before anything changes; a mismatch is an
-    /// error naming the tensor.
+    /// error naming the tensor. The optimizer, scaler and EMA states load together: when one
+    /// fails, the others are put back as they were and the weights are untouched.
     pub fn restore<T: DeserializeOwned>(&mut self, ck: &Checkpoint) -> candle::Result<T> {
         let bad = |what: String| candle::Error::Msg(format!("TrainState::restore: {what}"));
         if ck.meta["format"] != TRAIN_STATE_FORMAT {
@@ -293,12 +296,16 @@ impl TrainState {
             .map_err(|e| bad(format!("meta `monitor`: {e}")))?;
         let user: T = serde_json::from_value(ck.meta["user"].clone())
             .map_err(|e| bad(format!("meta `user`: {e}")))?;
-        self.optimizer.load_state_dict(&ck.prefixed("optim."))?;
-        if let Some(s) = self.scaler.as_mut() {
-            s.load_state_dict(&ck.prefixed("scaler."))?;
-        }
-        if let Some(e) = self.ema.as_mut() {
-            e.load_state_dict(&ck.prefixed("ema."))?;
+        // Optimizer, scaler and EMA each load all-or-nothing; if a later one fails, the
+        // earlier ones go back to their state before this call.
+        let before = self.optim_states()?;
+        if let Err(e) = self.load_optim_states([
+            ck.prefixed("optim."),
+            ck.prefixed("scaler."),
+            ck.prefixed("ema."),
+        ]) {
+            self.load_optim_states(before)?;
+            return Err(e);
         }
         for ((_, v), t) in self.params.iter().zip(weights) {
             v.set(&t)?;
@@ -307,6 +314,36 @@ impl TrainState {
         self.accumulator.reset();
         self.step = ck.step;
         Ok(user)
+    }
+
+    /// The state dicts of the optimizer, the scaler and the EMA (empty when absent).
+    fn optim_states(&self) -> candle::Result<[HashMap<String, Tensor>; 3]> {
+        Ok([
+            self.optimizer.state_dict()?,
+            match &self.scaler {
+                Some(s) => s.state_dict()?,
+                None => HashMap::new(),
+            },
+            match &self.ema {
+                Some(e) => e.state_dict()?,
+                None => HashMap::new(),
+            },
+        ])
+    }
+
+    /// Loads [`TrainState::optim_states`]-shaped state dicts, in that order.
+    fn load_optim_states(
+        &mut self,
+        [optim, scaler, ema]: [HashMap<String, Tensor>; 3],
+    ) -> candle::Result<()> {
+        self.optimizer.load_state_dict(&optim)?;
+        if let Some(s) = self.scaler.as_mut() {
+            s.load_state_dict(&scaler)?;
+        }
+        if let Some(e) = self.ema.as_mut() {
+            e.load_state_dict(&ema)?;
+        }
+        Ok(())
     }
 }
 

@@ -297,3 +297,56 @@ fn a_nan_loss_skips_the_step_and_raises_an_alarm() -> anyhow::Result<()> {
     assert_eq!(acc.state.step, 0);
     Ok(())
 }
+
+#[test]
+fn a_restore_whose_ema_state_fails_leaves_the_optimizer_and_weights_as_they_were(
+) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let (x, y) = data(&dev)?;
+    let cfg = TrainConfig {
+        ema: Some(EmaConfig {
+            decay: 0.9,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut a = setup(OptimizerKind::Sgd, &cfg)?;
+    for _ in 0..3 {
+        let lr = a.schedule.lr(a.state.step);
+        a.state.step(lr, None, |i| mse(&a.model, &x, &y, i, 1))?;
+    }
+    let mut ck = a.state.snapshot(&())?;
+    // Break the EMA part only: the optimizer part alone would load.
+    ck.tensors.retain(|k, _| !k.starts_with("ema."));
+    let mut b = setup(OptimizerKind::Sgd, &cfg)?;
+    let lr = b.schedule.lr(0);
+    b.state.step(lr, None, |i| mse(&b.model, &x, &y, i, 1))?;
+    let (optim_before, weights_before) = (b.state.optimizer.state_dict()?, weights(&b.vm)?);
+    let err = b.state.restore::<()>(&ck).unwrap_err().to_string();
+    assert!(err.contains("Ema"), "{err}");
+    let optim_after = b.state.optimizer.state_dict()?;
+    let mut keys: Vec<_> = optim_before.keys().collect();
+    keys.sort();
+    assert_eq!(keys.len(), optim_after.len());
+    for k in keys {
+        assert_eq!(
+            optim_before[k].flatten_all()?.to_vec1::<f64>().ok(),
+            optim_after[k].flatten_all()?.to_vec1::<f64>().ok(),
+            "{k}"
+        );
+        assert_eq!(
+            optim_before[k]
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?,
+            optim_after[k]
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?,
+            "{k}"
+        );
+    }
+    assert_eq!(weights_before, weights(&b.vm)?);
+    assert_eq!(b.state.step, 1);
+    Ok(())
+}
