@@ -17,6 +17,9 @@
 //!   semantics, f16/bf16 mixed precision with dynamic loss scaling, accumulation, EMA.
 //! - [`models`]: networks with PyTorch parameter names: `SegNet` (ResNet-18-style
 //!   encoder, FPN-lite decoder) shaped by a serde-able `ModelConfig`.
+//! - [`data`]: deterministic data: the synthetic shapes set, Pascal VOC folders validated
+//!   in full before training, a prefetching batch loader whose batches depend only on
+//!   `(seed, position)` (exact resume).
 //! - [`train`]: the training-loop pieces: a stability monitor with a health report
 //!   ("is my training going haywire?"), mIoU metrics, atomic checkpoints, JSONL logs.
 //!
@@ -36,6 +39,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub use keel_data as data;
 pub use keel_kernels as kernels;
 pub use keel_models as models;
 pub use keel_norm as norm;

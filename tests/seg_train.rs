@@ -11,27 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod common;
+
 #[allow(dead_code)] // reason: the binary's `main` and items only the binary uses
 #[path = "../examples/seg_train/main.rs"]
 mod seg_train;
 
+use common::{child, tiny, tmp};
 use seg_train::{cli, compare, data, train};
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-seg-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-/// Tiny, fast settings for a CPU smoke run.
-fn tiny(out: &Path, steps: usize) -> Vec<String> {
-    let s = format!(
-        "seg_train --quiet --device cpu --norm gn --width 4 --fpn 8 --image-size 32 --train-size 16 --val-size 8 \
-         --batch-size 2 --steps {steps} --warmup-steps 2 --lr 0.05 --eval-every 10 --ckpt-every 10 --keep-last 2 --out {}",
-        out.display()
-    );
-    s.split_whitespace().map(String::from).collect()
-}
 
 fn run_cli(args: &[String]) -> anyhow::Result<()> {
     cli::run(args.to_vec())
@@ -50,33 +37,7 @@ fn step_losses(out: &Path) -> Vec<(u64, f64)> {
 /// Entry point of the re-executed test binary (a no-op in a normal test run).
 #[test]
 fn child_process() {
-    if let Ok(args) = std::env::var("SEG_TRAIN_CHILD_ARGS") {
-        let args: Vec<String> = serde_json::from_str(&args).unwrap();
-        let code = match cli::run(args) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("seg_train: error: {e:#}");
-                1
-            }
-        };
-        std::process::exit(code);
-    }
-}
-
-fn child(args: &[String], env: &[(&str, &str)]) -> Command {
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args([
-        "--exact",
-        "child_process",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ]);
-    c.env("SEG_TRAIN_CHILD_ARGS", serde_json::to_string(args).unwrap());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c
+    common::child_main(cli::run);
 }
 
 #[test]
@@ -354,7 +315,7 @@ fn voc_loader_reads_palette_gray_and_rgb_masks_and_names_bad_files() -> anyhow::
     assert_eq!(step_losses(&out).len(), 3);
 
     // Bad data: each error names the file.
-    let err = |r: anyhow::Result<data::Voc>| format!("{:#}", r.err().expect("an error"));
+    let err = |r: candle::Result<data::Voc>| format!("{:#}", r.err().expect("an error"));
     assert!(err(data::Voc::open(&root, "test", 3)).contains("test.txt"));
     std::fs::write(root.join("ImageSets/Segmentation/empty.txt"), "\n")?;
     assert!(err(data::Voc::open(&root, "empty", 3)).contains("empty"));

@@ -87,13 +87,19 @@ struct Sources {
     classes: Vec<String>,
 }
 
-fn sources(cfg: &RunConfig) -> anyhow::Result<Sources> {
+/// The run's data; a `--data-dir` set is validated in full first (see [`check_voc`]).
+fn sources(cfg: &RunConfig, progress: bool) -> anyhow::Result<Sources> {
     Ok(match &cfg.data_dir {
         Some(dir) => {
             let n = cfg.num_classes();
+            let open = |split| {
+                Voc::open(dir, split, n).with_context(|| format!("--data-dir {}", dir.display()))
+            };
+            let (train, val) = (open("train")?, open("val")?);
+            check_voc(dir, &[&train, &val], progress)?;
             Sources {
-                train: Arc::new(Voc::open(dir, "train", n)?),
-                val: Arc::new(Voc::open(dir, "val", n)?),
+                train: Arc::new(train),
+                val: Arc::new(val),
                 classes: (0..n).map(|i| format!("class{i}")).collect(),
             }
         }
@@ -111,6 +117,50 @@ fn sources(cfg: &RunConfig) -> anyhow::Result<Sources> {
             classes: SHAPE_CLASSES.iter().map(|s| s.to_string()).collect(),
         },
     })
+}
+
+/// Decodes every image/mask pair of `sets` (in parallel, with a progress bar) before
+/// anything is written, failing with all bad files named at once.
+fn check_voc(dir: &Path, sets: &[&Voc], progress: bool) -> anyhow::Result<()> {
+    let total = sets.iter().map(|s| s.len()).sum::<usize>();
+    let pb = progress_bar(progress, total, 0);
+    pb.set_message("checking --data-dir");
+    let res = data::validate(sets, Some(&|| pb.inc(1)));
+    pb.finish_and_clear();
+    res.with_context(|| format!("--data-dir {}", dir.display()))
+}
+
+/// Whether `out` holds only what a fresh start that failed before its first checkpoint
+/// leaves (`config.json`, `log.jsonl`, an empty `checkpoints/`, hidden temp files): a
+/// plain re-run may then start over in it. Anything else (a checkpoint, a foreign file)
+/// means a run worth keeping. Says so on stderr when it starts over.
+fn failed_start_leftover(out: &Path) -> anyhow::Result<bool> {
+    let names = |dir: &Path| -> anyhow::Result<Vec<String>> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(dir).with_context(|| format!("--out {}", dir.display()))? {
+            v.push(e?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(v)
+    };
+    let visible = |n: &String| !n.starts_with('.');
+    for name in names(out)?.iter().filter(|n| visible(n)) {
+        let ok = match name.as_str() {
+            "config.json" | "log.jsonl" => true,
+            "checkpoints" => {
+                let dir = out.join(name);
+                dir.is_dir() && !names(&dir)?.iter().any(visible)
+            }
+            _ => false,
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    eprintln!(
+        "seg_train: --out {} holds a run that stopped before its first checkpoint; starting it afresh",
+        out.display()
+    );
+    Ok(true)
 }
 
 /// Loads `--init` weights: BatchNorm entries are converted to the run's norm with
@@ -216,7 +266,7 @@ impl<'a> Run<'a> {
         if cfg.amp == Precision::Bf16 && dev.is_cpu() {
             bail!("--amp bf16 needs --device cuda: candle 0.11's CPU backend has no bf16 matmul/conv (use --amp f16 or off on CPU)")
         }
-        let data = sources(cfg)?;
+        let data = sources(cfg, opts.progress)?;
         let vm = VarMap::new();
         let master = SegNet::new(&cfg.model(), VarBuilder::from_varmap(&vm, DType::F32, dev))?;
         init_weights(&vm, cfg.seed)?;
@@ -286,7 +336,7 @@ impl<'a> Run<'a> {
         out: &Path,
         resume: bool,
     ) -> anyhow::Result<(CheckpointManager, JsonlLogger)> {
-        if !resume && out.join("config.json").exists() {
+        if !resume && out.join("config.json").exists() && !failed_start_leftover(out)? {
             bail!(
                 "--out {} already holds a run; continue it with --resume {} or pick another --out",
                 out.display(),
@@ -357,7 +407,7 @@ impl<'a> Run<'a> {
             let batch = loader
                 .next()
                 .ok_or_else(|| candle::Error::Msg("data loader ended early".into()))?;
-            let (x, t) = batch.map_err(to_candle)?.to_tensors(dev)?;
+            let (x, t) = batch?.to_tensors(dev)?;
             let cast = compute_model(cfg, vm, dev).map_err(to_candle)?;
             let logits = cast
                 .as_ref()

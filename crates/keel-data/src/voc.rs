@@ -2,13 +2,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use candle::bail;
 use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{Sample, Source, IGNORE};
+use crate::{Sample, Source, IGNORE};
 
 /// A Pascal VOC style split: `JPEGImages/<id>.jpg`, `SegmentationClass/<id>.png` (palette
 /// PNG whose indices are class ids, or a grayscale class-id PNG, or an RGB PNG in the VOC
@@ -19,16 +19,22 @@ pub struct Voc {
 }
 
 impl Voc {
-    /// Lists `split` under `root` and checks that every image and mask exists.
-    pub fn open(root: &Path, split: &str, num_classes: usize) -> anyhow::Result<Self> {
+    /// Lists `split` under `root` and checks that every image and mask exists; masks hold
+    /// class ids below `num_classes` or 255. The contents are checked by
+    /// [`Voc::check`] / [`crate::validate`] (all at once) or when a sample is decoded.
+    pub fn open(root: &Path, split: &str, num_classes: usize) -> candle::Result<Self> {
         if !root.is_dir() {
-            bail!("--data-dir {}: no such directory (expected a Pascal VOC layout: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)", root.display())
+            bail!("Voc::open: no such directory {} (expected a Pascal VOC layout: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)", root.display())
         }
         let list = root
             .join("ImageSets/Segmentation")
             .join(format!("{split}.txt"));
-        let text = std::fs::read_to_string(&list)
-            .with_context(|| format!("reading the {split} split list {}", list.display()))?;
+        let text = std::fs::read_to_string(&list).map_err(|e| {
+            candle::Error::Msg(format!(
+                "reading the {split} split list {}: {e}",
+                list.display()
+            ))
+        })?;
         let mut items = Vec::new();
         for id in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let img = root.join("JPEGImages").join(format!("{id}.jpg"));
@@ -55,11 +61,33 @@ impl Voc {
         Ok(Self { items, num_classes })
     }
 
-    /// Decodes sample `idx` at its original size, checking the mask.
-    pub fn decode(&self, idx: usize) -> anyhow::Result<Sample> {
-        let (img_path, mask_path) = &self.items[idx];
+    /// The class count masks are checked against.
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    /// The `(image, mask)` file pairs, in split order.
+    pub fn files(&self) -> &[(PathBuf, PathBuf)] {
+        &self.items
+    }
+
+    /// Decodes sample `idx` at its original size, checking the mask: the image decodes in
+    /// full, the mask has the image's size, and every class id is below `num_classes` or
+    /// the ignore index 255. Errors name the file.
+    pub fn decode(&self, idx: usize) -> candle::Result<Sample> {
+        let Some((img_path, mask_path)) = self.items.get(idx) else {
+            bail!(
+                "Voc::decode: sample {idx} is out of range (the split has {})",
+                self.items.len()
+            )
+        };
         let image = image::open(img_path)
-            .with_context(|| format!("{}: cannot decode the image", img_path.display()))?
+            .map_err(|e| {
+                candle::Error::Msg(format!(
+                    "{}: cannot decode the image: {e}",
+                    img_path.display()
+                ))
+            })?
             .to_rgb8();
         let mask = read_mask(mask_path)?;
         if image.dimensions() != mask.dimensions() {
@@ -79,7 +107,7 @@ impl Voc {
             .find(|&&v| v != IGNORE && v as usize >= self.num_classes)
         {
             bail!(
-                "{}: class id {bad} >= --num-classes {} (and not the ignore index 255)",
+                "{}: class id {bad} >= num_classes {} (and not the ignore index 255)",
                 mask_path.display(),
                 self.num_classes
             )
@@ -103,18 +131,20 @@ fn voc_colour(i: u8) -> [u8; 3] {
 
 /// Reads a mask PNG as class ids: palette indices for indexed PNGs, values for grayscale,
 /// the VOC colour map for RGB(A).
-fn read_mask(path: &Path) -> anyhow::Result<GrayImage> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("{}: cannot open the mask", path.display()))?;
+fn read_mask(path: &Path) -> candle::Result<GrayImage> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        candle::Error::Msg(format!("{}: {what}: {e}", path.display()))
+    };
+    let file = std::fs::File::open(path).map_err(|e| fail("cannot open the mask", &e))?;
     let mut dec = png::Decoder::new(std::io::BufReader::new(file));
     dec.set_transformations(png::Transformations::IDENTITY);
     let mut reader = dec
         .read_info()
-        .with_context(|| format!("{}: not a PNG mask", path.display()))?;
+        .map_err(|e| fail("not a PNG mask", &e))?;
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader
         .next_frame(&mut buf)
-        .with_context(|| format!("{}: cannot decode the mask", path.display()))?;
+        .map_err(|e| fail("cannot decode the mask", &e))?;
     let (w, h) = (info.width, info.height);
     let buf = &buf[..info.buffer_size()];
     use png::{BitDepth, ColorType};
@@ -157,7 +187,12 @@ fn read_mask(path: &Path) -> anyhow::Result<GrayImage> {
             path.display()
         ),
     };
-    Ok(GrayImage::from_raw(w, h, ids).expect("w x h ids"))
+    GrayImage::from_raw(w, h, ids).ok_or_else(|| {
+        candle::Error::Msg(format!(
+            "{}: the decoded mask does not hold {w}x{h} class ids",
+            path.display()
+        ))
+    })
 }
 
 impl Source for Voc {
@@ -170,7 +205,7 @@ impl Source for Voc {
         idx: usize,
         size: usize,
         aug: Option<&mut ChaCha8Rng>,
-    ) -> anyhow::Result<Sample> {
+    ) -> candle::Result<Sample> {
         let s = self.decode(idx)?;
         let (w, h) = s.image.dimensions();
         let sz = size as u32;

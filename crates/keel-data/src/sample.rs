@@ -1,27 +1,10 @@
-//! Data: the built-in synthetic shapes set (default, [`shapes`]), Pascal VOC layout on disk
-//! (`--data-dir`, [`voc`]), and a deterministic batch loader on background threads with a
-//! bounded prefetch queue ([`loader`]).
-//!
-//! Everything random is derived from `(seed, position)`, never from a running RNG: the
-//! sample order of epoch `e` is a permutation seeded by `(seed, e)` and the augmentation of
-//! the `g`-th sample drawn is seeded by `(seed, g)`. A resumed run therefore needs only the
-//! step to draw exactly the batches an uninterrupted run would.
+//! The segmentation sample, the [`Source`] trait every segmentation set implements, the
+//! host-side batch and the seed mixer all randomness derives from.
 use image::{GrayImage, RgbImage};
 use rand_chacha::ChaCha8Rng;
 
-mod loader;
-mod shapes;
-mod voc;
-
-pub use loader::{eval_batches, Loader, LoaderConfig};
-pub use shapes::{Shapes, SHAPES_TRAIN_SEED, SHAPES_VAL_SEED};
-pub use voc::Voc;
-
 /// The label of pixels that the loss and the metrics skip.
 pub const IGNORE: u8 = 255;
-
-/// Class names of the synthetic set (index = class id).
-pub const SHAPE_CLASSES: [&str; 5] = ["background", "circle", "rectangle", "triangle", "ring"];
 
 /// Per-channel normalization applied to images in [0, 1] (ImageNet statistics).
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -30,18 +13,25 @@ const STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// One image (RGB, row-major HWC) and its mask (class ids, 255 = ignore).
 #[derive(Clone, Debug)]
 pub struct Sample {
+    /// The image.
     pub image: RgbImage,
+    /// The class id of every pixel of `image` ([`IGNORE`] = no label).
     pub mask: GrayImage,
 }
 
-/// A set of samples that can be loaded by index, possibly with augmentation.
+/// A segmentation set that can be loaded by index, possibly with augmentation. (Detection
+/// sets, with boxes instead of masks, get a source trait of their own.)
 pub trait Source: Send + Sync {
     /// Number of samples.
     fn len(&self) -> usize;
+    /// Whether the set has no sample.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Sample `idx` as `size x size`; `aug` = the augmentation RNG (training) or `None`
     /// (evaluation: deterministic resize and padding).
     fn load(&self, idx: usize, size: usize, aug: Option<&mut ChaCha8Rng>)
-        -> anyhow::Result<Sample>;
+        -> candle::Result<Sample>;
 }
 
 /// Splitmix64 finalizer: decorrelates seeds derived from `(seed, a, b)`.
@@ -58,13 +48,19 @@ pub fn mix(seed: u64, a: u64, b: u64) -> u64 {
 /// A batch on the host: normalized images `(n, 3, size, size)` CHW and targets
 /// `(n, size, size)` (class ids, 255 = ignore).
 pub struct HostBatch {
+    /// Number of samples.
     pub n: usize,
+    /// Side of every (square) image.
     pub size: usize,
+    /// `n * 3 * size * size` values: `(pixel / 255 - mean) / std` per channel, ImageNet
+    /// statistics, CHW per sample.
     pub images: Vec<f32>,
+    /// `n * size * size` class ids.
     pub targets: Vec<u32>,
 }
 
 impl HostBatch {
+    /// Normalizes and stacks `samples`, each `size x size`.
     pub fn from_samples(samples: &[Sample], size: usize) -> Self {
         let hw = size * size;
         let mut images = Vec::with_capacity(samples.len() * 3 * hw);

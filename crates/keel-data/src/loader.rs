@@ -8,9 +8,12 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{mix, HostBatch, Source};
+use crate::{mix, HostBatch, Source};
 
-/// The dataset index and augmentation seed of the `g`-th training sample drawn.
+/// The dataset index and augmentation seed of the `g`-th training sample drawn from a set
+/// of `len` samples: epoch `g / len` visits the set in a permutation seeded by
+/// `(seed, epoch)`, and the augmentation seed is `mix(seed, g, 2)`. `perm_cache` keeps the
+/// last epoch's permutation between calls.
 pub fn draw(
     seed: u64,
     len: usize,
@@ -31,7 +34,7 @@ pub fn draw(
 /// `workers` background threads into bounded queues of `prefetch` batches per worker.
 /// Batch `m` is identical whatever `start`, `workers` and `prefetch` are.
 pub struct Loader {
-    queues: Vec<Receiver<anyhow::Result<HostBatch>>>,
+    queues: Vec<Receiver<candle::Result<HostBatch>>>,
     handles: Vec<JoinHandle<()>>,
     next: usize,
     end: usize,
@@ -42,16 +45,25 @@ pub struct Loader {
 /// queued each.
 #[derive(Clone, Copy, Debug)]
 pub struct LoaderConfig {
+    /// Samples per micro-batch.
     pub batch: usize,
+    /// Side of every (square) sample.
     pub size: usize,
+    /// The seed of the sample order and the augmentation.
     pub seed: u64,
+    /// The first micro-batch (a resumed run starts past 0).
     pub start: usize,
+    /// One past the last micro-batch.
     pub end: usize,
+    /// Background threads (0 counts as 1).
     pub workers: usize,
+    /// Batches each worker may queue ahead (0 counts as 1).
     pub prefetch: usize,
 }
 
 impl Loader {
+    /// Starts the workers. Errors while loading arrive as the stream's items; a worker stops
+    /// after its first error.
     pub fn new(source: Arc<dyn Source>, cfg: LoaderConfig) -> Self {
         let LoaderConfig {
             batch,
@@ -77,7 +89,7 @@ impl Loader {
                                 draw(seed, source.len(), m * batch + i, &mut cache);
                             source.load(idx, size, Some(&mut ChaCha8Rng::seed_from_u64(aug_seed)))
                         })
-                        .collect::<anyhow::Result<Vec<_>>>()
+                        .collect::<candle::Result<Vec<_>>>()
                         .map(|s| HostBatch::from_samples(&s, size));
                     let failed = res.is_err();
                     if tx.send(res).is_err() || failed {
@@ -98,7 +110,7 @@ impl Loader {
 }
 
 impl Iterator for Loader {
-    type Item = anyhow::Result<HostBatch>;
+    type Item = candle::Result<HostBatch>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.next >= self.end {
@@ -108,7 +120,7 @@ impl Iterator for Loader {
         self.next += 1;
         Some(
             q.recv()
-                .map_err(|_| anyhow::anyhow!("data loader thread died"))
+                .map_err(|_| candle::Error::Msg("Loader: a data loader thread died".into()))
                 .and_then(|r| r),
         )
     }
@@ -128,11 +140,11 @@ pub fn eval_batches(
     source: &dyn Source,
     batch: usize,
     size: usize,
-) -> impl Iterator<Item = anyhow::Result<HostBatch>> + '_ {
+) -> impl Iterator<Item = candle::Result<HostBatch>> + '_ {
     (0..source.len().div_ceil(batch)).map(move |b| {
         let samples = (b * batch..((b + 1) * batch).min(source.len()))
             .map(|i| source.load(i, size, None))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<candle::Result<Vec<_>>>()?;
         Ok(HostBatch::from_samples(&samples, size))
     })
 }

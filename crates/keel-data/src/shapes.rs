@@ -4,7 +4,7 @@ use image::{GrayImage, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{mix, Sample, Source};
+use crate::{mix, Sample, Source};
 
 /// The synthetic shapes set: `n` images of `size x size`, generated in memory from
 /// `seed`: noisy gradient backgrounds with unlabeled clutter strokes, 1-3 overlapping
@@ -15,12 +15,17 @@ pub struct Shapes {
     samples: Vec<Sample>,
 }
 
-/// Train and val seeds of the synthetic set are fixed: every run (and every `--seed`) sees
-/// the same data, so seeds compare training, not data sets.
+/// Class names of the synthetic set (index = class id).
+pub const SHAPE_CLASSES: [&str; 5] = ["background", "circle", "rectangle", "triangle", "ring"];
+
+/// The seed of the synthetic training set. Train and val seeds are fixed: every run (and
+/// every training seed) sees the same data, so seeds compare training, not data sets.
 pub const SHAPES_TRAIN_SEED: u64 = 0x5eed_7a1a;
+/// The seed of the synthetic validation set (see [`SHAPES_TRAIN_SEED`]).
 pub const SHAPES_VAL_SEED: u64 = 0x5eed_0fa1;
 
 impl Shapes {
+    /// Renders `n` samples of `size x size`; sample `i` depends only on `(seed, i)`.
     pub fn generate(n: usize, size: usize, seed: u64) -> Self {
         let samples = (0..n)
             .map(|i| render_shapes(size, &mut ChaCha8Rng::seed_from_u64(mix(seed, i as u64, 0))))
@@ -28,7 +33,7 @@ impl Shapes {
         Self { samples }
     }
 
-    #[allow(dead_code)] // reason: used by tests/seg_train.rs, not by the binary
+    /// The samples at their generated size, in order.
     pub fn samples(&self) -> &[Sample] {
         &self.samples
     }
@@ -44,8 +49,13 @@ impl Source for Shapes {
         idx: usize,
         size: usize,
         aug: Option<&mut ChaCha8Rng>,
-    ) -> anyhow::Result<Sample> {
-        let s = &self.samples[idx];
+    ) -> candle::Result<Sample> {
+        let Some(s) = self.samples.get(idx) else {
+            candle::bail!(
+                "Shapes::load: sample {idx} is out of range (the set has {})",
+                self.samples.len()
+            )
+        };
         let mut out = if s.image.width() as usize == size {
             s.clone()
         } else {
