@@ -6,7 +6,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
-#[allow(dead_code)] // reason: this file uses a few of the fixture's helpers
 #[path = "../crates/keel-data/tests/common/mod.rs"]
 mod voc;
 
@@ -62,13 +61,16 @@ fn bad_data_fails_before_the_first_step_naming_every_file() -> anyhow::Result<()
 fn a_run_that_stopped_before_its_first_checkpoint_can_be_rerun() -> anyhow::Result<()> {
     let out = tmp("no-ckpt");
     let steps = 20; // first checkpoint at step 10
-    // A run killed (SIGKILL) after its first logged step, before its first checkpoint.
+                    // A run killed (SIGKILL) after its first logged step, before its first checkpoint.
     let mut slow = tiny(&out, steps);
     slow.extend(["--step-delay-ms".to_string(), "300".to_string()]);
     let mut proc = child(&slow, &[]).spawn()?;
     let t0 = Instant::now();
     while logged_steps(&out) == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(120), "child logged no step");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "child logged no step"
+        );
         assert!(proc.try_wait()?.is_none(), "child exited early");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -81,7 +83,10 @@ fn a_run_that_stopped_before_its_first_checkpoint_can_be_rerun() -> anyhow::Resu
     assert!(std::fs::read_dir(out.join("checkpoints"))?.count() > 0);
     // With a checkpoint it is a run worth keeping: refused, as before.
     let err = cli::run(tiny(&out, steps)).unwrap_err();
-    assert!(format!("{err:#}").contains("already holds a run"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("already holds a run"),
+        "{err:#}"
+    );
     // Without checkpoints but with a file seg_train did not write: refused, file kept.
     std::fs::remove_dir_all(out.join("checkpoints"))?;
     for f in ["health.json", "summary.json"] {
@@ -89,7 +94,10 @@ fn a_run_that_stopped_before_its_first_checkpoint_can_be_rerun() -> anyhow::Resu
     }
     std::fs::write(out.join("notes.txt"), b"mine")?;
     let err = cli::run(tiny(&out, steps)).unwrap_err();
-    assert!(format!("{err:#}").contains("already holds a run"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("already holds a run"),
+        "{err:#}"
+    );
     assert_eq!(std::fs::read(out.join("notes.txt"))?, b"mine");
     std::fs::remove_dir_all(out)?;
     Ok(())
@@ -98,6 +106,10 @@ fn a_run_that_stopped_before_its_first_checkpoint_can_be_rerun() -> anyhow::Resu
 /// The step records in `out/log.jsonl` (0 when there is no log yet).
 fn logged_steps(out: &Path) -> usize {
     std::fs::read_to_string(out.join("log.jsonl"))
-        .map(|l| l.lines().filter(|l| l.contains("\"kind\":\"step\"")).count())
+        .map(|l| {
+            l.lines()
+                .filter(|l| l.contains("\"kind\":\"step\""))
+                .count()
+        })
         .unwrap_or(0)
 }

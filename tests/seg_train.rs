@@ -7,8 +7,7 @@
 //! (SIGKILL mid-training, the exit code), the test binary re-executes itself with
 //! `--exact child_process` and the arguments in `SEG_TRAIN_CHILD_ARGS`: the `child_process`
 //! test then runs seg_train's entry point in that process and exits like the binary.
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;

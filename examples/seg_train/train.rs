@@ -75,7 +75,7 @@ struct CkptMeta {
     format: String,
     config: RunConfig,
     summary: RunSummary,
-    /// All randomness derives from `(seed, step)` (see data/mod.rs): the step restored by
+    /// All randomness derives from `(seed, step)` (see keel::data): the step restored by
     /// TrainState is the RNG position.
     rng: serde_json::Value,
 }

@@ -138,9 +138,7 @@ fn read_mask(path: &Path) -> candle::Result<GrayImage> {
     let file = std::fs::File::open(path).map_err(|e| fail("cannot open the mask", &e))?;
     let mut dec = png::Decoder::new(std::io::BufReader::new(file));
     dec.set_transformations(png::Transformations::IDENTITY);
-    let mut reader = dec
-        .read_info()
-        .map_err(|e| fail("not a PNG mask", &e))?;
+    let mut reader = dec.read_info().map_err(|e| fail("not a PNG mask", &e))?;
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader
         .next_frame(&mut buf)

@@ -25,9 +25,12 @@ fn good_data_passes_with_one_progress_tick_per_sample() -> anyhow::Result<()> {
     write_voc(&root, 5, 3)?;
     let (train, val) = (open(&root, "train"), open(&root, "val"));
     let ticks = AtomicUsize::new(0);
-    validate(&[&train, &val], Some(&|| {
-        ticks.fetch_add(1, Ordering::Relaxed);
-    }))?;
+    validate(
+        &[&train, &val],
+        Some(&|| {
+            ticks.fetch_add(1, Ordering::Relaxed);
+        }),
+    )?;
     assert_eq!(ticks.into_inner(), 8);
     assert!(train.check(None).is_empty());
     std::fs::remove_dir_all(root)?;
@@ -39,7 +42,12 @@ fn good_data_passes_with_one_progress_tick_per_sample() -> anyhow::Result<()> {
 fn each_kind_of_bad_file_is_named() -> anyhow::Result<()> {
     type Break = fn(&Path, usize) -> anyhow::Result<()>;
     let cases: [(&str, Break, &str, &str); 6] = [
-        ("truncated-jpeg", truncate_image, "img1.jpg", "cannot decode the image"),
+        (
+            "truncated-jpeg",
+            truncate_image,
+            "img1.jpg",
+            "cannot decode the image",
+        ),
         (
             // Only the end-of-image marker is gone: the header still reads.
             "jpeg-without-eoi",
@@ -50,8 +58,18 @@ fn each_kind_of_bad_file_is_named() -> anyhow::Result<()> {
             "img1.jpg",
             "cannot decode the image",
         ),
-        ("mask-size", resize_mask, "img1.png", "mask is 20x30 but its image"),
-        ("class-id", |r, k| poke_mask(r, k, 7), "img1.png", "class id 7 >= num_classes 3"),
+        (
+            "mask-size",
+            resize_mask,
+            "img1.png",
+            "mask is 20x30 but its image",
+        ),
+        (
+            "class-id",
+            |r, k| poke_mask(r, k, 7),
+            "img1.png",
+            "class id 7 >= num_classes 3",
+        ),
         ("16-bit", mask_16bit, "img1.png", "unsupported mask format"),
         (
             "not-a-png",

@@ -33,7 +33,11 @@ pub fn write_voc(root: &Path, n_train: usize, n_val: usize) -> anyhow::Result<()
             })
             .collect();
         write_gray_png(&mask_path(root, k), W, H, &mask)?;
-        let list = if k < n_train { &mut lists.0 } else { &mut lists.1 };
+        let list = if k < n_train {
+            &mut lists.0
+        } else {
+            &mut lists.1
+        };
         list.push_str(&format!("{id}\n"));
     }
     std::fs::write(root.join("ImageSets/Segmentation/train.txt"), lists.0)?;
@@ -70,7 +74,12 @@ pub fn truncate_image(root: &Path, k: usize) -> anyhow::Result<()> {
 
 /// Replaces sample `k`'s mask with a (valid) mask of another size.
 pub fn resize_mask(root: &Path, k: usize) -> anyhow::Result<()> {
-    write_gray_png(&mask_path(root, k), W / 2, H, &vec![0; (W / 2 * H) as usize])
+    write_gray_png(
+        &mask_path(root, k),
+        W / 2,
+        H,
+        &vec![0; (W / 2 * H) as usize],
+    )
 }
 
 /// Sets one pixel of sample `k`'s mask to class id `v`.
