@@ -1,5 +1,6 @@
 //! The segmentation sample, the [`Source`] trait every segmentation set implements, the
 //! host-side batch and the seed mixer all randomness derives from.
+use image::imageops::{self, FilterType};
 use image::{GrayImage, RgbImage};
 use rand_chacha::ChaCha8Rng;
 
@@ -17,6 +18,23 @@ pub struct Sample {
     pub image: RgbImage,
     /// The class id of every pixel of `image` ([`IGNORE`] = no label).
     pub mask: GrayImage,
+}
+
+impl Sample {
+    /// The sample at `w x h`: the image resized bilinearly (triangle filter), the mask by
+    /// nearest neighbour (class ids stay class ids).
+    pub fn resized(&self, w: u32, h: u32) -> Sample {
+        Sample {
+            image: imageops::resize(&self.image, w, h, FilterType::Triangle),
+            mask: imageops::resize(&self.mask, w, h, FilterType::Nearest),
+        }
+    }
+
+    /// Mirrors image and mask left-right.
+    pub fn flip_horizontal(&mut self) {
+        imageops::flip_horizontal_in_place(&mut self.image);
+        imageops::flip_horizontal_in_place(&mut self.mask);
+    }
 }
 
 /// A segmentation set that can be loaded by index, possibly with augmentation. (Detection

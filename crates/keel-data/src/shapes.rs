@@ -1,5 +1,4 @@
 //! The synthetic shapes set: generated in memory, deterministic per seed.
-use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -59,25 +58,11 @@ impl Source for Shapes {
         let mut out = if s.image.width() as usize == size {
             s.clone()
         } else {
-            Sample {
-                image: image::imageops::resize(
-                    &s.image,
-                    size as u32,
-                    size as u32,
-                    FilterType::Triangle,
-                ),
-                mask: image::imageops::resize(
-                    &s.mask,
-                    size as u32,
-                    size as u32,
-                    FilterType::Nearest,
-                ),
-            }
+            s.resized(size as u32, size as u32)
         };
         if let Some(rng) = aug {
             if rng.random_bool(0.5) {
-                image::imageops::flip_horizontal_in_place(&mut out.image);
-                image::imageops::flip_horizontal_in_place(&mut out.mask);
+                out.flip_horizontal();
             }
         }
         Ok(out)

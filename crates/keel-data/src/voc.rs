@@ -3,7 +3,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle::bail;
-use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -214,14 +213,13 @@ impl Source for Voc {
                 ((w as f64 * f).round() as u32).clamp(1, sz),
                 ((h as f64 * f).round() as u32).clamp(1, sz),
             );
-            let img = image::imageops::resize(&s.image, nw, nh, FilterType::Triangle);
-            let mask = image::imageops::resize(&s.mask, nw, nh, FilterType::Nearest);
+            let r = s.resized(nw, nh);
             let mut out = Sample {
                 image: RgbImage::new(sz, sz),
                 mask: GrayImage::from_pixel(sz, sz, image::Luma([IGNORE])),
             };
-            image::imageops::replace(&mut out.image, &img, 0, 0);
-            image::imageops::replace(&mut out.mask, &mask, 0, 0);
+            image::imageops::replace(&mut out.image, &r.image, 0, 0);
+            image::imageops::replace(&mut out.mask, &r.mask, 0, 0);
             return Ok(out);
         };
         // Train: random scale (shorter side = size * U(0.75, 1.5)), pad, random crop, flip.
@@ -230,21 +228,19 @@ impl Source for Voc {
             ((w as f64 * f).round() as u32).max(1),
             ((h as f64 * f).round() as u32).max(1),
         );
-        let img = image::imageops::resize(&s.image, nw, nh, FilterType::Triangle);
-        let mask = image::imageops::resize(&s.mask, nw, nh, FilterType::Nearest);
+        let r = s.resized(nw, nh);
         let (pw, ph) = (nw.max(sz), nh.max(sz));
         let mut pimg = RgbImage::new(pw, ph);
         let mut pmask = GrayImage::from_pixel(pw, ph, image::Luma([IGNORE]));
-        image::imageops::replace(&mut pimg, &img, 0, 0);
-        image::imageops::replace(&mut pmask, &mask, 0, 0);
+        image::imageops::replace(&mut pimg, &r.image, 0, 0);
+        image::imageops::replace(&mut pmask, &r.mask, 0, 0);
         let (x0, y0) = (rng.random_range(0..=pw - sz), rng.random_range(0..=ph - sz));
         let mut out = Sample {
             image: image::imageops::crop_imm(&pimg, x0, y0, sz, sz).to_image(),
             mask: image::imageops::crop_imm(&pmask, x0, y0, sz, sz).to_image(),
         };
         if rng.random_bool(0.5) {
-            image::imageops::flip_horizontal_in_place(&mut out.image);
-            image::imageops::flip_horizontal_in_place(&mut out.mask);
+            out.flip_horizontal();
         }
         Ok(out)
     }
