@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use candle::Device;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use keel::models::seg::ModelConfig;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
 use keel::train::{Advice, OptimRecipe};
 use serde::{Deserialize, Serialize};
 
+use super::bench::{self, BenchArgs};
 use super::compare::{self, CompareArgs};
 use super::data::SHAPE_CLASSES;
 use super::train::{self, RunOpts};
@@ -34,6 +35,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the norm x batch-size x seed grid and write results.md and curves.png.
     Compare(CompareArgs),
+    /// Time the training step alone on one fixed batch (optionally against PyTorch).
+    Bench(BenchArgs),
     /// Run one saved RunConfig (JSON) into --out, quietly; used by `compare` for its jobs.
     #[command(hide = true)]
     RunConfig {
@@ -41,8 +44,8 @@ pub enum Command {
         config: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long)]
-        device: Option<String>,
+        #[arg(long, value_enum)]
+        device: Option<DeviceChoice>,
     },
 }
 
@@ -116,9 +119,9 @@ pub struct CommonArgs {
     /// EMA of the weights with this decay, evaluated at the end (0 = off).
     #[arg(long, default_value_t = 0.0)]
     pub ema_decay: f64,
-    /// cpu or cuda (default: cuda when compiled in and present, else cpu).
-    #[arg(long)]
-    pub device: Option<String>,
+    /// cpu or cuda (default: cuda when compiled in and usable, else cpu).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -315,21 +318,31 @@ impl RunConfig {
     }
 }
 
-/// `--device`: cpu, cuda (an error without CUDA), or the default (cuda when compiled in
-/// and present, else cpu).
-pub fn pick_device(want: Option<&str>) -> anyhow::Result<Device> {
-    match want.map(str::to_ascii_lowercase).as_deref() {
-        Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => {
+/// `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+}
+
+/// `--device`: cpu, cuda (an error without a usable CUDA device), or the default: cuda when
+/// compiled in and usable, else cpu — saying why on stderr when CUDA is compiled in but fails.
+pub fn pick_device(want: Option<DeviceChoice>) -> anyhow::Result<Device> {
+    match want {
+        Some(DeviceChoice::Cpu) => Ok(Device::Cpu),
+        Some(DeviceChoice::Cuda) => {
             if !candle::utils::cuda_is_available() {
                 bail!("--device cuda: this binary was built without CUDA; rebuild with --features cuda")
             }
             Device::new_cuda(0).context("--device cuda: no usable CUDA device")
         }
-        Some(other) => bail!("--device {other}: expected cpu or cuda"),
-        None if candle::utils::cuda_is_available() => {
-            Ok(Device::new_cuda(0).unwrap_or(Device::Cpu))
-        }
+        None if candle::utils::cuda_is_available() => match Device::new_cuda(0) {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                eprintln!("warning: CUDA is compiled in but device 0 failed to initialise ({e}); training on the CPU (--device cpu silences this, --device cuda makes it an error)");
+                Ok(Device::Cpu)
+            }
+        },
         None => Ok(Device::Cpu),
     }
 }
@@ -385,6 +398,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     })?;
     match cli.command {
         Some(Command::Compare(c)) => compare::run(&c),
+        Some(Command::Bench(b)) => bench::run(&b).map(drop),
         Some(Command::RunConfig {
             config,
             out,
@@ -392,7 +406,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         }) => {
             let cfg = read_config(&config)?;
             let opts = RunOpts {
-                device: pick_device(device.as_deref())?,
+                device: pick_device(device)?,
                 progress: false,
                 verbose: false,
                 step_delay: None,
@@ -402,7 +416,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         None => {
             let t = cli.train;
             let opts = RunOpts {
-                device: pick_device(t.common.device.as_deref())?,
+                device: pick_device(t.common.device)?,
                 progress: !t.quiet,
                 verbose: true,
                 step_delay: t.step_delay_ms.map(Duration::from_millis),

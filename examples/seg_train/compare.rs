@@ -77,7 +77,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
             args.common.config(n, b, args.steps, 0).validate()?;
         }
     }
-    let device = pick_device(args.common.device.as_deref())?;
+    let device = pick_device(args.common.device)?;
     train::check_writable(&args.out)?;
     let total = norms.len() * batches.len() * args.seeds as usize;
     let pb = indicatif::ProgressBar::new(total as u64);

@@ -6,6 +6,7 @@
 //! cargo run --release --example seg_train -- --resume runs/bn  # continue exactly
 //! cargo run --release --example seg_train -- --data-dir VOC2012 --num-classes 21 --image-size 256
 //! cargo run --release --example seg_train -- compare --norms bn,gn,ws-gn --batch-sizes 1,2,8 --seeds 3 --steps 300
+//! cargo run --release --example seg_train -- bench --width 64 --fpn 128 --batch-size 4 --image-size 128 --vs-torch
 //! ```
 //!
 //! The model is the PyTorch twin of `shared/tools/torch_seg_twin.py` (twin parameter names;
@@ -14,8 +15,10 @@
 //! train state (step, clipping, loss scaling, accumulation, EMA, checkpoint snapshot and
 //! restore), metrics, logs, checkpoints and the stability monitor from keel::train and
 //! keel::optim, the network (`SegNet`) from keel::models and the loss from keel::kernels.
-//! Modules: cli (flags, RunConfig), train (one run), compare (the grid); the data (shapes,
-//! voc, loader) is keel::data; `tests/seg_train.rs` includes them with `#[path]`.
+//! Modules: cli (flags, RunConfig), train (one run), compare (the grid), bench (the step
+//! alone, against the PyTorch twin `torch_twin.py`); the data (shapes, voc, loader) is
+//! keel::data; `tests/seg_train.rs` includes them with `#[path]`.
+pub(crate) mod bench;
 pub(crate) mod cli;
 pub(crate) mod compare;
 pub(crate) use keel::data;

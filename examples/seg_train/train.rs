@@ -262,38 +262,16 @@ impl<'a> Run<'a> {
     /// first file is written.
     fn new(cfg: &'a RunConfig, opts: &'a RunOpts) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let dev = &opts.device;
-        if cfg.amp == Precision::Bf16 && dev.is_cpu() {
-            bail!("--amp bf16 needs --device cuda: candle 0.11's CPU backend has no bf16 matmul/conv (use --amp f16 or off on CPU)")
-        }
         let data = sources(cfg, opts.progress)?;
-        let vm = VarMap::new();
-        let master = SegNet::new(&cfg.model(), VarBuilder::from_varmap(&vm, DType::F32, dev))?;
-        init_weights(&vm, cfg.seed)?;
-        let init_msg = match &cfg.init {
-            Some(p) => Some(load_init(&vm, p, cfg.norm, dev)?),
-            None => None,
-        };
-        let recipe = cfg.recipe();
-        let train_cfg = TrainConfig {
-            precision: cfg.amp,
-            accum_steps: cfg.accum_steps,
-            ema: (cfg.ema_decay > 0.0).then_some(EmaConfig {
-                decay: cfg.ema_decay,
-                warmup: EmaWarmup::Tf,
-            }),
-            ..Default::default()
-        };
-        let optimizer = recipe.optimizer(split_no_decay(&vm))?;
-        let state = TrainState::new(named_vars(&vm), optimizer, &train_cfg)?;
+        let (net, init_msg) = Net::build(cfg, &opts.device)?;
         Ok(Self {
             cfg,
             opts,
             data,
-            vm,
-            master,
-            state,
-            schedule: recipe.schedule()?,
+            vm: net.vm,
+            master: net.master,
+            state: net.state,
+            schedule: cfg.recipe().schedule()?,
             summary: RunSummary::default(),
             init_msg,
         })
@@ -401,30 +379,77 @@ impl<'a> Run<'a> {
     /// One optimizer step through the TrainState: the micro-batches come from `loader`.
     fn step(&mut self, loader: &mut Loader) -> anyhow::Result<StepOutcome> {
         let lr = self.schedule.lr(self.state.step);
-        let (vm, master, dev, amp) = (&self.vm, &self.master, &self.opts.device, self.cfg.amp);
-        let cfg = self.cfg;
+        let (vm, master, dev, cfg) = (&self.vm, &self.master, &self.opts.device, self.cfg);
         let mut micro = |_| -> candle::Result<Tensor> {
             let batch = loader
                 .next()
                 .ok_or_else(|| candle::Error::Msg("data loader ended early".into()))?;
             let (x, t) = batch?.to_tensors(dev)?;
-            let cast = compute_model(cfg, vm, dev).map_err(to_candle)?;
-            let logits = cast
-                .as_ref()
-                .unwrap_or(master)
-                .forward(&x.to_dtype(amp.compute_dtype())?, true)?;
-            if let Some(c) = &cast {
-                // BN running statistics were updated on the cast copy: write them back.
-                copy_bn_stats(vm, c).map_err(to_candle)?;
-            }
-            let ignore = CrossEntropyConfig {
-                ignore_index: Some(IGNORE as i64),
-                weight: None,
-            };
-            cross_entropy(&logits, &t, &ignore)
+            micro_loss(cfg, vm, master, &x, &t)
         };
         Ok(self.state.step(lr, cfg.clip_grad, &mut micro)?)
     }
+}
+
+/// The trainable parts of a config: variables, the f32 master model and the train state.
+/// A run and `seg_train bench` build them the same way.
+pub struct Net {
+    pub vm: VarMap,
+    pub master: SegNet,
+    pub state: TrainState,
+}
+
+impl Net {
+    /// Builds the model (seeded init, then `--init` weights if any) and its train state;
+    /// returns the `--init` message to print.
+    pub fn build(cfg: &RunConfig, dev: &Device) -> anyhow::Result<(Self, Option<String>)> {
+        if cfg.amp == Precision::Bf16 && dev.is_cpu() {
+            bail!("--amp bf16 needs --device cuda: candle 0.11's CPU backend has no bf16 matmul/conv (use --amp f16 or off on CPU)")
+        }
+        let vm = VarMap::new();
+        let master = SegNet::new(&cfg.model(), VarBuilder::from_varmap(&vm, DType::F32, dev))?;
+        init_weights(&vm, cfg.seed)?;
+        let init_msg = match &cfg.init {
+            Some(p) => Some(load_init(&vm, p, cfg.norm, dev)?),
+            None => None,
+        };
+        let train_cfg = TrainConfig {
+            precision: cfg.amp,
+            accum_steps: cfg.accum_steps,
+            ema: (cfg.ema_decay > 0.0).then_some(EmaConfig {
+                decay: cfg.ema_decay,
+                warmup: EmaWarmup::Tf,
+            }),
+            ..Default::default()
+        };
+        let optimizer = cfg.recipe().optimizer(split_no_decay(&vm))?;
+        let state = TrainState::new(named_vars(&vm), optimizer, &train_cfg)?;
+        Ok((Self { vm, master, state }, init_msg))
+    }
+}
+
+/// Forward and loss of one micro-batch: the f32 master model, or for mixed precision a copy
+/// cast from it (whose BatchNorm running statistics are written back to the master).
+pub fn micro_loss(
+    cfg: &RunConfig,
+    vm: &VarMap,
+    master: &SegNet,
+    x: &Tensor,
+    t: &Tensor,
+) -> candle::Result<Tensor> {
+    let cast = compute_model(cfg, vm, x.device()).map_err(to_candle)?;
+    let logits = cast
+        .as_ref()
+        .unwrap_or(master)
+        .forward(&x.to_dtype(cfg.amp.compute_dtype())?, true)?;
+    if let Some(c) = &cast {
+        copy_bn_stats(vm, c).map_err(to_candle)?;
+    }
+    let ignore = CrossEntropyConfig {
+        ignore_index: Some(IGNORE as i64),
+        weight: None,
+    };
+    cross_entropy(&logits, t, &ignore)
 }
 
 /// The model in the compute precision: `None` for f32 (use the master), else a copy cast

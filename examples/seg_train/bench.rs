@@ -1,0 +1,343 @@
+//! `seg_train bench`: the training step alone, timed on one fixed batch (no data loading,
+//! no logging), optionally side by side with the PyTorch eager twin (`torch_twin.py`, beside
+//! this file). The step is the one a run takes: [`Net::build`] and [`micro_loss`] through
+//! keel-train's `TrainState::step` (forward, loss, backward, unscale, clip, optimizer step).
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use keel::norm::NormKind;
+use keel::optim::{OptimizerKind, Precision};
+use serde::{Deserialize, Serialize};
+
+use super::cli::{parse_norm, pick_device, CommonArgs};
+use super::data::{eval_batches, Shapes, SHAPES_TRAIN_SEED};
+use super::train::{amp_label, micro_loss, Net};
+
+/// `seg_train bench` flags: the model/batch flags of a run plus the timing ones.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Norm: bn, frozen-bn, gn, gn:G, ws-gn, ws-gn:G.
+    #[arg(long, value_parser = parse_norm, default_value = "gn")]
+    pub norm: NormKind,
+    /// Images per step.
+    #[arg(long, default_value_t = 2)]
+    pub batch_size: usize,
+    /// Untimed steps first (allocator, caches, cuDNN algorithm search).
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Also time the PyTorch eager twin (python3 with torch) in this run and print the ratio.
+    #[arg(long)]
+    pub vs_torch: bool,
+    /// The Python interpreter for --vs-torch.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// CPU threads of the PyTorch twin (default: the threads keel's step uses).
+    #[arg(long)]
+    pub torch_threads: Option<usize>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Step times of one side of the comparison.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    /// Peak memory in MiB: see [`BenchReport`] for what each side counts.
+    pub peak_mib: f64,
+}
+
+/// The twin script's JSON line.
+#[derive(Deserialize)]
+struct TwinOut {
+    #[serde(flatten)]
+    timing: Timing,
+    params: usize,
+}
+
+/// What `bench` measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub config: String,
+    /// Trainable parameters of keel's model (the twin's count must match).
+    pub params: usize,
+    /// keel: the heap bytes allocated above the level before the timed steps (CPU), or
+    /// NaN on CUDA (the device pool's peak is not read yet).
+    pub keel: Timing,
+    pub keel_images_per_s: f64,
+    /// The PyTorch twin: the process's peak RSS (CPU) or the CUDA allocator's peak.
+    pub torch: Option<Timing>,
+    /// keel median / PyTorch median.
+    pub ratio: Option<f64>,
+}
+
+/// The process's heap, counted: current and peak bytes. seg_train installs it as its
+/// global allocator (two relaxed atomics per allocation) so `bench` can report peak memory.
+pub struct CountingAlloc {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl CountingAlloc {
+    pub const fn new() -> Self {
+        Self {
+            current: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        }
+    }
+
+    /// Restarts the peak at the current level; returns that level.
+    pub fn reset_peak(&self) -> usize {
+        let now = self.current.load(Ordering::Relaxed);
+        self.peak.store(now, Ordering::Relaxed);
+        now
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for CountingAlloc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// SAFETY: every call forwards to `System` with the caller's layout and pointer unchanged;
+// the counters are bookkeeping only.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc` is passed on to System.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = self.current.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            self.peak.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` was allocated by `alloc` above (System) with this layout.
+        unsafe { System.dealloc(ptr, layout) };
+        self.current.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+/// seg_train's global allocator: counts heap bytes for `bench`'s peak memory.
+#[global_allocator]
+pub static ALLOC: CountingAlloc = CountingAlloc::new();
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Times keel's step: `warmup` untimed steps, then `steps` timed ones.
+fn time_keel(args: &BenchArgs) -> anyhow::Result<(Timing, String, usize)> {
+    let dev = pick_device(args.common.device)?;
+    let total = args.warmup + args.steps;
+    let mut cfg = args.common.config(args.norm, args.batch_size, total, 0);
+    cfg.warmup_steps = 0;
+    cfg.validate()?;
+    let (mut net, _) = Net::build(&cfg, &dev)?;
+    let schedule = cfg.recipe().schedule()?;
+    let shapes = Shapes::generate(cfg.batch_size, cfg.image_size, SHAPES_TRAIN_SEED);
+    let batch = eval_batches(&shapes, cfg.batch_size, cfg.image_size)
+        .next()
+        .context("bench: the synthetic batch is empty")??;
+    let (x, t) = batch.to_tensors(&dev)?;
+    let mut times = Vec::with_capacity(args.steps);
+    let mut base = 0;
+    for i in 0..total {
+        if i == args.warmup {
+            dev.synchronize()?;
+            base = ALLOC.reset_peak();
+        }
+        let t0 = Instant::now();
+        let lr = schedule.lr(net.state.step);
+        let (vm, master) = (&net.vm, &net.master);
+        let out = net.state.step(lr, cfg.clip_grad, &mut |_| {
+            micro_loss(&cfg, vm, master, &x, &t)
+        })?;
+        dev.synchronize()?;
+        if i >= args.warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        if !out.loss.is_finite() {
+            bail!(
+                "bench: the loss became {} at step {i}; the timing would not be of a training step",
+                out.loss
+            )
+        }
+    }
+    let peak_mib = if dev.is_cpu() {
+        (ALLOC.peak() - base) as f64 / (1 << 20) as f64
+    } else {
+        f64::NAN
+    };
+    let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let label = format!(
+        "{} width {} fpn {} classes {} batch {} {}x{} amp {} {} device {:?} threads {}",
+        cfg.norm,
+        cfg.width,
+        cfg.fpn,
+        cfg.num_classes(),
+        cfg.batch_size,
+        cfg.image_size,
+        cfg.image_size,
+        amp_label(cfg.amp),
+        cfg.optimizer,
+        dev.location(),
+        candle::utils::get_num_threads(),
+    );
+    let timing = Timing {
+        median_ms: median(times),
+        min_ms,
+        peak_mib,
+    };
+    Ok((timing, label, keel::models::seg::count_params(&net.vm)))
+}
+
+/// The twin's settings for this config; an error names what the twin cannot mirror.
+fn twin_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
+    let c = &args.common;
+    let norm = match args.norm {
+        NormKind::GroupNorm { groups: None } => "gn",
+        NormKind::BatchNorm => "bn",
+        other => bail!("--vs-torch: the PyTorch twin has GroupNorm(min(32, C)) and BatchNorm only, not --norm {other}"),
+    };
+    if c.optimizer != OptimizerKind::Sgd {
+        bail!("--vs-torch: the twin steps SGD (momentum 0.9); use --optimizer sgd")
+    }
+    if c.accum_steps != 1 || c.ema_decay != 0.0 {
+        bail!("--vs-torch: the twin has no accumulation or EMA; use --accum-steps 1 --ema-decay 0")
+    }
+    let cuda = pick_device(c.device)?.is_cuda();
+    let amp = match c.amp {
+        Precision::F32 => "off",
+        Precision::F16 if cuda => "f16",
+        Precision::Bf16 if cuda => "bf16",
+        p => bail!("--vs-torch: the CPU twin runs f32 only, not --amp {p}"),
+    };
+    let threads = args
+        .torch_threads
+        .unwrap_or_else(candle::utils::get_num_threads);
+    let classes = args.common.config(args.norm, 1, 2, 0).num_classes();
+    let v = [
+        ("--width", c.width.to_string()),
+        ("--fpn", c.fpn.to_string()),
+        ("--classes", classes.to_string()),
+        ("--batch", args.batch_size.to_string()),
+        ("--size", c.image_size.to_string()),
+        ("--norm", norm.into()),
+        ("--device", if cuda { "cuda" } else { "cpu" }.into()),
+        ("--amp", amp.into()),
+        ("--threads", threads.to_string()),
+        ("--warmup", args.warmup.to_string()),
+        ("--steps", args.steps.to_string()),
+    ];
+    Ok(v.into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect())
+}
+
+/// Runs the PyTorch twin script with `twin` arguments and reads its JSON line.
+fn time_torch(python: &str, twin: &[String], params: usize) -> anyhow::Result<Timing> {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/seg_train/torch_twin.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(twin)
+        .output()
+        .with_context(|| format!("--vs-torch: cannot run {python} (set --python)"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "--vs-torch: {} {} failed ({}): {}",
+            python,
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    }
+    let line = stdout.lines().last().unwrap_or_default();
+    let out: TwinOut = serde_json::from_str(line)
+        .with_context(|| format!("--vs-torch: unexpected twin output {line:?}"))?;
+    if out.params != params {
+        bail!("--vs-torch: the twin has {} parameters, keel's model {params}: torch_twin.py no longer mirrors keel::models::seg::SegNet", out.params)
+    }
+    Ok(out.timing)
+}
+
+/// `seg_train bench`.
+pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    if args.steps == 0 {
+        bail!("bench --steps must be at least 1 (got 0)")
+    }
+    // Check the twin can mirror the config before spending time on keel's side.
+    let twin = args.vs_torch.then(|| twin_args(args)).transpose()?;
+    let (keel, config, params) = time_keel(args)?;
+    let torch = twin
+        .map(|t| time_torch(&args.python, &t, params))
+        .transpose()?;
+    let report = BenchReport {
+        keel_images_per_s: args.batch_size as f64 * 1e3 / keel.median_ms,
+        ratio: torch.as_ref().map(|t| keel.median_ms / t.median_ms),
+        config,
+        params,
+        keel,
+        torch,
+    };
+    print_report(&report, args);
+    if let Some(path) = &args.json {
+        keel::train::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(report)
+}
+
+fn print_report(r: &BenchReport, args: &BenchArgs) {
+    let mib = |v: f64| {
+        if v.is_finite() {
+            format!("{v:.1} MiB")
+        } else {
+            "not measured on CUDA yet".into()
+        }
+    };
+    println!(
+        "bench: {}, {:.3} M params ({} warm-up + {} timed steps)",
+        r.config,
+        r.params as f64 / 1e6,
+        args.warmup,
+        args.steps
+    );
+    println!(
+        "keel   step median {:.2} ms, min {:.2} ms, {:.1} images/s, heap peak above start {}",
+        r.keel.median_ms,
+        r.keel.min_ms,
+        r.keel_images_per_s,
+        mib(r.keel.peak_mib)
+    );
+    if let (Some(t), Some(ratio)) = (&r.torch, r.ratio) {
+        println!(
+            "torch  step median {:.2} ms, min {:.2} ms, peak {:.1} MiB (process RSS on CPU, allocator on CUDA)",
+            t.median_ms, t.min_ms, t.peak_mib
+        );
+        println!("keel / torch step time: {ratio:.2}x");
+    }
+}
