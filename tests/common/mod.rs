@@ -1,0 +1,2 @@
+//! Helpers shared by the root test crates.
+pub mod seg_cli;
