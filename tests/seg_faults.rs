@@ -15,7 +15,8 @@ mod common;
 
 use candle::{DType, Device, Tensor};
 use common::seg_cli::{
-    child, child_main, log_records, lossless, run_cli, set, step_losses, tiny, tmp,
+    assert_same_losses, child, child_main, log_records, lossless, resume, run_cli, set,
+    step_losses, tiny, tmp,
 };
 use keel::train::{load_checkpoint, CheckpointManager};
 
@@ -48,17 +49,6 @@ fn send(proc: &Child, signal: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill -s {signal} failed");
-}
-
-fn resume(out: &Path) -> anyhow::Result<()> {
-    run_cli(&[
-        "seg_train".into(),
-        "--quiet".into(),
-        "--device".into(),
-        "cpu".into(),
-        "--resume".into(),
-        out.display().to_string(),
-    ])
 }
 
 fn ckpt(out: &Path, step: usize) -> std::path::PathBuf {
@@ -165,15 +155,7 @@ fn sigint_and_sigterm_stop_after_the_step_with_a_checkpoint() -> anyhow::Result<
             "an interrupted run has no summary"
         );
         resume(&out)?;
-        let got = step_losses(&out);
-        assert_eq!(got.len(), steps, "{got:?}");
-        for ((sa, xa), (sb, xb)) in want.iter().zip(&got) {
-            assert_eq!(
-                (sa, xa.to_bits()),
-                (sb, xb.to_bits()),
-                "step {sa}: {xa} vs {xb}"
-            );
-        }
+        assert_same_losses(&want, &step_losses(&out), steps);
         let _ = std::fs::remove_dir_all(out);
     }
     let _ = std::fs::remove_dir_all(reference);

@@ -620,7 +620,7 @@ pub fn run(
             }
         }
     }
-    drop(loader);
+    drop((loader, stop)); // after the last step, a signal stops the process at once again
     pb.finish_and_clear();
     let ran = cfg.steps - start;
     run.summary.seconds_per_step = if ran > 0 {

@@ -102,3 +102,29 @@ pub fn child(args: &[String]) -> Command {
     c.env("SEG_TRAIN_CHILD_ARGS", serde_json::to_string(args).unwrap());
     c
 }
+
+/// `seg_train --resume out` on the CPU, in this process.
+pub fn resume(out: &Path) -> anyhow::Result<()> {
+    run_cli(&[
+        "seg_train".into(),
+        "--quiet".into(),
+        "--device".into(),
+        "cpu".into(),
+        "--resume".into(),
+        out.display().to_string(),
+    ])
+}
+
+/// Asserts that a resumed run logged `steps` steps with the uninterrupted run's losses, bit
+/// for bit.
+pub fn assert_same_losses(want: &[(u64, f64)], got: &[(u64, f64)], steps: usize) {
+    assert_eq!(got.len(), steps, "log after resume: {got:?}");
+    for ((sa, xa), (sb, xb)) in want.iter().zip(got) {
+        assert_eq!(sa, sb);
+        assert_eq!(
+            xa.to_bits(),
+            xb.to_bits(),
+            "step {sa}: loss {xa} uninterrupted vs {xb} resumed"
+        );
+    }
+}
