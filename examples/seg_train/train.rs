@@ -189,10 +189,14 @@ fn all_finite(t: &Tensor) -> candle::Result<bool> {
     Ok(sum.is_finite())
 }
 
-/// The names of the tensors of `sd` holding NaN or infinite values, sorted.
-fn non_finite_tensors(sd: &HashMap<String, Tensor>) -> candle::Result<Vec<&str>> {
+/// The names of the tensors of `sd` that `keep` selects and that hold NaN or infinite
+/// values, sorted.
+fn non_finite_tensors(
+    sd: &HashMap<String, Tensor>,
+    keep: impl Fn(&str) -> bool,
+) -> candle::Result<Vec<&str>> {
     let mut bad = Vec::new();
-    for (name, t) in sd {
+    for (name, t) in sd.iter().filter(|(name, _)| keep(name)) {
         if !all_finite(t)? {
             bad.push(name.as_str());
         }
@@ -203,22 +207,13 @@ fn non_finite_tensors(sd: &HashMap<String, Tensor>) -> candle::Result<Vec<&str>>
 
 /// Loads `--init` weights: BatchNorm entries are converted to the run's norm with
 /// keel::norm::convert; tensors whose names match the model are loaded (shapes must agree,
-/// except for the classifier `head.*`, skipped when the class count differs). A file with
-/// a NaN or infinite value in any tensor is an error naming the tensors: it is not a model.
+/// except for the classifier `head.*`, skipped when the class count differs). A NaN or
+/// infinite value in a tensor the model would load is an error naming the tensors: such a
+/// file is not a model (optimizer state and other unused tensors are not checked).
 fn load_init(vm: &VarMap, path: &Path, kind: NormKind, device: &Device) -> anyhow::Result<String> {
     use keel::norm::convert::{bn_to_frozen_bn, bn_to_group_norm, find_batch_norms};
     let mut sd = candle::safetensors::load(path, device)
         .with_context(|| format!("--init {}: cannot read safetensors", path.display()))?;
-    let bad = non_finite_tensors(&sd)?;
-    if let Some(first) = bad.first() {
-        bail!(
-            "--init {}: tensor '{first}' holds NaN or infinite values ({} of {} tensors do: {}); these weights come from a diverged run, pick a checkpoint from before it diverged",
-            path.display(),
-            bad.len(),
-            sd.len(),
-            bad.iter().take(5).copied().collect::<Vec<_>>().join(", ")
-        )
-    }
     let has_bn = !find_batch_norms(&sd).is_empty();
     let converted = match kind {
         NormKind::FrozenBatchNorm if has_bn => bn_to_frozen_bn(&mut sd, None)?.len(),
@@ -229,6 +224,16 @@ fn load_init(vm: &VarMap, path: &Path, kind: NormKind, device: &Device) -> anyho
     };
     sd.retain(|k, _| !k.ends_with(".num_batches_tracked"));
     let data = vm.data().lock().unwrap_or_else(|e| e.into_inner());
+    // Only the tensors the model loads (after any BatchNorm conversion) must be finite.
+    let bad = non_finite_tensors(&sd, |name| data.contains_key(name))?;
+    if let Some(first) = bad.first() {
+        bail!(
+            "--init {}: tensor '{first}' holds NaN or infinite values ({} of the model's tensors do: {}); these weights come from a diverged run, pick a checkpoint from before it diverged",
+            path.display(),
+            bad.len(),
+            bad.iter().take(5).copied().collect::<Vec<_>>().join(", ")
+        )
+    }
     let (mut loaded, mut skipped) = (0, 0);
     for (name, var) in data.iter() {
         let Some(t) = sd.get(name) else { continue };
