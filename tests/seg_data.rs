@@ -13,13 +13,13 @@ mod voc;
 #[path = "../examples/seg_train/main.rs"]
 mod seg_train;
 
-use common::{child, tiny, tmp};
+use common::seg_cli::{child, child_main, tiny, tmp};
 use seg_train::cli;
 
 /// Entry point of the re-executed test binary (a no-op in a normal test run).
 #[test]
 fn child_process() {
-    common::child_main(cli::run);
+    child_main();
 }
 
 fn on_voc(out: &Path, root: &Path, steps: usize) -> Vec<String> {
@@ -38,7 +38,7 @@ fn bad_data_fails_before_the_first_step_naming_every_file() -> anyhow::Result<()
     voc::mask_16bit(&root, 3)?;
     voc::resize_mask(&root, 5)?; // val
     let out = tmp("bad-voc-out");
-    let res = child(&on_voc(&out, &root, 2), &[]).output()?;
+    let res = child(&on_voc(&out, &root, 2)).output()?;
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("4 of 6 samples are bad"), "{stderr}");
@@ -64,7 +64,7 @@ fn a_run_that_stopped_before_its_first_checkpoint_can_be_rerun() -> anyhow::Resu
                     // A run killed (SIGKILL) after its first logged step, before its first checkpoint.
     let mut slow = tiny(&out, steps);
     slow.extend(["--step-delay-ms".to_string(), "300".to_string()]);
-    let mut proc = child(&slow, &[]).spawn()?;
+    let mut proc = child(&slow).spawn()?;
     let t0 = Instant::now();
     while logged_steps(&out) == 0 {
         assert!(

@@ -16,27 +16,15 @@ mod common;
 #[path = "../examples/seg_train/main.rs"]
 mod seg_train;
 
-use common::{child, tiny, tmp};
+use common::seg_cli::{
+    assert_same_losses, child, child_main, resume, run_cli, step_losses, tiny, tmp,
+};
 use seg_train::{cli, compare, data, train};
-
-fn run_cli(args: &[String]) -> anyhow::Result<()> {
-    cli::run(args.to_vec())
-}
-
-/// The step records of a run's log.jsonl: (step, loss).
-fn step_losses(out: &Path) -> Vec<(u64, f64)> {
-    let text = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
-    text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "step")
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
-}
 
 /// Entry point of the re-executed test binary (a no-op in a normal test run).
 #[test]
 fn child_process() {
-    common::child_main(cli::run);
+    child_main();
 }
 
 #[test]
@@ -65,7 +53,7 @@ fn train_checkpoint_resume_exactly_after_sigkill() -> anyhow::Result<()> {
     let b = tmp("killed");
     let mut slow = tiny(&b, steps);
     slow.extend(["--step-delay-ms".to_string(), "40".to_string()]);
-    let mut proc = child(&slow, &[]).spawn()?;
+    let mut proc = child(&slow).spawn()?;
     let t0 = Instant::now();
     let first_ckpt = b.join("checkpoints/ckpt-00000010.safetensors");
     while !first_ckpt.exists() {
@@ -87,24 +75,8 @@ fn train_checkpoint_resume_exactly_after_sigkill() -> anyhow::Result<()> {
     );
 
     // Resume: the losses after the checkpoint equal the uninterrupted run's, bit for bit.
-    run_cli(&[
-        "seg_train".into(),
-        "--quiet".into(),
-        "--device".into(),
-        "cpu".into(),
-        "--resume".into(),
-        b.display().to_string(),
-    ])?;
-    let lb = step_losses(&b);
-    assert_eq!(lb.len(), steps, "log after resume: {lb:?}");
-    for ((sa, xa), (sb, xb)) in la.iter().zip(&lb) {
-        assert_eq!(sa, sb);
-        assert_eq!(
-            xa.to_bits(),
-            xb.to_bits(),
-            "step {sa}: loss {xa} uninterrupted vs {xb} resumed"
-        );
-    }
+    resume(&b)?;
+    assert_same_losses(&la, &step_losses(&b), steps);
     let cb = keel::train::load_checkpoint(
         b.join("checkpoints/ckpt-00000040.safetensors"),
         &candle::Device::Cpu,
@@ -190,7 +162,7 @@ fn bad_input_is_a_clear_error_and_writes_nothing() -> anyhow::Result<()> {
     let mut args = tiny(&out, 2);
     let i = args.iter().position(|a| a == "--norm").unwrap();
     args[i + 1] = "bogus".into();
-    let status = child(&args, &[]).output()?;
+    let status = child(&args).output()?;
     assert_eq!(
         status.status.code(),
         Some(1),

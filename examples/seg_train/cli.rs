@@ -66,7 +66,8 @@ pub struct CommonArgs {
     /// Weight decay on conv weights (default: sgd 1e-4, adamw 0.05); norms and biases get none.
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Linear warmup steps (0 = off).
+    /// Linear warmup steps (0 = off). At least one step short of --steps: a larger value is
+    /// lowered to --steps - 1 with a warning, and config.json records the value used.
     #[arg(long, default_value_t = 200)]
     pub warmup_steps: usize,
     /// Clip gradients to this global L2 norm (0 = off). The default 2.0 is about the p99 of
@@ -101,7 +102,7 @@ pub struct CommonArgs {
     /// Synthetic validation images.
     #[arg(long, default_value_t = 100)]
     pub val_size: usize,
-    /// Data loader threads.
+    /// Data loader threads (at least 1).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// Batches queued per loader thread.
@@ -191,7 +192,19 @@ pub struct RunConfig {
 }
 
 impl CommonArgs {
-    /// A run config with these settings and the run-specific ones.
+    /// The warning for a --warmup-steps that [`CommonArgs::config`] lowers to fit `steps`.
+    pub fn warmup_warning(&self, steps: usize) -> Option<String> {
+        let used = self.warmup_steps.min(steps.saturating_sub(1));
+        (used != self.warmup_steps && steps > 0).then(|| {
+            format!(
+                "--warmup-steps {} does not fit --steps {steps}: warming up for {used} steps instead (config.json records {used})",
+                self.warmup_steps
+            )
+        })
+    }
+
+    /// A run config with these settings and the run-specific ones. A --warmup-steps that
+    /// does not fit `steps` is lowered to `steps - 1` (see [`CommonArgs::warmup_warning`]).
     pub fn config(&self, norm: NormKind, batch_size: usize, steps: usize, seed: u64) -> RunConfig {
         RunConfig {
             norm,
@@ -261,6 +274,7 @@ impl RunConfig {
             ("--eval-every", self.eval_every),
             ("--ckpt-every", self.ckpt_every),
             ("--keep-last", self.keep_last),
+            ("--workers", self.workers),
         ];
         for (flag, v) in at_least_1 {
             if v == 0 {
@@ -273,6 +287,7 @@ impl RunConfig {
                 self.image_size
             )
         }
+        self.validate_optimizer()?;
         if let Some(c) = self.clip_grad {
             if !(c.is_finite() && c > 0.0) {
                 bail!("--clip-grad {c}: must be a positive number")
@@ -313,6 +328,36 @@ impl RunConfig {
                     self.image_size
                 )
             }
+        }
+        Ok(())
+    }
+}
+
+impl RunConfig {
+    /// --lr and --weight-decay: finite and positive (non-negative) in f32, the precision
+    /// the optimizer computes in (1e39 is a finite f64 but an infinite f32: every weight
+    /// would become NaN at the first step).
+    fn validate_optimizer(&self) -> anyhow::Result<()> {
+        let r = self.recipe();
+        let fits_f32 = |x: f64| (x as f32).is_finite();
+        // 1e39, not 1000000000000000000000000000000000000000.
+        let show = |x: f64| match x.abs() {
+            a if a != 0.0 && !(1e-4..1e6).contains(&a) => format!("{x:e}"),
+            _ => x.to_string(),
+        };
+        if !(r.lr > 0.0 && fits_f32(r.lr)) {
+            bail!(
+                "--lr {}: must be a positive number below {:e} (the largest f32; the optimizer computes in f32)",
+                show(r.lr),
+                f32::MAX
+            )
+        }
+        if !(r.weight_decay >= 0.0 && fits_f32(r.weight_decay)) {
+            bail!(
+                "--weight-decay {}: must be a non-negative number below {:e} (the largest f32)",
+                show(r.weight_decay),
+                f32::MAX
+            )
         }
         Ok(())
     }
@@ -428,6 +473,9 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                     (cfg, dir, true)
                 }
                 None => {
+                    if let Some(w) = t.common.warmup_warning(t.steps) {
+                        eprintln!("seg_train: warning: {w}");
+                    }
                     let cfg = t.common.config(t.norm, t.batch_size, t.steps, t.seed);
                     (
                         RunConfig {

@@ -1,7 +1,8 @@
 //! One training run, wired from keel's parts: the model, a [`TrainState`] (optimizer,
 //! scaler, EMA, monitor, accumulation) stepped once per optimizer step, an [`OptimRecipe`]
 //! schedule, JSONL logs, checkpoints with exact resume, evaluation and the health report.
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,8 +14,9 @@ use keel::models::seg::{count_params, init_weights, SegNet};
 use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::{
-    named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalRecord, JsonlLogger,
-    RunContext, StepOutcome, TrainConfig, TrainState,
+    lossless_f64, named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalRecord,
+    HealthReport, Interrupt, JsonlLogger, RunContext, StepOutcome, StopSignal, TrainConfig,
+    TrainState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -31,13 +33,21 @@ pub struct RunOpts {
     pub step_delay: Option<Duration>,
 }
 
-/// The outcome of a run, for the `compare` grid.
+/// The outcome of a run, for the `compare` grid. Its floats keep NaN and infinities
+/// (keel's `lossless_f64` encoding: `"NaN"`, `"inf"`), so a run that ever logged a
+/// non-finite loss or grad norm (an f16 loss-scaler skip) still resumes from its checkpoints.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunSummary {
+    /// The last evaluation's mIoU; NaN when the weights were non-finite.
+    #[serde(with = "lossless_f64")]
     pub final_miou: f64,
+    #[serde(with = "lossless_f64")]
     pub final_pixel_acc: f64,
+    #[serde(with = "lossless_pairs")]
     pub losses: Vec<(usize, f64)>,
+    #[serde(with = "lossless_pairs")]
     pub evals: Vec<(usize, f64)>,
+    #[serde(with = "lossless_f64::seq")]
     pub grad_norms: Vec<f64>,
     pub loss_spikes: usize,
     pub nonfinite_steps: usize,
@@ -46,12 +56,65 @@ pub struct RunSummary {
     pub verdict: String,
 }
 
+/// `(step, value)` pairs as `[step, value]`, the value in keel's lossless float encoding.
+mod lossless_pairs {
+    use keel::train::lossless_f64;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Pair(usize, #[serde(with = "lossless_f64")] f64);
+
+    pub fn serialize<S: Serializer>(pairs: &[(usize, f64)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(pairs.iter().map(|&(i, x)| Pair(i, x)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, f64)>, D::Error> {
+        let pairs = Vec::<Pair>::deserialize(d)?;
+        Ok(pairs.into_iter().map(|Pair(i, x)| (i, x)).collect())
+    }
+}
+
+/// A run stopped by SIGINT or SIGTERM: the step it finished, its checkpoint and the health
+/// report are written; the process exits with [`StopSignal::exit_code`] (130 / 143).
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: StopSignal,
+    /// Steps done (the checkpoint's step).
+    pub step: usize,
+    pub checkpoint: PathBuf,
+    pub out: PathBuf,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stopped by {} after step {}: checkpoint {} and health.json written; continue with --resume {}",
+            self.signal,
+            self.step,
+            self.checkpoint.display(),
+            self.out.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// The process exit code for a run's error: the signal's code (130 / 143) when a signal
+/// stopped it, else 1.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    err.downcast_ref::<Interrupted>()
+        .map_or(1, |i| i.signal.exit_code())
+}
+
 #[derive(Serialize)]
 struct StepLog {
     kind: &'static str,
     step: usize,
+    #[serde(with = "lossless_f64")]
     loss: f64,
     lr: f64,
+    #[serde(with = "lossless_f64::option")]
     grad_norm: Option<f64>,
     loss_scale: Option<f64>,
     skipped: bool,
@@ -62,7 +125,9 @@ struct StepLog {
 struct EvalLog<'a> {
     kind: &'static str,
     step: usize,
+    #[serde(with = "lossless_f64")]
     miou: f64,
+    #[serde(with = "lossless_f64")]
     pixel_acc: f64,
     iou: &'a [Option<f64>],
     classes: &'a [String],
@@ -163,9 +228,38 @@ fn failed_start_leftover(out: &Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// Whether every value of `t` is finite (a float tensor's sum: NaN and inf propagate; a sum
+/// that overflows, which only values near f32's limit reach, also counts as non-finite).
+/// Integer tensors are always finite.
+fn all_finite(t: &Tensor) -> candle::Result<bool> {
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    let sum = t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(sum.is_finite())
+}
+
+/// The names of the tensors of `sd` that `keep` selects and that hold NaN or infinite
+/// values, sorted.
+fn non_finite_tensors(
+    sd: &HashMap<String, Tensor>,
+    keep: impl Fn(&str) -> bool,
+) -> candle::Result<Vec<&str>> {
+    let mut bad = Vec::new();
+    for (name, t) in sd.iter().filter(|(name, _)| keep(name)) {
+        if !all_finite(t)? {
+            bad.push(name.as_str());
+        }
+    }
+    bad.sort_unstable();
+    Ok(bad)
+}
+
 /// Loads `--init` weights: BatchNorm entries are converted to the run's norm with
 /// keel::norm::convert; tensors whose names match the model are loaded (shapes must agree,
-/// except for the classifier `head.*`, skipped when the class count differs).
+/// except for the classifier `head.*`, skipped when the class count differs). A NaN or
+/// infinite value in a tensor the model would load is an error naming the tensors: such a
+/// file is not a model (optimizer state and other unused tensors are not checked).
 fn load_init(vm: &VarMap, path: &Path, kind: NormKind, device: &Device) -> anyhow::Result<String> {
     use keel::norm::convert::{bn_to_frozen_bn, bn_to_group_norm, find_batch_norms};
     let mut sd = candle::safetensors::load(path, device)
@@ -180,6 +274,16 @@ fn load_init(vm: &VarMap, path: &Path, kind: NormKind, device: &Device) -> anyho
     };
     sd.retain(|k, _| !k.ends_with(".num_batches_tracked"));
     let data = vm.data().lock().unwrap_or_else(|e| e.into_inner());
+    // Only the tensors the model loads (after any BatchNorm conversion) must be finite.
+    let bad = non_finite_tensors(&sd, |name| data.contains_key(name))?;
+    if let Some(first) = bad.first() {
+        bail!(
+            "--init {}: tensor '{first}' holds NaN or infinite values ({} of the model's tensors do: {}); these weights come from a diverged run, pick a checkpoint from before it diverged",
+            path.display(),
+            bad.len(),
+            bad.iter().take(5).copied().collect::<Vec<_>>().join(", ")
+        )
+    }
     let (mut loaded, mut skipped) = (0, 0);
     for (name, var) in data.iter() {
         let Some(t) = sd.get(name) else { continue };
@@ -277,8 +381,38 @@ impl<'a> Run<'a> {
         })
     }
 
+    /// Whether every weight (and BatchNorm statistic) is finite.
+    fn weights_finite(&self) -> anyhow::Result<bool> {
+        for v in self.state.vars() {
+            if !all_finite(v.as_tensor())? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Checks the weights after `step` and tells the monitor (non-finite weights are a
+    /// divergence: the report then advises a checkpoint from before this step).
+    fn check_weights(&mut self, step: usize, say: &dyn Fn(String)) -> anyhow::Result<bool> {
+        let finite = self.weights_finite()?;
+        for alarm in self.state.monitor.record_weights_finite(step, finite) {
+            say(format!("monitor: {alarm}"));
+        }
+        Ok(finite)
+    }
+
+    /// Evaluates the current weights on the validation set. Non-finite weights are not a
+    /// model: their metrics are NaN (the argmax of NaN logits would score a few percent
+    /// mIoU), so they are never the best.
     fn evaluate(&self) -> anyhow::Result<Evaluation> {
         let (cfg, dev) = (self.cfg, &self.opts.device);
+        if !self.weights_finite()? {
+            return Ok(Evaluation {
+                miou: f64::NAN,
+                pixel_acc: f64::NAN,
+                iou: vec![None; cfg.num_classes()],
+            });
+        }
         let cast = compute_model(cfg, &self.vm, dev)?;
         let model = cast.as_ref().unwrap_or(&self.master);
         let mut cm = ConfusionMatrix::new(cfg.num_classes(), Some(IGNORE as u32))?;
@@ -507,6 +641,8 @@ pub fn run(
             pb.suspend(|| eprintln!("{msg}"));
         }
     };
+    // From here a first SIGINT/SIGTERM stops after the current step (a second exits at once).
+    let (stop, out_dir) = (Interrupt::install()?, out);
     let t_run = Instant::now();
     let mut window_losses = Vec::new();
     while run.state.step < cfg.steps {
@@ -541,18 +677,30 @@ pub fn run(
         pb.set_message(format!("loss {:.4} lr {:.2e}", out.loss, out.lr));
         pb.inc(1);
         let last = step + 1 == cfg.steps;
+        let signal = stop.requested();
+        let eval_due = (step + 1) % cfg.eval_every == 0 || last;
+        let ckpt_due = (step + 1) % cfg.ckpt_every == 0 || last || signal.is_some();
         let mut metric = None;
-        if (step + 1) % cfg.eval_every == 0 || last {
+        if eval_due || ckpt_due {
+            run.check_weights(step, &say)?;
+        }
+        if eval_due {
             let train_loss = (!window_losses.is_empty())
                 .then(|| window_losses.iter().sum::<f64>() / window_losses.len() as f64);
             window_losses.clear();
             metric = Some(run.eval_and_log(step, train_loss, &mut logger, &say)?);
         }
-        if (step + 1) % cfg.ckpt_every == 0 || last {
-            manager.save(&run.state.snapshot(&run.snapshot_meta())?, metric)?;
+        if ckpt_due {
+            // A NaN metric (non-finite weights) is never a candidate for the best.
+            let best_candidate = metric.filter(|m| m.is_finite());
+            let path = manager.save(&run.state.snapshot(&run.snapshot_meta())?, best_candidate)?;
+            if let Some(signal) = signal {
+                pb.finish_and_clear();
+                return Err(run.stop(signal, path, out_dir)?.into());
+            }
         }
     }
-    drop(loader);
+    drop((loader, stop)); // after the last step, a signal stops the process at once again
     pb.finish_and_clear();
     let ran = cfg.steps - start;
     run.summary.seconds_per_step = if ran > 0 {
@@ -620,6 +768,54 @@ impl Run<'_> {
         Ok(e.miou)
     }
 
+    /// The monitor's health report: written to `out/health.json` and, when verbose,
+    /// printed with the seg_train flags of its advice.
+    fn write_health(&self, out: &Path) -> anyhow::Result<HealthReport> {
+        let cfg = self.cfg;
+        let ctx = RunContext {
+            norm: cfg.norm,
+            batch_size: cfg.batch_size,
+            pretrained: cfg.init.is_some(),
+            lr: cfg.recipe().lr,
+            clip_grad: cfg.clip_grad,
+            precision: cfg.amp,
+            steps: cfg.steps,
+        };
+        let report = self.state.monitor.report(&ctx);
+        write_atomic(
+            out.join("health.json"),
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
+        if self.opts.verbose {
+            println!("{}", report.to_text());
+            for (a, flags) in report
+                .advice
+                .iter()
+                .filter_map(|a| Some((a, advice_flags(a)?)))
+            {
+                println!("seg_train flags for \"{a}\": {flags}");
+            }
+        }
+        Ok(report)
+    }
+
+    /// A signal stopped the run after its checkpoint at `checkpoint` was written: writes the
+    /// health report and returns the error that makes the process exit with the signal's code.
+    fn stop(
+        &self,
+        signal: StopSignal,
+        checkpoint: PathBuf,
+        out: &Path,
+    ) -> anyhow::Result<Interrupted> {
+        self.write_health(out)?;
+        Ok(Interrupted {
+            signal,
+            step: self.state.step,
+            checkpoint,
+            out: out.to_path_buf(),
+        })
+    }
+
     /// After the last step: evaluates the EMA weights (if any), writes health.json and
     /// summary.json, and prints the report.
     fn finish(&mut self, out: &Path, logger: &mut JsonlLogger) -> anyhow::Result<()> {
@@ -652,31 +848,10 @@ impl Run<'_> {
                 );
             }
         }
-        let ctx = RunContext {
-            norm: cfg.norm,
-            batch_size: cfg.batch_size,
-            pretrained: cfg.init.is_some(),
-            lr: cfg.recipe().lr,
-            clip_grad: cfg.clip_grad,
-            precision: cfg.amp,
-            steps: cfg.steps,
-        };
-        let report = self.state.monitor.report(&ctx);
-        write_atomic(
-            out.join("health.json"),
-            serde_json::to_string_pretty(&report)?.as_bytes(),
-        )?;
+        let report = self.write_health(out)?;
         let s = &mut self.summary;
         s.verdict = format!("{:?}", report.verdict);
         if self.opts.verbose {
-            println!("{}", report.to_text());
-            for (a, flags) in report
-                .advice
-                .iter()
-                .filter_map(|a| Some((a, advice_flags(a)?)))
-            {
-                println!("seg_train flags for \"{a}\": {flags}");
-            }
             println!(
                 "final val mIoU {:.4}, pixel accuracy {:.4}; {:.3} s/step; artifacts in {}",
                 s.final_miou,

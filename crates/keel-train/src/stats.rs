@@ -90,10 +90,31 @@ impl QuantileSketch {
     }
 }
 
-/// A JSON-friendly `f64` encoding: finite values as numbers, NaN and infinities as the
-/// strings `"NaN"`, `"inf"`, `"-inf"` (serde_json would write `null` and fail to read it
-/// back). Reads numbers, those strings and `null` (as NaN).
-pub(crate) mod lossless_f64 {
+/// A JSON-friendly `f64` encoding for serde's `with` attribute: finite values as numbers,
+/// NaN and infinities as the strings `"NaN"`, `"inf"`, `"-inf"` (serde_json would write
+/// `null` and fail to read it back as an `f64`). Reads numbers, those strings and `null`
+/// (as NaN). Use it on every float a run records (losses, grad norms, metrics), so a run
+/// that ever saw a NaN still reads back.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// #[derive(Serialize, Deserialize)]
+/// struct Record {
+///     #[serde(with = "keel_train::lossless_f64")]
+///     loss: f64,
+///     #[serde(with = "keel_train::lossless_f64::option")]
+///     grad_norm: Option<f64>,
+///     #[serde(with = "keel_train::lossless_f64::seq")]
+///     history: Vec<f64>,
+/// }
+/// let r = Record { loss: f64::NAN, grad_norm: Some(f64::INFINITY), history: vec![1.5, f64::NEG_INFINITY] };
+/// let json = serde_json::to_string(&r).unwrap();
+/// assert_eq!(json, r#"{"loss":"NaN","grad_norm":"inf","history":[1.5,"-inf"]}"#);
+/// let back: Record = serde_json::from_str(&json).unwrap();
+/// assert!(back.loss.is_nan() && back.grad_norm == Some(f64::INFINITY));
+/// assert_eq!(back.history[1], f64::NEG_INFINITY);
+/// ```
+pub mod lossless_f64 {
     use super::*;
 
     #[derive(Deserialize)]
@@ -147,35 +168,36 @@ pub(crate) mod lossless_f64 {
     }
 
     /// `#[serde(with = "lossless_f64")]` for `f64`.
-    pub(crate) fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
         to_repr(*x, s)
     }
 
     /// `#[serde(with = "lossless_f64")]` for `f64`.
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
         from_repr(Repr::deserialize(d)?)
     }
 
     /// `#[serde(with = "lossless_f64::option")]` for `Option<f64>` (`null` is `None`).
-    pub(crate) mod option {
+    pub mod option {
         use super::*;
 
-        pub(crate) fn serialize<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        /// Serializes `None` as `null`, a value as in [`super::serialize`].
+        pub fn serialize<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
             x.map(Lossless).serialize(s)
         }
 
-        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Option<f64>, D::Error> {
+        /// Reads `null` as `None`, a value as in [`super::deserialize`].
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
             Ok(Option::<Lossless>::deserialize(d)?.map(|x| x.0))
         }
     }
 
     /// `#[serde(with = "lossless_f64::seq")]` for `Vec<f64>` and `VecDeque<f64>`.
-    pub(crate) mod seq {
+    pub mod seq {
         use super::*;
 
-        pub(crate) fn serialize<'a, C, S>(xs: &'a C, s: S) -> Result<S::Ok, S::Error>
+        /// Serializes every element as in [`super::serialize`].
+        pub fn serialize<'a, C, S>(xs: &'a C, s: S) -> Result<S::Ok, S::Error>
         where
             &'a C: IntoIterator<Item = &'a f64>,
             S: Serializer,
@@ -183,7 +205,8 @@ pub(crate) mod lossless_f64 {
             s.collect_seq(xs.into_iter().map(|&x| Lossless(x)))
         }
 
-        pub(crate) fn deserialize<'de, C, D>(d: D) -> Result<C, D::Error>
+        /// Reads every element as in [`super::deserialize`].
+        pub fn deserialize<'de, C, D>(d: D) -> Result<C, D::Error>
         where
             C: FromIterator<f64>,
             D: Deserializer<'de>,
