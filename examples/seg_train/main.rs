@@ -14,11 +14,14 @@
 //! train state (step, clipping, loss scaling, accumulation, EMA, checkpoint snapshot and
 //! restore), metrics, logs, checkpoints and the stability monitor from keel::train and
 //! keel::optim, the network (`SegNet`) from keel::models and the loss from keel::kernels.
-//! Modules: cli (flags, RunConfig), data (shapes, voc, loader), train (one run), compare
-//! (the grid); `tests/seg_train.rs` includes them with `#[path]`.
+//! Modules: cli (flags, RunConfig), resume (what `--resume` continues from, checked),
+//! output (the run directory: lock, temp files), data (shapes, voc, loader), train (one
+//! run), compare (the grid); `tests/seg_train.rs` includes them with `#[path]`.
 pub(crate) mod cli;
 pub(crate) mod compare;
 pub(crate) mod data;
+pub(crate) mod output;
+pub(crate) mod resume;
 pub(crate) mod train;
 
 fn main() {

@@ -14,12 +14,13 @@ use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::{
     named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalRecord, JsonlLogger,
-    RunContext, StepOutcome, TrainConfig, TrainState,
+    Resume, RunContext, RunLock, StepOutcome, TrainConfig, TrainState,
 };
 use serde::{Deserialize, Serialize};
 
 use super::cli::{advice_flags, RunConfig};
 use super::data::{self, Loader, LoaderConfig, Shapes, Source, Voc, IGNORE, SHAPE_CLASSES};
+use super::output;
 
 /// How a run is driven (not part of its identity).
 pub struct RunOpts {
@@ -279,47 +280,27 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Opens the output directory: a fresh run writes its config; a resumed one restores
-    /// the newest valid checkpoint (warning about newer corrupt ones) and its log.
+    /// Opens the output directory (see [`output::claim`]: lock, stale temp files, no
+    /// overwriting): a fresh run writes its config; a resumed one restores the checkpoint
+    /// `cli` chose and verified, and rewrites `config.json` when it changed (recovered, or
+    /// `--steps` extended the run). The lock is held while the returned guard lives.
     fn open_output(
         &mut self,
         out: &Path,
-        resume: bool,
-    ) -> anyhow::Result<(CheckpointManager, JsonlLogger)> {
-        if !resume && out.join("config.json").exists() {
-            bail!(
-                "--out {} already holds a run; continue it with --resume {} or pick another --out",
-                out.display(),
-                out.display()
-            )
-        }
-        check_writable(out)?;
-        let manager = CheckpointManager::new(out.join("checkpoints"), self.cfg.keep_last)?;
+        resume: Option<Resume>,
+    ) -> anyhow::Result<(CheckpointManager, JsonlLogger, RunLock)> {
+        let lock = output::claim(out, resume.is_some())?;
+        let mut manager = CheckpointManager::new(out.join("checkpoints"), self.cfg.keep_last)?;
+        manager.set_write_pause(output::save_pause()?);
         let log_path = out.join("log.jsonl");
-        if !resume {
+        let Some(found) = resume else {
             write_atomic(
                 out.join("config.json"),
                 serde_json::to_string_pretty(self.cfg)?.as_bytes(),
             )?;
-            return Ok((manager, JsonlLogger::create(&log_path)?));
-        }
-        let found = manager
-            .load_latest(&self.opts.device)
-            .with_context(|| format!("--resume {}", out.display()))?
-            .with_context(|| {
-                format!(
-                    "--resume {}: no checkpoint in {}",
-                    out.display(),
-                    manager.dir().display()
-                )
-            })?;
-        for bad in &found.skipped {
-            eprintln!(
-                "warning: skipping {} (corrupt or truncated); resuming from {}",
-                bad.display(),
-                found.path.display()
-            );
-        }
+            return Ok((manager, JsonlLogger::create(&log_path)?, lock));
+        };
+        output::sync_config(out, self.cfg)?;
         let meta: CkptMeta = self
             .state
             .restore(&found.checkpoint)
@@ -332,7 +313,8 @@ impl<'a> Run<'a> {
                 self.state.step
             );
         }
-        Ok((manager, JsonlLogger::resume(&log_path, self.state.step)?))
+        let logger = JsonlLogger::resume(&log_path, self.state.step)?;
+        Ok((manager, logger, lock))
     }
 
     fn banner(&self) {
@@ -401,15 +383,16 @@ pub fn amp_label(p: Precision) -> String {
     }
 }
 
-/// Trains (or resumes) a run in `out`. With `resume`, `cfg` is the run's saved config.
+/// Trains (or resumes) a run in `out`. With `resume` (the checkpoint to continue from,
+/// see `cli::resume_plan`), `cfg` is the run's saved config.
 pub fn run(
     cfg: &RunConfig,
     out: &Path,
-    resume: bool,
+    resume: Option<Resume>,
     opts: &RunOpts,
 ) -> anyhow::Result<RunSummary> {
     let mut run = Run::new(cfg, opts)?;
-    let (mut manager, mut logger) = run.open_output(out, resume)?;
+    let (mut manager, mut logger, _lock) = run.open_output(out, resume)?;
     if opts.verbose {
         run.banner();
     }
