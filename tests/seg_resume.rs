@@ -33,17 +33,7 @@ fn err_of(args: &[String]) -> String {
 /// Entry point of the re-executed test binary (a no-op in a normal test run).
 #[test]
 fn child_process() {
-    if let Ok(args) = std::env::var("SEG_TRAIN_CHILD_ARGS") {
-        let args: Vec<String> = serde_json::from_str(&args).unwrap();
-        let code = match cli::run(args) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("seg_train: error: {e:#}");
-                1
-            }
-        };
-        std::process::exit(code);
-    }
+    common::child_main(cli::run);
 }
 
 /// Asserts that `b`'s step losses equal `a`'s, bit for bit, over `a`'s steps.

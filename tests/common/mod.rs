@@ -39,6 +39,24 @@ pub fn step_losses(out: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// The body of each test file's `child_process` test: when `SEG_TRAIN_CHILD_ARGS` is set
+/// (this binary was re-executed by [`child`]), runs seg_train's entry point `run` on those
+/// arguments and exits like the binary (1 and the error on stderr on failure); otherwise
+/// returns at once.
+pub fn child_main(run: fn(Vec<String>) -> anyhow::Result<()>) {
+    if let Ok(args) = std::env::var("SEG_TRAIN_CHILD_ARGS") {
+        let args: Vec<String> = serde_json::from_str(&args).unwrap();
+        let code = match run(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("seg_train: error: {e:#}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+}
+
 /// This test binary re-executed as seg_train (its `child_process` test runs `cli::run` on
 /// the arguments in `SEG_TRAIN_CHILD_ARGS` and exits like the binary).
 pub fn child(args: &[String], env: &[(&str, &str)]) -> Command {
