@@ -7,26 +7,76 @@
 //! (SIGKILL mid-training, the exit code), the test binary re-executes itself with
 //! `--exact child_process` and the arguments in `SEG_TRAIN_CHILD_ARGS`: the `child_process`
 //! test then runs seg_train's entry point in that process and exits like the binary.
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[allow(dead_code)] // reason: the binary's `main` and items only the binary uses
 #[path = "../examples/seg_train/main.rs"]
 mod seg_train;
 
-mod common;
-
-use common::{child, step_losses, tiny, tmp};
 use seg_train::{cli, compare, data, train};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("keel-seg-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Tiny, fast settings for a CPU smoke run.
+fn tiny(out: &Path, steps: usize) -> Vec<String> {
+    let s = format!(
+        "seg_train --quiet --device cpu --norm gn --width 4 --fpn 8 --image-size 32 --train-size 16 --val-size 8 \
+         --batch-size 2 --steps {steps} --warmup-steps 2 --lr 0.05 --eval-every 10 --ckpt-every 10 --keep-last 2 --out {}",
+        out.display()
+    );
+    s.split_whitespace().map(String::from).collect()
+}
 
 fn run_cli(args: &[String]) -> anyhow::Result<()> {
     cli::run(args.to_vec())
 }
 
+/// The step records of a run's log.jsonl: (step, loss).
+fn step_losses(out: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "step")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
 /// Entry point of the re-executed test binary (a no-op in a normal test run).
 #[test]
 fn child_process() {
-    common::child_main(cli::run);
+    if let Ok(args) = std::env::var("SEG_TRAIN_CHILD_ARGS") {
+        let args: Vec<String> = serde_json::from_str(&args).unwrap();
+        let code = match cli::run(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("seg_train: error: {e:#}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+}
+
+fn child(args: &[String], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args([
+        "--exact",
+        "child_process",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    c.env("SEG_TRAIN_CHILD_ARGS", serde_json::to_string(args).unwrap());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
 }
 
 #[test]
