@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use candle::Device;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use keel::models::seg::ModelConfig;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::bench::{self, BenchArgs};
 use super::compare::{self, CompareArgs};
 use super::data::SHAPE_CLASSES;
+use super::resume::{resume_dir, resume_plan};
 use super::train::{self, RunOpts};
 
 #[derive(Parser, Debug)]
@@ -142,9 +143,19 @@ pub struct TrainArgs {
     /// Output directory (logs, checkpoints, health report).
     #[arg(long, default_value = "runs/seg_train")]
     pub out: PathBuf,
-    /// Continue the run in DIR (its saved config) from its latest checkpoint.
+    /// Continue the run in DIR from its newest valid checkpoint (a corrupt newer one is
+    /// skipped with a warning), with the run's saved config. Other flags must match that
+    /// config (an error names each one that differs), except --steps, which sets a new
+    /// length: `--resume DIR --steps 40` extends a finished 20-step run to 40 steps. The LR
+    /// schedule is then recomputed for the new length (warmup unchanged; the LR at step s is
+    /// the new schedule's, so it rises again after the old schedule's end, like a warm
+    /// restart). A missing config.json is recovered from the checkpoint.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Resume from this checkpoint file instead of the newest one (with --resume DIR, or
+    /// alone for a file in a run's checkpoints/ folder).
+    #[arg(long, value_name = "FILE")]
+    pub resume_from: Option<PathBuf>,
     /// Pretrained weights (safetensors, twin names); BatchNorms are converted to --norm.
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -433,7 +444,7 @@ pub fn read_config(path: &std::path::Path) -> anyhow::Result<RunConfig> {
 
 /// Parses `args` (program name first) and runs.
 pub fn run(args: Vec<String>) -> anyhow::Result<()> {
-    let cli = Cli::try_parse_from(args).map_err(|e| {
+    let matches = Cli::command().try_get_matches_from(args).map_err(|e| {
         use clap::error::ErrorKind;
         if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
             let _ = e.print();
@@ -441,6 +452,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         }
         anyhow::anyhow!("{e}")
     })?;
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{e}"))?;
     match cli.command {
         Some(Command::Compare(c)) => compare::run(&c),
         Some(Command::Bench(b)) => bench::run(&b).map(drop),
@@ -456,7 +468,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                 verbose: false,
                 step_delay: None,
             };
-            train::run(&cfg, &out, false, &opts).map(drop)
+            train::run(&cfg, &out, None, &opts).map(drop)
         }
         None => {
             let t = cli.train;
@@ -466,11 +478,10 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                 verbose: true,
                 step_delay: t.step_delay_ms.map(Duration::from_millis),
             };
-            let (cfg, out, resume) = match &t.resume {
+            let (cfg, out, resume) = match resume_dir(&t)? {
                 Some(dir) => {
-                    let cfg = read_config(&dir.join("config.json"))
-                        .with_context(|| format!("--resume {}", dir.display()))?;
-                    (cfg, dir, true)
+                    let (cfg, found) = resume_plan(&t, &dir, &matches, &opts.device)?;
+                    (cfg, dir, Some(found))
                 }
                 None => {
                     if let Some(w) = t.common.warmup_warning(t.steps) {
@@ -482,12 +493,12 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                             init: t.init.clone(),
                             ..cfg
                         },
-                        &t.out,
-                        false,
+                        t.out.clone(),
+                        None,
                     )
                 }
             };
-            train::run(&cfg, out, resume, &opts).map(drop)
+            train::run(&cfg, &out, resume, &opts).map(drop)
         }
     }
 }

@@ -78,7 +78,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         }
     }
     let device = pick_device(args.common.device)?;
-    train::check_writable(&args.out)?;
+    super::output::check_writable(&args.out)?;
     let total = norms.len() * batches.len() * args.seeds as usize;
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(

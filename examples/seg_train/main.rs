@@ -15,13 +15,16 @@
 //! train state (step, clipping, loss scaling, accumulation, EMA, checkpoint snapshot and
 //! restore), metrics, logs, checkpoints and the stability monitor from keel::train and
 //! keel::optim, the network (`SegNet`) from keel::models and the loss from keel::kernels.
-//! Modules: cli (flags, RunConfig), train (one run), compare (the grid), bench (the step
-//! alone, against the PyTorch twin `torch_twin.py`); the data (shapes, voc, loader) is
-//! keel::data; `tests/seg_train.rs` includes them with `#[path]`.
+//! Modules: cli (flags, RunConfig), resume (what `--resume` continues from, checked),
+//! output (the run directory: lock, temp files), train (one run), compare (the grid),
+//! bench (the step alone, against the PyTorch twin `torch_twin.py`); the data (shapes, voc,
+//! loader) is keel::data; `tests/seg_train.rs` includes them with `#[path]`.
 pub(crate) mod bench;
 pub(crate) mod cli;
 pub(crate) mod compare;
 pub(crate) use keel::data;
+pub(crate) mod output;
+pub(crate) mod resume;
 pub(crate) mod train;
 
 fn main() {

@@ -15,13 +15,14 @@ use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::{
     lossless_f64, named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalRecord,
-    HealthReport, Interrupt, JsonlLogger, RunContext, StepOutcome, StopSignal, TrainConfig,
-    TrainState,
+    HealthReport, Interrupt, JsonlLogger, Resume, RunContext, RunLock, StepOutcome, StopSignal,
+    TrainConfig, TrainState,
 };
 use serde::{Deserialize, Serialize};
 
 use super::cli::{advice_flags, RunConfig};
 use super::data::{self, Loader, LoaderConfig, Shapes, Source, Voc, IGNORE, SHAPE_CLASSES};
+use super::output;
 
 /// How a run is driven (not part of its identity).
 pub struct RunOpts {
@@ -195,39 +196,6 @@ fn check_voc(dir: &Path, sets: &[&Voc], progress: bool) -> anyhow::Result<()> {
     res.with_context(|| format!("--data-dir {}", dir.display()))
 }
 
-/// Whether `out` holds only what a fresh start that failed before its first checkpoint
-/// leaves (`config.json`, `log.jsonl`, an empty `checkpoints/`, hidden temp files): a
-/// plain re-run may then start over in it. Anything else (a checkpoint, a foreign file)
-/// means a run worth keeping. Says so on stderr when it starts over.
-fn failed_start_leftover(out: &Path) -> anyhow::Result<bool> {
-    let names = |dir: &Path| -> anyhow::Result<Vec<String>> {
-        let mut v = Vec::new();
-        for e in std::fs::read_dir(dir).with_context(|| format!("--out {}", dir.display()))? {
-            v.push(e?.file_name().to_string_lossy().into_owned());
-        }
-        Ok(v)
-    };
-    let visible = |n: &String| !n.starts_with('.');
-    for name in names(out)?.iter().filter(|n| visible(n)) {
-        let ok = match name.as_str() {
-            "config.json" | "log.jsonl" => true,
-            "checkpoints" => {
-                let dir = out.join(name);
-                dir.is_dir() && !names(&dir)?.iter().any(visible)
-            }
-            _ => false,
-        };
-        if !ok {
-            return Ok(false);
-        }
-    }
-    eprintln!(
-        "seg_train: --out {} holds a run that stopped before its first checkpoint; starting it afresh",
-        out.display()
-    );
-    Ok(true)
-}
-
 /// Whether every value of `t` is finite (a float tensor's sum: NaN and inf propagate; a sum
 /// that overflows, which only values near f32's limit reach, also counts as non-finite).
 /// Integer tensors are always finite.
@@ -321,23 +289,6 @@ fn copy_bn_stats(vm: &VarMap, cast: &SegNet) -> anyhow::Result<()> {
                 .with_context(|| format!("no variable {name}.{k}"))?;
             var.set(&t.to_dtype(DType::F32)?)?;
         }
-    }
-    Ok(())
-}
-
-/// Checks that `out` can be created and written, leaving nothing behind when it cannot.
-pub fn check_writable(out: &Path) -> anyhow::Result<()> {
-    let existed = out.exists();
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("--out {}: cannot create the directory", out.display()))?;
-    let probe = out.join(".seg_train_write_probe");
-    let res = std::fs::write(&probe, b"ok");
-    let _ = std::fs::remove_file(&probe);
-    if let Err(e) = res {
-        if !existed {
-            let _ = std::fs::remove_dir(out);
-        }
-        bail!("--out {}: not writable: {e}", out.display())
     }
     Ok(())
 }
@@ -441,47 +392,27 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Opens the output directory: a fresh run writes its config; a resumed one restores
-    /// the newest valid checkpoint (warning about newer corrupt ones) and its log.
+    /// Opens the output directory (see [`output::claim`]: lock, stale temp files, no
+    /// overwriting): a fresh run writes its config; a resumed one restores the checkpoint
+    /// `cli` chose and verified, and rewrites `config.json` when it changed (recovered, or
+    /// `--steps` extended the run). The lock is held while the returned guard lives.
     fn open_output(
         &mut self,
         out: &Path,
-        resume: bool,
-    ) -> anyhow::Result<(CheckpointManager, JsonlLogger)> {
-        if !resume && out.join("config.json").exists() && !failed_start_leftover(out)? {
-            bail!(
-                "--out {} already holds a run; continue it with --resume {} or pick another --out",
-                out.display(),
-                out.display()
-            )
-        }
-        check_writable(out)?;
-        let manager = CheckpointManager::new(out.join("checkpoints"), self.cfg.keep_last)?;
+        resume: Option<Resume>,
+    ) -> anyhow::Result<(CheckpointManager, JsonlLogger, RunLock)> {
+        let lock = output::claim(out, resume.is_some())?;
+        let mut manager = CheckpointManager::new(out.join("checkpoints"), self.cfg.keep_last)?;
+        manager.set_write_pause(output::save_pause()?);
         let log_path = out.join("log.jsonl");
-        if !resume {
+        let Some(found) = resume else {
             write_atomic(
                 out.join("config.json"),
                 serde_json::to_string_pretty(self.cfg)?.as_bytes(),
             )?;
-            return Ok((manager, JsonlLogger::create(&log_path)?));
-        }
-        let found = manager
-            .load_latest(&self.opts.device)
-            .with_context(|| format!("--resume {}", out.display()))?
-            .with_context(|| {
-                format!(
-                    "--resume {}: no checkpoint in {}",
-                    out.display(),
-                    manager.dir().display()
-                )
-            })?;
-        for bad in &found.skipped {
-            eprintln!(
-                "warning: skipping {} (corrupt or truncated); resuming from {}",
-                bad.display(),
-                found.path.display()
-            );
-        }
+            return Ok((manager, JsonlLogger::create(&log_path)?, lock));
+        };
+        output::sync_config(out, self.cfg)?;
         let meta: CkptMeta = self
             .state
             .restore(&found.checkpoint)
@@ -494,7 +425,8 @@ impl<'a> Run<'a> {
                 self.state.step
             );
         }
-        Ok((manager, JsonlLogger::resume(&log_path, self.state.step)?))
+        let logger = JsonlLogger::resume(&log_path, self.state.step)?;
+        Ok((manager, logger, lock))
     }
 
     fn banner(&self) {
@@ -610,15 +542,16 @@ pub fn amp_label(p: Precision) -> String {
     }
 }
 
-/// Trains (or resumes) a run in `out`. With `resume`, `cfg` is the run's saved config.
+/// Trains (or resumes) a run in `out`. With `resume` (the checkpoint to continue from,
+/// see `cli::resume_plan`), `cfg` is the run's saved config.
 pub fn run(
     cfg: &RunConfig,
     out: &Path,
-    resume: bool,
+    resume: Option<Resume>,
     opts: &RunOpts,
 ) -> anyhow::Result<RunSummary> {
     let mut run = Run::new(cfg, opts)?;
-    let (mut manager, mut logger) = run.open_output(out, resume)?;
+    let (mut manager, mut logger, _lock) = run.open_output(out, resume)?;
     if opts.verbose {
         run.banner();
     }

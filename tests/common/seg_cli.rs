@@ -89,6 +89,21 @@ pub fn child_main() {
     }
 }
 
+/// This test binary re-executed as seg_train with `args` and the environment `env`.
+pub fn child_env(args: &[String], env: &[(&str, &str)]) -> Command {
+    let mut c = child(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// `args` with `extra` appended.
+pub fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// This test binary re-executed as seg_train with `args`.
 pub fn child(args: &[String]) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());

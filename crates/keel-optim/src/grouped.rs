@@ -24,11 +24,8 @@
 //! impl UpdateRule for Plain {
 //!     const NAME: &'static str = "Plain";
 //!     type State = ();
-//!     fn lr(&self) -> f64 {
-//!         self.lr
-//!     }
-//!     fn set_lr(&mut self, lr: f64) {
-//!         self.lr = lr;
+//!     fn hparams(&self) -> GroupHparams {
+//!         GroupHparams { lr: self.lr, weight_decay: 0.0 }
 //!     }
 //!     fn step(&self, h: &GroupHparams, p: Tensor, g: Tensor, _: &mut Option<()>) -> candle::Result<Tensor> {
 //!         p - g.affine(h.lr, 0.0)?
@@ -63,16 +60,11 @@ pub trait UpdateRule: Clone + Debug {
     /// gradient for the parameter, like PyTorch's lazy `state[p]`.
     type State: ParamState + Debug;
 
-    /// The base learning rate (each group scales it by its `lr_mult`).
-    fn lr(&self) -> f64;
-
-    /// Sets the base learning rate ([`Grouped`] has checked it).
-    fn set_lr(&mut self, lr: f64);
-
-    /// The weight decay of groups that do not override it; 0 unless the rule has one.
-    fn weight_decay(&self) -> f64 {
-        0.0
-    }
+    /// The base learning rate and the weight decay of groups that do not override it, as
+    /// this config sets them. [`Grouped`] takes the base LR from here once and keeps it
+    /// itself from then on (`set_learning_rate`, `load_state_dict`); each group scales it
+    /// by its `lr_mult`.
+    fn hparams(&self) -> GroupHparams;
 
     /// Checks the hyper-parameters other than the learning rate (which [`Grouped`]
     /// checks itself); called once before any state exists.
@@ -178,6 +170,8 @@ struct Group<S> {
 #[derive(Debug)]
 pub struct Grouped<R: UpdateRule> {
     rule: R,
+    /// The base learning rate (the rule's until `set_learning_rate` or a loaded state).
+    lr: f64,
     groups: Vec<Group<R::State>>,
 }
 
@@ -186,7 +180,8 @@ impl<R: UpdateRule> Grouped<R> {
     /// Errors name the optimizer, the bad value and a fix: an LR that is negative, NaN
     /// or infinite (also in f32), a hyper-parameter the rule rejects, a bad group.
     pub fn with_groups(groups: Vec<ParamGroup>, rule: R) -> candle::Result<Self> {
-        check_lr(R::NAME, rule.lr())?;
+        let base = rule.hparams();
+        check_lr(R::NAME, base.lr)?;
         rule.validate()?;
         let mut out = Vec::with_capacity(groups.len());
         for (i, g) in groups.into_iter().enumerate() {
@@ -194,14 +189,20 @@ impl<R: UpdateRule> Grouped<R> {
             let slots = g.vars.into_iter().filter(|v| v.dtype().is_float());
             out.push(Group {
                 lr_mult: g.lr_mult,
-                weight_decay: g.weight_decay.unwrap_or(rule.weight_decay()),
+                weight_decay: g.weight_decay.unwrap_or(base.weight_decay),
                 slots: slots.map(|var| Slot { var, state: None }).collect(),
             });
         }
-        Ok(Self { rule, groups: out })
+        Ok(Self {
+            rule,
+            lr: base.lr,
+            groups: out,
+        })
     }
 
-    /// The configuration (its `lr` follows `set_learning_rate`).
+    /// The configuration the optimizer was built with. Its `lr` is the starting one: the
+    /// current base learning rate, which `set_learning_rate` and a loaded state change,
+    /// is [`candle_nn::Optimizer::learning_rate`].
     pub fn config(&self) -> &R {
         &self.rule
     }
@@ -216,7 +217,7 @@ impl<R: UpdateRule> StateDict for Grouped<R> {
     /// parameter (flat index across groups) that has a state.
     fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
         let n = self.slots().count() as f64;
-        let mut out = state::scalars(&[("lr", self.rule.lr()), ("num_params", n)])?;
+        let mut out = state::scalars(&[("lr", self.lr), ("num_params", n)])?;
         for (i, slot) in self.slots().enumerate() {
             let Some(st) = &slot.state else { continue };
             for (name, t) in st.save()? {
@@ -224,6 +225,11 @@ impl<R: UpdateRule> StateDict for Grouped<R> {
             }
         }
         Ok(out)
+    }
+
+    /// The rule's [`UpdateRule::NAME`] (`Sgd`, `AdamW`).
+    fn name(&self) -> String {
+        R::NAME.to_string()
     }
 
     /// Restores a state from [`Grouped::state_dict`]; the optimizer must be built over
@@ -247,7 +253,7 @@ impl<R: UpdateRule> StateDict for Grouped<R> {
         for (slot, st) in slots.zip(loaded) {
             slot.state = st;
         }
-        self.rule.set_lr(lr);
+        self.lr = lr;
         Ok(())
     }
 }
@@ -260,7 +266,7 @@ impl<R: UpdateRule> candle_nn::Optimizer for Grouped<R> {
     }
 
     fn step(&mut self, grads: &GradStore) -> candle::Result<()> {
-        let base_lr = self.rule.lr();
+        let base_lr = self.lr;
         for group in self.groups.iter_mut() {
             let hparams = GroupHparams {
                 lr: base_lr * group.lr_mult,
@@ -281,10 +287,10 @@ impl<R: UpdateRule> candle_nn::Optimizer for Grouped<R> {
     }
 
     fn learning_rate(&self) -> f64 {
-        self.rule.lr()
+        self.lr
     }
 
     fn set_learning_rate(&mut self, lr: f64) {
-        self.rule.set_lr(lr);
+        self.lr = lr;
     }
 }

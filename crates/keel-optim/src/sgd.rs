@@ -42,16 +42,11 @@ impl UpdateRule for SgdConfig {
     const NAME: &'static str = "Sgd";
     type State = SgdState;
 
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-
-    fn weight_decay(&self) -> f64 {
-        self.weight_decay
+    fn hparams(&self) -> GroupHparams {
+        GroupHparams {
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+        }
     }
 
     fn validate(&self) -> candle::Result<()> {

@@ -17,6 +17,16 @@ pub trait StateDict {
     /// Restores a state from [`StateDict::state_dict`]. On error `self` is unchanged.
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> candle::Result<()>;
 
+    /// The name errors give this type: its type name without module paths unless the type
+    /// says better (keel's optimizers say `Sgd` and `AdamW`, their
+    /// [`crate::UpdateRule::NAME`], not `Grouped<SgdConfig>`).
+    fn name(&self) -> String {
+        let full = std::any::type_name::<Self>();
+        let end = full.find('<').unwrap_or(full.len());
+        let path = full[..end].rsplit("::").next().unwrap_or(full);
+        format!("{path}{}", &full[end..])
+    }
+
     /// Writes [`StateDict::state_dict`] to a safetensors file.
     fn save(&self, path: &Path) -> candle::Result<()> {
         candle::safetensors::save(&self.state_dict()?, path)
@@ -76,24 +86,6 @@ pub(crate) fn check_lr(op: &str, lr: f64) -> candle::Result<()> {
     Ok(())
 }
 
-/// `T`'s name without module paths (`Grouped<SgdConfig>`), for error messages.
-fn short_type_name<T: ?Sized>() -> String {
-    let full = std::any::type_name::<T>();
-    let mut out = String::with_capacity(full.len());
-    let mut word = String::new();
-    for c in full.chars() {
-        if c.is_alphanumeric() || c == '_' || c == ':' {
-            word.push(c);
-        } else {
-            out.push_str(word.rsplit("::").next().unwrap_or(""));
-            word.clear();
-            out.push(c);
-        }
-    }
-    out.push_str(word.rsplit("::").next().unwrap_or(""));
-    out
-}
-
 impl<T: candle_nn::Optimizer + StateDict> DynOptimizer for T {
     fn step(&mut self, grads: &GradStore) -> candle::Result<()> {
         candle_nn::Optimizer::step(self, grads)
@@ -104,7 +96,7 @@ impl<T: candle_nn::Optimizer + StateDict> DynOptimizer for T {
     }
 
     fn set_learning_rate(&mut self, lr: f64) -> candle::Result<()> {
-        check_lr(&short_type_name::<T>(), lr)?;
+        check_lr(&self.name(), lr)?;
         candle_nn::Optimizer::set_learning_rate(self, lr);
         Ok(())
     }

@@ -198,3 +198,17 @@ fn grad_scaler_steps_a_boxed_optimizer_and_skips_on_overflow() -> Result<()> {
     assert_eq!(values(&after[key])?, vec![2.0, 4.0]);
     Ok(())
 }
+
+#[test]
+fn errors_name_the_optimizer_not_its_generic_type() -> Result<()> {
+    let w = Var::new(&[1f32], &Device::Cpu)?;
+    let mut sgd: Box<dyn DynOptimizer> = Box::new(Sgd::new(vec![w.clone()], SgdConfig::default())?);
+    let mut adamw: Box<dyn DynOptimizer> =
+        Box::new(AdamW::new(vec![w.clone()], AdamWConfig::default())?);
+    for (opt, name) in [(&mut sgd, "Sgd: lr (NaN)"), (&mut adamw, "AdamW: lr (NaN)")] {
+        let e = opt.set_learning_rate(f64::NAN).unwrap_err().to_string();
+        assert!(e.starts_with(name) && !e.contains("Grouped"), "{e}");
+        assert_eq!(opt.name(), name.split(':').next().unwrap());
+    }
+    Ok(())
+}

@@ -12,7 +12,8 @@
 //! the same infinity), prints the worst element with its multi-dimensional index, and
 //! returns the maximum absolute error so tests can report what they measured.
 //! [`check_close`] is the same check returning a `Result` for code that must not panic
-//! (proptest bodies, tests that expect a mismatch).
+//! (proptest bodies, tests that expect a mismatch). [`TempDir`] is a test's scratch
+//! directory, removed on drop.
 //!
 //! ```
 //! use keel_test_support::{assert_close, Tol};
@@ -21,7 +22,9 @@
 //! ```
 
 pub mod close;
+pub mod temp;
 pub mod tol;
 
 pub use close::{assert_close, check_close, Closeness, Mismatch, Values};
+pub use temp::TempDir;
 pub use tol::Tol;

@@ -19,78 +19,16 @@
 //! verifies the
 //! header and the checksum, so a truncated file or a flipped byte is an error, never a
 //! silently different model. Tensor bytes are little-endian, as safetensors specifies.
-use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use candle::Tensor;
-
 use candle::Device;
 
-use crate::ckpt_file::{peek, to_bytes};
-use crate::fsio::{io_err, write_atomic};
-use crate::load_checkpoint;
+use crate::ckpt_file::{load_verified, peek, to_bytes, Checkpoint, LoadFailure};
+use crate::fsio::{io_err, remove_stale_temps, write_atomic_paused};
 
 const PREFIX: &str = "ckpt-";
 const SUFFIX: &str = ".safetensors";
-
-/// Everything a training run needs to resume: tensors (weights, optimizer, scaler and EMA
-/// state, RNG state as integer tensors...) plus free-form JSON metadata.
-///
-/// ```
-/// use std::collections::HashMap;
-/// use candle::{Device, Tensor};
-/// use keel_train::Checkpoint;
-/// # fn main() -> candle::Result<()> {
-/// let mut ckpt = Checkpoint::new(100);
-/// ckpt.extend_prefixed("model.", [("conv.weight".to_string(), Tensor::ones((2, 2), candle::DType::F32, &Device::Cpu)?)]);
-/// ckpt.meta = serde_json::json!({ "lr": 0.01, "seed": 7 });
-/// assert!(ckpt.tensors.contains_key("model.conv.weight"));
-/// assert_eq!(ckpt.prefixed("model.").len(), 1);
-/// # Ok(()) }
-/// ```
-#[derive(Clone, Debug)]
-pub struct Checkpoint {
-    /// The training step the state belongs to (the number of optimizer steps taken).
-    pub step: usize,
-    /// Named tensors; any device, any dtype candle can store in safetensors except the
-    /// sub-byte float formats.
-    pub tensors: HashMap<String, Tensor>,
-    /// Free-form metadata (config, monitor state, data-loader position...), stored as JSON.
-    pub meta: serde_json::Value,
-}
-
-impl Checkpoint {
-    /// An empty checkpoint at `step` with `null` meta.
-    pub fn new(step: usize) -> Self {
-        Self {
-            step,
-            tensors: HashMap::new(),
-            meta: serde_json::Value::Null,
-        }
-    }
-
-    /// Inserts `tensors` under `prefix` + name (e.g. `"model."`, `"optim."`).
-    pub fn extend_prefixed(
-        &mut self,
-        prefix: &str,
-        tensors: impl IntoIterator<Item = (String, Tensor)>,
-    ) {
-        self.tensors.extend(
-            tensors
-                .into_iter()
-                .map(|(k, v)| (format!("{prefix}{k}"), v)),
-        );
-    }
-
-    /// The tensors whose name starts with `prefix`, with the prefix removed.
-    pub fn prefixed(&self, prefix: &str) -> HashMap<String, Tensor> {
-        self.tensors
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.clone())))
-            .collect()
-    }
-}
 
 /// Writes checkpoints into one directory, keeps the last `keep_last` of them plus the best
 /// one, and finds the newest for resuming.
@@ -133,6 +71,8 @@ pub struct CheckpointManager {
     keep_last: usize,
     /// Valid-looking checkpoints in `dir`, sorted by step.
     entries: Vec<Entry>,
+    /// Test knob: a sleep between writing a checkpoint's temp file and renaming it.
+    write_pause: Option<std::time::Duration>,
 }
 
 /// The checkpoint [`CheckpointManager::load_latest`] found, with the newer files it had to
@@ -145,6 +85,62 @@ pub struct Resume {
     pub path: PathBuf,
     /// Newer checkpoint files that failed verification, newest first.
     pub skipped: Vec<PathBuf>,
+    /// What was wrong with each file of [`Resume::skipped`], in the same order.
+    pub skip_reasons: Vec<String>,
+}
+
+/// Loads the newest checkpoint of `dir` that verifies (header and checksum, see
+/// [`crate::load_checkpoint`]) onto `device`, for resuming; reads only, so a program can
+/// look before it takes the directory over. Newer checkpoint files whose content does not
+/// verify (truncated by a crash, a checksum mismatch from a damaged disk, not a keel
+/// checkpoint) are skipped and listed in [`Resume::skipped`] with the reason, so the caller
+/// can warn about them.
+///
+/// `Ok(None)` when the directory holds no checkpoint file at all; an error naming the
+/// newest file and what is wrong with it when files exist but none verifies. A file that
+/// cannot be read at all (permission denied, an I/O error, a directory of a checkpoint's
+/// name) is an error naming it, never skipped: its content may be fine, and falling back
+/// would silently lose the steps after the older checkpoint.
+pub fn load_latest_checkpoint(
+    dir: impl AsRef<Path>,
+    device: &Device,
+) -> candle::Result<Option<Resume>> {
+    let dir = dir.as_ref();
+    let mut files: Vec<(usize, PathBuf)> = list_names(dir)?
+        .into_iter()
+        .filter_map(|name| Some((parse_file_name(&name)?, dir.join(name))))
+        .collect();
+    files.sort();
+    let (mut skipped, mut skip_reasons) = (Vec::new(), Vec::new());
+    while let Some((_, path)) = files.pop() {
+        match load_verified(&path, device) {
+            Ok(checkpoint) => {
+                return Ok(Some(Resume {
+                    checkpoint,
+                    path,
+                    skipped,
+                    skip_reasons,
+                }))
+            }
+            Err(LoadFailure::Corrupt(e)) => {
+                skip_reasons.push(e.to_string());
+                skipped.push(path);
+            }
+            Err(LoadFailure::Fatal(e)) => candle::bail!(
+                "{e}; fix the file's permissions or the disk, or move the file away to resume \
+                 from an older checkpoint"
+            ),
+        }
+    }
+    match (skipped.first(), skip_reasons.first()) {
+        (Some(newest), Some(e)) => candle::bail!(
+            "CheckpointManager: no valid checkpoint in {}; the newest, {}, is corrupt or \
+             truncated: {e}; restart the run or restore a checkpoint from a backup",
+            dir.display(),
+            newest.display()
+        ),
+        _ => Ok(None),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -157,7 +153,10 @@ struct Entry {
 impl CheckpointManager {
     /// A manager for `dir`, created if needed. Errors clearly when `dir` is not a writable
     /// directory or `keep_last` is 0. Existing checkpoints in `dir` are taken over (they count
-    /// for pruning and for the best), and temp files left by an interrupted save are removed.
+    /// for pruning and for the best), and temp files left by an interrupted save are removed
+    /// (keel's and the safetensors library's, see [`crate::remove_stale_temps`]): one
+    /// manager per directory at a time; a program that may run twice on one directory
+    /// takes a [`crate::RunLock`] first.
     pub fn new(dir: impl Into<PathBuf>, keep_last: usize) -> candle::Result<Self> {
         let dir = dir.into();
         if keep_last == 0 {
@@ -189,17 +188,22 @@ impl CheckpointManager {
                 )
             })?;
         let _ = fs::remove_file(&probe);
-        for name in list_names(&dir)? {
-            if name.starts_with(&format!(".{PREFIX}")) && name.contains(".tmp-") {
-                let _ = fs::remove_file(dir.join(&name));
-            }
-        }
+        remove_stale_temps(&dir)?;
         let entries = scan(&dir)?;
         Ok(Self {
             dir,
             keep_last,
             entries,
+            write_pause: None,
         })
+    }
+
+    /// For tests of crash safety only: every [`CheckpointManager::save`] sleeps for `pause`
+    /// after writing its temp file and before renaming it into place, so a test can kill
+    /// the process while a checkpoint is being written.
+    #[doc(hidden)]
+    pub fn set_write_pause(&mut self, pause: Option<std::time::Duration>) {
+        self.write_pause = pause;
     }
 
     /// The checkpoint directory.
@@ -223,7 +227,7 @@ impl CheckpointManager {
     pub fn save(&mut self, ckpt: &Checkpoint, metric: Option<f64>) -> candle::Result<PathBuf> {
         let metric = metric.filter(|m| m.is_finite());
         let path = self.path_for(ckpt.step);
-        write_atomic(&path, &to_bytes(ckpt, metric)?)?;
+        write_atomic_paused(&path, &to_bytes(ckpt, metric)?, self.write_pause)?;
         self.entries.retain(|e| e.step != ckpt.step);
         self.entries.push(Entry {
             step: ckpt.step,
@@ -242,13 +246,7 @@ impl CheckpointManager {
         Ok(scan(&self.dir)?.pop().map(|e| e.path))
     }
 
-    /// Loads the newest checkpoint that verifies (header and checksum, see
-    /// [`crate::load_checkpoint`]) onto `device`, for resuming. Newer checkpoint files that
-    /// do not verify (a crash mid-copy, a damaged disk) are skipped and listed in
-    /// [`Resume::skipped`], so the caller can warn about them.
-    ///
-    /// `Ok(None)` when the directory holds no checkpoint file at all; an error naming the
-    /// newest file and what is wrong with it when files exist but none verifies.
+    /// [`load_latest_checkpoint`] of this manager's directory.
     ///
     /// ```
     /// use candle::{Device, Tensor};
@@ -270,37 +268,7 @@ impl CheckpointManager {
     /// # Ok(()) }
     /// ```
     pub fn load_latest(&self, device: &Device) -> candle::Result<Option<Resume>> {
-        let mut files: Vec<(usize, PathBuf)> = list_names(&self.dir)?
-            .into_iter()
-            .filter_map(|name| Some((parse_file_name(&name)?, self.dir.join(name))))
-            .collect();
-        files.sort();
-        let mut skipped = Vec::new();
-        let mut newest_err = None;
-        while let Some((_, path)) = files.pop() {
-            match load_checkpoint(&path, device) {
-                Ok(checkpoint) => {
-                    return Ok(Some(Resume {
-                        checkpoint,
-                        path,
-                        skipped,
-                    }))
-                }
-                Err(e) => {
-                    newest_err.get_or_insert(e);
-                    skipped.push(path);
-                }
-            }
-        }
-        match (skipped.first(), newest_err) {
-            (Some(newest), Some(e)) => candle::bail!(
-                "CheckpointManager: no valid checkpoint in {}; the newest, {}, is corrupt or \
-                 truncated: {e}; restart the run or restore a checkpoint from a backup",
-                self.dir.display(),
-                newest.display()
-            ),
-            _ => Ok(None),
-        }
+        load_latest_checkpoint(&self.dir, device)
     }
 
     /// The checkpoint saved with the highest metric so far (the earliest one on ties), if any

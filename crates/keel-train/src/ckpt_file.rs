@@ -12,7 +12,6 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensorError, SafeTensors, View};
 use sha2::{Digest, Sha256};
 
 use crate::fsio::io_err;
-use crate::Checkpoint;
 
 /// The `format` value in the header metadata of every keel checkpoint.
 pub const CHECKPOINT_FORMAT: &str = "keel-checkpoint";
@@ -20,6 +19,64 @@ pub const CHECKPOINT_FORMAT: &str = "keel-checkpoint";
 pub const CHECKPOINT_VERSION: &str = "1";
 /// safetensors' own limit on the JSON header.
 const MAX_HEADER: u64 = 100_000_000;
+
+/// Everything a training run needs to resume: tensors (weights, optimizer, scaler and EMA
+/// state, RNG state as integer tensors...) plus free-form JSON metadata.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use candle::{Device, Tensor};
+/// use keel_train::Checkpoint;
+/// # fn main() -> candle::Result<()> {
+/// let mut ckpt = Checkpoint::new(100);
+/// ckpt.extend_prefixed("model.", [("conv.weight".to_string(), Tensor::ones((2, 2), candle::DType::F32, &Device::Cpu)?)]);
+/// ckpt.meta = serde_json::json!({ "lr": 0.01, "seed": 7 });
+/// assert!(ckpt.tensors.contains_key("model.conv.weight"));
+/// assert_eq!(ckpt.prefixed("model.").len(), 1);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// The training step the state belongs to (the number of optimizer steps taken).
+    pub step: usize,
+    /// Named tensors; any device, any dtype candle can store in safetensors except the
+    /// sub-byte float formats.
+    pub tensors: HashMap<String, Tensor>,
+    /// Free-form metadata (config, monitor state, data-loader position...), stored as JSON.
+    pub meta: serde_json::Value,
+}
+
+impl Checkpoint {
+    /// An empty checkpoint at `step` with `null` meta.
+    pub fn new(step: usize) -> Self {
+        Self {
+            step,
+            tensors: HashMap::new(),
+            meta: serde_json::Value::Null,
+        }
+    }
+
+    /// Inserts `tensors` under `prefix` + name (e.g. `"model."`, `"optim."`).
+    pub fn extend_prefixed(
+        &mut self,
+        prefix: &str,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+    ) {
+        self.tensors.extend(
+            tensors
+                .into_iter()
+                .map(|(k, v)| (format!("{prefix}{k}"), v)),
+        );
+    }
+
+    /// The tensors whose name starts with `prefix`, with the prefix removed.
+    pub fn prefixed(&self, prefix: &str) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.clone())))
+            .collect()
+    }
+}
 
 /// Loads a checkpoint written by [`crate::CheckpointManager::save`] onto `device`, verifying the
 /// safetensors header, the keel metadata and the checksum.
@@ -37,9 +94,61 @@ const MAX_HEADER: u64 = 100_000_000;
 /// # std::fs::remove_file(&path).unwrap();
 /// ```
 pub fn load_checkpoint(path: impl AsRef<Path>, device: &Device) -> candle::Result<Checkpoint> {
-    let path = path.as_ref();
+    load_verified(path.as_ref(), device).map_err(LoadFailure::into_error)
+}
+
+/// Why a checkpoint file did not load: its content is damaged (a reader may fall back to an
+/// older checkpoint), or reading it failed for a reason that is not the file's content
+/// (permission denied, an I/O error, a device error, a newer format), which must stop.
+#[derive(Debug)]
+pub(crate) enum LoadFailure {
+    /// Truncated, not safetensors, not a keel checkpoint, corrupt header, checksum mismatch.
+    Corrupt(candle::Error),
+    /// Anything else.
+    Fatal(candle::Error),
+}
+
+impl LoadFailure {
+    pub(crate) fn into_error(self) -> candle::Error {
+        match self {
+            Self::Corrupt(e) | Self::Fatal(e) => e,
+        }
+    }
+}
+
+/// [`load_checkpoint`], telling damaged content from other failures.
+pub(crate) fn load_verified(path: &Path, device: &Device) -> Result<Checkpoint, LoadFailure> {
     let shown = path.display();
-    let bytes = fs::read(path).map_err(|e| io_err(format!("cannot read checkpoint {shown}"), e))?;
+    let bytes = fs::read(path)
+        .map_err(|e| LoadFailure::Fatal(io_err(format!("cannot read checkpoint {shown}"), e)))?;
+    let ckpt = decode(&bytes, &shown.to_string()).map_err(LoadFailure::Corrupt)?;
+    let mut tensors = HashMap::with_capacity(ckpt.views.len());
+    for (name, dtype, shape, data) in ckpt.views {
+        let t = Tensor::from_raw_buffer(data, dtype, &shape, device).map_err(|e| {
+            LoadFailure::Fatal(candle::Error::Msg(format!(
+                "checkpoint {shown}: cannot load tensor `{name}` onto {device:?}: {e}"
+            )))
+        })?;
+        tensors.insert(name, t);
+    }
+    Ok(Checkpoint {
+        step: ckpt.step,
+        tensors,
+        meta: ckpt.meta,
+    })
+}
+
+/// A verified checkpoint file's content, tensors still as bytes.
+struct Decoded<'a> {
+    step: usize,
+    meta: serde_json::Value,
+    views: Vec<(String, DType, Vec<usize>, &'a [u8])>,
+}
+
+/// Parses and verifies the file bytes (header, keel metadata, checksum); every error means
+/// the content is not a keel checkpoint this keel can read (damage, another file, or another
+/// format version), so a reader may fall back to an older checkpoint.
+fn decode<'a>(bytes: &'a [u8], shown: &str) -> candle::Result<Decoded<'a>> {
     let header_err = |e: SafeTensorError| {
         let what = match e {
             SafeTensorError::HeaderTooSmall | SafeTensorError::InvalidHeaderLength => {
@@ -59,9 +168,9 @@ pub fn load_checkpoint(path: impl AsRef<Path>, device: &Device) -> candle::Resul
             "checkpoint {shown} is not a valid safetensors file: {what}"
         ))
     };
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(header_err)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(header_err)?;
     let md = header.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(&bytes).map_err(header_err)?;
+    let st = SafeTensors::deserialize(bytes).map_err(header_err)?;
     let bad = |what: String| candle::Error::Msg(format!("checkpoint {shown}: {what}"));
     if md.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
         return Err(bad(format!(
@@ -107,18 +216,17 @@ pub fn load_checkpoint(path: impl AsRef<Path>, device: &Device) -> candle::Resul
     }
     let meta: serde_json::Value = serde_json::from_str(meta_str)
         .map_err(|e| bad(format!("header `meta` is not valid JSON: {e}")))?;
-    let mut tensors = HashMap::with_capacity(views.len());
+    let mut out = Vec::with_capacity(views.len());
     for (name, view) in views {
         let dtype =
             DType::try_from(view.dtype()).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-        let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
-            .map_err(|e| bad(format!("cannot load tensor `{name}` onto {device:?}: {e}")))?;
-        tensors.insert(name, t);
+        let (shape, data) = (view.shape().to_vec(), view.data());
+        out.push((name, dtype, shape, data));
     }
-    Ok(Checkpoint {
+    Ok(Decoded {
         step,
-        tensors,
         meta,
+        views: out,
     })
 }
 

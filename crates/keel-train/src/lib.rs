@@ -16,7 +16,10 @@
 //! - [`CheckpointManager`] and [`load_checkpoint`]: atomic, checksummed safetensors
 //!   checkpoints, keep-last-K plus the best, resume from the latest.
 //! - [`JsonlLogger`]: one JSON record per line, flushed, resumable.
-//! - [`write_atomic`]: the one atomic file write (temp, fsync, rename, fsync directory).
+//! - [`write_atomic`]: the one atomic file write (temp, fsync, rename, fsync directory);
+//!   [`remove_stale_temps`] clears what an interrupted one left.
+//! - [`RunLock`]: one process per run directory (a pid lock file; a dead holder's lock is
+//!   taken over).
 //!
 //! A custom loop with keel's parts (a linear model learning `y = x0 + x1 + x2 + x3`,
 //! SGD with warmup and clipping, a checkpoint, a resume that continues bit for bit):
@@ -98,6 +101,7 @@ mod config;
 mod divergence;
 mod fsio;
 mod interrupt;
+mod lock;
 mod log;
 mod metrics;
 mod monitor;
@@ -108,12 +112,13 @@ mod stats;
 mod summary;
 
 pub use advice::{Advice, Bf16Cause, LrCause};
-pub use checkpoint::{Checkpoint, CheckpointManager, Resume};
-pub use ckpt_file::{load_checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION};
+pub use checkpoint::{load_latest_checkpoint, CheckpointManager, Resume};
+pub use ckpt_file::{load_checkpoint, Checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION};
 pub use config::MonitorConfig;
 pub use divergence::{DivergenceCause, DivergenceEvent};
-pub use fsio::write_atomic;
+pub use fsio::{remove_stale_temps, write_atomic};
 pub use interrupt::{Interrupt, StopSignal};
+pub use lock::{RunLock, LOCK_FILE};
 pub use log::JsonlLogger;
 pub use metrics::ConfusionMatrix;
 pub use monitor::{Alarm, EvalRecord, StabilityMonitor, StepRecord};

@@ -1,31 +1,10 @@
 //! Checkpoints: bit-exact round trips, pruning, corruption, failed saves, temp files.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle::{DType, Device, Tensor};
-use keel_train::{load_checkpoint, Checkpoint, CheckpointManager};
-
-/// A fresh, empty directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "keel-train-test-{name}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use keel_test_support::TempDir;
+use keel_train::{load_checkpoint, load_latest_checkpoint, Checkpoint, CheckpointManager, RunLock};
 
 fn small(step: usize) -> anyhow::Result<Checkpoint> {
     let mut c = Checkpoint::new(step);
@@ -390,5 +369,144 @@ fn a_monitor_in_the_meta_survives_save_and_load_exactly() -> anyhow::Result<()> 
     let back = load_checkpoint(mgr.save(&c, None)?, &Device::Cpu)?;
     let restored: StabilityMonitor = serde_json::from_value(back.meta["monitor"].clone())?;
     assert_eq!(restored, mon);
+    Ok(())
+}
+
+/// Flips one byte of the tensor data (past the header), so only the checksum can tell.
+fn flip_data_byte(path: &Path) -> anyhow::Result<()> {
+    let mut b = std::fs::read(path)?;
+    let last = b.len() - 1;
+    b[last] ^= 0x40;
+    std::fs::write(path, b)?;
+    Ok(())
+}
+
+#[test]
+fn a_checksum_mismatch_in_the_newest_falls_back_to_the_previous_with_the_reason(
+) -> anyhow::Result<()> {
+    let tmp = TempDir::new("checksum-fallback");
+    let mut mgr = CheckpointManager::new(&tmp.0, 5)?;
+    let p1 = mgr.save(&small(10)?, None)?;
+    let p2 = mgr.save(&small(20)?, None)?;
+    let p3 = mgr.save(&small(30)?, None)?;
+    flip_data_byte(&p3)?;
+    std::fs::write(&p2, b"torn")?;
+    let r = load_latest_checkpoint(&tmp.0, &Device::Cpu)?.expect("a checkpoint");
+    assert_eq!((r.checkpoint.step, &r.path), (10, &p1));
+    assert_eq!(r.skipped, vec![p3.clone(), p2]);
+    assert!(
+        r.skip_reasons[0].contains("checksum mismatch"),
+        "{:?}",
+        r.skip_reasons
+    );
+    assert!(
+        r.skip_reasons[1].contains("truncated"),
+        "{:?}",
+        r.skip_reasons
+    );
+    // The manager's method is the same search.
+    assert_eq!(mgr.load_latest(&Device::Cpu)?.unwrap().path, p1);
+    // With no valid checkpoint left, the error names the newest and its fault.
+    flip_data_byte(&p1)?;
+    let e = mgr.load_latest(&Device::Cpu).unwrap_err().to_string();
+    assert!(
+        e.contains("ckpt-00000030") && e.contains("checksum mismatch"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_unreadable_newest_checkpoint_is_an_error_not_skipped() -> anyhow::Result<()> {
+    let tmp = TempDir::new("unreadable");
+    let mut mgr = CheckpointManager::new(&tmp.0, 5)?;
+    mgr.save(&small(10)?, None)?;
+    // A read that fails for a reason other than the content: here a directory under a
+    // checkpoint's name (EISDIR; permission denied takes the same path, but tests may run
+    // as root, which reads anything).
+    let blocker = tmp.0.join("ckpt-00000020.safetensors");
+    std::fs::create_dir(&blocker)?;
+    let e = load_latest_checkpoint(&tmp.0, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot read checkpoint") && e.contains("ckpt-00000020"),
+        "{e}"
+    );
+    assert!(e.contains("move the file away"), "{e}");
+    std::fs::remove_dir(&blocker)?;
+    assert_eq!(mgr.load_latest(&Device::Cpu)?.unwrap().checkpoint.step, 10);
+    Ok(())
+}
+
+#[test]
+fn stale_temp_files_of_keel_and_of_safetensors_are_removed_on_open() -> anyhow::Result<()> {
+    let tmp = TempDir::new("stale-temps");
+    let mut mgr = CheckpointManager::new(&tmp.0, 5)?;
+    let p = mgr.save(&small(1)?, None)?;
+    drop(mgr);
+    // keel's write_atomic temp (`.{name}.tmp-{pid}`) and the `tempfile` crate's, which
+    // safetensors::serialize_to_file and candle::safetensors::save write before renaming
+    // (`.tmp` + 6 alphanumerics); and look-alikes that are not temp files.
+    let stale = [
+        ".ckpt-00000002.safetensors.tmp-31337",
+        ".tmpAb12Zx",
+        ".tmp0000aa",
+    ];
+    let kept = [".tmp-notes", ".tmpTooLong1", "my.tmp-1", ".x.tmp-12a"];
+    for n in stale.iter().chain(&kept) {
+        std::fs::write(tmp.0.join(n), b"partial")?;
+    }
+    // A look-up only reads: nothing is removed.
+    load_latest_checkpoint(&tmp.0, &Device::Cpu)?;
+    assert!(tmp.0.join(stale[1]).exists());
+    let removed = keel_train::remove_stale_temps(&tmp.0)?;
+    assert_eq!(removed.len(), 3, "{removed:?}");
+    for n in stale {
+        std::fs::write(tmp.0.join(n), b"partial")?;
+    }
+    CheckpointManager::new(&tmp.0, 5)?;
+    let mut want: Vec<String> = kept.iter().map(|s| s.to_string()).collect();
+    want.push("ckpt-00000001.safetensors".into());
+    want.sort();
+    assert_eq!(tmp.names(), want);
+    assert!(p.exists());
+    Ok(())
+}
+
+#[test]
+fn a_run_lock_refuses_a_second_holder_and_takes_over_a_dead_ones() -> anyhow::Result<()> {
+    let tmp = TempDir::new("lock");
+    let lock = RunLock::acquire(&tmp.0)?;
+    assert_eq!(lock.taken_over(), None);
+    let file = tmp.0.join(keel_train::LOCK_FILE);
+    assert_eq!(
+        std::fs::read_to_string(&file)?.trim(),
+        std::process::id().to_string()
+    );
+    let e = RunLock::acquire(&tmp.0).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("in use by process {}", std::process::id())) && e.contains("keel.lock"),
+        "{e}"
+    );
+    drop(lock);
+    assert!(!file.exists(), "the lock file outlived its guard");
+
+    // A lock left by a process that has exited (and been reaped) is taken over.
+    let mut child = std::process::Command::new("true").spawn()?;
+    let dead = child.id();
+    child.wait()?;
+    std::fs::write(&file, format!("{dead}\n"))?;
+    let lock = RunLock::acquire(&tmp.0)?;
+    assert_eq!(lock.taken_over(), Some(dead));
+    drop(lock);
+    // So is one without a readable pid (torn by a crash while it was written).
+    std::fs::write(&file, "")?;
+    assert_eq!(RunLock::acquire(&tmp.0)?.taken_over(), Some(0));
+    // A directory that does not exist is a clear error.
+    let e = RunLock::acquire(tmp.0.join("missing"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot create lock"), "{e}");
     Ok(())
 }
