@@ -264,7 +264,7 @@ pub struct GuardConfig {
     /// skipped). Default 3.
     pub nonfinite_patience: usize,
     /// Each intervention multiplies the learning rate by this, for the rest of the run.
-    /// Default 0.1, so three interventions cover a learning rate up to 1000x too large.
+    /// Default 0.5: three interventions cover an LR up to 8x too large; an LR far beyond that ends in a stop (a loud DIVERGED), not a crawl at a tiny LR.
     #[serde(with = "lossless_f64")]
     pub lr_factor: f64,
     /// A divergence after this many interventions stops the run. Default 3.
@@ -284,7 +284,7 @@ impl GuardConfig {
             check_every: 10,
             lookback: default_lookback(),
             nonfinite_patience: 3,
-            lr_factor: 0.1,
+            lr_factor: 0.5,
             max_interventions: 3,
         }
     }

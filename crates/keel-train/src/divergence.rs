@@ -46,7 +46,8 @@ pub enum DivergenceCause {
         #[serde(with = "lossless_f64")]
         factor: f64,
     },
-    /// The gradient norm grew geometrically over the last `window` finite grad norms.
+    /// The gradient norm grew geometrically over the last `window` finite grad norms, to
+    /// above its initial value (the median of the first `anchor_len` grad norms).
     GradGrowth {
         /// The robust growth factor per step (`exp` of the Theil-Sen slope of `ln(g)`).
         #[serde(with = "lossless_f64")]
@@ -129,6 +130,10 @@ pub(crate) struct DivergenceWatch {
     grad_logs: VecDeque<f64>,
     loss_active: bool,
     grad_active: bool,
+    /// The first `anchor_len` positive finite grad norms: growth back up to them (a healthy
+    /// run whose gradients had shrunk near a minimum) is not a divergence.
+    #[serde(default, with = "lossless_f64::seq")]
+    grad_anchor: Vec<f64>,
 }
 
 impl DivergenceWatch {
@@ -226,6 +231,9 @@ impl DivergenceWatch {
             return None;
         }
         let window = cfg.grad_growth_window.max(3);
+        if self.grad_anchor.len() < cfg.anchor_len.max(1) {
+            self.grad_anchor.push(g);
+        }
         self.grad_steps.push_back(step);
         self.grad_logs.push_back(g.ln());
         while self.grad_steps.len() > window {
@@ -247,13 +255,14 @@ impl DivergenceWatch {
         let slope = theil_sen(&self.grad_steps, &self.grad_logs)?;
         let span = *self.grad_steps.back()? as f64 - *self.grad_steps.front()? as f64;
         let (rate, total) = (slope.exp(), (slope * span).exp());
-        (slope > cfg.grad_growth_rate.ln() && total > cfg.grad_growth_total).then_some(
-            DivergenceCause::GradGrowth {
+        let last = self.grad_logs.back()?.exp();
+        let above_start = median(self.grad_anchor.iter().copied()).is_none_or(|a| last > a);
+        (slope > cfg.grad_growth_rate.ln() && total > cfg.grad_growth_total && above_start)
+            .then_some(DivergenceCause::GradGrowth {
                 rate,
                 total,
                 window,
-            },
-        )
+            })
     }
 }
 

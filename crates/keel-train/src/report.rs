@@ -267,7 +267,7 @@ impl HealthReport {
             if g.stopped {
                 self.verdict = Verdict::Diverged;
                 self.findings.push(format!(
-                    "the guard ({}) stopped the run at step {}: it diverged again after {} interventions (LR scaled by {:.0e}); the weights are those of step {}",
+                    "the guard ({}) stopped the run at step {}: it diverged again after {} interventions (LR scaled by {}); the weights are those of step {}",
                     g.policy, last.step, n - 1, g.lr_scale, last.restored_step
                 ));
                 let restart = |a: &Advice| {
@@ -284,7 +284,7 @@ impl HealthReport {
             } else {
                 self.verdict = self.verdict.max(Verdict::Warning);
                 self.findings.push(format!(
-                    "the guard ({}) intervened {n} times and the run recovered: no divergence after step {}; it ran on at {:.0e} x the scheduled LR",
+                    "the guard ({}) intervened {n} times and the run recovered: no divergence after step {}; it ran on at {} x the scheduled LR",
                     g.policy, last.step, g.lr_scale
                 ));
             }
