@@ -13,8 +13,9 @@ use keel::models::seg::{count_params, init_weights, SegNet};
 use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::{
-    named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalRecord, JsonlLogger,
-    RunContext, StepOutcome, TrainConfig, TrainState,
+    named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalRecord, Guard,
+    GuardAction, GuardConfig, GuardSummary, Intervention, JsonlLogger, MonitorConfig, RunContext,
+    StepOutcome, TrainConfig, TrainState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +45,12 @@ pub struct RunSummary {
     pub skipped_steps: usize,
     pub seconds_per_step: f64,
     pub verdict: String,
+    /// Rollbacks and stops of the guard.
+    #[serde(default)]
+    pub guard_interventions: usize,
+    /// The step at which the guard stopped the run, if it did.
+    #[serde(default)]
+    pub guard_stopped_at: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -232,6 +239,11 @@ impl<'a> Run<'a> {
                 decay: cfg.ema_decay,
                 warmup: EmaWarmup::Tf,
             }),
+            // A uniform prediction's cross-entropy: the monitor's reference for divergence.
+            monitor: MonitorConfig {
+                reference_loss: Some((cfg.num_classes() as f64).ln()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let optimizer = recipe.optimizer(split_no_decay(&vm))?;
@@ -349,8 +361,8 @@ impl<'a> Run<'a> {
     }
 
     /// One optimizer step through the TrainState: the micro-batches come from `loader`.
-    fn step(&mut self, loader: &mut Loader) -> anyhow::Result<StepOutcome> {
-        let lr = self.schedule.lr(self.state.step);
+    fn step(&mut self, loader: &mut Loader, guard: &Guard) -> anyhow::Result<StepOutcome> {
+        let lr = guard.lr(self.schedule.lr(self.state.step));
         let (vm, master, dev, amp) = (&self.vm, &self.master, &self.opts.device, self.cfg.amp);
         let cfg = self.cfg;
         let mut micro = |_| -> candle::Result<Tensor> {
@@ -432,11 +444,22 @@ pub fn run(
             pb.suspend(|| eprintln!("{msg}"));
         }
     };
+    let guard_cfg = GuardConfig {
+        policy: cfg.guard,
+        ..GuardConfig::for_run(cfg.steps)
+    };
+    let mut guard = Guard::new(guard_cfg, &mut run.state)?;
     let t_run = Instant::now();
     let mut window_losses = Vec::new();
     while run.state.step < cfg.steps {
         let t0 = Instant::now();
-        let out = run.step(&mut loader)?;
+        let out = run.step(&mut loader, &guard)?;
+        let action = guard.after_step(&mut run.state, &out)?;
+        if let Some(i) = run.log_intervention(&action, &mut logger, &pb)? {
+            if i.action == keel::train::InterventionKind::Stopped {
+                break;
+            }
+        }
         for alarm in &out.alarms {
             match alarm {
                 Alarm::LossSpike { .. } => run.summary.loss_spikes += 1,
@@ -479,13 +502,13 @@ pub fn run(
     }
     drop(loader);
     pb.finish_and_clear();
-    let ran = cfg.steps - start;
+    let ran = run.state.step.min(cfg.steps) - start;
     run.summary.seconds_per_step = if ran > 0 {
         t_run.elapsed().as_secs_f64() / ran as f64
     } else {
         0.0
     };
-    run.finish(out, &mut logger)?;
+    run.finish(out, &mut logger, &guard.summary())?;
     Ok(run.summary)
 }
 
@@ -547,7 +570,12 @@ impl Run<'_> {
 
     /// After the last step: evaluates the EMA weights (if any), writes health.json and
     /// summary.json, and prints the report.
-    fn finish(&mut self, out: &Path, logger: &mut JsonlLogger) -> anyhow::Result<()> {
+    fn finish(
+        &mut self,
+        out: &Path,
+        logger: &mut JsonlLogger,
+        guard: &GuardSummary,
+    ) -> anyhow::Result<()> {
         let cfg = self.cfg;
         if let Some(ema) = self.state.ema.as_ref() {
             // Evaluate the averaged weights too (the training weights are restored after).
@@ -586,13 +614,19 @@ impl Run<'_> {
             precision: cfg.amp,
             steps: cfg.steps,
         };
-        let report = self.state.monitor.report(&ctx);
+        let report = self.state.monitor.report(&ctx).with_guard(guard);
         write_atomic(
             out.join("health.json"),
             serde_json::to_string_pretty(&report)?.as_bytes(),
         )?;
         let s = &mut self.summary;
         s.verdict = format!("{:?}", report.verdict);
+        s.guard_interventions = guard.interventions.len();
+        s.guard_stopped_at = guard
+            .interventions
+            .last()
+            .filter(|_| guard.stopped)
+            .map(|i| i.step);
         if self.opts.verbose {
             println!("{}", report.to_text());
             for (a, flags) in report
@@ -615,5 +649,34 @@ impl Run<'_> {
             serde_json::to_string_pretty(s)?.as_bytes(),
         )?;
         Ok(())
+    }
+}
+
+/// One guard intervention in log.jsonl.
+#[derive(Serialize)]
+struct GuardLog<'a> {
+    kind: &'static str,
+    #[serde(flatten)]
+    intervention: &'a Intervention,
+}
+
+impl Run<'_> {
+    /// Logs a rollback or stop of the guard (log.jsonl and stderr); returns it.
+    fn log_intervention<'i>(
+        &mut self,
+        action: &'i GuardAction,
+        logger: &mut JsonlLogger,
+        pb: &indicatif::ProgressBar,
+    ) -> anyhow::Result<Option<&'i Intervention>> {
+        let i = match action {
+            GuardAction::Continue => return Ok(None),
+            GuardAction::RolledBack(i) | GuardAction::Stop(i) => i,
+        };
+        logger.log(&GuardLog {
+            kind: "guard",
+            intervention: i,
+        })?;
+        pb.suspend(|| eprintln!("guard ({}): {i}", self.cfg.guard));
+        Ok(Some(i))
     }
 }

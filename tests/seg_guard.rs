@@ -1,0 +1,84 @@
+//! The guard in seg_train: `--lr 1000` from step 0 never ends HEALTHY. With `--guard
+//! rollback` (the default) the run either recovers with a visible intervention or the guard
+//! stops it (DIVERGED, an error: the binary's non-zero exit, since main exits 1 on any error
+//! of `cli::run`); with `--guard off` it is not HEALTHY either. The example's modules are
+//! compiled in as in tests/seg_train.rs.
+use std::path::{Path, PathBuf};
+
+#[allow(dead_code)] // reason: the binary's `main` and items only the binary uses
+#[path = "../examples/seg_train/main.rs"]
+mod seg_train;
+
+use seg_train::cli;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("keel-seg-guard-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A tiny CPU run at `--lr 1000` with `--guard guard`.
+fn huge_lr(out: &Path, guard: &str) -> Vec<String> {
+    let s = format!(
+        "seg_train --quiet --device cpu --norm gn --width 4 --fpn 8 --image-size 32 --train-size 16 --val-size 8 \
+         --batch-size 2 --steps 40 --warmup-steps 0 --lr 1000 --eval-every 20 --keep-last 1 --guard {guard} --out {}",
+        out.display()
+    );
+    s.split_whitespace().map(String::from).collect()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn log_records(out: &Path, kind: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn lr_1000_with_rollback_stops_or_recovers_visibly() -> anyhow::Result<()> {
+    let out = tmp("rollback");
+    let result = cli::run(huge_lr(&out, "rollback"));
+    let health = json(&out.join("health.json"));
+    let summary = json(&out.join("summary.json"));
+    let interventions = log_records(&out, "guard");
+    eprintln!("{result:?}\n{health:#}\n{interventions:?}");
+    assert_ne!(health["verdict"], "Healthy");
+    assert!(!interventions.is_empty(), "no intervention logged");
+    assert_eq!(
+        summary["guard_interventions"].as_u64(),
+        Some(interventions.len() as u64)
+    );
+    let listed = health["guard"]["interventions"].as_array().unwrap();
+    assert_eq!(listed.len(), interventions.len());
+    match result {
+        Err(e) => {
+            assert!(e.to_string().contains("the guard stopped the run"), "{e:#}");
+            assert_eq!(health["verdict"], "Diverged");
+            assert_eq!(interventions.last().unwrap()["action"], "stopped");
+            assert!(summary["guard_stopped_at"].is_u64());
+        }
+        Ok(()) => assert!(interventions.iter().all(|i| i["action"] == "rolled_back")),
+    }
+    std::fs::remove_dir_all(&out)?;
+    Ok(())
+}
+
+#[test]
+fn lr_1000_without_guard_is_not_healthy() -> anyhow::Result<()> {
+    let out = tmp("off");
+    cli::run(huge_lr(&out, "off"))?;
+    let health = json(&out.join("health.json"));
+    assert_ne!(health["verdict"], "Healthy", "{health:#}");
+    assert!(log_records(&out, "guard").is_empty());
+    assert!(cli::run(huge_lr(&tmp("bad"), "sometimes"))
+        .unwrap_err()
+        .to_string()
+        .contains("off, skip, rollback"));
+    std::fs::remove_dir_all(&out)?;
+    Ok(())
+}
