@@ -82,3 +82,58 @@ fn lr_1000_without_guard_is_not_healthy() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&out)?;
     Ok(())
 }
+
+/// The cost of the guard on seg_train's default model (norm gn, width 16, fpn 32, SGD):
+/// one snapshot (deep copy of weights and optimizer state, monitor to JSON), one finite
+/// check, next to a training step at the default settings. A measurement, not a check:
+/// `cargo test --test seg_guard -- --ignored --nocapture snapshot_cost` (candle itself is
+/// built with opt-level 3 in the dev profile).
+#[test]
+#[ignore]
+fn snapshot_cost_on_the_default_model() -> anyhow::Result<()> {
+    use clap::Parser;
+    use keel::models::seg::{count_params, init_weights, SegNet};
+    use keel::train::{named_vars, Guard, GuardConfig, TrainConfig, TrainState};
+    use std::time::Instant;
+    let args = ["seg_train", "--device", "cpu"].map(String::from);
+    let t = cli::Cli::try_parse_from(args)?.train;
+    let cfg = t.common.config(t.norm, t.batch_size, t.steps, t.seed);
+    let dev = candle::Device::Cpu;
+    let vm = candle_nn::VarMap::new();
+    let _model = SegNet::new(
+        &cfg.model(),
+        candle_nn::VarBuilder::from_varmap(&vm, candle::DType::F32, &dev),
+    )?;
+    init_weights(&vm, cfg.seed)?;
+    let opt = cfg.recipe().optimizer(keel::optim::split_no_decay(&vm))?;
+    let mut state = TrainState::new(named_vars(&vm), opt, &TrainConfig::default())?;
+    let n = 50;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        Guard::new(GuardConfig::for_run(cfg.steps), &mut state)?;
+    }
+    let per = t0.elapsed().as_secs_f64() / n as f64;
+    let out = tmp("cost");
+    let run = |guard: &str| -> anyhow::Result<f64> {
+        let _ = std::fs::remove_dir_all(&out);
+        let s = format!(
+            "seg_train --quiet --device cpu --steps 20 --warmup-steps 1 --eval-every 20 --val-size 2 --guard {guard} --out {}",
+            out.display()
+        );
+        cli::run(s.split_whitespace().map(String::from).collect())?;
+        Ok(json(&out.join("summary.json"))["seconds_per_step"]
+            .as_f64()
+            .unwrap())
+    };
+    let (off, rollback) = (run("off")?, run("rollback")?);
+    eprintln!(
+        "default model: {} params; snapshot + finite check {:.2} ms; step {:.1} ms (guard off) / {:.1} ms (rollback); snapshot every {} steps",
+        count_params(&vm),
+        per * 1e3,
+        off * 1e3,
+        rollback * 1e3,
+        GuardConfig::for_run(cfg.steps).snapshot_every
+    );
+    std::fs::remove_dir_all(&out)?;
+    Ok(())
+}

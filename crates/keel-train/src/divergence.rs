@@ -290,4 +290,29 @@ mod tests {
         ys[4] = 100.0;
         assert_eq!(theil_sen(&xs, &ys), Some(0.5));
     }
+
+    /// A healthy run whose gradients shrank near a minimum and grow back (the noise of a
+    /// tiny loss) is not diverging; the same growth from the start is.
+    #[test]
+    fn grad_growth_counts_only_above_the_initial_grad_norm() {
+        let cfg = MonitorConfig::default();
+        let mut w = DivergenceWatch::default();
+        let mut alarms = 0;
+        for step in 0..60 {
+            // 1.0 for 10 steps, down to 1e-4, then back up 2x per step to 0.5.
+            let g = if step < 10 {
+                1.0
+            } else if step < 40 {
+                1e-4
+            } else {
+                (1e-4 * 2f64.powi(step - 39)).min(0.5)
+            };
+            alarms += usize::from(w.judge_grad(&cfg, step as usize, g).is_some());
+        }
+        assert_eq!(alarms, 0);
+        let mut w = DivergenceWatch::default();
+        let fired =
+            (0..30).find(|&step| w.judge_grad(&cfg, step, 2f64.powi(step as i32)).is_some());
+        assert_eq!(fired, Some(9));
+    }
 }

@@ -316,3 +316,136 @@ fn huge_lr_from_step_0_stops_loudly_with_finite_weights() -> anyhow::Result<()> 
     assert_ne!(off.report.verdict, Verdict::Healthy);
     Ok(())
 }
+
+/// A linear model's state and guard for the mechanics tests: snapshots and checks every 5
+/// steps, no lookback, patience high enough that only the weight check fires.
+fn linear_setup(
+    policy: GuardPolicy,
+) -> anyhow::Result<(candle_nn::Linear, TrainState, Guard, Tensor, Tensor)> {
+    use candle::Module as _;
+    let dev = Device::Cpu;
+    let x = (Tensor::arange(0f32, 64.0, &dev)?.reshape((16, 4))? / 64.0)?.sin()?;
+    let y = x.sum_keepdim(1)?;
+    let vm = VarMap::new();
+    let model = candle_nn::linear(
+        4,
+        1,
+        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev),
+    )?;
+    let recipe = OptimRecipe {
+        lr: 0.1,
+        ..OptimRecipe::new(OptimizerKind::Sgd, 100)
+    };
+    let mut state = TrainState::new(
+        named_vars(&vm),
+        recipe.optimizer(split_no_decay(&vm))?,
+        &TrainConfig::default(),
+    )?;
+    let cfg = GuardConfig {
+        policy,
+        snapshot_every: 5,
+        check_every: 5,
+        lookback: 0,
+        nonfinite_patience: 100,
+        ..GuardConfig::for_run(100)
+    };
+    let guard = Guard::new(cfg, &mut state)?;
+    let _ = model.forward(&x)?;
+    Ok((model, state, guard, x, y))
+}
+
+fn weights(state: &TrainState) -> anyhow::Result<Vec<Vec<f32>>> {
+    Ok(state
+        .vars()
+        .iter()
+        .map(|v| v.as_tensor().flatten_all()?.to_vec1::<f32>())
+        .collect::<candle::Result<_>>()?)
+}
+
+/// Ten healthy steps, NaN written into the weights, then steps until the guard acts.
+fn poison_weights(policy: GuardPolicy) -> anyhow::Result<(TrainState, Guard, Vec<Vec<f32>>)> {
+    use candle::Module as _;
+    let (model, mut state, mut guard, x, y) = linear_setup(policy)?;
+    let loss = |m: &candle_nn::Linear| (m.forward(&x)? - &y)?.sqr()?.mean_all();
+    let mut at_10 = Vec::new();
+    while state.step < 14 {
+        if state.step == 10 {
+            at_10 = weights(&state)?;
+            let w = &state.vars()[0];
+            w.set(&(w.as_tensor() * f64::NAN)?)?;
+        }
+        let out = state.step(guard.lr(0.1), None, |_| loss(&model))?;
+        assert_eq!(
+            guard.after_step(&mut state, &out)?,
+            GuardAction::Continue,
+            "step {}",
+            out.step
+        );
+    }
+    let out = state.step(guard.lr(0.1), None, |_| loss(&model))?;
+    guard.after_step(&mut state, &out)?;
+    Ok((state, guard, at_10))
+}
+
+#[test]
+fn nan_weights_are_found_by_the_check_and_rolled_back_bit_exactly() -> anyhow::Result<()> {
+    let (state, guard, at_10) = poison_weights(GuardPolicy::Rollback)?;
+    // The check after step 14 (every 5 steps) found the NaN; the newest snapshot (step 10) is back.
+    let i = &guard.interventions()[0];
+    assert_eq!(
+        (i.step, i.restored_step, i.skipped_batches, state.step),
+        (14, 10, 5, 15),
+        "{i}"
+    );
+    assert!(matches!(
+        i.cause,
+        keel_train::InterventionCause::Divergence(keel_train::DivergenceCause::NonFiniteWeights)
+    ));
+    assert_eq!(
+        (i.lr_before, i.lr_after, guard.lr_scale()),
+        (0.1, 0.05, 0.5)
+    );
+    let now = weights(&state)?;
+    for (a, b) in now.iter().flatten().zip(at_10.iter().flatten()) {
+        assert_eq!(a.to_bits(), b.to_bits());
+    }
+    assert_eq!(
+        guard.snapshot_steps(),
+        vec![5, 10],
+        "snapshots newer than the restored one are dropped"
+    );
+    Ok(())
+}
+
+#[test]
+fn skip_policy_reports_nan_weights_but_never_rolls_back() -> anyhow::Result<()> {
+    let (state, guard, _) = poison_weights(GuardPolicy::Skip)?;
+    assert!(guard.interventions().is_empty() && guard.snapshot_steps().is_empty());
+    assert!(weights(&state)?[0].iter().all(|w| w.is_nan()));
+    assert!(state.skip_non_finite);
+    let s = state.monitor.summary();
+    assert_eq!(
+        s.stats.divergences, 1,
+        "the check after step 14 reported the NaN weights"
+    );
+    assert_eq!(
+        s.stats.skipped_steps, 5,
+        "the NaN steps 10..=14 were skipped"
+    );
+    Ok(())
+}
+
+#[test]
+fn off_policy_applies_non_finite_steps() -> anyhow::Result<()> {
+    use candle::Module as _;
+    let (model, mut state, mut guard, x, y) = linear_setup(GuardPolicy::Off)?;
+    assert!(!state.skip_non_finite);
+    let out = state.step(0.1, None, |_| {
+        (model.forward(&(&x * f64::NAN)?)? - &y)?.sqr()?.mean_all()
+    })?;
+    assert!(!out.skipped && out.loss.is_nan());
+    assert!(weights(&state)?[0].iter().all(|w| w.is_nan()));
+    assert_eq!(guard.after_step(&mut state, &out)?, GuardAction::Continue);
+    assert!(guard.snapshot_steps().is_empty());
+    Ok(())
+}
