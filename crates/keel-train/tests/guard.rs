@@ -449,3 +449,43 @@ fn off_policy_applies_non_finite_steps() -> anyhow::Result<()> {
     assert!(guard.snapshot_steps().is_empty());
     Ok(())
 }
+
+/// The BENCHMARKS.md table: final val mIoU per fault and policy, seeds 1-3 (mean, then
+/// per seed; `stop` marks a run the guard stopped, `n` the interventions). A measurement:
+/// `cargo test -p keel-train --test guard -- --ignored --nocapture fault_table`.
+#[test]
+#[ignore]
+fn fault_table() -> anyhow::Result<()> {
+    let faults = [
+        Fault::None,
+        Fault::LrBurst,
+        Fault::NanInputs,
+        Fault::PoisonedLabels,
+        Fault::HugeLr,
+    ];
+    println!("| fault | guard off | guard skip | guard rollback |");
+    println!("|---|---|---|---|");
+    for fault in faults {
+        let mut row = format!("| {fault:?} |");
+        for policy in GuardPolicy::ALL {
+            let mut cells = Vec::new();
+            let mut sum = 0.0;
+            for seed in 1..=3 {
+                let o = run(fault, policy, seed)?;
+                let n = o.report.guard.as_ref().map_or(0, |g| g.interventions.len());
+                sum += o.miou;
+                let mark = if o.stopped {
+                    format!(" stop/{n}")
+                } else if n > 0 {
+                    format!(" n={n}")
+                } else {
+                    String::new()
+                };
+                cells.push(format!("{:.3}{mark}", o.miou));
+            }
+            row += &format!(" {:.3} ({}) |", sum / 3.0, cells.join(", "));
+        }
+        println!("{row}");
+    }
+    Ok(())
+}
