@@ -264,7 +264,9 @@ pub struct GuardConfig {
     /// skipped). Default 3.
     pub nonfinite_patience: usize,
     /// Each intervention multiplies the learning rate by this, for the rest of the run.
-    /// Default 0.5: three interventions cover an LR up to 8x too large; an LR far beyond that ends in a stop (a loud DIVERGED), not a crawl at a tiny LR.
+    /// Default 0.5: three interventions cover an LR up to 8x too large; an LR far beyond
+    /// that ends in a stop (a loud DIVERGED), not a crawl at a tiny LR, and a transient
+    /// fault (an LR burst, a bad batch) costs the rest of the run only a halved LR.
     #[serde(with = "lossless_f64")]
     pub lr_factor: f64,
     /// A divergence after this many interventions stops the run. Default 3.
