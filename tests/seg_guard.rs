@@ -61,6 +61,10 @@ fn lr_1000_with_rollback_stops_or_recovers_visibly() -> anyhow::Result<()> {
             assert_eq!(health["verdict"], "Diverged");
             assert_eq!(interventions.last().unwrap()["action"], "stopped");
             assert!(summary["guard_stopped_at"].is_u64());
+            assert!(
+                summary["final_miou"].as_f64().unwrap() > 0.0,
+                "the restored weights were evaluated"
+            );
         }
         Ok(()) => assert!(interventions.iter().all(|i| i["action"] == "rolled_back")),
     }

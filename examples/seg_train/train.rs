@@ -501,6 +501,10 @@ pub fn run(
         }
     }
     drop(loader);
+    if guard.stopped() {
+        // The final metrics of the weights the guard restored (no eval ran since).
+        run.eval_and_log(run.state.step - 1, None, &mut logger, &say)?;
+    }
     pb.finish_and_clear();
     let ran = run.state.step.min(cfg.steps) - start;
     run.summary.seconds_per_step = if ran > 0 {
