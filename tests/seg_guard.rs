@@ -141,3 +141,35 @@ fn snapshot_cost_on_the_default_model() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&out)?;
     Ok(())
 }
+
+/// The guard's history is checkpointed: a run resumed after two rollbacks keeps their LR
+/// reduction and counts them, so its next divergences use up the remaining intervention
+/// and stop it, listing all of them.
+#[test]
+fn resume_continues_the_guard_history() -> anyhow::Result<()> {
+    let out = tmp("resume");
+    let mut args = huge_lr(&out, "rollback");
+    args.extend(["--ckpt-every", "12"].map(String::from));
+    assert!(cli::run(args).is_err(), "the first process is stopped");
+    // The newest checkpoint (after step 11) holds the rollbacks at steps 4 and 9.
+    let resumed = format!("seg_train --quiet --device cpu --resume {}", out.display());
+    let err = cli::run(resumed.split_whitespace().map(String::from).collect()).unwrap_err();
+    assert!(
+        err.to_string().contains("the guard stopped the run"),
+        "{err:#}"
+    );
+    let health = json(&out.join("health.json"));
+    let listed = health["guard"]["interventions"].as_array().unwrap();
+    let steps: Vec<u64> = listed.iter().map(|i| i["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps.len(), 4, "{health:#}");
+    assert_eq!(
+        &steps[..2],
+        &[4, 9],
+        "the first process's rollbacks: {steps:?}"
+    );
+    assert!(steps[2] >= 12, "{steps:?}");
+    assert_eq!(listed[3]["action"], "stopped");
+    assert_eq!(health["guard"]["lr_scale"].as_f64(), Some(0.125));
+    std::fs::remove_dir_all(&out)?;
+    Ok(())
+}

@@ -51,6 +51,9 @@ pub struct RunSummary {
     /// The step at which the guard stopped the run, if it did.
     #[serde(default)]
     pub guard_stopped_at: Option<usize>,
+    /// The guard's history (checkpointed with the summary, continued on --resume).
+    #[serde(default)]
+    pub guard: Option<GuardSummary>,
 }
 
 #[derive(Serialize)]
@@ -449,12 +452,16 @@ pub fn run(
         ..GuardConfig::for_run(cfg.steps)
     };
     let mut guard = Guard::new(guard_cfg, &mut run.state)?;
+    if let Some(earlier) = &run.summary.guard {
+        guard.continue_history(earlier)?;
+    }
     let t_run = Instant::now();
     let mut window_losses = Vec::new();
     while run.state.step < cfg.steps {
         let t0 = Instant::now();
         let out = run.step(&mut loader, &guard)?;
         let action = guard.after_step(&mut run.state, &out)?;
+        run.summary.guard = Some(guard.summary());
         if let Some(i) = run.log_intervention(&action, &mut logger, &pb)? {
             if i.action == keel::train::InterventionKind::Stopped {
                 break;

@@ -118,6 +118,49 @@ impl Guard {
         Ok(guard)
     }
 
+    /// Continues the history of an earlier process of the same run (its
+    /// [`Guard::summary`], e.g. stored in the checkpoint meta): its interventions count
+    /// towards [`GuardConfig::max_interventions`] and its LR reduction holds. Call it right
+    /// after [`Guard::new`] on the restored state. A run the guard stopped cannot continue.
+    ///
+    /// ```
+    /// # use candle::{DType, Device};
+    /// # use candle_nn::{linear, VarBuilder, VarMap};
+    /// # use keel_optim::{split_no_decay, OptimizerKind};
+    /// use keel_train::*;
+    /// # let vm = VarMap::new();
+    /// # let _ = linear(4, 1, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// # let opt = OptimRecipe::new(OptimizerKind::Sgd, 100).optimizer(split_no_decay(&vm)).unwrap();
+    /// # let mut state = TrainState::new(named_vars(&vm), opt, &TrainConfig::default()).unwrap();
+    /// let rollback = Intervention { step: 57, cause: InterventionCause::NonFiniteLosses(3),
+    ///     action: InterventionKind::RolledBack, restored_step: 40, skipped_batches: 18,
+    ///     lr_before: 0.1, lr_after: 0.05 };
+    /// let earlier = GuardSummary { policy: GuardPolicy::Rollback, interventions: vec![rollback],
+    ///                              stopped: false, lr_scale: 0.5 };
+    /// let mut guard = Guard::new(GuardConfig::for_run(100), &mut state)?;
+    /// guard.continue_history(&earlier)?;
+    /// assert_eq!((guard.lr(0.1), guard.interventions().len()), (0.05, 1));
+    /// assert!(guard.continue_history(&GuardSummary { stopped: true, ..earlier }).is_err());
+    /// # Ok::<(), candle::Error>(())
+    /// ```
+    pub fn continue_history(&mut self, earlier: &GuardSummary) -> candle::Result<()> {
+        if earlier.stopped {
+            candle::bail!(
+                "Guard::continue_history: the guard stopped this run after {} interventions; restart it with a lower LR instead of resuming",
+                earlier.interventions.len()
+            )
+        }
+        if !(earlier.lr_scale > 0.0 && earlier.lr_scale <= 1.0) {
+            candle::bail!(
+                "Guard::continue_history: lr_scale {} is not in (0, 1]; was the history written by Guard::summary?",
+                earlier.lr_scale
+            )
+        }
+        self.interventions = earlier.interventions.clone();
+        self.lr_scale = earlier.lr_scale;
+        Ok(())
+    }
+
     /// The configuration.
     pub fn config(&self) -> &GuardConfig {
         &self.cfg
