@@ -9,7 +9,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use keel::models::seg::ModelConfig;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
-use keel::train::{Advice, OptimRecipe};
+use keel::train::{Advice, GuardPolicy, OptimRecipe};
 use serde::{Deserialize, Serialize};
 
 use super::bench::{self, BenchArgs};
@@ -124,6 +124,11 @@ pub struct CommonArgs {
     /// cpu or cuda (default: cuda when compiled in and usable, else cpu).
     #[arg(long, value_enum)]
     pub device: Option<DeviceChoice>,
+    /// On divergence: off (nothing, NaN steps applied too), skip (skip NaN/Inf steps only),
+    /// rollback (restore the last good in-memory snapshot, skip the batches that led there,
+    /// halve the LR; stop with an error after 3 interventions).
+    #[arg(long, default_value_t = GuardPolicy::Rollback)]
+    pub guard: GuardPolicy,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -200,6 +205,9 @@ pub struct RunConfig {
     pub prefetch: usize,
     pub ema_decay: f64,
     pub init: Option<PathBuf>,
+    /// `--guard`; configs saved before it existed read as rollback.
+    #[serde(default)]
+    pub guard: GuardPolicy,
 }
 
 impl CommonArgs {
@@ -243,6 +251,7 @@ impl CommonArgs {
             prefetch: self.prefetch,
             ema_decay: self.ema_decay,
             init: None,
+            guard: self.guard,
         }
     }
 }
@@ -468,7 +477,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                 verbose: false,
                 step_delay: None,
             };
-            train::run(&cfg, &out, None, &opts).map(drop)
+            train::run(&cfg, &out, None, &opts).and_then(fail_if_stopped)
         }
         None => {
             let t = cli.train;
@@ -498,7 +507,18 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                     )
                 }
             };
-            train::run(&cfg, &out, resume, &opts).map(drop)
+            train::run(&cfg, &out, resume, &opts).and_then(fail_if_stopped)
         }
+    }
+}
+
+/// A run the guard stopped is an error (a non-zero exit), after its report was written.
+fn fail_if_stopped(s: train::RunSummary) -> anyhow::Result<()> {
+    match s.guard_stopped_at {
+        Some(step) => bail!(
+            "the guard stopped the run at step {step}: it kept diverging after {} rollbacks (see health.json); lower --lr",
+            s.guard_interventions.saturating_sub(1)
+        ),
+        None => Ok(()),
     }
 }

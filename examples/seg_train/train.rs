@@ -15,8 +15,9 @@ use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::{
     lossless_f64, named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalRecord,
-    HealthReport, Interrupt, JsonlLogger, Resume, RunContext, RunLock, StepOutcome, StopSignal,
-    TrainConfig, TrainState,
+    Guard, GuardAction, GuardConfig, GuardSummary, HealthReport, Interrupt, Intervention,
+    JsonlLogger, MonitorConfig, Resume, RunContext, RunLock, StepOutcome, StopSignal, TrainConfig,
+    TrainState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,15 @@ pub struct RunSummary {
     pub skipped_steps: usize,
     pub seconds_per_step: f64,
     pub verdict: String,
+    /// Rollbacks and stops of the guard.
+    #[serde(default)]
+    pub guard_interventions: usize,
+    /// The step at which the guard stopped the run, if it did.
+    #[serde(default)]
+    pub guard_stopped_at: Option<usize>,
+    /// The guard's history (checkpointed with the summary, continued on --resume).
+    #[serde(default)]
+    pub guard: Option<GuardSummary>,
 }
 
 /// `(step, value)` pairs as `[step, value]`, the value in keel's lossless float encoding.
@@ -443,8 +453,8 @@ impl<'a> Run<'a> {
     }
 
     /// One optimizer step through the TrainState: the micro-batches come from `loader`.
-    fn step(&mut self, loader: &mut Loader) -> anyhow::Result<StepOutcome> {
-        let lr = self.schedule.lr(self.state.step);
+    fn step(&mut self, loader: &mut Loader, guard: &Guard) -> anyhow::Result<StepOutcome> {
+        let lr = guard.lr(self.schedule.lr(self.state.step));
         let (vm, master, dev, cfg) = (&self.vm, &self.master, &self.opts.device, self.cfg);
         let mut micro = |_| -> candle::Result<Tensor> {
             let batch = loader
@@ -486,6 +496,11 @@ impl Net {
                 decay: cfg.ema_decay,
                 warmup: EmaWarmup::Tf,
             }),
+            // A uniform prediction's cross-entropy: the monitor's reference for divergence.
+            monitor: MonitorConfig {
+                reference_loss: Some((cfg.num_classes() as f64).ln()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let optimizer = cfg.recipe().optimizer(split_no_decay(&vm))?;
@@ -576,11 +591,26 @@ pub fn run(
     };
     // From here a first SIGINT/SIGTERM stops after the current step (a second exits at once).
     let (stop, out_dir) = (Interrupt::install()?, out);
+    let guard_cfg = GuardConfig {
+        policy: cfg.guard,
+        ..GuardConfig::for_run(cfg.steps)
+    };
+    let mut guard = Guard::new(guard_cfg, &mut run.state)?;
+    if let Some(earlier) = &run.summary.guard {
+        guard.continue_history(earlier)?;
+    }
     let t_run = Instant::now();
     let mut window_losses = Vec::new();
     while run.state.step < cfg.steps {
         let t0 = Instant::now();
-        let out = run.step(&mut loader)?;
+        let out = run.step(&mut loader, &guard)?;
+        let action = guard.after_step(&mut run.state, &out)?;
+        run.summary.guard = Some(guard.summary());
+        if let Some(i) = run.log_intervention(&action, &mut logger, &pb)? {
+            if i.action == keel::train::InterventionKind::Stopped {
+                break;
+            }
+        }
         for alarm in &out.alarms {
             match alarm {
                 Alarm::LossSpike { .. } => run.summary.loss_spikes += 1,
@@ -629,19 +659,23 @@ pub fn run(
             let path = manager.save(&run.state.snapshot(&run.snapshot_meta())?, best_candidate)?;
             if let Some(signal) = signal {
                 pb.finish_and_clear();
-                return Err(run.stop(signal, path, out_dir)?.into());
+                return Err(run.stop(signal, path, out_dir, &guard.summary())?.into());
             }
         }
     }
     drop((loader, stop)); // after the last step, a signal stops the process at once again
+    if guard.stopped() {
+        // The final metrics of the weights the guard restored (no eval ran since).
+        run.eval_and_log(run.state.step - 1, None, &mut logger, &say)?;
+    }
     pb.finish_and_clear();
-    let ran = cfg.steps - start;
+    let ran = run.state.step.min(cfg.steps) - start;
     run.summary.seconds_per_step = if ran > 0 {
         t_run.elapsed().as_secs_f64() / ran as f64
     } else {
         0.0
     };
-    run.finish(out, &mut logger)?;
+    run.finish(out, &mut logger, &guard.summary())?;
     Ok(run.summary)
 }
 
@@ -703,7 +737,7 @@ impl Run<'_> {
 
     /// The monitor's health report: written to `out/health.json` and, when verbose,
     /// printed with the seg_train flags of its advice.
-    fn write_health(&self, out: &Path) -> anyhow::Result<HealthReport> {
+    fn write_health(&self, out: &Path, guard: &GuardSummary) -> anyhow::Result<HealthReport> {
         let cfg = self.cfg;
         let ctx = RunContext {
             norm: cfg.norm,
@@ -714,7 +748,7 @@ impl Run<'_> {
             precision: cfg.amp,
             steps: cfg.steps,
         };
-        let report = self.state.monitor.report(&ctx);
+        let report = self.state.monitor.report(&ctx).with_guard(guard);
         write_atomic(
             out.join("health.json"),
             serde_json::to_string_pretty(&report)?.as_bytes(),
@@ -739,8 +773,9 @@ impl Run<'_> {
         signal: StopSignal,
         checkpoint: PathBuf,
         out: &Path,
+        guard: &GuardSummary,
     ) -> anyhow::Result<Interrupted> {
-        self.write_health(out)?;
+        self.write_health(out, guard)?;
         Ok(Interrupted {
             signal,
             step: self.state.step,
@@ -751,7 +786,12 @@ impl Run<'_> {
 
     /// After the last step: evaluates the EMA weights (if any), writes health.json and
     /// summary.json, and prints the report.
-    fn finish(&mut self, out: &Path, logger: &mut JsonlLogger) -> anyhow::Result<()> {
+    fn finish(
+        &mut self,
+        out: &Path,
+        logger: &mut JsonlLogger,
+        guard: &GuardSummary,
+    ) -> anyhow::Result<()> {
         let cfg = self.cfg;
         if let Some(ema) = self.state.ema.as_ref() {
             // Evaluate the averaged weights too (the training weights are restored after).
@@ -781,9 +821,15 @@ impl Run<'_> {
                 );
             }
         }
-        let report = self.write_health(out)?;
+        let report = self.write_health(out, guard)?;
         let s = &mut self.summary;
         s.verdict = format!("{:?}", report.verdict);
+        s.guard_interventions = guard.interventions.len();
+        s.guard_stopped_at = guard
+            .interventions
+            .last()
+            .filter(|_| guard.stopped)
+            .map(|i| i.step);
         if self.opts.verbose {
             println!(
                 "final val mIoU {:.4}, pixel accuracy {:.4}; {:.3} s/step; artifacts in {}",
@@ -798,5 +844,34 @@ impl Run<'_> {
             serde_json::to_string_pretty(s)?.as_bytes(),
         )?;
         Ok(())
+    }
+}
+
+/// One guard intervention in log.jsonl.
+#[derive(Serialize)]
+struct GuardLog<'a> {
+    kind: &'static str,
+    #[serde(flatten)]
+    intervention: &'a Intervention,
+}
+
+impl Run<'_> {
+    /// Logs a rollback or stop of the guard (log.jsonl and stderr); returns it.
+    fn log_intervention<'i>(
+        &mut self,
+        action: &'i GuardAction,
+        logger: &mut JsonlLogger,
+        pb: &indicatif::ProgressBar,
+    ) -> anyhow::Result<Option<&'i Intervention>> {
+        let i = match action {
+            GuardAction::Continue => return Ok(None),
+            GuardAction::RolledBack(i) | GuardAction::Stop(i) => i,
+        };
+        logger.log(&GuardLog {
+            kind: "guard",
+            intervention: i,
+        })?;
+        pb.suspend(|| eprintln!("guard ({}): {i}", self.cfg.guard));
+        Ok(Some(i))
     }
 }

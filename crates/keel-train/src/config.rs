@@ -177,3 +177,137 @@ impl Default for MonitorConfig {
         }
     }
 }
+
+/// What a [`crate::Guard`] does about a diverging run.
+///
+/// Text form (`FromStr`, `Display`, serde): `off`, `skip`, `rollback`.
+///
+/// ```
+/// use keel_train::GuardPolicy;
+/// let p: GuardPolicy = "Rollback".parse()?;
+/// assert_eq!((p, p.to_string()), (GuardPolicy::default(), "rollback".to_string()));
+/// assert!("undo".parse::<GuardPolicy>().unwrap_err().to_string().contains("off, skip, rollback"));
+/// # Ok::<(), candle::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardPolicy {
+    /// Nothing: every optimizer step is applied, a NaN/Inf gradient included (f16 runs
+    /// still skip GradScaler overflows, the scaler's protocol).
+    Off,
+    /// Skip the optimizer steps whose loss, gradient or gradient norm is not finite (keel's
+    /// behaviour before the guard); never roll back.
+    Skip,
+    /// Skip non-finite steps, and on divergence restore the last good in-memory snapshot,
+    /// move past the batches that led there, lower the LR for the rest of the run; stop
+    /// after `max_interventions`.
+    #[default]
+    Rollback,
+}
+
+impl GuardPolicy {
+    /// Every choice, in the order help texts list them.
+    pub const ALL: [GuardPolicy; 3] = [GuardPolicy::Off, GuardPolicy::Skip, GuardPolicy::Rollback];
+}
+
+impl std::fmt::Display for GuardPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuardPolicy::Off => "off",
+            GuardPolicy::Skip => "skip",
+            GuardPolicy::Rollback => "rollback",
+        })
+    }
+}
+
+impl std::str::FromStr for GuardPolicy {
+    type Err = candle::Error;
+
+    fn from_str(s: &str) -> candle::Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" => Ok(GuardPolicy::Off),
+            "skip" => Ok(GuardPolicy::Skip),
+            "rollback" => Ok(GuardPolicy::Rollback),
+            _ => candle::bail!("unknown guard policy '{s}': expected one of off, skip, rollback"),
+        }
+    }
+}
+
+/// How a [`crate::Guard`] watches and acts. [`GuardConfig::for_run`] derives the intervals
+/// from the run length; `..GuardConfig::for_run(steps)` keeps the rest.
+///
+/// ```
+/// use keel_train::{GuardConfig, GuardPolicy};
+/// let cfg = GuardConfig::for_run(20_000);
+/// assert_eq!((cfg.policy, cfg.snapshot_every, cfg.check_every), (GuardPolicy::Rollback, 200, 10));
+/// assert_eq!(GuardConfig::for_run(300).snapshot_every, 20);
+/// cfg.validate()?;
+/// assert!(GuardConfig { lr_factor: 1.5, ..cfg }.validate().is_err());
+/// # Ok::<(), candle::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GuardConfig {
+    /// What to do. Default [`GuardPolicy::Rollback`].
+    pub policy: GuardPolicy,
+    /// Take an in-memory snapshot of a healthy state every this many steps (default: 1% of
+    /// the run, at least 20 steps, at most 1000).
+    pub snapshot_every: usize,
+    /// Check that the weights are finite every this many steps (one reduction of all the
+    /// parameters, one device sync; default 10).
+    pub check_every: usize,
+    /// A snapshot taken fewer than this many steps before an alarm may already hold the
+    /// start of the divergence (the monitor confirms over a few steps): a rollback restores
+    /// the newest snapshot at least this old, or the oldest held. Default 10.
+    #[serde(default = "default_lookback")]
+    pub lookback: usize,
+    /// This many non-finite losses in a row are a divergence (a single NaN batch is only
+    /// skipped). Default 3.
+    pub nonfinite_patience: usize,
+    /// Each intervention multiplies the learning rate by this, for the rest of the run.
+    /// Default 0.5: three interventions cover an LR up to 8x too large; an LR far beyond
+    /// that ends in a stop (a loud DIVERGED), not a crawl at a tiny LR, and a transient
+    /// fault (an LR burst, a bad batch) costs the rest of the run only a halved LR.
+    #[serde(with = "lossless_f64")]
+    pub lr_factor: f64,
+    /// A divergence after this many interventions stops the run. Default 3.
+    pub max_interventions: usize,
+}
+
+fn default_lookback() -> usize {
+    10
+}
+
+impl GuardConfig {
+    /// The defaults for a run of `steps` optimizer steps (see the field docs).
+    pub fn for_run(steps: usize) -> Self {
+        Self {
+            policy: GuardPolicy::Rollback,
+            snapshot_every: (steps / 100).clamp(20, 1000),
+            check_every: 10,
+            lookback: default_lookback(),
+            nonfinite_patience: 3,
+            lr_factor: 0.5,
+            max_interventions: 3,
+        }
+    }
+
+    /// Checks the values: intervals and patience at least 1, `0 < lr_factor <= 1`.
+    pub fn validate(&self) -> candle::Result<()> {
+        for (name, v) in [
+            ("snapshot_every", self.snapshot_every),
+            ("check_every", self.check_every),
+            ("nonfinite_patience", self.nonfinite_patience),
+        ] {
+            if v == 0 {
+                candle::bail!("GuardConfig: {name} is 0; it counts steps, use at least 1")
+            }
+        }
+        if !(self.lr_factor > 0.0 && self.lr_factor <= 1.0) {
+            candle::bail!(
+                "GuardConfig: lr_factor {} must be in (0, 1]: each intervention multiplies the LR by it (e.g. 0.1)",
+                self.lr_factor
+            )
+        }
+        Ok(())
+    }
+}

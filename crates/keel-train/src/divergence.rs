@@ -46,7 +46,8 @@ pub enum DivergenceCause {
         #[serde(with = "lossless_f64")]
         factor: f64,
     },
-    /// The gradient norm grew geometrically over the last `window` finite grad norms.
+    /// The gradient norm grew geometrically over the last `window` finite grad norms, to
+    /// above its initial value (the median of the first `anchor_len` grad norms).
     GradGrowth {
         /// The robust growth factor per step (`exp` of the Theil-Sen slope of `ln(g)`).
         #[serde(with = "lossless_f64")]
@@ -129,6 +130,10 @@ pub(crate) struct DivergenceWatch {
     grad_logs: VecDeque<f64>,
     loss_active: bool,
     grad_active: bool,
+    /// The first `anchor_len` positive finite grad norms: growth back up to them (a healthy
+    /// run whose gradients had shrunk near a minimum) is not a divergence.
+    #[serde(default, with = "lossless_f64::seq")]
+    grad_anchor: Vec<f64>,
 }
 
 impl DivergenceWatch {
@@ -226,6 +231,9 @@ impl DivergenceWatch {
             return None;
         }
         let window = cfg.grad_growth_window.max(3);
+        if self.grad_anchor.len() < cfg.anchor_len.max(1) {
+            self.grad_anchor.push(g);
+        }
         self.grad_steps.push_back(step);
         self.grad_logs.push_back(g.ln());
         while self.grad_steps.len() > window {
@@ -247,13 +255,14 @@ impl DivergenceWatch {
         let slope = theil_sen(&self.grad_steps, &self.grad_logs)?;
         let span = *self.grad_steps.back()? as f64 - *self.grad_steps.front()? as f64;
         let (rate, total) = (slope.exp(), (slope * span).exp());
-        (slope > cfg.grad_growth_rate.ln() && total > cfg.grad_growth_total).then_some(
-            DivergenceCause::GradGrowth {
+        let last = self.grad_logs.back()?.exp();
+        let above_start = median(self.grad_anchor.iter().copied()).is_none_or(|a| last > a);
+        (slope > cfg.grad_growth_rate.ln() && total > cfg.grad_growth_total && above_start)
+            .then_some(DivergenceCause::GradGrowth {
                 rate,
                 total,
                 window,
-            },
-        )
+            })
     }
 }
 
@@ -280,5 +289,30 @@ mod tests {
         let mut ys: VecDeque<f64> = (0..10).map(|x| 0.5 * x as f64).collect();
         ys[4] = 100.0;
         assert_eq!(theil_sen(&xs, &ys), Some(0.5));
+    }
+
+    /// A healthy run whose gradients shrank near a minimum and grow back (the noise of a
+    /// tiny loss) is not diverging; the same growth from the start is.
+    #[test]
+    fn grad_growth_counts_only_above_the_initial_grad_norm() {
+        let cfg = MonitorConfig::default();
+        let mut w = DivergenceWatch::default();
+        let mut alarms = 0;
+        for step in 0..60 {
+            // 1.0 for 10 steps, down to 1e-4, then back up 2x per step to 0.5.
+            let g = if step < 10 {
+                1.0
+            } else if step < 40 {
+                1e-4
+            } else {
+                (1e-4 * 2f64.powi(step - 39)).min(0.5)
+            };
+            alarms += usize::from(w.judge_grad(&cfg, step as usize, g).is_some());
+        }
+        assert_eq!(alarms, 0);
+        let mut w = DivergenceWatch::default();
+        let fired =
+            (0..30).find(|&step| w.judge_grad(&cfg, step, 2f64.powi(step as i32)).is_some());
+        assert_eq!(fired, Some(9));
     }
 }

@@ -12,6 +12,9 @@
 //!   ([`MonitorSummary`]); [`HealthReport::from_summary`] judges it into a [`Verdict`],
 //!   findings and typed [`Advice`] from keel's decision table (plain words, no command-line
 //!   flags: a program renders the advice as its own options).
+//! - [`Guard`]: acts on divergence by a [`GuardPolicy`] (default rollback): in-memory
+//!   snapshots of the last good state, rollback past the batches that led to the divergence,
+//!   a lower LR, a stop after a few interventions; [`HealthReport::with_guard`] lists them.
 //! - [`ConfusionMatrix`]: per-class IoU, mIoU and pixel accuracy with an ignore index.
 //! - [`CheckpointManager`] and [`load_checkpoint`]: atomic, checksummed safetensors
 //!   checkpoints, keep-last-K plus the best, resume from the latest.
@@ -100,6 +103,7 @@ mod ckpt_file;
 mod config;
 mod divergence;
 mod fsio;
+mod guard;
 mod interrupt;
 mod lock;
 mod log;
@@ -114,9 +118,10 @@ mod summary;
 pub use advice::{Advice, Bf16Cause, LrCause};
 pub use checkpoint::{load_latest_checkpoint, CheckpointManager, Resume};
 pub use ckpt_file::{load_checkpoint, Checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION};
-pub use config::MonitorConfig;
+pub use config::{GuardConfig, GuardPolicy, MonitorConfig};
 pub use divergence::{DivergenceCause, DivergenceEvent};
 pub use fsio::{remove_stale_temps, write_atomic};
+pub use guard::{Guard, GuardAction};
 pub use interrupt::{Interrupt, StopSignal};
 pub use lock::{RunLock, LOCK_FILE};
 pub use log::JsonlLogger;
@@ -126,4 +131,7 @@ pub use recipe::{OptimRecipe, POLY_POWER, SGD_MOMENTUM, WARMUP_START_FACTOR};
 pub use report::{HealthReport, RunContext, Verdict};
 pub use state::{named_vars, StepOutcome, TrainConfig, TrainState, TRAIN_STATE_FORMAT};
 pub use stats::lossless_f64;
-pub use summary::{EventSteps, MonitorSummary, ReportStats};
+pub use summary::{
+    EventSteps, GuardSummary, Intervention, InterventionCause, InterventionKind, MonitorSummary,
+    ReportStats,
+};

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::advice::{Advice, Bf16Cause, LrCause};
 use crate::stats::lossless_f64;
-use crate::summary::{MonitorSummary, ReportStats};
+use crate::summary::{GuardSummary, MonitorSummary, ReportStats};
 
 /// The run's configuration, as far as the advice needs it.
 ///
@@ -107,6 +107,9 @@ pub struct HealthReport {
     pub advice: Vec<Advice>,
     /// The run configuration the advice refers to.
     pub context: RunContext,
+    /// What the [`crate::Guard`] did, when the run had one ([`HealthReport::with_guard`]).
+    #[serde(default)]
+    pub guard: Option<GuardSummary>,
 }
 
 /// What the report concludes from a summary before it writes anything down.
@@ -229,7 +232,65 @@ impl HealthReport {
             findings,
             advice,
             context: ctx.clone(),
+            guard: None,
         }
+    }
+
+    /// The report with what a [`crate::Guard`] did: its interventions are listed, a run the
+    /// guard stopped is Diverged (with advice to restart at a tenth of the last LR tried), a
+    /// run it rolled back is at least a Warning (never Healthy), and the findings say whether
+    /// the run recovered.
+    ///
+    /// ```
+    /// use keel_norm::NormKind;
+    /// use keel_optim::Precision;
+    /// use keel_train::*;
+    /// let ctx = RunContext { norm: NormKind::GroupNorm { groups: None }, batch_size: 2,
+    ///                        pretrained: false, lr: 0.1, clip_grad: None,
+    ///                        precision: Precision::F32, steps: 100 };
+    /// let healthy = StabilityMonitor::new(MonitorConfig::default()).report(&ctx);
+    /// let rollback = Intervention { step: 57, cause: InterventionCause::NonFiniteLosses(3),
+    ///     action: InterventionKind::RolledBack, restored_step: 40, skipped_batches: 18,
+    ///     lr_before: 0.1, lr_after: 0.01 };
+    /// let g = GuardSummary { policy: GuardPolicy::Rollback, interventions: vec![rollback],
+    ///                        stopped: false, lr_scale: 0.1 };
+    /// let report = healthy.clone().with_guard(&g);
+    /// assert_eq!(report.verdict, Verdict::Warning);
+    /// assert!(report.to_text().contains("step 57: 3 non-finite losses in a row; rolled back to step 40"));
+    /// assert!(report.findings.iter().any(|f| f.contains("recovered")));
+    /// let stopped = GuardSummary { stopped: true, ..g };
+    /// assert_eq!(healthy.with_guard(&stopped).verdict, Verdict::Diverged);
+    /// ```
+    pub fn with_guard(mut self, g: &GuardSummary) -> Self {
+        if let Some(last) = g.interventions.last() {
+            let n = g.interventions.len();
+            if g.stopped {
+                self.verdict = Verdict::Diverged;
+                self.findings.push(format!(
+                    "the guard ({}) stopped the run at step {}: it diverged again after {} interventions (LR scaled by {}); the weights are those of step {}",
+                    g.policy, last.step, n - 1, g.lr_scale, last.restored_step
+                ));
+                let restart = |a: &Advice| {
+                    matches!(
+                        a,
+                        Advice::RestartWithLowerLr { .. } | Advice::RestartBeforeDivergence { .. }
+                    )
+                };
+                if !self.advice.iter().any(restart) {
+                    self.advice.push(Advice::RestartWithLowerLr {
+                        to: round3(self.context.lr * g.lr_scale / 10.0),
+                    });
+                }
+            } else {
+                self.verdict = self.verdict.max(Verdict::Warning);
+                self.findings.push(format!(
+                    "the guard ({}) intervened {n} times and the run recovered: no divergence after step {}; it ran on at {} x the scheduled LR",
+                    g.policy, last.step, g.lr_scale
+                ));
+            }
+        }
+        self.guard = Some(g.clone());
+        self
     }
 
     /// The advice as sentences, or `["no action needed"]` when there is none.
@@ -281,6 +342,12 @@ impl HealthReport {
                     .map_or(String::new(), |st| format!(" (step {st})")),
                 fmt_opt(s.train_eval_gap)
             );
+        }
+        if let Some(g) = self.guard.as_ref().filter(|g| !g.interventions.is_empty()) {
+            let _ = writeln!(t, "Guard ({}) interventions:", g.policy);
+            for i in &g.interventions {
+                let _ = writeln!(t, "  - {i}");
+            }
         }
         if !self.findings.is_empty() {
             let _ = writeln!(t, "Findings:");

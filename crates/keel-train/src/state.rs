@@ -80,6 +80,10 @@ pub struct TrainState {
     pub precision: Precision,
     /// Optimizer steps taken (the index of the next step).
     pub step: usize,
+    /// Skip the optimizer step when the loss, a gradient or the gradient norm is not finite
+    /// (default true). A [`crate::Guard`] with [`crate::GuardPolicy::Off`] turns it off.
+    /// With f16, GradScaler overflows are skipped either way (the scaler's protocol).
+    pub skip_non_finite: bool,
 }
 
 impl TrainState {
@@ -114,6 +118,7 @@ impl TrainState {
             accumulator: GradAccumulator::new(cfg.accum_steps.max(1))?,
             precision: cfg.precision,
             step: 0,
+            skip_non_finite: true,
         })
     }
 
@@ -132,7 +137,8 @@ impl TrainState {
     /// micro-batch `i` (of [`GradAccumulator::k`]) and returns its scalar loss (any float
     /// dtype); the state scales it (by `1/k`, and by the loss scale with f16), runs the
     /// backward pass and sums the gradients. The optimizer steps unless a gradient, the
-    /// gradient norm or the loss is not finite; then the scaler updates, the EMA follows
+    /// gradient norm or the loss is not finite (unless [`TrainState::skip_non_finite`] is
+    /// off); then the scaler updates, the EMA follows
     /// (only after a real step) and the monitor records the step.
     ///
     /// # Shapes
@@ -157,7 +163,8 @@ impl TrainState {
         };
         let max_norm = clip.unwrap_or(f32::MAX as f64);
         let grad_norm = clip_grad_norm(&mut grads, &self.vars, max_norm)?;
-        let skipped = found_inf || !grad_norm.is_finite() || !loss.is_finite();
+        let non_finite = !grad_norm.is_finite() || !loss.is_finite();
+        let skipped = found_inf || (self.skip_non_finite && non_finite);
         let stepped = match self.scaler.as_mut() {
             Some(s) => {
                 let stepped =

@@ -4,8 +4,8 @@
 //! knows the other's internals (monitor -> summary <- report).
 use serde::{Deserialize, Serialize};
 
-use crate::config::MonitorConfig;
-use crate::divergence::DivergenceEvent;
+use crate::config::{GuardPolicy, MonitorConfig};
+use crate::divergence::{DivergenceCause, DivergenceEvent};
 use crate::stats::lossless_f64;
 
 /// The numbers behind a [`crate::HealthReport`]. Quantiles of the grad norm are within about
@@ -156,5 +156,105 @@ impl MonitorSummary {
         } else {
             0.0
         }
+    }
+}
+
+/// Why a [`crate::Guard`] intervened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum InterventionCause {
+    /// The monitor raised [`crate::Alarm::Divergence`] (non-finite weights included).
+    Divergence(DivergenceCause),
+    /// This many non-finite losses in a row (the guard's `nonfinite_patience`).
+    NonFiniteLosses(usize),
+}
+
+impl std::fmt::Display for InterventionCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InterventionCause::Divergence(c) => write!(f, "divergence: {c}"),
+            InterventionCause::NonFiniteLosses(n) => write!(f, "{n} non-finite losses in a row"),
+        }
+    }
+}
+
+/// What a [`crate::Guard`] did about a divergence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterventionKind {
+    /// Restored the snapshot, lowered the LR, and the run continued.
+    RolledBack,
+    /// Restored the snapshot and stopped the run: the interventions were used up.
+    Stopped,
+}
+
+/// One intervention of a [`crate::Guard`]: a JSONL-ready record.
+///
+/// ```
+/// use keel_train::{DivergenceCause, Intervention, InterventionCause, InterventionKind};
+/// let i = Intervention { step: 57, cause: InterventionCause::Divergence(DivergenceCause::NonFiniteWeights),
+///     action: InterventionKind::RolledBack, restored_step: 40, skipped_batches: 18,
+///     lr_before: 0.5, lr_after: 0.05 };
+/// assert_eq!(i.to_string(), "step 57: divergence: non-finite (NaN/Inf) weights; rolled back to \
+///     step 40, skipped 18 batches, LR 0.5 -> 0.05");
+/// let json = serde_json::to_string(&i).unwrap();
+/// assert_eq!(serde_json::from_str::<Intervention>(&json).unwrap(), i);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Intervention {
+    /// The step whose alarm triggered it.
+    pub step: usize,
+    /// Why.
+    pub cause: InterventionCause,
+    /// What the guard did.
+    pub action: InterventionKind,
+    /// The step of the snapshot restored (the weights are those before that step).
+    pub restored_step: usize,
+    /// Batches whose updates were discarded and not replayed: `step + 1 - restored_step`.
+    /// The step counter (and the data position) continues at `step + 1`.
+    pub skipped_batches: usize,
+    /// The learning rate of the alarm step.
+    #[serde(with = "lossless_f64")]
+    pub lr_before: f64,
+    /// That learning rate after the intervention (unchanged when the run stopped).
+    #[serde(with = "lossless_f64")]
+    pub lr_after: f64,
+}
+
+impl std::fmt::Display for Intervention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "step {}: {}; ", self.step, self.cause)?;
+        match self.action {
+            InterventionKind::RolledBack => write!(
+                f,
+                "rolled back to step {}, skipped {} batches, LR {} -> {}",
+                self.restored_step, self.skipped_batches, self.lr_before, self.lr_after
+            ),
+            InterventionKind::Stopped => write!(
+                f,
+                "restored step {} and stopped the run (LR {})",
+                self.restored_step, self.lr_before
+            ),
+        }
+    }
+}
+
+/// What a [`crate::Guard`] did over a run, for [`crate::HealthReport::with_guard`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GuardSummary {
+    /// The policy.
+    pub policy: GuardPolicy,
+    /// Every intervention, in order.
+    pub interventions: Vec<Intervention>,
+    /// Whether the guard stopped the run.
+    pub stopped: bool,
+    /// The factor the learning rate is multiplied by now (1 before any intervention).
+    #[serde(with = "lossless_f64")]
+    pub lr_scale: f64,
+}
+
+impl GuardSummary {
+    /// Whether the guard intervened and the run then went on to its end.
+    pub fn recovered(&self) -> bool {
+        !self.interventions.is_empty() && !self.stopped
     }
 }

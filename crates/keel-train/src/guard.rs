@@ -1,0 +1,343 @@
+//! The guard: a run that goes haywire heals itself or stops loudly. It keeps in-memory
+//! snapshots of the last good [`TrainState`] and, on a divergence alarm of the monitor (or
+//! NaN weights, or a run of non-finite losses), restores one, moves past the batches that led
+//! there, lowers the learning rate for the rest of the run, and after
+//! [`GuardConfig::max_interventions`] stops the run. Large-model trainers do this around
+//! loss spikes by hand (PaLM, Chowdhery et al. 2022, §5.1: restart about 100 steps before
+//! the spike and skip 200-500 batches); the guard does it in-process for small-batch runs.
+//!
+//! The data position: the guard does not rewind [`TrainState::step`]. After a rollback the
+//! weights, optimizer, scaler, EMA and monitor are those of the snapshot, but the step counter
+//! continues after the alarm step, so a loop that draws batch `step` (or reads a stream of
+//! batches) and an LR schedule of `step` move past the batches that led to the divergence
+//! ([`Intervention::skipped_batches`] of them) without being told. The learning rate the loop
+//! passes is [`Guard::lr`] of the scheduled one: lowered by [`GuardConfig::lr_factor`] per
+//! intervention, for the rest of the run (not a cool-down window: an LR that diverged once
+//! from a healthy snapshot would diverge again when restored).
+use std::collections::VecDeque;
+
+use candle::{DType, Tensor};
+
+use crate::config::{GuardConfig, GuardPolicy};
+use crate::monitor::Alarm;
+use crate::state::{StepOutcome, TrainState};
+use crate::summary::{GuardSummary, Intervention, InterventionCause, InterventionKind};
+use crate::Checkpoint;
+
+/// Snapshots held: the newest, and one older in case the newest already holds the start of
+/// a divergence.
+const SNAPSHOTS_HELD: usize = 2;
+
+/// What the loop does after [`Guard::after_step`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum GuardAction {
+    /// Nothing happened: go on.
+    Continue,
+    /// The state was rolled back and the LR lowered: log the intervention and go on (the
+    /// next step is [`TrainState::step`], after the alarm step).
+    RolledBack(Intervention),
+    /// The interventions are used up: the last good snapshot is restored; end the loop, write
+    /// the report (DIVERGED) and exit with an error.
+    Stop(Intervention),
+}
+
+/// Watches a [`TrainState`] after each step and acts on divergence by its
+/// [`GuardPolicy`]. Holds up to two deep copies of the state in memory (on its device).
+///
+/// A custom loop with a guard (an LR burst of 1000x for 5 steps mid-run, rolled back):
+///
+/// ```
+/// use candle::{DType, Device, Module, Tensor};
+/// use candle_nn::{linear, VarBuilder, VarMap};
+/// use keel_optim::{split_no_decay, OptimizerKind};
+/// use keel_train::{named_vars, Guard, GuardAction, GuardConfig, OptimRecipe, TrainConfig, TrainState};
+/// # fn main() -> candle::Result<()> {
+/// let dev = Device::Cpu;
+/// let x = (Tensor::arange(0f32, 64.0, &dev)?.reshape((16, 4))? / 64.0)?.sin()?;
+/// let y = x.sum_keepdim(1)?;
+/// let vm = VarMap::new();
+/// let model = linear(4, 1, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+/// let recipe = OptimRecipe { lr: 0.1, ..OptimRecipe::new(OptimizerKind::Sgd, 200) };
+/// let mut state = TrainState::new(named_vars(&vm), recipe.optimizer(split_no_decay(&vm))?,
+///                                 &TrainConfig::default())?;
+/// let mut guard = Guard::new(GuardConfig { snapshot_every: 20, ..GuardConfig::for_run(200) }, &mut state)?;
+/// while state.step < 200 {
+///     let burst = if (100..105).contains(&state.step) { 1000.0 } else { 1.0 };
+///     let lr = guard.lr(0.1 * burst);
+///     let out = state.step(lr, None, |_| (model.forward(&x)? - &y)?.sqr()?.mean_all())?;
+///     match guard.after_step(&mut state, &out)? {
+///         GuardAction::Continue => {}
+///         GuardAction::RolledBack(i) => eprintln!("guard: {i}"),
+///         GuardAction::Stop(i) => panic!("stopped: {i}"),
+///     }
+/// }
+/// let i = &guard.interventions()[0];
+/// assert!(i.step > 100 && i.restored_step <= 100, "{i}");
+/// assert!(guard.summary().recovered());
+/// let loss = (model.forward(&x)? - &y)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
+/// assert!(loss < 1e-2, "{loss}");
+/// # Ok(()) }
+/// ```
+pub struct Guard {
+    cfg: GuardConfig,
+    /// Deep copies of healthy states, oldest first.
+    snapshots: VecDeque<Checkpoint>,
+    interventions: Vec<Intervention>,
+    lr_scale: f64,
+    /// Non-finite losses in a row, up to the last step.
+    nonfinite_run: usize,
+    stopped: bool,
+}
+
+impl Guard {
+    /// A guard over `state` (fresh, or just restored from a checkpoint). Sets
+    /// [`TrainState::skip_non_finite`] by the policy (off only for [`GuardPolicy::Off`]); with
+    /// [`GuardPolicy::Rollback`] takes the first snapshot now, so a run diverging from its
+    /// first step can roll back to its start. Errors on an invalid config, or on
+    /// non-finite weights with Rollback.
+    pub fn new(cfg: GuardConfig, state: &mut TrainState) -> candle::Result<Self> {
+        cfg.validate()?;
+        state.skip_non_finite = cfg.policy != GuardPolicy::Off;
+        let mut guard = Self {
+            cfg,
+            snapshots: VecDeque::new(),
+            interventions: Vec::new(),
+            lr_scale: 1.0,
+            nonfinite_run: 0,
+            stopped: false,
+        };
+        if cfg.policy == GuardPolicy::Rollback {
+            if !weights_finite(state)? {
+                candle::bail!(
+                    "Guard::new: the weights at step {} are not finite, so there is no good state to roll back to; start from finite weights or use GuardPolicy::Skip",
+                    state.step
+                )
+            }
+            guard.snapshots.push_back(deep_snapshot(state)?);
+        }
+        Ok(guard)
+    }
+
+    /// Continues the history of an earlier process of the same run (its
+    /// [`Guard::summary`], e.g. stored in the checkpoint meta): its interventions count
+    /// towards [`GuardConfig::max_interventions`] and its LR reduction holds. Call it right
+    /// after [`Guard::new`] on the restored state. A run the guard stopped cannot continue.
+    ///
+    /// ```
+    /// # use candle::{DType, Device};
+    /// # use candle_nn::{linear, VarBuilder, VarMap};
+    /// # use keel_optim::{split_no_decay, OptimizerKind};
+    /// use keel_train::*;
+    /// # let vm = VarMap::new();
+    /// # let _ = linear(4, 1, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    /// # let opt = OptimRecipe::new(OptimizerKind::Sgd, 100).optimizer(split_no_decay(&vm)).unwrap();
+    /// # let mut state = TrainState::new(named_vars(&vm), opt, &TrainConfig::default()).unwrap();
+    /// let rollback = Intervention { step: 57, cause: InterventionCause::NonFiniteLosses(3),
+    ///     action: InterventionKind::RolledBack, restored_step: 40, skipped_batches: 18,
+    ///     lr_before: 0.1, lr_after: 0.05 };
+    /// let earlier = GuardSummary { policy: GuardPolicy::Rollback, interventions: vec![rollback],
+    ///                              stopped: false, lr_scale: 0.5 };
+    /// let mut guard = Guard::new(GuardConfig::for_run(100), &mut state)?;
+    /// guard.continue_history(&earlier)?;
+    /// assert_eq!((guard.lr(0.1), guard.interventions().len()), (0.05, 1));
+    /// assert!(guard.continue_history(&GuardSummary { stopped: true, ..earlier }).is_err());
+    /// # Ok::<(), candle::Error>(())
+    /// ```
+    pub fn continue_history(&mut self, earlier: &GuardSummary) -> candle::Result<()> {
+        if earlier.stopped {
+            candle::bail!(
+                "Guard::continue_history: the guard stopped this run after {} interventions; restart it with a lower LR instead of resuming",
+                earlier.interventions.len()
+            )
+        }
+        if !(earlier.lr_scale > 0.0 && earlier.lr_scale <= 1.0) {
+            candle::bail!(
+                "Guard::continue_history: lr_scale {} is not in (0, 1]; was the history written by Guard::summary?",
+                earlier.lr_scale
+            )
+        }
+        self.interventions = earlier.interventions.clone();
+        self.lr_scale = earlier.lr_scale;
+        Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GuardConfig {
+        &self.cfg
+    }
+
+    /// The learning rate to use for a scheduled `lr`: `lr` times [`Guard::lr_scale`].
+    pub fn lr(&self, lr: f64) -> f64 {
+        lr * self.lr_scale
+    }
+
+    /// The product of the LR reductions so far (1 before any intervention).
+    pub fn lr_scale(&self) -> f64 {
+        self.lr_scale
+    }
+
+    /// The interventions so far, in order.
+    pub fn interventions(&self) -> &[Intervention] {
+        &self.interventions
+    }
+
+    /// Whether the guard stopped the run.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The steps of the snapshots held, oldest first.
+    pub fn snapshot_steps(&self) -> Vec<usize> {
+        self.snapshots.iter().map(|s| s.step).collect()
+    }
+
+    /// What the guard did, for [`crate::HealthReport::with_guard`].
+    pub fn summary(&self) -> GuardSummary {
+        GuardSummary {
+            policy: self.cfg.policy,
+            interventions: self.interventions.clone(),
+            stopped: self.stopped,
+            lr_scale: self.lr_scale,
+        }
+    }
+
+    /// Called once after each [`TrainState::step`] with its outcome. Every
+    /// [`GuardConfig::check_every`] steps (any policy) checks that the weights are finite
+    /// and records it in the monitor ([`crate::StabilityMonitor::record_weights_finite`]).
+    /// With [`GuardPolicy::Rollback`]: on an [`Alarm::Divergence`] (of the step or of that
+    /// check) or [`GuardConfig::nonfinite_patience`] non-finite losses in a row, restores a
+    /// snapshot and returns [`GuardAction::RolledBack`], or [`GuardAction::Stop`] once
+    /// [`GuardConfig::max_interventions`] are used up; otherwise takes a snapshot every
+    /// [`GuardConfig::snapshot_every`] steps while the run is healthy.
+    pub fn after_step(
+        &mut self,
+        state: &mut TrainState,
+        out: &StepOutcome,
+    ) -> candle::Result<GuardAction> {
+        if self.stopped {
+            candle::bail!(
+                "Guard::after_step: the guard stopped the run at step {}; end the loop on GuardAction::Stop",
+                self.interventions.last().map_or(out.step, |i| i.step)
+            )
+        }
+        self.nonfinite_run = if out.loss.is_finite() {
+            0
+        } else {
+            self.nonfinite_run + 1
+        };
+        let checked = (out.step + 1) % self.cfg.check_every == 0;
+        let weight_alarms = if checked {
+            let finite = weights_finite(state)?;
+            state.monitor.record_weights_finite(out.step, finite)
+        } else {
+            Vec::new()
+        };
+        if self.cfg.policy != GuardPolicy::Rollback {
+            return Ok(GuardAction::Continue);
+        }
+        let divergence = out
+            .alarms
+            .iter()
+            .chain(&weight_alarms)
+            .find_map(|a| match a {
+                Alarm::Divergence { cause, .. } => Some(cause.clone()),
+                _ => None,
+            });
+        let cause = match divergence {
+            Some(c) => Some(InterventionCause::Divergence(c)),
+            None => (self.nonfinite_run >= self.cfg.nonfinite_patience)
+                .then_some(InterventionCause::NonFiniteLosses(self.nonfinite_run)),
+        };
+        if let Some(cause) = cause {
+            return self.intervene(state, out, cause);
+        }
+        let due = (out.step + 1) % self.cfg.snapshot_every == 0;
+        if due && self.nonfinite_run == 0 && !state.monitor.diverging() {
+            // The check above already ran on a check step; it raised no alarm then.
+            if checked || weights_finite(state)? {
+                self.snapshots.push_back(deep_snapshot(state)?);
+                while self.snapshots.len() > SNAPSHOTS_HELD {
+                    self.snapshots.pop_front();
+                }
+            }
+        }
+        Ok(GuardAction::Continue)
+    }
+
+    /// Restores the newest snapshot at least `lookback` steps older than the alarm (or the
+    /// oldest), keeps the step counter after the alarm step, lowers the LR or stops.
+    fn intervene(
+        &mut self,
+        state: &mut TrainState,
+        out: &StepOutcome,
+        cause: InterventionCause,
+    ) -> candle::Result<GuardAction> {
+        let next = state.step;
+        let idx = self
+            .snapshots
+            .iter()
+            .rposition(|s| s.step + self.cfg.lookback <= next)
+            .unwrap_or(0);
+        self.snapshots.truncate(idx + 1);
+        let Some(snap) = self.snapshots.back() else {
+            candle::bail!(
+                "Guard: no snapshot to roll back to at step {} ({cause}); build the Guard with GuardPolicy::Rollback before the first step",
+                out.step
+            )
+        };
+        state.restore::<()>(snap)?;
+        let restored_step = snap.step;
+        state.step = next;
+        self.nonfinite_run = 0;
+        let stop = self.interventions.len() >= self.cfg.max_interventions;
+        if !stop {
+            self.lr_scale *= self.cfg.lr_factor;
+        }
+        let rec = Intervention {
+            step: out.step,
+            cause,
+            action: if stop {
+                InterventionKind::Stopped
+            } else {
+                InterventionKind::RolledBack
+            },
+            restored_step,
+            skipped_batches: next - restored_step,
+            lr_before: out.lr,
+            lr_after: if stop {
+                out.lr
+            } else {
+                out.lr * self.cfg.lr_factor
+            },
+        };
+        self.interventions.push(rec.clone());
+        self.stopped = stop;
+        Ok(if stop {
+            GuardAction::Stop(rec)
+        } else {
+            GuardAction::RolledBack(rec)
+        })
+    }
+}
+
+/// Whether every weight is finite: one sum per parameter, summed, one sync. Weights so
+/// large that their f32 sum overflows count as non-finite (such a run has diverged).
+pub(crate) fn weights_finite(state: &TrainState) -> candle::Result<bool> {
+    let sums = state
+        .vars()
+        .iter()
+        .map(|v| v.as_tensor().to_dtype(DType::F32)?.sum_all())
+        .collect::<candle::Result<Vec<_>>>()?;
+    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
+    Ok(total.is_finite())
+}
+
+/// [`TrainState::snapshot`] with every tensor copied: the optimizer updates the weights in
+/// place, which would change a snapshot that shares their storage.
+fn deep_snapshot(state: &TrainState) -> candle::Result<Checkpoint> {
+    let mut ck = state.snapshot(&())?;
+    for t in ck.tensors.values_mut() {
+        *t = t.copy()?;
+    }
+    Ok(ck)
+}
