@@ -266,6 +266,9 @@ impl<R: UpdateRule> candle_nn::Optimizer for Grouped<R> {
     }
 
     fn step(&mut self, grads: &GradStore) -> candle::Result<()> {
+        // candle's `set_learning_rate` cannot return an error: a bad LR set through it is
+        // refused here, before any parameter changes.
+        crate::traits::check_lr(&format!("{}::step", R::NAME), self.lr)?;
         let base_lr = self.lr;
         for group in self.groups.iter_mut() {
             let hparams = GroupHparams {
@@ -290,6 +293,10 @@ impl<R: UpdateRule> candle_nn::Optimizer for Grouped<R> {
         self.lr
     }
 
+    /// Sets the base LR. candle's trait has no error path: a NaN, negative or
+    /// f32-overflowing LR is refused by the next [`step`](candle_nn::Optimizer::step) (use
+    /// [`DynOptimizer::set_learning_rate`](crate::DynOptimizer::set_learning_rate) to be
+    /// told at once).
     fn set_learning_rate(&mut self, lr: f64) {
         self.lr = lr;
     }

@@ -285,3 +285,30 @@ fn config_lr_must_be_finite_in_f32_and_non_negative() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// candle's `Optimizer::set_learning_rate` has no error path: a bad LR set through it is
+/// refused by the next step, before any weight changes (issue 11 item 8).
+#[test]
+fn a_bad_lr_set_through_candles_trait_is_refused_by_the_next_step() -> Result<()> {
+    let w = Var::new(&[1f32, -1.0], &Device::Cpu)?;
+    let loss = || w.as_tensor().sqr().unwrap().sum_all().unwrap();
+    for lr in [f64::NAN, -1.0, 1e39] {
+        let mut sgd = Sgd::new(vec![w.clone()], SgdConfig::default())?;
+        Optimizer::set_learning_rate(&mut sgd, lr);
+        expect_err(sgd.backward_step(&loss()), &["Sgd::step", "lr ("]);
+        let mut adamw = AdamW::new(vec![w.clone()], AdamWConfig::default())?;
+        Optimizer::set_learning_rate(&mut adamw, lr);
+        expect_err(adamw.backward_step(&loss()), &["AdamW::step", "lr ("]);
+        assert_eq!(
+            w.to_vec1::<f32>()?,
+            vec![1.0, -1.0],
+            "lr {lr} changed the weights"
+        );
+    }
+    // A good LR set the same way steps.
+    let mut sgd = Sgd::new(vec![w.clone()], SgdConfig::default())?;
+    Optimizer::set_learning_rate(&mut sgd, 0.25);
+    sgd.backward_step(&loss())?;
+    assert_ne!(w.to_vec1::<f32>()?, vec![1.0, -1.0]);
+    Ok(())
+}
