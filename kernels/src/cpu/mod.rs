@@ -1,10 +1,10 @@
 //! CPU building blocks shared by keel's fused kernels: element conversion in blocks, a
 //! vectorizable `exp`, runtime ISA selection.
 //!
-//! The hot loops are written once as `#[inline(always)]` generic functions over contiguous
-//! `f32` slices; [`multiversion!`] instantiates each of them a second time inside a
-//! `#[target_feature(enable = "avx2,fma")]` wrapper so that LLVM can use 8-wide vectors when
-//! the running CPU supports them (the default x86_64 target only guarantees SSE2).
+//! Each hot loop is a [`Kernel`] generic over the element type; [`dispatch`] instantiates it
+//! a second time inside a `#[target_feature(enable = "avx2,fma")]` function so that LLVM can
+//! use 8-wide vectors when the running CPU supports them (the default x86_64 target only
+//! guarantees SSE2).
 
 pub(crate) mod group_norm;
 
@@ -54,32 +54,44 @@ impl Isa {
     }
 }
 
-/// Instantiates an `#[inline(always)]` generic kernel body twice (baseline and AVX2+FMA)
-/// and defines a dispatcher that takes the [`Isa`] as its first argument.
-macro_rules! multiversion {
-    (fn $name:ident / $generic:ident / $avx2:ident <T> ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
-        #[inline(always)]
-        fn $generic<T: $crate::cpu::Elem>($($arg: $ty),*) -> $ret $body
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $avx2<T: $crate::cpu::Elem>($($arg: $ty),*) -> $ret {
-            $generic::<T>($($arg),*)
-        }
-
-        fn $name<T: $crate::cpu::Elem>(isa: $crate::cpu::Isa, $($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            if isa == $crate::cpu::Isa::Avx2 {
-                // SAFETY: `Isa::Avx2` is only constructed by `Isa::detect` after run-time
-                // detection confirmed that this CPU supports avx2 and fma.
-                return unsafe { $avx2::<T>($($arg),*) };
-            }
-            let _ = isa;
-            $generic::<T>($($arg),*)
-        }
-    };
+/// A CPU kernel: its arguments as fields and its body in [`Kernel::run`], which must be
+/// `#[inline(always)]` so that [`dispatch`] compiles the whole body once per instruction set.
+pub(crate) trait Kernel {
+    /// What the kernel returns.
+    type Output;
+    /// The kernel body; implementations are `#[inline(always)]`.
+    fn run(self) -> Self::Output;
 }
-pub(crate) use multiversion;
+
+/// `k.run()` compiled with AVX2 and FMA enabled, so LLVM can use 8-wide vectors in the
+/// inlined body.
+///
+/// # Safety
+/// The running CPU must support avx2 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2<K: Kernel>(k: K) -> K::Output {
+    k.run()
+}
+
+/// Runs `k` compiled for `isa`: the AVX2+FMA instantiation when `isa` is [`Isa::Avx2`],
+/// the baseline one otherwise.
+///
+/// The body reaches the `#[target_feature]` function by `#[inline(always)]` calls only
+/// (`Kernel::run` and the generic helpers it calls); a closure called from the body would be
+/// a separate function compiled without AVX2 unless LLVM chose to inline it, so kernel
+/// bodies write their block loops directly instead of passing closures to helpers.
+#[inline(always)]
+pub(crate) fn dispatch<K: Kernel>(isa: Isa, k: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: `Isa::Avx2` is only constructed by `Isa::detect` after run-time detection
+        // confirmed that this CPU supports avx2 and fma.
+        return unsafe { run_avx2(k) };
+    }
+    let _ = isa;
+    k.run()
+}
 
 /// An element type the CPU kernels read and write; all arithmetic happens in `f32`.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
@@ -142,75 +154,6 @@ macro_rules! impl_half_elem {
 }
 impl_half_elem!(f16);
 impl_half_elem!(bf16);
-
-// The block helpers below are macros, not closure-taking functions: a closure is compiled
-// where it is written (the baseline generic body), so its loop would not be inlined into the
-// `#[target_feature]` instantiation made by `multiversion!` and would not get AVX2.
-
-/// Runs `$body` with `$xb` bound to consecutive blocks of at most [`BLK`] elements of `$x`
-/// (of element type `$T`), as `&[f32]`. The `[f32; BLK]` scratch buffers (used only by
-/// f16/bf16) come from the caller, so a loop over short channel runs does not re-initialise
-/// them for every run.
-macro_rules! blocks {
-    ($T:ty, $bx:expr, $x:expr, |$xb:ident| $body:block) => {{
-        let bx: &mut [f32; $crate::cpu::BLK] = $bx;
-        for xc in $x.chunks($crate::cpu::BLK) {
-            let $xb = <$T as $crate::cpu::Elem>::load(xc, bx);
-            $body
-        }
-    }};
-}
-pub(crate) use blocks;
-
-/// Like [`blocks!`] over two equally long slices.
-macro_rules! blocks2 {
-    ($T:ty, $ba:expr, $bb_:expr, $a:expr, $b:expr, |$ab:ident, $bb:ident| $body:block) => {{
-        let (ba, bb): (&mut [f32; $crate::cpu::BLK], &mut [f32; $crate::cpu::BLK]) = ($ba, $bb_);
-        for (ac, bc) in $a.chunks($crate::cpu::BLK).zip($b.chunks($crate::cpu::BLK)) {
-            let $ab = <$T as $crate::cpu::Elem>::load(ac, ba);
-            let $bb = <$T as $crate::cpu::Elem>::load(bc, bb);
-            $body
-        }
-    }};
-}
-pub(crate) use blocks2;
-
-/// Runs `$body` on matching blocks of the inputs (`&[f32]`) and of the output `$y`
-/// (`&mut [f32]`), then writes the output block back into `$y`.
-macro_rules! blocks_map {
-    ($T:ty, $bx:expr, $by:expr, $x:expr, $y:expr, |$xb:ident, $yb:ident| $body:block) => {{
-        let (bx, by): (&mut [f32; $crate::cpu::BLK], &mut [f32; $crate::cpu::BLK]) = ($bx, $by);
-        for (xc, yc) in $x
-            .chunks($crate::cpu::BLK)
-            .zip($y.chunks_mut($crate::cpu::BLK))
-        {
-            {
-                let $xb = <$T as $crate::cpu::Elem>::load(xc, bx);
-                let $yb = <$T as $crate::cpu::Elem>::out(yc, by);
-                $body
-            }
-            <$T as $crate::cpu::Elem>::store(by, yc);
-        }
-    }};
-    ($T:ty, $ba:expr, $bb_:expr, $by:expr, $a:expr, $b:expr, $y:expr, |$ab:ident, $bb:ident, $yb:ident| $body:block) => {{
-        let (ba, bb, by): (
-            &mut [f32; $crate::cpu::BLK],
-            &mut [f32; $crate::cpu::BLK],
-            &mut [f32; $crate::cpu::BLK],
-        ) = ($ba, $bb_, $by);
-        let chunks = $a.chunks($crate::cpu::BLK).zip($b.chunks($crate::cpu::BLK));
-        for ((ac, bc), yc) in chunks.zip($y.chunks_mut($crate::cpu::BLK)) {
-            {
-                let $ab = <$T as $crate::cpu::Elem>::load(ac, ba);
-                let $bb = <$T as $crate::cpu::Elem>::load(bc, bb);
-                let $yb = <$T as $crate::cpu::Elem>::out(yc, by);
-                $body
-            }
-            <$T as $crate::cpu::Elem>::store(by, yc);
-        }
-    }};
-}
-pub(crate) use blocks_map;
 
 /// `e^x` in `f32` from Cephes' `expf` polynomial, written with selects and bit casts only so
 /// that loops calling it vectorize. Relative error about 2 ulp on [-87, 88]; inputs are
@@ -276,11 +219,13 @@ mod tests {
         let x: Vec<f16> = (0..2500).map(|i| f16::from_f32(i as f32 * 0.25)).collect();
         let mut y = vec![f16::ZERO; x.len()];
         let (mut bx, mut by) = ([0f32; BLK], [0f32; BLK]);
-        blocks_map!(f16, &mut bx, &mut by, &x, &mut y, |a, b| {
-            for (b, a) in b.iter_mut().zip(a) {
+        for (xc, yc) in x.chunks(BLK).zip(y.chunks_mut(BLK)) {
+            let a = f16::load(xc, &mut bx);
+            for (b, a) in f16::out(yc, &mut by).iter_mut().zip(a) {
                 *b = a * 2.0;
             }
-        });
+            f16::store(&by, yc);
+        }
         for (a, b) in x.iter().zip(&y) {
             assert_eq!(b.to_f32(), a.to_f32() * 2.0);
         }
