@@ -30,10 +30,9 @@
 //! - Non-contiguous x, weight or bias are copied to a contiguous layout first.
 //! - Empty inputs (N = 0 or a zero spatial dim) give empty outputs and zero dweight/dbias.
 
-use crate::cpu::contiguous;
 use crate::cpu::group_norm::{backward, forward, plan_chunks, GnDims};
-use candle::backend::BackendStorage;
-use candle::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use crate::cpu::{float_op, Elem, FloatOp};
+use candle::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
 /// Forward op on `(x, weight, bias)`; see the module docs for the contract.
 #[derive(Clone, Copy, Debug)]
@@ -302,12 +301,29 @@ fn cpu_dims(op: &str, l: &Layout, num_groups: usize, c_len: usize) -> Result<GnD
     Ok(d)
 }
 
-/// Runs a CPU kernel on rayon's global pool with `k` chunks per group for its thread count.
-/// (Running inside candle's private pool via `Device::with_context` measured about 2x
-/// slower for the (2, 64, 64, 64) forward on the 2-core bench machine.)
-fn on_pool<R>(d: GnDims, f: impl FnOnce(usize) -> R) -> R {
-    let m = (d.c / d.groups) * d.hw;
-    f(plan_chunks(d.n * d.groups, m, rayon::current_num_threads()))
+/// One CPU GroupNorm call: the forward on `(x, weight, bias)` or the backward on
+/// `(x, wb, dy)`, for any float element type.
+struct CpuCall {
+    d: GnDims,
+    eps: f32,
+    silu: bool,
+    backward: bool,
+}
+
+impl FloatOp<3> for CpuCall {
+    /// Runs on rayon's global pool with `k` chunks per group for its thread count. (Running
+    /// inside candle's private pool via `Device::with_context` measured about 2x slower for
+    /// the (2, 64, 64, 64) forward on the 2-core bench machine.)
+    fn run<T: Elem + WithDType>(&self, [x, p, q]: [&[T]; 3]) -> Result<CpuStorage> {
+        let CpuCall { d, eps, silu, .. } = *self;
+        let k = plan_chunks(d.n * d.groups, (d.c / d.groups) * d.hw, rayon::current_num_threads());
+        let out = if self.backward {
+            backward(x, p, q, d, eps, silu, k)
+        } else {
+            forward(x, p, q, d, eps, silu, k)
+        };
+        Ok(T::to_cpu_storage_owned(out))
+    }
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -333,29 +349,15 @@ impl CustomOp3 for GroupNormOp {
                 d.c
             )
         }
-        macro_rules! run {
-            ($x:expr, $w:expr, $b:expr, $variant:ident) => {{
-                let x = contiguous(op, "x", $x, l1)?;
-                let w = contiguous(op, "weight", $w, l2)?;
-                let b = contiguous(op, "bias", $b, l3)?;
-                {
-                    let (eps, silu) = (self.eps, self.silu);
-                    CpuStorage::$variant(on_pool(d, |k| forward(x, w, b, d, eps, silu, k)))
-                }
-            }};
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => run!(x, w, b, F32),
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => run!(x, w, b, F16),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => run!(x, w, b, BF16),
-            _ => bail!(
-                "{op}: x, weight and bias must all be f32, all f16 or all bf16, got {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
+        let (eps, silu) = (self.eps, self.silu);
+        let call = CpuCall {
+            d,
+            eps,
+            silu,
+            backward: false,
         };
-        Ok((out, l1.shape().clone()))
+        let operands = [("x", s1, l1), ("weight", s2, l2), ("bias", s3, l3)];
+        Ok((float_op(op, operands, &call)?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -424,28 +426,15 @@ impl CustomOp3 for GroupNormBwdOp {
                 l3.shape()
             )
         }
-        macro_rules! run {
-            ($x:expr, $wb:expr, $dy:expr, $variant:ident) => {{
-                let x = contiguous(op, "x", $x, l1)?;
-                let wb = contiguous(op, "wb", $wb, l2)?;
-                let dy = contiguous(op, "dy", $dy, l3)?;
-                {
-                    let (eps, silu) = (self.eps, self.silu);
-                    CpuStorage::$variant(on_pool(d, |k| backward(x, wb, dy, d, eps, silu, k)))
-                }
-            }};
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => run!(x, w, g, F32),
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => run!(x, w, g, F16),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => run!(x, w, g, BF16),
-            _ => bail!(
-                "{op}: x, wb and dy must all be f32, all f16 or all bf16, got {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
+        let (eps, silu) = (self.eps, self.silu);
+        let call = CpuCall {
+            d,
+            eps,
+            silu,
+            backward: true,
         };
+        let operands = [("x", s1, l1), ("wb", s2, l2), ("dy", s3, l3)];
+        let out = float_op(op, operands, &call)?;
         Ok((out, Shape::from(l1.shape().elem_count() + 2 * d.c)))
     }
 

@@ -8,8 +8,10 @@
 
 pub(crate) mod group_norm;
 
-use candle::{bail, Layout, Result};
+use candle::backend::BackendStorage;
+use candle::{bail, CpuStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
+use std::borrow::Cow;
 
 /// The contiguous slice of a storage's data described by `l`, or an error naming the op and
 /// the operand (`what`) when the layout is strided or reaches past the data.
@@ -26,6 +28,67 @@ pub(crate) fn contiguous<'a, T>(
             data.len()
         ),
         None => bail!("{op}: {what} must be contiguous (layout {l:?}); call .contiguous() first"),
+    }
+}
+
+/// A CPU op body written once for the float element types (f32, f16, bf16); [`float_op`]
+/// runs the instantiation that matches its operands' dtype.
+pub(crate) trait FloatOp<const N: usize> {
+    /// Runs on the contiguous data of the `N` operands, all of element type `T`.
+    fn run<T: Elem + WithDType>(&self, xs: [&[T]; N]) -> Result<CpuStorage>;
+}
+
+/// One operand of a [`FloatOp`]: its name in error messages, its storage and its layout.
+pub(crate) type Operand<'a> = (&'a str, &'a CpuStorage, &'a Layout);
+
+/// Runs `k` on the contiguous data of `operands`, which must all be f32, all f16 or all
+/// bf16; any other dtype or a mix is an error naming `op` and the operands (never a silent
+/// conversion).
+pub(crate) fn float_op<const N: usize, K: FloatOp<N>>(
+    op: &str,
+    operands: [Operand<'_>; N],
+    k: &K,
+) -> Result<CpuStorage> {
+    let dtype = operands.first().map(|o| o.1.dtype());
+    let same = operands.iter().all(|o| Some(o.1.dtype()) == dtype);
+    match dtype {
+        Some(DType::F32) if same => run_as::<f32, N, K>(op, operands, k),
+        Some(DType::F16) if same => run_as::<f16, N, K>(op, operands, k),
+        Some(DType::BF16) if same => run_as::<bf16, N, K>(op, operands, k),
+        _ => bail!("{}", dtype_error(op, &operands)),
+    }
+}
+
+fn run_as<T: Elem + WithDType, const N: usize, K: FloatOp<N>>(
+    op: &str,
+    operands: [Operand<'_>; N],
+    k: &K,
+) -> Result<CpuStorage> {
+    let mut xs: [&[T]; N] = [&[]; N];
+    for (x, (what, s, l)) in xs.iter_mut().zip(operands) {
+        *x = contiguous(op, what, T::cpu_storage_as_slice(s)?, l)?;
+    }
+    k.run(xs)
+}
+
+/// The message for operands that are not all f32, all f16 or all bf16.
+fn dtype_error(op: &str, operands: &[Operand<'_>]) -> String {
+    let names: Vec<&str> = operands.iter().map(|o| o.0).collect();
+    let dtypes: Vec<String> = operands
+        .iter()
+        .map(|o| format!("{:?}", o.1.dtype()))
+        .collect();
+    match names.as_slice() {
+        [] => format!("{op}: no operands"),
+        [what] => format!(
+            "{op}: unsupported {what} dtype {}; supported: f32, f16, bf16 (cast with .to_dtype first)",
+            dtypes[0]
+        ),
+        [init @ .., last] => format!(
+            "{op}: {} and {last} must all be f32, all f16 or all bf16, got {}",
+            init.join(", "),
+            dtypes.join(", ")
+        ),
     }
 }
 
@@ -107,6 +170,10 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn out<'a>(dst: &'a mut [Self], buf: &'a mut [f32; BLK]) -> &'a mut [f32];
     /// Completes a write started with [`Elem::out`] (a no-op for `f32`).
     fn store(buf: &[f32; BLK], dst: &mut [Self]);
+    /// All of `src` as `f32`: borrowed for `f32`, converted otherwise.
+    fn to_f32_slice(src: &[Self]) -> Cow<'_, [f32]>;
+    /// `v` rounded to `Self` (moved, not copied, for `f32`).
+    fn from_f32_vec(v: Vec<f32>) -> Vec<Self>;
 }
 
 impl Elem for f32 {
@@ -125,6 +192,12 @@ impl Elem for f32 {
     }
     #[inline(always)]
     fn store(_buf: &[f32; BLK], _dst: &mut [Self]) {}
+    fn to_f32_slice(src: &[Self]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(src)
+    }
+    fn from_f32_vec(v: Vec<f32>) -> Vec<Self> {
+        v
+    }
 }
 
 macro_rules! impl_half_elem {
@@ -148,6 +221,16 @@ macro_rules! impl_half_elem {
             #[inline(always)]
             fn store(buf: &[f32; BLK], dst: &mut [Self]) {
                 dst.convert_from_f32_slice(&buf[..dst.len()]);
+            }
+            fn to_f32_slice(src: &[Self]) -> Cow<'_, [f32]> {
+                let mut v = vec![0f32; src.len()];
+                src.convert_to_f32_slice(&mut v);
+                Cow::Owned(v)
+            }
+            fn from_f32_vec(v: Vec<f32>) -> Vec<Self> {
+                let mut o = vec![<$t>::ZERO; v.len()];
+                o.convert_from_f32_slice(&v);
+                o
             }
         }
     };
@@ -212,6 +295,51 @@ mod tests {
         assert!(exp_f32(f32::NAN).is_nan());
         assert!(exp_f32(-1e4) >= 0.0 && exp_f32(-1e4) < 1e-37);
         assert!(exp_f32(1e4).is_finite());
+    }
+
+    /// Doubles its operand in `f32`, through the conversions conv's CPU op uses.
+    struct Double;
+    impl FloatOp<1> for Double {
+        fn run<T: Elem + WithDType>(&self, [x]: [&[T]; 1]) -> Result<CpuStorage> {
+            let v = T::to_f32_slice(x).iter().map(|v| v * 2.0).collect();
+            Ok(T::to_cpu_storage_owned(T::from_f32_vec(v)))
+        }
+    }
+
+    /// Sums its two operands in `f32`.
+    struct Add;
+    impl FloatOp<2> for Add {
+        fn run<T: Elem + WithDType>(&self, [a, b]: [&[T]; 2]) -> Result<CpuStorage> {
+            let v = a.iter().zip(b).map(|(a, b)| a.to_f32() + b.to_f32()).collect();
+            Ok(T::to_cpu_storage_owned(T::from_f32_vec(v)))
+        }
+    }
+
+    #[test]
+    fn float_op_keeps_the_dtype_and_rejects_others() {
+        let l = Layout::contiguous(2);
+        let run = |s: &CpuStorage| float_op("conv2d", [("x", s, &l)], &Double);
+        let err = run(&CpuStorage::F64(vec![0.0; 2])).unwrap_err().to_string();
+        assert!(err.contains("conv2d") && err.contains("F64"), "{err}");
+        assert!(run(&CpuStorage::U8(vec![0; 2])).is_err());
+        // The supported dtypes keep their own dtype.
+        let got = run(&CpuStorage::BF16(vec![bf16::ONE; 2])).unwrap();
+        assert!(matches!(got, CpuStorage::BF16(ref v) if v[1].to_f32() == 2.0));
+        let got = run(&CpuStorage::F16(vec![f16::ONE; 2])).unwrap();
+        assert!(matches!(got, CpuStorage::F16(ref v) if v[1].to_f32() == 2.0));
+        let got = run(&CpuStorage::F32(vec![1.5, 3.0])).unwrap();
+        assert!(matches!(got, CpuStorage::F32(ref v) if v == &[3.0, 6.0]));
+        // A mix of dtypes names both operands and both dtypes.
+        let (a, b) = (CpuStorage::F32(vec![1.0; 2]), CpuStorage::F16(vec![f16::ONE; 2]));
+        let err = float_op("op", [("x", &a, &l), ("w", &b, &l)], &Add)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x and w") && err.contains("F32, F16"), "{err}");
+        let got = float_op("op", [("x", &a, &l), ("w", &a, &l)], &Add).unwrap();
+        assert!(matches!(got, CpuStorage::F32(ref v) if v == &[2.0, 2.0]));
+        // A layout past the data is an error, not a panic.
+        let short = CpuStorage::F32(vec![1.0]);
+        assert!(float_op("op", [("x", &short, &l)], &Double).is_err());
     }
 
     #[test]
