@@ -316,7 +316,11 @@ impl FloatOp<3> for CpuCall {
     /// the (2, 64, 64, 64) forward on the 2-core bench machine.)
     fn run<T: Elem + WithDType>(&self, [x, p, q]: [&[T]; 3]) -> Result<CpuStorage> {
         let CpuCall { d, eps, silu, .. } = *self;
-        let k = plan_chunks(d.n * d.groups, (d.c / d.groups) * d.hw, rayon::current_num_threads());
+        let k = plan_chunks(
+            d.n * d.groups,
+            (d.c / d.groups) * d.hw,
+            rayon::current_num_threads(),
+        );
         let out = if self.backward {
             backward(x, p, q, d, eps, silu, k)
         } else {
@@ -370,7 +374,13 @@ impl CustomOp3 for GroupNormOp {
         s3: &candle::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        crate::cuda::group_norm::fwd(s1, l1, s2, l2, s3, l3, self.num_groups, self.eps, self.silu)
+        let o = crate::cuda::group_norm::Opts {
+            op: self.name(),
+            num_groups: self.num_groups,
+            eps: self.eps,
+            silu: self.silu,
+        };
+        crate::cuda::group_norm::fwd(o, (s1, l1, s2, l2, s3, l3))
     }
 
     fn bwd(
@@ -448,7 +458,13 @@ impl CustomOp3 for GroupNormBwdOp {
         s3: &candle::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        crate::cuda::group_norm::bwd(s1, l1, s2, l2, s3, l3, self.num_groups, self.eps, self.silu)
+        let o = crate::cuda::group_norm::Opts {
+            op: self.name(),
+            num_groups: self.num_groups,
+            eps: self.eps,
+            silu: self.silu,
+        };
+        crate::cuda::group_norm::bwd(o, (s1, l1, s2, l2, s3, l3))
     }
 
     // `bwd` is not implemented: candle's default returns `BackwardNotSupported`, so double

@@ -316,7 +316,15 @@ pub(crate) fn forward<T: Elem>(
                 .zip(xg.par_chunks(cs))
                 .enumerate()
                 .for_each(|(ci, (y, x))| {
-                    dispatch(isa, FwdApply { x, y, lo: ci * cs, ctx });
+                    dispatch(
+                        isa,
+                        FwdApply {
+                            x,
+                            y,
+                            lo: ci * cs,
+                            ctx,
+                        },
+                    );
                 });
         });
     y
@@ -372,7 +380,13 @@ impl<T: Elem> Kernel for BwdReduce<'_, T> {
 
     #[inline(always)]
     fn run(self) {
-        let BwdReduce { x, dy, lo, ctx, acc } = self;
+        let BwdReduce {
+            x,
+            dy,
+            lo,
+            ctx,
+            acc,
+        } = self;
         let (mut bx, mut bd) = ([0f32; BLK], [0f32; BLK]);
         for (cl, s, e) in Segments::new(lo, lo + x.len(), ctx.hw) {
             let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
@@ -447,7 +461,11 @@ impl<T: Elem> Kernel for BwdDx<'_, T> {
         for (cl, s, e) in Segments::new(lo, lo + x.len(), ctx.hw) {
             let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
             let (p, q, r) = (rstd * w, coef.q, coef.r);
-            let (xs, ds, os) = (&x[s - lo..e - lo], &dy[s - lo..e - lo], &mut dx[s - lo..e - lo]);
+            let (xs, ds, os) = (
+                &x[s - lo..e - lo],
+                &dy[s - lo..e - lo],
+                &mut dx[s - lo..e - lo],
+            );
             let chunks = xs.chunks(BLK).zip(ds.chunks(BLK));
             for ((xc, dc), oc) in chunks.zip(os.chunks_mut(BLK)) {
                 let (xb, db) = (T::load(xc, &mut bx), T::load(dc, &mut bd));
@@ -519,10 +537,29 @@ pub(crate) fn backward<T: Elem>(
             .for_each(|(gi, (((dxg, xg), dyg), acc))| {
                 let ctx = affine.ctx(gi, moments(isa, xg).mean_rstd(eps));
                 let (x, dy, lo) = (xg, dyg, 0);
-                dispatch(isa, BwdReduce { x, dy, lo, ctx, acc });
+                dispatch(
+                    isa,
+                    BwdReduce {
+                        x,
+                        dy,
+                        lo,
+                        ctx,
+                        acc,
+                    },
+                );
                 let coef = dx_coef(acc, ctx.w, ctx.rstd, m);
                 let dx = dxg;
-                dispatch(isa, BwdDx { x, dy, dx, lo, ctx, coef });
+                dispatch(
+                    isa,
+                    BwdDx {
+                        x,
+                        dy,
+                        dx,
+                        lo,
+                        ctx,
+                        coef,
+                    },
+                );
             });
     } else {
         let stats = group_stats(isa, x, m, cs, k, eps);
@@ -540,7 +577,16 @@ pub(crate) fn backward<T: Elem>(
                     .enumerate()
                     .for_each(|(ci, ((acc, x), dy))| {
                         let ctx = affine.ctx(gi, stats[gi]);
-                        dispatch(isa, BwdReduce { x, dy, lo: ci * cs, ctx, acc });
+                        dispatch(
+                            isa,
+                            BwdReduce {
+                                x,
+                                dy,
+                                lo: ci * cs,
+                                ctx,
+                                acc,
+                            },
+                        );
                     });
             });
         for (acc, pg) in per_nc.chunks_mut(cpg).zip(partial.chunks(k * cpg)) {
@@ -565,7 +611,17 @@ pub(crate) fn backward<T: Elem>(
                     .enumerate()
                     .for_each(|(ci, ((dx, x), dy))| {
                         let lo = ci * cs;
-                        dispatch(isa, BwdDx { x, dy, dx, lo, ctx, coef });
+                        dispatch(
+                            isa,
+                            BwdDx {
+                                x,
+                                dy,
+                                dx,
+                                lo,
+                                ctx,
+                                coef,
+                            },
+                        );
                     });
             });
     }

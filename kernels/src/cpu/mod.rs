@@ -310,7 +310,11 @@ mod tests {
     struct Add;
     impl FloatOp<2> for Add {
         fn run<T: Elem + WithDType>(&self, [a, b]: [&[T]; 2]) -> Result<CpuStorage> {
-            let v = a.iter().zip(b).map(|(a, b)| a.to_f32() + b.to_f32()).collect();
+            let v = a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| a.to_f32() + b.to_f32())
+                .collect();
             Ok(T::to_cpu_storage_owned(T::from_f32_vec(v)))
         }
     }
@@ -330,7 +334,10 @@ mod tests {
         let got = run(&CpuStorage::F32(vec![1.5, 3.0])).unwrap();
         assert!(matches!(got, CpuStorage::F32(ref v) if v == &[3.0, 6.0]));
         // A mix of dtypes names both operands and both dtypes.
-        let (a, b) = (CpuStorage::F32(vec![1.0; 2]), CpuStorage::F16(vec![f16::ONE; 2]));
+        let (a, b) = (
+            CpuStorage::F32(vec![1.0; 2]),
+            CpuStorage::F16(vec![f16::ONE; 2]),
+        );
         let err = float_op("op", [("x", &a, &l), ("w", &b, &l)], &Add)
             .unwrap_err()
             .to_string();
