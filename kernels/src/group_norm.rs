@@ -42,13 +42,22 @@ pub(crate) struct GroupNormOp {
     pub(crate) silu: bool,
 }
 
-/// Backward op on `(x, wb, dy)` returning `[dx, dweight, dbias]` flattened; see the module
-/// docs for the contract.
+/// Backward op on `(x, wb, dy)` returning `[dx, dweight, dbias]` flattened, for the forward
+/// op it holds; see the module docs for the contract.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct GroupNormBwdOp {
-    pub(crate) num_groups: usize,
-    pub(crate) eps: f32,
-    pub(crate) silu: bool,
+pub(crate) struct GroupNormBwdOp(GroupNormOp);
+
+impl GroupNormOp {
+    /// The options of the CUDA launch code, with `op` as the name in its errors.
+    #[cfg(feature = "cuda")]
+    fn cuda_opts<'a>(&self, op: &'a str) -> crate::cuda::group_norm::Opts<'a> {
+        crate::cuda::group_norm::Opts {
+            op,
+            num_groups: self.num_groups,
+            eps: self.eps,
+            silu: self.silu,
+        }
+    }
 }
 
 fn op_name(silu: bool) -> &'static str {
@@ -305,8 +314,7 @@ fn cpu_dims(op: &str, l: &Layout, num_groups: usize, c_len: usize) -> Result<GnD
 /// `(x, wb, dy)`, for any float element type.
 struct CpuCall {
     d: GnDims,
-    eps: f32,
-    silu: bool,
+    gn: GroupNormOp,
     backward: bool,
 }
 
@@ -315,7 +323,7 @@ impl FloatOp<3> for CpuCall {
     /// inside candle's private pool via `Device::with_context` measured about 2x slower for
     /// the (2, 64, 64, 64) forward on the 2-core bench machine.)
     fn run<T: Elem + WithDType>(&self, [x, p, q]: [&[T]; 3]) -> Result<CpuStorage> {
-        let CpuCall { d, eps, silu, .. } = *self;
+        let (d, eps, silu) = (self.d, self.gn.eps, self.gn.silu);
         let k = plan_chunks(
             d.n * d.groups,
             (d.c / d.groups) * d.hw,
@@ -353,11 +361,9 @@ impl CustomOp3 for GroupNormOp {
                 d.c
             )
         }
-        let (eps, silu) = (self.eps, self.silu);
         let call = CpuCall {
             d,
-            eps,
-            silu,
+            gn: *self,
             backward: false,
         };
         let operands = [("x", s1, l1), ("weight", s2, l2), ("bias", s3, l3)];
@@ -374,12 +380,7 @@ impl CustomOp3 for GroupNormOp {
         s3: &candle::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let o = crate::cuda::group_norm::Opts {
-            op: self.name(),
-            num_groups: self.num_groups,
-            eps: self.eps,
-            silu: self.silu,
-        };
+        let o = self.cuda_opts(self.name());
         crate::cuda::group_norm::fwd(o, (s1, l1, s2, l2, s3, l3))
     }
 
@@ -393,12 +394,7 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let wb = Tensor::stack(&[weight, bias], 0)?;
         let dy = grad_res.contiguous()?;
-        let op = GroupNormBwdOp {
-            num_groups: self.num_groups,
-            eps: self.eps,
-            silu: self.silu,
-        };
-        let packed = x.contiguous()?.apply_op3(&wb, &dy, op)?;
+        let packed = x.contiguous()?.apply_op3(&wb, &dy, GroupNormBwdOp(*self))?;
         let (numel, c) = (x.elem_count(), weight.elem_count());
         let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
         let dweight = packed.narrow(0, numel, c)?.reshape(weight.shape())?;
@@ -409,7 +405,7 @@ impl CustomOp3 for GroupNormOp {
 
 impl CustomOp3 for GroupNormBwdOp {
     fn name(&self) -> &'static str {
-        if self.silu {
+        if self.0.silu {
             "group_norm_silu_bwd"
         } else {
             "group_norm_bwd"
@@ -427,7 +423,7 @@ impl CustomOp3 for GroupNormBwdOp {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let c2 = l2.shape().elem_count();
-        let d = cpu_dims(op, l1, self.num_groups, c2 / 2)?;
+        let d = cpu_dims(op, l1, self.0.num_groups, c2 / 2)?;
         if c2 != 2 * d.c || l3.shape() != l1.shape() {
             bail!(
                 "{op}: expected wb of {} elements and dy of shape {:?}, got {c2} and {:?}",
@@ -436,11 +432,9 @@ impl CustomOp3 for GroupNormBwdOp {
                 l3.shape()
             )
         }
-        let (eps, silu) = (self.eps, self.silu);
         let call = CpuCall {
             d,
-            eps,
-            silu,
+            gn: self.0,
             backward: true,
         };
         let operands = [("x", s1, l1), ("wb", s2, l2), ("dy", s3, l3)];
@@ -458,12 +452,7 @@ impl CustomOp3 for GroupNormBwdOp {
         s3: &candle::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        let o = crate::cuda::group_norm::Opts {
-            op: self.name(),
-            num_groups: self.num_groups,
-            eps: self.eps,
-            silu: self.silu,
-        };
+        let o = self.0.cuda_opts(self.name());
         crate::cuda::group_norm::bwd(o, (s1, l1, s2, l2, s3, l3))
     }
 

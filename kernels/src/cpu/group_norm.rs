@@ -380,13 +380,7 @@ impl<T: Elem> Kernel for BwdReduce<'_, T> {
 
     #[inline(always)]
     fn run(self) {
-        let BwdReduce {
-            x,
-            dy,
-            lo,
-            ctx,
-            acc,
-        } = self;
+        let (x, dy, lo, ctx, acc) = (self.x, self.dy, self.lo, self.ctx, self.acc);
         let (mut bx, mut bd) = ([0f32; BLK], [0f32; BLK]);
         for (cl, s, e) in Segments::new(lo, lo + x.len(), ctx.hw) {
             let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
@@ -449,14 +443,8 @@ impl<T: Elem> Kernel for BwdDx<'_, T> {
 
     #[inline(always)]
     fn run(self) {
-        let BwdDx {
-            x,
-            dy,
-            dx,
-            lo,
-            ctx,
-            coef,
-        } = self;
+        let (x, dy, lo, ctx, coef) = (self.x, self.dy, self.lo, self.ctx, self.coef);
+        let dx = self.dx;
         let (mut bx, mut bd, mut bo) = ([0f32; BLK], [0f32; BLK], [0f32; BLK]);
         for (cl, s, e) in Segments::new(lo, lo + x.len(), ctx.hw) {
             let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
@@ -590,12 +578,7 @@ pub(crate) fn backward<T: Elem>(
                     });
             });
         for (acc, pg) in per_nc.chunks_mut(cpg).zip(partial.chunks(k * cpg)) {
-            for pc in pg.chunks(cpg) {
-                for (a, p) in acc.iter_mut().zip(pc) {
-                    a[0] += p[0];
-                    a[1] += p[1];
-                }
-            }
+            pg.chunks(cpg).for_each(|pc| add_sums(acc, pc));
         }
         let per_nc = &per_nc;
         dx.par_chunks_mut(m)
@@ -625,13 +608,26 @@ pub(crate) fn backward<T: Elem>(
                     });
             });
     }
-    let (dw, db) = dwb.split_at_mut(d.c);
-    let mut sum = vec![[0f64; 2]; d.c];
-    for row in per_nc.chunks(d.c) {
-        for (s, v) in sum.iter_mut().zip(row) {
-            s[0] += v[0];
-            s[1] += v[1];
-        }
+    write_dw_db(&per_nc, dwb);
+    out
+}
+
+/// `acc[i] += p[i]` for pairs of sums.
+fn add_sums(acc: &mut [[f64; 2]], p: &[[f64; 2]]) {
+    for (a, p) in acc.iter_mut().zip(p) {
+        a[0] += p[0];
+        a[1] += p[1];
+    }
+}
+
+/// Writes `dwb = [dweight (C), dbias (C)]` from the per-(n, c) sums `per_nc` (`N * C` pairs
+/// `(Σ dy_eff * xhat, Σ dy_eff)`), summed over n in order.
+fn write_dw_db<T: Elem>(per_nc: &[[f64; 2]], dwb: &mut [T]) {
+    let c = dwb.len() / 2;
+    let (dw, db) = dwb.split_at_mut(c);
+    let mut sum = vec![[0f64; 2]; c];
+    for row in per_nc.chunks(c) {
+        add_sums(&mut sum, row);
     }
     let mut buf = [0f32; BLK];
     for ((dwc, dbc), sc) in dw
@@ -650,7 +646,6 @@ pub(crate) fn backward<T: Elem>(
         }
         T::store(&buf, dbc);
     }
-    out
 }
 
 #[cfg(test)]

@@ -40,6 +40,20 @@ struct CpuCall {
     backward: bool,
 }
 
+impl CpuCall {
+    /// The call between `hw` planes and `(oh, ow)` planes.
+    fn new(mode: Mode, hw: (usize, usize), (oh, ow): (usize, usize), backward: bool) -> Self {
+        let (ty, tx) = (taps(mode, oh, hw.0), taps(mode, ow, hw.1));
+        CpuCall {
+            hw,
+            ty,
+            tx,
+            mode,
+            backward,
+        }
+    }
+}
+
 impl FloatOp<1> for CpuCall {
     fn run<T: Elem + WithDType>(&self, [x]: [&[T]; 1]) -> Result<CpuStorage> {
         let (ty, tx) = (&self.ty, &self.tx);
@@ -116,13 +130,7 @@ impl CustomOp1 for ResizeOp {
         const OP: &str = "resize";
         let [n, c, h, w] = dims4(OP, l)?;
         let (oh, ow) = self.out;
-        let call = CpuCall {
-            hw: (h, w),
-            ty: taps(self.mode, oh, h),
-            tx: taps(self.mode, ow, w),
-            mode: self.mode,
-            backward: false,
-        };
+        let call = CpuCall::new(self.mode, (h, w), (oh, ow), false);
         let out = float_op(OP, [("x", s, l)], &call)?;
         Ok((out, Shape::from((n, c, oh, ow))))
     }
@@ -146,13 +154,7 @@ impl CustomOp1 for ResizeBwdOp {
         const OP: &str = "resize backward";
         let [n, c, oh, ow] = dims4(OP, l)?;
         let (h, w) = self.inp;
-        let call = CpuCall {
-            hw: (h, w),
-            ty: taps(self.mode, oh, h),
-            tx: taps(self.mode, ow, w),
-            mode: self.mode,
-            backward: true,
-        };
+        let call = CpuCall::new(self.mode, (h, w), (oh, ow), true);
         let out = float_op(OP, [("dy", s, l)], &call)?;
         Ok((out, Shape::from((n, c, h, w))))
     }
