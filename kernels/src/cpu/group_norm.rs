@@ -236,12 +236,11 @@ struct FwdApply<'a, T> {
     ctx: GroupCtx<'a>,
 }
 
-impl<T: Elem> Kernel for FwdApply<'_, T> {
-    type Output = ();
-
+impl<T: Elem> FwdApply<'_, T> {
+    /// The body for one activation (`SILU` a constant, so each loop has no branch).
     #[inline(always)]
-    fn run(self) {
-        let FwdApply { x, y, lo, ctx } = self;
+    fn apply<const SILU: bool>(self) {
+        let (x, y, lo, ctx) = (self.x, self.y, self.lo, self.ctx);
         let (mut bx, mut by) = ([0f32; BLK], [0f32; BLK]);
         for (cl, s, e) in Segments::new(lo, lo + x.len(), ctx.hw) {
             let scale = ctx.rstd * ctx.w[cl];
@@ -250,19 +249,25 @@ impl<T: Elem> Kernel for FwdApply<'_, T> {
             let (xs, ys) = (&x[s - lo..e - lo], &mut y[s - lo..e - lo]);
             for (xc, yc) in xs.chunks(BLK).zip(ys.chunks_mut(BLK)) {
                 let xb = T::load(xc, &mut bx);
-                let yb = T::out(yc, &mut by);
-                if ctx.silu {
-                    for (y, &x) in yb.iter_mut().zip(xb) {
-                        let z = (x - mean) * scale + beta;
-                        *y = silu_f32(z);
-                    }
-                } else {
-                    for (y, &x) in yb.iter_mut().zip(xb) {
-                        *y = (x - mean) * scale + beta;
-                    }
+                for (y, &x) in T::out(yc, &mut by).iter_mut().zip(xb) {
+                    let z = (x - mean) * scale + beta;
+                    *y = if SILU { silu_f32(z) } else { z };
                 }
                 T::store(&by, yc);
             }
+        }
+    }
+}
+
+impl<T: Elem> Kernel for FwdApply<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        if self.ctx.silu {
+            self.apply::<true>()
+        } else {
+            self.apply::<false>()
         }
     }
 }
