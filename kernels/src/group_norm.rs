@@ -30,10 +30,9 @@
 //! - Non-contiguous x, weight or bias are copied to a contiguous layout first.
 //! - Empty inputs (N = 0 or a zero spatial dim) give empty outputs and zero dweight/dbias.
 
-use crate::cpu::contiguous;
 use crate::cpu::group_norm::{backward, forward, plan_chunks, GnDims};
-use candle::backend::BackendStorage;
-use candle::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use crate::cpu::{float_op, Elem, FloatOp};
+use candle::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
 /// Forward op on `(x, weight, bias)`; see the module docs for the contract.
 #[derive(Clone, Copy, Debug)]
@@ -43,13 +42,22 @@ pub(crate) struct GroupNormOp {
     pub(crate) silu: bool,
 }
 
-/// Backward op on `(x, wb, dy)` returning `[dx, dweight, dbias]` flattened; see the module
-/// docs for the contract.
+/// Backward op on `(x, wb, dy)` returning `[dx, dweight, dbias]` flattened, for the forward
+/// op it holds; see the module docs for the contract.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct GroupNormBwdOp {
-    pub(crate) num_groups: usize,
-    pub(crate) eps: f32,
-    pub(crate) silu: bool,
+pub(crate) struct GroupNormBwdOp(GroupNormOp);
+
+impl GroupNormOp {
+    /// The options of the CUDA launch code, with `op` as the name in its errors.
+    #[cfg(feature = "cuda")]
+    fn cuda_opts<'a>(&self, op: &'a str) -> crate::cuda::group_norm::Opts<'a> {
+        crate::cuda::group_norm::Opts {
+            op,
+            num_groups: self.num_groups,
+            eps: self.eps,
+            silu: self.silu,
+        }
+    }
 }
 
 fn op_name(silu: bool) -> &'static str {
@@ -302,12 +310,32 @@ fn cpu_dims(op: &str, l: &Layout, num_groups: usize, c_len: usize) -> Result<GnD
     Ok(d)
 }
 
-/// Runs a CPU kernel on rayon's global pool with `k` chunks per group for its thread count.
-/// (Running inside candle's private pool via `Device::with_context` measured about 2x
-/// slower for the (2, 64, 64, 64) forward on the 2-core bench machine.)
-fn on_pool<R>(d: GnDims, f: impl FnOnce(usize) -> R) -> R {
-    let m = (d.c / d.groups) * d.hw;
-    f(plan_chunks(d.n * d.groups, m, rayon::current_num_threads()))
+/// One CPU GroupNorm call: the forward on `(x, weight, bias)` or the backward on
+/// `(x, wb, dy)`, for any float element type.
+struct CpuCall {
+    d: GnDims,
+    gn: GroupNormOp,
+    backward: bool,
+}
+
+impl FloatOp<3> for CpuCall {
+    /// Runs on rayon's global pool with `k` chunks per group for its thread count. (Running
+    /// inside candle's private pool via `Device::with_context` measured about 2x slower for
+    /// the (2, 64, 64, 64) forward on the 2-core bench machine.)
+    fn run<T: Elem + WithDType>(&self, [x, p, q]: [&[T]; 3]) -> Result<CpuStorage> {
+        let (d, eps, silu) = (self.d, self.gn.eps, self.gn.silu);
+        let k = plan_chunks(
+            d.n * d.groups,
+            (d.c / d.groups) * d.hw,
+            rayon::current_num_threads(),
+        );
+        let out = if self.backward {
+            backward(x, p, q, d, eps, silu, k)
+        } else {
+            forward(x, p, q, d, eps, silu, k)
+        };
+        Ok(T::to_cpu_storage_owned(out))
+    }
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -333,29 +361,13 @@ impl CustomOp3 for GroupNormOp {
                 d.c
             )
         }
-        macro_rules! run {
-            ($x:expr, $w:expr, $b:expr, $variant:ident) => {{
-                let x = contiguous(op, "x", $x, l1)?;
-                let w = contiguous(op, "weight", $w, l2)?;
-                let b = contiguous(op, "bias", $b, l3)?;
-                {
-                    let (eps, silu) = (self.eps, self.silu);
-                    CpuStorage::$variant(on_pool(d, |k| forward(x, w, b, d, eps, silu, k)))
-                }
-            }};
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => run!(x, w, b, F32),
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => run!(x, w, b, F16),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => run!(x, w, b, BF16),
-            _ => bail!(
-                "{op}: x, weight and bias must all be f32, all f16 or all bf16, got {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
+        let call = CpuCall {
+            d,
+            gn: *self,
+            backward: false,
         };
-        Ok((out, l1.shape().clone()))
+        let operands = [("x", s1, l1), ("weight", s2, l2), ("bias", s3, l3)];
+        Ok((float_op(op, operands, &call)?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -368,7 +380,8 @@ impl CustomOp3 for GroupNormOp {
         s3: &candle::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        crate::cuda::group_norm::fwd(s1, l1, s2, l2, s3, l3, self.num_groups, self.eps, self.silu)
+        let o = self.cuda_opts(self.name());
+        crate::cuda::group_norm::fwd(o, (s1, l1, s2, l2, s3, l3))
     }
 
     fn bwd(
@@ -381,12 +394,7 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let wb = Tensor::stack(&[weight, bias], 0)?;
         let dy = grad_res.contiguous()?;
-        let op = GroupNormBwdOp {
-            num_groups: self.num_groups,
-            eps: self.eps,
-            silu: self.silu,
-        };
-        let packed = x.contiguous()?.apply_op3(&wb, &dy, op)?;
+        let packed = x.contiguous()?.apply_op3(&wb, &dy, GroupNormBwdOp(*self))?;
         let (numel, c) = (x.elem_count(), weight.elem_count());
         let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
         let dweight = packed.narrow(0, numel, c)?.reshape(weight.shape())?;
@@ -397,7 +405,7 @@ impl CustomOp3 for GroupNormOp {
 
 impl CustomOp3 for GroupNormBwdOp {
     fn name(&self) -> &'static str {
-        if self.silu {
+        if self.0.silu {
             "group_norm_silu_bwd"
         } else {
             "group_norm_bwd"
@@ -415,7 +423,7 @@ impl CustomOp3 for GroupNormBwdOp {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let c2 = l2.shape().elem_count();
-        let d = cpu_dims(op, l1, self.num_groups, c2 / 2)?;
+        let d = cpu_dims(op, l1, self.0.num_groups, c2 / 2)?;
         if c2 != 2 * d.c || l3.shape() != l1.shape() {
             bail!(
                 "{op}: expected wb of {} elements and dy of shape {:?}, got {c2} and {:?}",
@@ -424,28 +432,13 @@ impl CustomOp3 for GroupNormBwdOp {
                 l3.shape()
             )
         }
-        macro_rules! run {
-            ($x:expr, $wb:expr, $dy:expr, $variant:ident) => {{
-                let x = contiguous(op, "x", $x, l1)?;
-                let wb = contiguous(op, "wb", $wb, l2)?;
-                let dy = contiguous(op, "dy", $dy, l3)?;
-                {
-                    let (eps, silu) = (self.eps, self.silu);
-                    CpuStorage::$variant(on_pool(d, |k| backward(x, wb, dy, d, eps, silu, k)))
-                }
-            }};
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => run!(x, w, g, F32),
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(g)) => run!(x, w, g, F16),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(g)) => run!(x, w, g, BF16),
-            _ => bail!(
-                "{op}: x, wb and dy must all be f32, all f16 or all bf16, got {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
+        let call = CpuCall {
+            d,
+            gn: self.0,
+            backward: true,
         };
+        let operands = [("x", s1, l1), ("wb", s2, l2), ("dy", s3, l3)];
+        let out = float_op(op, operands, &call)?;
         Ok((out, Shape::from(l1.shape().elem_count() + 2 * d.c)))
     }
 
@@ -459,7 +452,8 @@ impl CustomOp3 for GroupNormBwdOp {
         s3: &candle::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle::CudaStorage, Shape)> {
-        crate::cuda::group_norm::bwd(s1, l1, s2, l2, s3, l3, self.num_groups, self.eps, self.silu)
+        let o = self.0.cuda_opts(self.name());
+        crate::cuda::group_norm::bwd(o, (s1, l1, s2, l2, s3, l3))
     }
 
     // `bwd` is not implemented: candle's default returns `BackwardNotSupported`, so double

@@ -214,6 +214,27 @@ fn same_size_is_the_identity_and_non_contiguous_input_works() -> Result<()> {
     Ok(())
 }
 
+/// The composed bilinear twin computes in f32 for f16/bf16 inputs, like the fused op, and
+/// rounds once: the two agree to one unit in the last place of the output dtype (the f32
+/// sums may differ in their last bits, which can move a rounding). Computing in the input
+/// dtype rounds the interpolation weights and the intermediate rows, and misses this by far
+/// around zero crossings.
+#[test]
+fn bilinear_slow_computes_in_f32_for_f16_and_bf16() -> Result<()> {
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 13, 29), &Device::Cpu)?;
+    for (dtype, ulp) in [(DType::F16, 2f64.powi(-10)), (DType::BF16, 2f64.powi(-7))] {
+        let xh = x.to_dtype(dtype)?;
+        for size in [(5, 11), (31, 37), (7, 29)] {
+            let fused = resize_bilinear(&xh, size)?;
+            let slow = resize_bilinear_slow(&xh, size)?;
+            assert_eq!(slow.dtype(), dtype);
+            let what = format!("{dtype:?} {size:?}");
+            assert_close(&what, &slow, &fused, Tol::new(ulp, 1e-6));
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 

@@ -12,78 +12,11 @@
 //! there are enough of them, otherwise sequential tasks with the GEMM itself parallel.
 
 use super::Geom;
-use crate::cpu::contiguous;
-use candle::backend::BackendStorage;
-use candle::{bail, CpuStorage, Layout, Result};
 use gemm::Parallelism;
-use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
-use std::borrow::Cow;
 
 /// Target size (f32 elements) of one im2col tile: 256 Ki floats = 1 MiB, within L2.
 const TILE_FLOATS: usize = 1 << 18;
-
-/// The contiguous data of `s` as `f32` (borrowed for f32, converted for f16/bf16).
-pub(super) fn as_f32<'a>(
-    op: &str,
-    what: &str,
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> Result<Cow<'a, [f32]>> {
-    Ok(match s {
-        CpuStorage::F32(d) => Cow::Borrowed(contiguous(op, what, d, l)?),
-        CpuStorage::F16(d) => {
-            let d = contiguous(op, what, d, l)?;
-            let mut v = vec![0f32; d.len()];
-            d.convert_to_f32_slice(&mut v);
-            Cow::Owned(v)
-        }
-        CpuStorage::BF16(d) => {
-            let d = contiguous(op, what, d, l)?;
-            let mut v = vec![0f32; d.len()];
-            d.convert_to_f32_slice(&mut v);
-            Cow::Owned(v)
-        }
-        _ => bail!(
-            "{op}: {what} has dtype {:?}; supported: f32, f16, bf16",
-            s.dtype()
-        ),
-    })
-}
-
-/// Checks that both storages have one dtype.
-pub(super) fn same_dtype(op: &str, a: &CpuStorage, b: &CpuStorage) -> Result<()> {
-    if a.dtype() != b.dtype() {
-        bail!(
-            "{op}: both operands must have one dtype, got {:?} and {:?}",
-            a.dtype(),
-            b.dtype()
-        )
-    }
-    Ok(())
-}
-
-/// `v` as a storage of `like`'s dtype (rounded once for f16/bf16); an error for any dtype
-/// but f32, f16 and bf16 (never a silent f32).
-pub(super) fn wrap(op: &str, like: &CpuStorage, v: Vec<f32>) -> Result<CpuStorage> {
-    Ok(match like {
-        CpuStorage::F16(_) => {
-            let mut o = vec![f16::ZERO; v.len()];
-            o.convert_from_f32_slice(&v);
-            CpuStorage::F16(o)
-        }
-        CpuStorage::BF16(_) => {
-            let mut o = vec![bf16::ZERO; v.len()];
-            o.convert_from_f32_slice(&v);
-            CpuStorage::BF16(o)
-        }
-        CpuStorage::F32(_) => CpuStorage::F32(v),
-        other => bail!(
-            "{op}: unsupported dtype {:?}; supported: f32, f16, bf16 (cast with .to_dtype first)",
-            other.dtype()
-        ),
-    })
-}
 
 /// A strided `f32` matrix operand: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -492,25 +425,7 @@ pub(super) fn backward_filter(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use super::{valid_range, wrap};
-    use candle::CpuStorage;
-
-    #[test]
-    fn wrap_rejects_unsupported_dtypes() {
-        let like = CpuStorage::F64(vec![0.0; 2]);
-        let err = wrap("conv2d", &like, vec![1.0, 2.0])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("conv2d") && err.contains("F64"), "{err}");
-        let like = CpuStorage::U8(vec![0; 2]);
-        assert!(wrap("conv2d", &like, vec![1.0, 2.0]).is_err());
-        // The supported dtypes keep their own dtype.
-        let like = CpuStorage::BF16(vec![half::bf16::ZERO; 2]);
-        let got = wrap("conv2d", &like, vec![1.0, 2.0]).unwrap();
-        assert!(matches!(got, CpuStorage::BF16(ref v) if v[1].to_f32() == 2.0));
-        let got = wrap("conv2d", &CpuStorage::F32(vec![]), vec![3.0]).unwrap();
-        assert!(matches!(got, CpuStorage::F32(ref v) if v == &[3.0]));
-    }
+    use super::valid_range;
 
     #[test]
     fn valid_range_matches_brute_force() {

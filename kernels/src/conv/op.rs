@@ -9,7 +9,8 @@
 //! else one pass with a parallel GEMM at batch 1).
 
 use super::{cpu, Geom};
-use candle::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use crate::cpu::{float_op, Elem, FloatOp};
+use candle::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
 /// Which of the three convolutions an op runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,6 +59,21 @@ impl ConvOp {
     }
 }
 
+/// The CPU kernels compute in `f32`: f16/bf16 operands are converted once and the output is
+/// rounded once to the operands' dtype.
+impl FloatOp<2> for ConvOp {
+    fn run<T: Elem + WithDType>(&self, [a, b]: [&[T]; 2]) -> Result<CpuStorage> {
+        let (a, b) = (T::to_f32_slice(a), T::to_f32_slice(b));
+        let g = &self.geom;
+        let out = match self.kind {
+            Kind::Forward => cpu::forward(g, &a, &b),
+            Kind::BackwardData => cpu::backward_data(g, &a, &b),
+            Kind::BackwardFilter => cpu::backward_filter(g, &a, &b),
+        };
+        Ok(T::to_cpu_storage_owned(T::from_f32_vec(out)))
+    }
+}
+
 impl CustomOp2 for ConvOp {
     fn name(&self) -> &'static str {
         match self.kind {
@@ -76,16 +92,8 @@ impl CustomOp2 for ConvOp {
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
         let ([n1, n2], shape) = self.check(l1, l2)?;
-        cpu::same_dtype(op, s1, s2)?;
-        let a = cpu::as_f32(op, n1, s1, l1)?;
-        let b = cpu::as_f32(op, n2, s2, l2)?;
-        let g = &self.geom;
-        let out = match self.kind {
-            Kind::Forward => cpu::forward(g, &a, &b),
-            Kind::BackwardData => cpu::backward_data(g, &a, &b),
-            Kind::BackwardFilter => cpu::backward_filter(g, &a, &b),
-        };
-        Ok((cpu::wrap(op, s1, out)?, shape))
+        let out = float_op(op, [(n1, s1, l1), (n2, s2, l2)], self)?;
+        Ok((out, shape))
     }
 
     #[cfg(feature = "cudnn")]

@@ -19,7 +19,7 @@
 //! Variance is the biased one (PyTorch's), so a constant group has variance exactly 0 and
 //! `rstd = 1 / sqrt(eps)`; NaN anywhere in a group makes that group's output NaN.
 
-use super::{blocks, blocks2, blocks_map, multiversion, sigmoid_f32, silu_f32, Elem, Isa, BLK};
+use super::{dispatch, sigmoid_f32, silu_f32, Elem, Isa, Kernel, BLK};
 use rayon::prelude::*;
 
 /// Sizes of a GroupNorm problem; `c` is a multiple of `groups`.
@@ -98,21 +98,33 @@ fn chunking(m: usize, k: usize) -> (usize, usize) {
     (cs, m.div_ceil(cs))
 }
 
-/// Runs `$body` with `($cl, $s, $e)` = (local channel, start, end) for each per-channel run
-/// of the group-relative element range `[lo, hi)`. A macro so the body stays in the
-/// multiversioned function (see `cpu::blocks!`).
-macro_rules! segments {
-    ($lo:expr, $hi:expr, $hw:expr, |$cl:ident, $s:ident, $e:ident| $body:block) => {{
-        let (hi, hw) = ($hi, $hw);
-        let mut start = $lo;
-        while start < hi {
-            let $cl = start / hw;
-            let $s = start;
-            let $e = hi.min(($cl + 1) * hw);
-            start = $e;
-            $body
+/// The per-channel runs of the group-relative element range `[lo, hi)`: items are
+/// `(local channel, start, end)` with `end - start <= hw`.
+struct Segments {
+    start: usize,
+    hi: usize,
+    hw: usize,
+}
+
+impl Segments {
+    fn new(lo: usize, hi: usize, hw: usize) -> Self {
+        Segments { start: lo, hi, hw }
+    }
+}
+
+impl Iterator for Segments {
+    type Item = (usize, usize, usize);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.start >= self.hi {
+            return None;
         }
-    }};
+        let (cl, s) = (self.start / self.hw, self.start);
+        let e = self.hi.min((cl + 1) * self.hw);
+        self.start = e;
+        Some((cl, s, e))
+    }
 }
 
 /// Lane count of the reductions: independent accumulators the compiler maps to vectors.
@@ -144,29 +156,47 @@ fn shifted_sums(x: &[f32], s: f32) -> (f32, f32) {
     (s1, s2)
 }
 
-multiversion! {
-fn moments / moments_g / moments_avx2 <T> (x: &[T]) -> Moments {
-    let Some(&first) = x.first() else {
-        return Moments::default();
-    };
-    let s = first.to_f32();
-    let (mut s1, mut s2) = (0f64, 0f64);
-    let mut bx = [0f32; BLK];
-    blocks!(T, &mut bx, x, |b| {
-        let (a, q) = shifted_sums(b, s);
-        s1 += a as f64;
-        s2 += q as f64;
-    });
-    let n = x.len() as f64;
-    let d = s1 / n;
-    Moments { n, mean: s as f64 + d, m2: s2 - s1 * d }
-}
+/// Kernel: the [`Moments`] of a run of x.
+struct MomentsOf<'a, T>(&'a [T]);
+
+impl<T: Elem> Kernel for MomentsOf<'_, T> {
+    type Output = Moments;
+
+    #[inline(always)]
+    fn run(self) -> Moments {
+        let x = self.0;
+        let Some(&first) = x.first() else {
+            return Moments::default();
+        };
+        let s = first.to_f32();
+        let (mut s1, mut s2) = (0f64, 0f64);
+        let mut bx = [0f32; BLK];
+        for xc in x.chunks(BLK) {
+            let (a, q) = shifted_sums(T::load(xc, &mut bx), s);
+            s1 += a as f64;
+            s2 += q as f64;
+        }
+        let n = x.len() as f64;
+        let d = s1 / n;
+        Moments {
+            n,
+            mean: s as f64 + d,
+            m2: s2 - s1 * d,
+        }
+    }
 }
 
-/// Per-group constants of the forward pass.
+/// The [`Moments`] of `x`, compiled for `isa`.
+fn moments<T: Elem>(isa: Isa, x: &[T]) -> Moments {
+    dispatch(isa, MomentsOf(x))
+}
+
+/// Per-group constants of the forward and backward passes.
 #[derive(Clone, Copy)]
 struct GroupCtx<'a> {
+    /// The group's slice of the weight, in `f32`.
     w: &'a [f32],
+    /// The group's slice of the bias, in `f32`.
     b: &'a [f32],
     hw: usize,
     mean: f32,
@@ -174,30 +204,72 @@ struct GroupCtx<'a> {
     silu: bool,
 }
 
-multiversion! {
-fn fwd_apply / fwd_apply_g / fwd_apply_avx2 <T> (x: &[T], y: &mut [T], lo: usize, ctx: GroupCtx<'_>) -> () {
-    let (mut bx, mut by) = ([0f32; BLK], [0f32; BLK]);
-    segments!(lo, lo + x.len(), ctx.hw, |cl, s, e| {
-        let scale = ctx.rstd * ctx.w[cl];
-        let beta = ctx.b[cl];
-        let mean = ctx.mean;
-        let (xs, ys) = (&x[s - lo..e - lo], &mut y[s - lo..e - lo]);
-        if ctx.silu {
-            blocks_map!(T, &mut bx, &mut by, xs, ys, |xb, yb| {
-                for (y, &x) in yb.iter_mut().zip(xb) {
-                    let z = (x - mean) * scale + beta;
-                    *y = silu_f32(z);
-                }
-            });
-        } else {
-            blocks_map!(T, &mut bx, &mut by, xs, ys, |xb, yb| {
-                for (y, &x) in yb.iter_mut().zip(xb) {
-                    *y = (x - mean) * scale + beta;
-                }
-            });
-        }
-    });
+/// Weight and bias in `f32` and what every group shares; [`Affine::ctx`] makes a group's
+/// [`GroupCtx`].
+struct Affine<'a> {
+    w: &'a [f32],
+    b: &'a [f32],
+    d: GnDims,
+    silu: bool,
 }
+
+impl Affine<'_> {
+    fn ctx(&self, gi: usize, (mean, rstd): (f32, f32)) -> GroupCtx<'_> {
+        let cpg = self.d.cpg();
+        let g = gi % self.d.groups;
+        GroupCtx {
+            w: &self.w[g * cpg..(g + 1) * cpg],
+            b: &self.b[g * cpg..(g + 1) * cpg],
+            hw: self.d.hw,
+            mean,
+            rstd,
+            silu: self.silu,
+        }
+    }
+}
+
+/// Kernel: writes `y` for the run `x` of a group that starts at group-relative element `lo`.
+struct FwdApply<'a, T> {
+    x: &'a [T],
+    y: &'a mut [T],
+    lo: usize,
+    ctx: GroupCtx<'a>,
+}
+
+impl<T: Elem> FwdApply<'_, T> {
+    /// The body for one activation (`SILU` a constant, so each loop has no branch).
+    #[inline(always)]
+    fn apply<const SILU: bool>(self) {
+        let (x, y, lo, ctx) = (self.x, self.y, self.lo, self.ctx);
+        let (mut bx, mut by) = ([0f32; BLK], [0f32; BLK]);
+        for (cl, s, e) in Segments::new(lo, lo + x.len(), ctx.hw) {
+            let scale = ctx.rstd * ctx.w[cl];
+            let beta = ctx.b[cl];
+            let mean = ctx.mean;
+            let (xs, ys) = (&x[s - lo..e - lo], &mut y[s - lo..e - lo]);
+            for (xc, yc) in xs.chunks(BLK).zip(ys.chunks_mut(BLK)) {
+                let xb = T::load(xc, &mut bx);
+                for (y, &x) in T::out(yc, &mut by).iter_mut().zip(xb) {
+                    let z = (x - mean) * scale + beta;
+                    *y = if SILU { silu_f32(z) } else { z };
+                }
+                T::store(&by, yc);
+            }
+        }
+    }
+}
+
+impl<T: Elem> Kernel for FwdApply<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        if self.ctx.silu {
+            self.apply::<true>()
+        } else {
+            self.apply::<false>()
+        }
+    }
 }
 
 /// Fused forward: `y = act((x - mean_g) * rstd_g * w_c + b_c)`, `act` = SiLU or identity.
@@ -219,19 +291,13 @@ pub(crate) fn forward<T: Elem>(
         return y;
     }
     let isa = Isa::detect();
-    let cpg = d.cpg();
     let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
     let bf: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
-    let ctx = |gi: usize, mean: f32, rstd: f32| {
-        let g = gi % d.groups;
-        GroupCtx {
-            w: &wf[g * cpg..(g + 1) * cpg],
-            b: &bf[g * cpg..(g + 1) * cpg],
-            hw: d.hw,
-            mean,
-            rstd,
-            silu,
-        }
+    let affine = Affine {
+        w: &wf,
+        b: &bf,
+        d,
+        silu,
     };
     let (cs, k) = chunking(m, k);
     if k == 1 {
@@ -239,8 +305,9 @@ pub(crate) fn forward<T: Elem>(
             .zip(x.par_chunks(m))
             .enumerate()
             .for_each(|(gi, (yg, xg))| {
-                let (mean, rstd) = moments(isa, xg).mean_rstd(eps);
-                fwd_apply(isa, xg, yg, 0, ctx(gi, mean, rstd));
+                let ctx = affine.ctx(gi, moments(isa, xg).mean_rstd(eps));
+                let (x, y) = (xg, yg);
+                dispatch(isa, FwdApply { x, y, lo: 0, ctx });
             });
         return y;
     }
@@ -249,11 +316,21 @@ pub(crate) fn forward<T: Elem>(
         .zip(x.par_chunks(m))
         .enumerate()
         .for_each(|(gi, (yg, xg))| {
-            let (mean, rstd) = stats[gi];
+            let ctx = affine.ctx(gi, stats[gi]);
             yg.par_chunks_mut(cs)
                 .zip(xg.par_chunks(cs))
                 .enumerate()
-                .for_each(|(ci, (yc, xc))| fwd_apply(isa, xc, yc, ci * cs, ctx(gi, mean, rstd)));
+                .for_each(|(ci, (y, x))| {
+                    dispatch(
+                        isa,
+                        FwdApply {
+                            x,
+                            y,
+                            lo: ci * cs,
+                            ctx,
+                        },
+                    );
+                });
         });
     y
 }
@@ -281,17 +358,6 @@ fn group_stats<T: Elem>(
         .collect()
 }
 
-/// Per-group constants of the backward pass.
-#[derive(Clone, Copy)]
-struct BwdCtx<'a> {
-    w: &'a [f32],
-    b: &'a [f32],
-    hw: usize,
-    mean: f32,
-    rstd: f32,
-    silu: bool,
-}
-
 /// `dy_eff = dy * silu'(z)` with `z = xhat * w + b`, or `dy` without SiLU.
 #[inline(always)]
 fn dy_eff(dy: f32, xhat: f32, w: f32, b: f32, silu: bool) -> f32 {
@@ -304,45 +370,59 @@ fn dy_eff(dy: f32, xhat: f32, w: f32, b: f32, silu: bool) -> f32 {
     }
 }
 
-multiversion! {
-fn bwd_reduce / bwd_reduce_g / bwd_reduce_avx2 <T>
-    (x: &[T], dy: &[T], lo: usize, ctx: BwdCtx<'_>, acc: &mut [[f64; 2]]) -> () {
-    // acc[cl] += (Σ dy_eff * xhat, Σ dy_eff) over this chunk's elements of channel cl.
-    let (mut bx, mut bd) = ([0f32; BLK], [0f32; BLK]);
-    segments!(lo, lo + x.len(), ctx.hw, |cl, s, e| {
-        let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
-        let (mut sgx, mut sg) = (0f64, 0f64);
-        blocks2!(T, &mut bx, &mut bd, &x[s - lo..e - lo], &dy[s - lo..e - lo], |xb, db| {
-            let mut a = [0f32; L];
-            let mut q = [0f32; L];
-            let mut xi = xb.chunks_exact(L);
-            let mut di = db.chunks_exact(L);
-            for (xc, dc) in (&mut xi).zip(&mut di) {
-                for i in 0..L {
-                    let xhat = (xc[i] - mean) * rstd;
-                    let g = dy_eff(dc[i], xhat, w, b, silu);
-                    a[i] += g * xhat;
-                    q[i] += g;
-                }
-            }
-            let (mut s1, mut s2) = (0f32, 0f32);
-            for (&xv, &dv) in xi.remainder().iter().zip(di.remainder()) {
-                let xhat = (xv - mean) * rstd;
-                let g = dy_eff(dv, xhat, w, b, silu);
-                s1 += g * xhat;
-                s2 += g;
-            }
-            for i in 0..L {
-                s1 += a[i];
-                s2 += q[i];
-            }
-            sgx += s1 as f64;
-            sg += s2 as f64;
-        });
-        acc[cl][0] += sgx;
-        acc[cl][1] += sg;
-    });
+/// Kernel: `acc[cl] += (Σ dy_eff * xhat, Σ dy_eff)` over the run `(x, dy)` of a group that
+/// starts at group-relative element `lo`, per local channel `cl`.
+struct BwdReduce<'a, T> {
+    x: &'a [T],
+    dy: &'a [T],
+    lo: usize,
+    ctx: GroupCtx<'a>,
+    acc: &'a mut [[f64; 2]],
 }
+
+impl<T: Elem> Kernel for BwdReduce<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let (x, dy, lo, ctx, acc) = (self.x, self.dy, self.lo, self.ctx, self.acc);
+        let (mut bx, mut bd) = ([0f32; BLK], [0f32; BLK]);
+        for (cl, s, e) in Segments::new(lo, lo + x.len(), ctx.hw) {
+            let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
+            let (mut sgx, mut sg) = (0f64, 0f64);
+            let (xs, ds) = (&x[s - lo..e - lo], &dy[s - lo..e - lo]);
+            for (xc, dc) in xs.chunks(BLK).zip(ds.chunks(BLK)) {
+                let (xb, db) = (T::load(xc, &mut bx), T::load(dc, &mut bd));
+                let mut a = [0f32; L];
+                let mut q = [0f32; L];
+                let mut xi = xb.chunks_exact(L);
+                let mut di = db.chunks_exact(L);
+                for (xc, dc) in (&mut xi).zip(&mut di) {
+                    for i in 0..L {
+                        let xhat = (xc[i] - mean) * rstd;
+                        let g = dy_eff(dc[i], xhat, w, b, silu);
+                        a[i] += g * xhat;
+                        q[i] += g;
+                    }
+                }
+                let (mut s1, mut s2) = (0f32, 0f32);
+                for (&xv, &dv) in xi.remainder().iter().zip(di.remainder()) {
+                    let xhat = (xv - mean) * rstd;
+                    let g = dy_eff(dv, xhat, w, b, silu);
+                    s1 += g * xhat;
+                    s2 += g;
+                }
+                for i in 0..L {
+                    s1 += a[i];
+                    s2 += q[i];
+                }
+                sgx += s1 as f64;
+                sg += s2 as f64;
+            }
+            acc[cl][0] += sgx;
+            acc[cl][1] += sg;
+        }
+    }
 }
 
 /// Group-level coefficients of dx: `dx = rstd * w * g + q * (x - mean) + r`.
@@ -352,23 +432,46 @@ struct DxCoef {
     r: f32,
 }
 
-multiversion! {
-fn bwd_dx / bwd_dx_g / bwd_dx_avx2 <T>
-    (x: &[T], dy: &[T], dx: &mut [T], lo: usize, ctx: BwdCtx<'_>, coef: DxCoef) -> () {
-    let (mut bx, mut bd, mut bo) = ([0f32; BLK], [0f32; BLK], [0f32; BLK]);
-    segments!(lo, lo + x.len(), ctx.hw, |cl, s, e| {
-        let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
-        let (p, q, r) = (rstd * w, coef.q, coef.r);
-        let (xs, ds, os) = (&x[s - lo..e - lo], &dy[s - lo..e - lo], &mut dx[s - lo..e - lo]);
-        blocks_map!(T, &mut bx, &mut bd, &mut bo, xs, ds, os, |xb, db, ob| {
-            for ((o, &xv), &dv) in ob.iter_mut().zip(xb).zip(db) {
-                let xc = xv - mean;
-                let g = dy_eff(dv, xc * rstd, w, b, silu);
-                *o = p * g + q * xc + r;
-            }
-        });
-    });
+/// Kernel: writes dx for the run `(x, dy)` of a group that starts at group-relative
+/// element `lo`.
+struct BwdDx<'a, T> {
+    x: &'a [T],
+    dy: &'a [T],
+    dx: &'a mut [T],
+    lo: usize,
+    ctx: GroupCtx<'a>,
+    coef: DxCoef,
 }
+
+impl<T: Elem> Kernel for BwdDx<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let (x, dy, lo, ctx, coef) = (self.x, self.dy, self.lo, self.ctx, self.coef);
+        let dx = self.dx;
+        let (mut bx, mut bd, mut bo) = ([0f32; BLK], [0f32; BLK], [0f32; BLK]);
+        for (cl, s, e) in Segments::new(lo, lo + x.len(), ctx.hw) {
+            let (w, b, mean, rstd, silu) = (ctx.w[cl], ctx.b[cl], ctx.mean, ctx.rstd, ctx.silu);
+            let (p, q, r) = (rstd * w, coef.q, coef.r);
+            let (xs, ds, os) = (
+                &x[s - lo..e - lo],
+                &dy[s - lo..e - lo],
+                &mut dx[s - lo..e - lo],
+            );
+            let chunks = xs.chunks(BLK).zip(ds.chunks(BLK));
+            for ((xc, dc), oc) in chunks.zip(os.chunks_mut(BLK)) {
+                let (xb, db) = (T::load(xc, &mut bx), T::load(dc, &mut bd));
+                let ob = T::out(oc, &mut bo);
+                for ((o, &xv), &dv) in ob.iter_mut().zip(xb).zip(db) {
+                    let xc = xv - mean;
+                    let g = dy_eff(dv, xc * rstd, w, b, silu);
+                    *o = p * g + q * xc + r;
+                }
+                T::store(&bo, oc);
+            }
+        }
+    }
 }
 
 /// Turns a group's per-channel sums into the dx coefficients:
@@ -412,18 +515,8 @@ pub(crate) fn backward<T: Elem>(
     let isa = Isa::detect();
     let cpg = d.cpg();
     let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-    let (wf, bf) = wbf.split_at(d.c);
-    let ctx = |gi: usize, (mean, rstd): (f32, f32)| {
-        let g = gi % d.groups;
-        BwdCtx {
-            w: &wf[g * cpg..(g + 1) * cpg],
-            b: &bf[g * cpg..(g + 1) * cpg],
-            hw: d.hw,
-            mean,
-            rstd,
-            silu,
-        }
-    };
+    let (w, b) = wbf.split_at(d.c);
+    let affine = Affine { w, b, d, silu };
     // Per (n, c): (Σ dy_eff * xhat, Σ dy_eff); group gi owns entries gi*cpg .. (gi+1)*cpg.
     let mut per_nc = vec![[0f64; 2]; d.n * d.c];
     let (dx, dwb) = out.split_at_mut(numel);
@@ -435,10 +528,31 @@ pub(crate) fn backward<T: Elem>(
             .zip(per_nc.par_chunks_mut(cpg))
             .enumerate()
             .for_each(|(gi, (((dxg, xg), dyg), acc))| {
-                let c = ctx(gi, moments(isa, xg).mean_rstd(eps));
-                bwd_reduce(isa, xg, dyg, 0, c, acc);
-                let coef = dx_coef(acc, c.w, c.rstd, m);
-                bwd_dx(isa, xg, dyg, dxg, 0, c, coef);
+                let ctx = affine.ctx(gi, moments(isa, xg).mean_rstd(eps));
+                let (x, dy, lo) = (xg, dyg, 0);
+                dispatch(
+                    isa,
+                    BwdReduce {
+                        x,
+                        dy,
+                        lo,
+                        ctx,
+                        acc,
+                    },
+                );
+                let coef = dx_coef(acc, ctx.w, ctx.rstd, m);
+                let dx = dxg;
+                dispatch(
+                    isa,
+                    BwdDx {
+                        x,
+                        dy,
+                        dx,
+                        lo,
+                        ctx,
+                        coef,
+                    },
+                );
             });
     } else {
         let stats = group_stats(isa, x, m, cs, k, eps);
@@ -454,17 +568,22 @@ pub(crate) fn backward<T: Elem>(
                     .zip(xg.par_chunks(cs))
                     .zip(dyg.par_chunks(cs))
                     .enumerate()
-                    .for_each(|(ci, ((acc, xc), dyc))| {
-                        bwd_reduce(isa, xc, dyc, ci * cs, ctx(gi, stats[gi]), acc)
+                    .for_each(|(ci, ((acc, x), dy))| {
+                        let ctx = affine.ctx(gi, stats[gi]);
+                        dispatch(
+                            isa,
+                            BwdReduce {
+                                x,
+                                dy,
+                                lo: ci * cs,
+                                ctx,
+                                acc,
+                            },
+                        );
                     });
             });
         for (acc, pg) in per_nc.chunks_mut(cpg).zip(partial.chunks(k * cpg)) {
-            for pc in pg.chunks(cpg) {
-                for (a, p) in acc.iter_mut().zip(pc) {
-                    a[0] += p[0];
-                    a[1] += p[1];
-                }
-            }
+            pg.chunks(cpg).for_each(|pc| add_sums(acc, pc));
         }
         let per_nc = &per_nc;
         dx.par_chunks_mut(m)
@@ -472,22 +591,48 @@ pub(crate) fn backward<T: Elem>(
             .zip(dy.par_chunks(m))
             .enumerate()
             .for_each(|(gi, ((dxg, xg), dyg))| {
-                let c = ctx(gi, stats[gi]);
-                let coef = dx_coef(&per_nc[gi * cpg..(gi + 1) * cpg], c.w, c.rstd, m);
+                let ctx = affine.ctx(gi, stats[gi]);
+                let coef = dx_coef(&per_nc[gi * cpg..(gi + 1) * cpg], ctx.w, ctx.rstd, m);
                 dxg.par_chunks_mut(cs)
                     .zip(xg.par_chunks(cs))
                     .zip(dyg.par_chunks(cs))
                     .enumerate()
-                    .for_each(|(ci, ((dxc, xc), dyc))| bwd_dx(isa, xc, dyc, dxc, ci * cs, c, coef));
+                    .for_each(|(ci, ((dx, x), dy))| {
+                        let lo = ci * cs;
+                        dispatch(
+                            isa,
+                            BwdDx {
+                                x,
+                                dy,
+                                dx,
+                                lo,
+                                ctx,
+                                coef,
+                            },
+                        );
+                    });
             });
     }
-    let (dw, db) = dwb.split_at_mut(d.c);
-    let mut sum = vec![[0f64; 2]; d.c];
-    for row in per_nc.chunks(d.c) {
-        for (s, v) in sum.iter_mut().zip(row) {
-            s[0] += v[0];
-            s[1] += v[1];
-        }
+    write_dw_db(&per_nc, dwb);
+    out
+}
+
+/// `acc[i] += p[i]` for pairs of sums.
+fn add_sums(acc: &mut [[f64; 2]], p: &[[f64; 2]]) {
+    for (a, p) in acc.iter_mut().zip(p) {
+        a[0] += p[0];
+        a[1] += p[1];
+    }
+}
+
+/// Writes `dwb = [dweight (C), dbias (C)]` from the per-(n, c) sums `per_nc` (`N * C` pairs
+/// `(Σ dy_eff * xhat, Σ dy_eff)`), summed over n in order.
+fn write_dw_db<T: Elem>(per_nc: &[[f64; 2]], dwb: &mut [T]) {
+    let c = dwb.len() / 2;
+    let (dw, db) = dwb.split_at_mut(c);
+    let mut sum = vec![[0f64; 2]; c];
+    for row in per_nc.chunks(c) {
+        add_sums(&mut sum, row);
     }
     let mut buf = [0f32; BLK];
     for ((dwc, dbc), sc) in dw
@@ -506,7 +651,6 @@ pub(crate) fn backward<T: Elem>(
         }
         T::store(&buf, dbc);
     }
-    out
 }
 
 #[cfg(test)]

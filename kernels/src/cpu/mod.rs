@@ -1,15 +1,17 @@
 //! CPU building blocks shared by keel's fused kernels: element conversion in blocks, a
 //! vectorizable `exp`, runtime ISA selection.
 //!
-//! The hot loops are written once as `#[inline(always)]` generic functions over contiguous
-//! `f32` slices; [`multiversion!`] instantiates each of them a second time inside a
-//! `#[target_feature(enable = "avx2,fma")]` wrapper so that LLVM can use 8-wide vectors when
-//! the running CPU supports them (the default x86_64 target only guarantees SSE2).
+//! Each hot loop is a [`Kernel`] generic over the element type; [`dispatch`] instantiates it
+//! a second time inside a `#[target_feature(enable = "avx2,fma")]` function so that LLVM can
+//! use 8-wide vectors when the running CPU supports them (the default x86_64 target only
+//! guarantees SSE2).
 
 pub(crate) mod group_norm;
 
-use candle::{bail, Layout, Result};
+use candle::backend::BackendStorage;
+use candle::{bail, CpuStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
+use std::borrow::Cow;
 
 /// The contiguous slice of a storage's data described by `l`, or an error naming the op and
 /// the operand (`what`) when the layout is strided or reaches past the data.
@@ -26,6 +28,67 @@ pub(crate) fn contiguous<'a, T>(
             data.len()
         ),
         None => bail!("{op}: {what} must be contiguous (layout {l:?}); call .contiguous() first"),
+    }
+}
+
+/// A CPU op body written once for the float element types (f32, f16, bf16); [`float_op`]
+/// runs the instantiation that matches its operands' dtype.
+pub(crate) trait FloatOp<const N: usize> {
+    /// Runs on the contiguous data of the `N` operands, all of element type `T`.
+    fn run<T: Elem + WithDType>(&self, xs: [&[T]; N]) -> Result<CpuStorage>;
+}
+
+/// One operand of a [`FloatOp`]: its name in error messages, its storage and its layout.
+pub(crate) type Operand<'a> = (&'a str, &'a CpuStorage, &'a Layout);
+
+/// Runs `k` on the contiguous data of `operands`, which must all be f32, all f16 or all
+/// bf16; any other dtype or a mix is an error naming `op` and the operands (never a silent
+/// conversion).
+pub(crate) fn float_op<const N: usize, K: FloatOp<N>>(
+    op: &str,
+    operands: [Operand<'_>; N],
+    k: &K,
+) -> Result<CpuStorage> {
+    let dtype = operands.first().map(|o| o.1.dtype());
+    let same = operands.iter().all(|o| Some(o.1.dtype()) == dtype);
+    match dtype {
+        Some(DType::F32) if same => run_as::<f32, N, K>(op, operands, k),
+        Some(DType::F16) if same => run_as::<f16, N, K>(op, operands, k),
+        Some(DType::BF16) if same => run_as::<bf16, N, K>(op, operands, k),
+        _ => bail!("{}", dtype_error(op, &operands)),
+    }
+}
+
+fn run_as<T: Elem + WithDType, const N: usize, K: FloatOp<N>>(
+    op: &str,
+    operands: [Operand<'_>; N],
+    k: &K,
+) -> Result<CpuStorage> {
+    let mut xs: [&[T]; N] = [&[]; N];
+    for (x, (what, s, l)) in xs.iter_mut().zip(operands) {
+        *x = contiguous(op, what, T::cpu_storage_as_slice(s)?, l)?;
+    }
+    k.run(xs)
+}
+
+/// The message for operands that are not all f32, all f16 or all bf16.
+fn dtype_error(op: &str, operands: &[Operand<'_>]) -> String {
+    let names: Vec<&str> = operands.iter().map(|o| o.0).collect();
+    let dtypes: Vec<String> = operands
+        .iter()
+        .map(|o| format!("{:?}", o.1.dtype()))
+        .collect();
+    match names.as_slice() {
+        [] => format!("{op}: no operands"),
+        [what] => format!(
+            "{op}: unsupported {what} dtype {}; supported: f32, f16, bf16 (cast with .to_dtype first)",
+            dtypes[0]
+        ),
+        [init @ .., last] => format!(
+            "{op}: {} and {last} must all be f32, all f16 or all bf16, got {}",
+            init.join(", "),
+            dtypes.join(", ")
+        ),
     }
 }
 
@@ -54,32 +117,44 @@ impl Isa {
     }
 }
 
-/// Instantiates an `#[inline(always)]` generic kernel body twice (baseline and AVX2+FMA)
-/// and defines a dispatcher that takes the [`Isa`] as its first argument.
-macro_rules! multiversion {
-    (fn $name:ident / $generic:ident / $avx2:ident <T> ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
-        #[inline(always)]
-        fn $generic<T: $crate::cpu::Elem>($($arg: $ty),*) -> $ret $body
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $avx2<T: $crate::cpu::Elem>($($arg: $ty),*) -> $ret {
-            $generic::<T>($($arg),*)
-        }
-
-        fn $name<T: $crate::cpu::Elem>(isa: $crate::cpu::Isa, $($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            if isa == $crate::cpu::Isa::Avx2 {
-                // SAFETY: `Isa::Avx2` is only constructed by `Isa::detect` after run-time
-                // detection confirmed that this CPU supports avx2 and fma.
-                return unsafe { $avx2::<T>($($arg),*) };
-            }
-            let _ = isa;
-            $generic::<T>($($arg),*)
-        }
-    };
+/// A CPU kernel: its arguments as fields and its body in [`Kernel::run`], which must be
+/// `#[inline(always)]` so that [`dispatch`] compiles the whole body once per instruction set.
+pub(crate) trait Kernel {
+    /// What the kernel returns.
+    type Output;
+    /// The kernel body; implementations are `#[inline(always)]`.
+    fn run(self) -> Self::Output;
 }
-pub(crate) use multiversion;
+
+/// `k.run()` compiled with AVX2 and FMA enabled, so LLVM can use 8-wide vectors in the
+/// inlined body.
+///
+/// # Safety
+/// The running CPU must support avx2 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2<K: Kernel>(k: K) -> K::Output {
+    k.run()
+}
+
+/// Runs `k` compiled for `isa`: the AVX2+FMA instantiation when `isa` is [`Isa::Avx2`],
+/// the baseline one otherwise.
+///
+/// The body reaches the `#[target_feature]` function by `#[inline(always)]` calls only
+/// (`Kernel::run` and the generic helpers it calls); a closure called from the body would be
+/// a separate function compiled without AVX2 unless LLVM chose to inline it, so kernel
+/// bodies write their block loops directly instead of passing closures to helpers.
+#[inline(always)]
+pub(crate) fn dispatch<K: Kernel>(isa: Isa, k: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: `Isa::Avx2` is only constructed by `Isa::detect` after run-time detection
+        // confirmed that this CPU supports avx2 and fma.
+        return unsafe { run_avx2(k) };
+    }
+    let _ = isa;
+    k.run()
+}
 
 /// An element type the CPU kernels read and write; all arithmetic happens in `f32`.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
@@ -95,6 +170,10 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn out<'a>(dst: &'a mut [Self], buf: &'a mut [f32; BLK]) -> &'a mut [f32];
     /// Completes a write started with [`Elem::out`] (a no-op for `f32`).
     fn store(buf: &[f32; BLK], dst: &mut [Self]);
+    /// All of `src` as `f32`: borrowed for `f32`, converted otherwise.
+    fn to_f32_slice(src: &[Self]) -> Cow<'_, [f32]>;
+    /// `v` rounded to `Self` (moved, not copied, for `f32`).
+    fn from_f32_vec(v: Vec<f32>) -> Vec<Self>;
 }
 
 impl Elem for f32 {
@@ -113,6 +192,12 @@ impl Elem for f32 {
     }
     #[inline(always)]
     fn store(_buf: &[f32; BLK], _dst: &mut [Self]) {}
+    fn to_f32_slice(src: &[Self]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(src)
+    }
+    fn from_f32_vec(v: Vec<f32>) -> Vec<Self> {
+        v
+    }
 }
 
 macro_rules! impl_half_elem {
@@ -137,80 +222,21 @@ macro_rules! impl_half_elem {
             fn store(buf: &[f32; BLK], dst: &mut [Self]) {
                 dst.convert_from_f32_slice(&buf[..dst.len()]);
             }
+            fn to_f32_slice(src: &[Self]) -> Cow<'_, [f32]> {
+                let mut v = vec![0f32; src.len()];
+                src.convert_to_f32_slice(&mut v);
+                Cow::Owned(v)
+            }
+            fn from_f32_vec(v: Vec<f32>) -> Vec<Self> {
+                let mut o = vec![<$t>::ZERO; v.len()];
+                o.convert_from_f32_slice(&v);
+                o
+            }
         }
     };
 }
 impl_half_elem!(f16);
 impl_half_elem!(bf16);
-
-// The block helpers below are macros, not closure-taking functions: a closure is compiled
-// where it is written (the baseline generic body), so its loop would not be inlined into the
-// `#[target_feature]` instantiation made by `multiversion!` and would not get AVX2.
-
-/// Runs `$body` with `$xb` bound to consecutive blocks of at most [`BLK`] elements of `$x`
-/// (of element type `$T`), as `&[f32]`. The `[f32; BLK]` scratch buffers (used only by
-/// f16/bf16) come from the caller, so a loop over short channel runs does not re-initialise
-/// them for every run.
-macro_rules! blocks {
-    ($T:ty, $bx:expr, $x:expr, |$xb:ident| $body:block) => {{
-        let bx: &mut [f32; $crate::cpu::BLK] = $bx;
-        for xc in $x.chunks($crate::cpu::BLK) {
-            let $xb = <$T as $crate::cpu::Elem>::load(xc, bx);
-            $body
-        }
-    }};
-}
-pub(crate) use blocks;
-
-/// Like [`blocks!`] over two equally long slices.
-macro_rules! blocks2 {
-    ($T:ty, $ba:expr, $bb_:expr, $a:expr, $b:expr, |$ab:ident, $bb:ident| $body:block) => {{
-        let (ba, bb): (&mut [f32; $crate::cpu::BLK], &mut [f32; $crate::cpu::BLK]) = ($ba, $bb_);
-        for (ac, bc) in $a.chunks($crate::cpu::BLK).zip($b.chunks($crate::cpu::BLK)) {
-            let $ab = <$T as $crate::cpu::Elem>::load(ac, ba);
-            let $bb = <$T as $crate::cpu::Elem>::load(bc, bb);
-            $body
-        }
-    }};
-}
-pub(crate) use blocks2;
-
-/// Runs `$body` on matching blocks of the inputs (`&[f32]`) and of the output `$y`
-/// (`&mut [f32]`), then writes the output block back into `$y`.
-macro_rules! blocks_map {
-    ($T:ty, $bx:expr, $by:expr, $x:expr, $y:expr, |$xb:ident, $yb:ident| $body:block) => {{
-        let (bx, by): (&mut [f32; $crate::cpu::BLK], &mut [f32; $crate::cpu::BLK]) = ($bx, $by);
-        for (xc, yc) in $x
-            .chunks($crate::cpu::BLK)
-            .zip($y.chunks_mut($crate::cpu::BLK))
-        {
-            {
-                let $xb = <$T as $crate::cpu::Elem>::load(xc, bx);
-                let $yb = <$T as $crate::cpu::Elem>::out(yc, by);
-                $body
-            }
-            <$T as $crate::cpu::Elem>::store(by, yc);
-        }
-    }};
-    ($T:ty, $ba:expr, $bb_:expr, $by:expr, $a:expr, $b:expr, $y:expr, |$ab:ident, $bb:ident, $yb:ident| $body:block) => {{
-        let (ba, bb, by): (
-            &mut [f32; $crate::cpu::BLK],
-            &mut [f32; $crate::cpu::BLK],
-            &mut [f32; $crate::cpu::BLK],
-        ) = ($ba, $bb_, $by);
-        let chunks = $a.chunks($crate::cpu::BLK).zip($b.chunks($crate::cpu::BLK));
-        for ((ac, bc), yc) in chunks.zip($y.chunks_mut($crate::cpu::BLK)) {
-            {
-                let $ab = <$T as $crate::cpu::Elem>::load(ac, ba);
-                let $bb = <$T as $crate::cpu::Elem>::load(bc, bb);
-                let $yb = <$T as $crate::cpu::Elem>::out(yc, by);
-                $body
-            }
-            <$T as $crate::cpu::Elem>::store(by, yc);
-        }
-    }};
-}
-pub(crate) use blocks_map;
 
 /// `e^x` in `f32` from Cephes' `expf` polynomial, written with selects and bit casts only so
 /// that loops calling it vectorize. Relative error about 2 ulp on [-87, 88]; inputs are
@@ -271,16 +297,70 @@ mod tests {
         assert!(exp_f32(1e4).is_finite());
     }
 
+    /// Doubles its operand in `f32`, through the conversions conv's CPU op uses.
+    struct Double;
+    impl FloatOp<1> for Double {
+        fn run<T: Elem + WithDType>(&self, [x]: [&[T]; 1]) -> Result<CpuStorage> {
+            let v = T::to_f32_slice(x).iter().map(|v| v * 2.0).collect();
+            Ok(T::to_cpu_storage_owned(T::from_f32_vec(v)))
+        }
+    }
+
+    /// Sums its two operands in `f32`.
+    struct Add;
+    impl FloatOp<2> for Add {
+        fn run<T: Elem + WithDType>(&self, [a, b]: [&[T]; 2]) -> Result<CpuStorage> {
+            let v = a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| a.to_f32() + b.to_f32())
+                .collect();
+            Ok(T::to_cpu_storage_owned(T::from_f32_vec(v)))
+        }
+    }
+
+    #[test]
+    fn float_op_keeps_the_dtype_and_rejects_others() {
+        let l = Layout::contiguous(2);
+        let run = |s: &CpuStorage| float_op("conv2d", [("x", s, &l)], &Double);
+        let err = run(&CpuStorage::F64(vec![0.0; 2])).unwrap_err().to_string();
+        assert!(err.contains("conv2d") && err.contains("F64"), "{err}");
+        assert!(run(&CpuStorage::U8(vec![0; 2])).is_err());
+        // The supported dtypes keep their own dtype.
+        let got = run(&CpuStorage::BF16(vec![bf16::ONE; 2])).unwrap();
+        assert!(matches!(got, CpuStorage::BF16(ref v) if v[1].to_f32() == 2.0));
+        let got = run(&CpuStorage::F16(vec![f16::ONE; 2])).unwrap();
+        assert!(matches!(got, CpuStorage::F16(ref v) if v[1].to_f32() == 2.0));
+        let got = run(&CpuStorage::F32(vec![1.5, 3.0])).unwrap();
+        assert!(matches!(got, CpuStorage::F32(ref v) if v == &[3.0, 6.0]));
+        // A mix of dtypes names both operands and both dtypes.
+        let (a, b) = (
+            CpuStorage::F32(vec![1.0; 2]),
+            CpuStorage::F16(vec![f16::ONE; 2]),
+        );
+        let err = float_op("op", [("x", &a, &l), ("w", &b, &l)], &Add)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x and w") && err.contains("F32, F16"), "{err}");
+        let got = float_op("op", [("x", &a, &l), ("w", &a, &l)], &Add).unwrap();
+        assert!(matches!(got, CpuStorage::F32(ref v) if v == &[2.0, 2.0]));
+        // A layout past the data is an error, not a panic.
+        let short = CpuStorage::F32(vec![1.0]);
+        assert!(float_op("op", [("x", &short, &l)], &Double).is_err());
+    }
+
     #[test]
     fn half_blocks_roundtrip() {
         let x: Vec<f16> = (0..2500).map(|i| f16::from_f32(i as f32 * 0.25)).collect();
         let mut y = vec![f16::ZERO; x.len()];
         let (mut bx, mut by) = ([0f32; BLK], [0f32; BLK]);
-        blocks_map!(f16, &mut bx, &mut by, &x, &mut y, |a, b| {
-            for (b, a) in b.iter_mut().zip(a) {
+        for (xc, yc) in x.chunks(BLK).zip(y.chunks_mut(BLK)) {
+            let a = f16::load(xc, &mut bx);
+            for (b, a) in f16::out(yc, &mut by).iter_mut().zip(a) {
                 *b = a * 2.0;
             }
-        });
+            f16::store(&by, yc);
+        }
         for (a, b) in x.iter().zip(&y) {
             assert_eq!(b.to_f32(), a.to_f32() * 2.0);
         }

@@ -355,8 +355,10 @@ where
     let n_out: usize = out_dims.iter().product();
     let shape = Shape::from(&out_dims[..]);
     if g.n == 0 || n_out == 0 {
-        // Nothing to convolve: empty outputs, or a zero weight gradient.
-        let out = dev.alloc_zeros::<T>(n_out)?;
+        // Nothing to convolve: empty outputs, or a zero weight gradient. At least one element:
+        // cuMemAlloc(Async) rejects a size of 0 bytes (CUDA_ERROR_INVALID_VALUE); a storage
+        // longer than its layout is valid in candle.
+        let out = dev.alloc_zeros::<T>(n_out.max(1))?;
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
     let (n1, n2) = match kind {

@@ -254,7 +254,7 @@ fn alloc_out<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>
 }
 
 /// The three inputs of one call: `(x, weight, bias)` forward, `(x, wb, dy)` backward.
-type Args<'a> = (
+pub(crate) type Args<'a> = (
     &'a CudaStorage,
     &'a Layout,
     &'a CudaStorage,
@@ -265,11 +265,35 @@ type Args<'a> = (
 
 /// The op's options: name (for errors), groups, eps, SiLU.
 #[derive(Clone, Copy)]
-struct Opts<'a> {
-    op: &'a str,
-    num_groups: usize,
-    eps: f32,
-    silu: bool,
+pub(crate) struct Opts<'a> {
+    /// The op's name in error messages (`group_norm_silu`, `group_norm_bwd`, ...).
+    pub(crate) op: &'a str,
+    /// Number of groups G (divides C).
+    pub(crate) num_groups: usize,
+    /// Added to the variance.
+    pub(crate) eps: f32,
+    /// Whether SiLU follows the normalization.
+    pub(crate) silu: bool,
+}
+
+/// One dtype instantiation of [`fwd_t`] or [`bwd_t`].
+type Instance = fn(Opts<'_>, Args<'_>) -> Result<(CudaStorage, Shape)>;
+
+/// Runs the instantiation (f32, f16, bf16) of `x`'s dtype; any other dtype is an error.
+fn by_dtype(
+    o: Opts<'_>,
+    args: Args<'_>,
+    [f32_, f16_, bf16_]: [Instance; 3],
+) -> Result<(CudaStorage, Shape)> {
+    match args.0.dtype() {
+        DType::F32 => f32_(o, args),
+        DType::F16 => f16_(o, args),
+        DType::BF16 => bf16_(o, args),
+        dt => bail!(
+            "{} (cuda): unsupported dtype {dt:?}; supported: f32, f16, bf16",
+            o.op
+        ),
+    }
 }
 
 fn fwd_t<T: KernelDType>(
@@ -325,36 +349,8 @@ fn fwd_t<T: KernelDType>(
 }
 
 /// CUDA forward of `GroupNormOp`: `(x, weight, bias)` -> y with x's shape and dtype.
-#[allow(clippy::too_many_arguments)] // reason: the signature is the CustomOp3 contract with group_norm.rs
-pub(crate) fn fwd(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-    num_groups: usize,
-    eps: f32,
-    silu: bool,
-) -> Result<(CudaStorage, Shape)> {
-    let op = if silu {
-        "group_norm_silu"
-    } else {
-        "group_norm"
-    };
-    let o = Opts {
-        op,
-        num_groups,
-        eps,
-        silu,
-    };
-    let args = (s1, l1, s2, l2, s3, l3);
-    match s1.dtype() {
-        DType::F32 => fwd_t::<f32>(o, args),
-        DType::F16 => fwd_t::<f16>(o, args),
-        DType::BF16 => fwd_t::<bf16>(o, args),
-        dt => bail!("{op} (cuda): unsupported dtype {dt:?}; supported: f32, f16, bf16"),
-    }
+pub(crate) fn fwd(o: Opts<'_>, args: Args<'_>) -> Result<(CudaStorage, Shape)> {
+    by_dtype(o, args, [fwd_t::<f32>, fwd_t::<f16>, fwd_t::<bf16>])
 }
 
 fn bwd_t<T: KernelDType + ValidAsZeroBits>(
@@ -461,36 +457,8 @@ fn bwd_t<T: KernelDType + ValidAsZeroBits>(
 
 /// CUDA forward of `GroupNormBwdOp`: `(x, wb = stack([weight, bias]), dy)` -> one flat
 /// tensor `[dx, dweight, dbias]` of `numel(x) + 2 C` elements in x's dtype.
-#[allow(clippy::too_many_arguments)] // reason: the signature is the CustomOp3 contract with group_norm.rs
-pub(crate) fn bwd(
-    s1: &CudaStorage,
-    l1: &Layout,
-    s2: &CudaStorage,
-    l2: &Layout,
-    s3: &CudaStorage,
-    l3: &Layout,
-    num_groups: usize,
-    eps: f32,
-    silu: bool,
-) -> Result<(CudaStorage, Shape)> {
-    let op = if silu {
-        "group_norm_silu_bwd"
-    } else {
-        "group_norm_bwd"
-    };
-    let o = Opts {
-        op,
-        num_groups,
-        eps,
-        silu,
-    };
-    let args = (s1, l1, s2, l2, s3, l3);
-    match s1.dtype() {
-        DType::F32 => bwd_t::<f32>(o, args),
-        DType::F16 => bwd_t::<f16>(o, args),
-        DType::BF16 => bwd_t::<bf16>(o, args),
-        dt => bail!("{op} (cuda): unsupported dtype {dt:?}; supported: f32, f16, bf16"),
-    }
+pub(crate) fn bwd(o: Opts<'_>, args: Args<'_>) -> Result<(CudaStorage, Shape)> {
+    by_dtype(o, args, [bwd_t::<f32>, bwd_t::<f16>, bwd_t::<bf16>])
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! and backward (`softmax - onehot`, scaled, in one pass). See the parent module's contract.
 
 use super::{bad_target, CeDims};
+use crate::cpu::{contiguous, float_op, Elem, FloatOp};
 use candle::backend::BackendStorage;
 use candle::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -25,20 +26,18 @@ pub(crate) struct CrossEntropyBwdOp {
     fwd: CrossEntropyOp,
 }
 
-/// A contiguous slice of a CPU storage, or an error naming the op.
-fn slice<'a, T: WithDType>(op: &str, s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => bail!("{op}: expected a contiguous input, got layout {l:?}"),
-    }
-}
-
 /// The targets as i64, validated against `[0, C)` / ignore_index.
 fn targets(op: &str, s: &CpuStorage, l: &Layout, f: &CrossEntropyOp) -> Result<Vec<i64>> {
     let t: Vec<i64> = match s {
-        CpuStorage::U8(v) => slice(op, v, l)?.iter().map(|&x| x as i64).collect(),
-        CpuStorage::U32(v) => slice(op, v, l)?.iter().map(|&x| x as i64).collect(),
-        CpuStorage::I64(v) => slice(op, v, l)?.to_vec(),
+        CpuStorage::U8(v) => contiguous(op, "target", v, l)?
+            .iter()
+            .map(|&x| x as i64)
+            .collect(),
+        CpuStorage::U32(v) => contiguous(op, "target", v, l)?
+            .iter()
+            .map(|&x| x as i64)
+            .collect(),
+        CpuStorage::I64(v) => contiguous(op, "target", v, l)?.to_vec(),
         other => bail!(
             "{op}: unsupported target dtype {:?}; supported: u8, u32, i64",
             other.dtype()
@@ -176,6 +175,23 @@ impl CrossEntropyOp {
     }
 }
 
+/// One CPU cross-entropy call on the logits, for any float element type: the f32 scalar
+/// loss, or with `backward: Some(dloss)` dlogits in the logits' dtype.
+struct CpuCall<'a> {
+    op: &'a CrossEntropyOp,
+    t: &'a [i64],
+    backward: Option<f32>,
+}
+
+impl FloatOp<1> for CpuCall<'_> {
+    fn run<T: Elem + WithDType>(&self, [x]: [&[T]; 1]) -> Result<CpuStorage> {
+        Ok(match self.backward {
+            Some(g) => T::to_cpu_storage_owned(self.op.backward(x, self.t, g)),
+            None => CpuStorage::F32(vec![self.op.forward(x, self.t)]),
+        })
+    }
+}
+
 impl CustomOp2 for CrossEntropyOp {
     fn name(&self) -> &'static str {
         "keel-cross-entropy"
@@ -190,16 +206,13 @@ impl CustomOp2 for CrossEntropyOp {
     ) -> Result<(CpuStorage, Shape)> {
         const OP: &str = "cross_entropy";
         let t = targets(OP, s2, l2, self)?;
-        let loss = match s1 {
-            CpuStorage::F32(x) => self.forward(slice(OP, x, l1)?, &t),
-            CpuStorage::F16(x) => self.forward(slice(OP, x, l1)?, &t),
-            CpuStorage::BF16(x) => self.forward(slice(OP, x, l1)?, &t),
-            other => bail!(
-                "{OP}: unsupported logits dtype {:?}; supported: f32, f16, bf16",
-                other.dtype()
-            ),
+        let call = CpuCall {
+            op: self,
+            t: &t,
+            backward: None,
         };
-        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+        let loss = float_op(OP, [("logits", s1, l1)], &call)?;
+        Ok((loss, Shape::from(())))
     }
 
     fn bwd(
@@ -232,7 +245,7 @@ impl CustomOp3 for CrossEntropyBwdOp {
         const OP: &str = "cross_entropy backward";
         let t = targets(OP, s2, l2, &self.fwd)?;
         let g = match s3 {
-            CpuStorage::F32(g) => match slice(OP, g, l3)? {
+            CpuStorage::F32(g) => match contiguous(OP, "loss gradient", g, l3)? {
                 [g] => *g,
                 other => bail!(
                     "{OP}: the loss gradient must be a scalar, got {} values",
@@ -244,15 +257,12 @@ impl CustomOp3 for CrossEntropyBwdOp {
                 other.dtype()
             ),
         };
-        let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(self.fwd.backward(slice(OP, x, l1)?, &t, g)),
-            CpuStorage::F16(x) => CpuStorage::F16(self.fwd.backward(slice(OP, x, l1)?, &t, g)),
-            CpuStorage::BF16(x) => CpuStorage::BF16(self.fwd.backward(slice(OP, x, l1)?, &t, g)),
-            other => bail!(
-                "{OP}: unsupported logits dtype {:?}; supported: f32, f16, bf16",
-                other.dtype()
-            ),
+        let call = CpuCall {
+            op: &self.fwd,
+            t: &t,
+            backward: Some(g),
         };
+        let out = float_op(OP, [("logits", s1, l1)], &call)?;
         Ok((out, l1.shape().clone()))
     }
 }

@@ -2,7 +2,7 @@
 //! one `(H, W)` plane per rayon task. See the parent module's contract.
 
 use super::{taps, Mode, Tap};
-use candle::backend::BackendStorage;
+use crate::cpu::{float_op, Elem, FloatOp};
 use candle::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -30,10 +30,40 @@ fn dims4(op: &str, l: &Layout) -> Result<[usize; 4]> {
     }
 }
 
-/// The contiguous data of a layout (checked by [`dims4`]).
-fn data<'a, T>(s: &'a [T], l: &Layout) -> &'a [T] {
-    let (a, b) = l.contiguous_offsets().unwrap_or((0, 0));
-    &s[a..b]
+/// One CPU resize call between `(h, w)` planes and `(ty.len(), tx.len())` planes, for any
+/// float element type: the forward gather, or with `backward` the adjoint scatter.
+struct CpuCall {
+    hw: (usize, usize),
+    ty: Vec<Tap>,
+    tx: Vec<Tap>,
+    mode: Mode,
+    backward: bool,
+}
+
+impl CpuCall {
+    /// The call between `hw` planes and `(oh, ow)` planes.
+    fn new(mode: Mode, hw: (usize, usize), (oh, ow): (usize, usize), backward: bool) -> Self {
+        let (ty, tx) = (taps(mode, oh, hw.0), taps(mode, ow, hw.1));
+        CpuCall {
+            hw,
+            ty,
+            tx,
+            mode,
+            backward,
+        }
+    }
+}
+
+impl FloatOp<1> for CpuCall {
+    fn run<T: Elem + WithDType>(&self, [x]: [&[T]; 1]) -> Result<CpuStorage> {
+        let (ty, tx) = (&self.ty, &self.tx);
+        let out = if self.backward {
+            scatter(x, self.hw, ty, tx)
+        } else {
+            gather(x, self.hw, ty, tx, self.mode)
+        };
+        Ok(T::to_cpu_storage_owned(out))
+    }
 }
 
 /// Gathers every plane of `x` (`h x w`) into `(ty.len() x tx.len())` planes.
@@ -100,18 +130,8 @@ impl CustomOp1 for ResizeOp {
         const OP: &str = "resize";
         let [n, c, h, w] = dims4(OP, l)?;
         let (oh, ow) = self.out;
-        let (ty, tx) = (taps(self.mode, oh, h), taps(self.mode, ow, w));
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(gather(data(x, l), (h, w), &ty, &tx, self.mode)),
-            CpuStorage::F16(x) => CpuStorage::F16(gather(data(x, l), (h, w), &ty, &tx, self.mode)),
-            CpuStorage::BF16(x) => {
-                CpuStorage::BF16(gather(data(x, l), (h, w), &ty, &tx, self.mode))
-            }
-            other => bail!(
-                "{OP}: unsupported dtype {:?}; supported: f32, f16, bf16",
-                other.dtype()
-            ),
-        };
+        let call = CpuCall::new(self.mode, (h, w), (oh, ow), false);
+        let out = float_op(OP, [("x", s, l)], &call)?;
         Ok((out, Shape::from((n, c, oh, ow))))
     }
 
@@ -134,16 +154,8 @@ impl CustomOp1 for ResizeBwdOp {
         const OP: &str = "resize backward";
         let [n, c, oh, ow] = dims4(OP, l)?;
         let (h, w) = self.inp;
-        let (ty, tx) = (taps(self.mode, oh, h), taps(self.mode, ow, w));
-        let out = match s {
-            CpuStorage::F32(g) => CpuStorage::F32(scatter(data(g, l), (h, w), &ty, &tx)),
-            CpuStorage::F16(g) => CpuStorage::F16(scatter(data(g, l), (h, w), &ty, &tx)),
-            CpuStorage::BF16(g) => CpuStorage::BF16(scatter(data(g, l), (h, w), &ty, &tx)),
-            other => bail!(
-                "{OP}: unsupported dtype {:?}; supported: f32, f16, bf16",
-                other.dtype()
-            ),
-        };
+        let call = CpuCall::new(self.mode, (h, w), (oh, ow), true);
+        let out = float_op(OP, [("dy", s, l)], &call)?;
         Ok((out, Shape::from((n, c, h, w))))
     }
 

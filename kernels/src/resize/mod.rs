@@ -18,7 +18,7 @@
 //! # Devices
 //! The fused ops have CPU kernels only. On other devices the public functions run the
 //! composed twins [`resize_nearest_slow`] (two `index_select`s) and
-//! [`resize_bilinear_slow`] (two matmuls with the `(out, in)` interpolation matrices),
+//! [`resize_bilinear_slow`] (two f32 matmuls with the `(out, in)` interpolation matrices),
 //! which candle differentiates; candle's own `upsample_nearest2d` / `upsample_bilinear2d`
 //! are not used (no backward for non-integer factors or bilinear in candle 0.11).
 //!
@@ -121,14 +121,14 @@ fn fused(x: &Tensor, size: (usize, usize), mode: Mode) -> Result<Tensor> {
     x.contiguous()?.apply_op1(cpu::ResizeOp { mode, out: size })
 }
 
-/// The `(out, in)` interpolation matrix of one axis (row `d` holds output `d`'s taps).
-fn matrix(mode: Mode, out: usize, inp: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+/// The `(out, in)` f32 interpolation matrix of one axis (row `d` holds output `d`'s taps).
+fn matrix(mode: Mode, out: usize, inp: usize, dev: &Device) -> Result<Tensor> {
     let mut m = vec![0f32; out * inp];
     for (d, t) in taps(mode, out, inp).into_iter().enumerate() {
         m[d * inp + t.i0] += t.l0;
         m[d * inp + t.i1] += t.l1;
     }
-    Tensor::from_vec(m, (out, inp), dev)?.to_dtype(dtype)
+    Tensor::from_vec(m, (out, inp), dev)
 }
 
 fn slow(x: &Tensor, (oh, ow): (usize, usize), mode: Mode) -> Result<Tensor> {
@@ -147,13 +147,17 @@ fn slow(x: &Tensor, (oh, ow): (usize, usize), mode: Mode) -> Result<Tensor> {
                 .index_select(&index(ow, w)?, 3)
         }
         Mode::Bilinear => {
-            let mw = matrix(mode, ow, w, x.dtype(), dev)?.t()?; // (w, ow)
-            let mh = matrix(mode, oh, h, x.dtype(), dev)?; // (oh, h)
-            let y = x.reshape((n * c * h, w))?.matmul(&mw)?; // (n c h, ow)
+            // In f32 for every dtype, rounded once at the end, like the fused op: in f16/bf16
+            // the weights and the intermediate rows would be rounded too.
+            let mw = matrix(mode, ow, w, dev)?.t()?; // (w, ow)
+            let mh = matrix(mode, oh, h, dev)?; // (oh, h)
+            let xf = x.to_dtype(DType::F32)?;
+            let y = xf.reshape((n * c * h, w))?.matmul(&mw)?; // (n c h, ow)
             let y = y.reshape((n * c, h, ow))?;
             mh.broadcast_left(n * c)?
                 .matmul(&y)?
-                .reshape((n, c, oh, ow))
+                .reshape((n, c, oh, ow))?
+                .to_dtype(x.dtype())
         }
     }
 }
