@@ -221,7 +221,7 @@ fn random_case(
             let h = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 ^ seed.wrapping_mul(0xBF58_476D_1CE4_E5B9);
             let h = (h >> 17) as u32;
-            if ignore && h % 5 == 0 {
+            if ignore && h.is_multiple_of(5) {
                 255
             } else {
                 h % c as u32

@@ -25,7 +25,7 @@ use candle_nn::{Init, VarBuilder};
 pub fn group_count(num_channels: usize, preferred: usize) -> usize {
     let mut g = preferred.min(num_channels);
     while g > 1 {
-        if num_channels % g == 0 {
+        if num_channels.is_multiple_of(g) {
             return g;
         }
         g -= 1;
@@ -37,7 +37,7 @@ fn check_config(num_channels: usize, num_groups: usize, eps: f64) -> Result<()> 
     if num_channels == 0 {
         candle::bail!("GroupNorm: num_channels must be > 0")
     }
-    if num_groups == 0 || num_channels % num_groups != 0 {
+    if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
         candle::bail!(
             "GroupNorm: num_groups ({num_groups}) must divide num_channels ({num_channels}); \
              try keel::norm::group_count({num_channels}, 32) = {}",

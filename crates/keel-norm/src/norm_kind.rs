@@ -58,7 +58,7 @@ impl NormKind {
             NormKind::GroupNorm { groups } | NormKind::WsGroupNorm { groups } => {
                 match groups {
                     None => Ok(Some(group_count(channels, DEFAULT_GROUPS))),
-                    Some(g) if g > 0 && channels % g == 0 => Ok(Some(g)),
+                    Some(g) if g > 0 && channels.is_multiple_of(g) => Ok(Some(g)),
                     Some(g) => {
                         candle::bail!(
                     "norm '{self}': {g} groups do not divide a layer of {channels} channels; \
@@ -260,7 +260,7 @@ pub fn conv_for(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv> {
-    if cfg.groups == 0 || in_channels % cfg.groups != 0 || out_channels % cfg.groups != 0 {
+    if cfg.groups == 0 || !in_channels.is_multiple_of(cfg.groups) || !out_channels.is_multiple_of(cfg.groups) {
         candle::bail!(
             "conv: groups ({}) must divide in_channels ({in_channels}) and out_channels ({out_channels})",
             cfg.groups

@@ -225,7 +225,7 @@ impl Guard {
         } else {
             self.nonfinite_run + 1
         };
-        let checked = (out.step + 1) % self.cfg.check_every == 0;
+        let checked = (out.step + 1).is_multiple_of(self.cfg.check_every);
         let weight_alarms = if checked {
             let finite = weights_finite(state)?;
             state.monitor.record_weights_finite(out.step, finite)
@@ -251,7 +251,7 @@ impl Guard {
         if let Some(cause) = cause {
             return self.intervene(state, out, cause);
         }
-        let due = (out.step + 1) % self.cfg.snapshot_every == 0;
+        let due = (out.step + 1).is_multiple_of(self.cfg.snapshot_every);
         if due && self.nonfinite_run == 0 && !state.monitor.diverging() {
             // The check above already ran on a check step; it raised no alarm then.
             if checked || weights_finite(state)? {

@@ -191,7 +191,7 @@ fn tile_rows(g: &Geom) -> usize {
 /// sequential GEMMs, `false` = sequential tasks with parallel GEMMs.
 fn over_tasks(tasks: usize) -> bool {
     let t = rayon::current_num_threads();
-    t <= 1 || tasks >= 2 * t || (tasks >= t && tasks % t == 0)
+    t <= 1 || tasks >= 2 * t || (tasks >= t && tasks.is_multiple_of(t))
 }
 
 fn inner_par(outer: bool) -> Parallelism {

@@ -115,7 +115,7 @@ fn weight(
     cfg: &Conv2dConfig,
     vb: &VarBuilder,
 ) -> Result<Tensor> {
-    if cfg.groups == 0 || in_c % cfg.groups != 0 {
+    if cfg.groups == 0 || !in_c.is_multiple_of(cfg.groups) {
         bail!(
             "Conv2d: groups ({}) must divide the input channels ({in_c})",
             cfg.groups

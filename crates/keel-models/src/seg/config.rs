@@ -51,7 +51,7 @@ impl ModelConfig {
     /// norm's group count divides every normalized layer. Errors name the field, the value
     /// and the fix.
     pub fn validate(&self) -> Result<()> {
-        if self.width < 2 || self.width % 2 != 0 {
+        if self.width < 2 || !self.width.is_multiple_of(2) {
             bail!(
                 "ModelConfig: width {} must be an even number >= 2 (the stem's first conv has width/2 channels)",
                 self.width
