@@ -70,7 +70,10 @@ fn op_name(silu: bool) -> &'static str {
 
 /// The largest divisor of `c` that is at most 32 (the usual GroupNorm group count).
 fn suggest_groups(c: usize) -> usize {
-    (1..=c.min(32)).rev().find(|g| c.is_multiple_of(*g)).unwrap_or(1)
+    (1..=c.min(32))
+        .rev()
+        .find(|g| c.is_multiple_of(*g))
+        .unwrap_or(1)
 }
 
 /// Checks a GroupNorm call and returns `(N, C, HW)`. Every message names the op, the
@@ -298,7 +301,8 @@ pub fn group_norm_slow(
 /// that skipped [`check`]; errors instead of panics).
 fn cpu_dims(op: &str, l: &Layout, num_groups: usize, c_len: usize) -> Result<GnDims> {
     let dims = l.shape().dims();
-    if dims.len() < 2 || num_groups == 0 || !dims[1].is_multiple_of(num_groups) || dims[1] != c_len {
+    if dims.len() < 2 || num_groups == 0 || !dims[1].is_multiple_of(num_groups) || dims[1] != c_len
+    {
         bail!("{op}: invalid x shape {dims:?} for {num_groups} groups and {c_len} channels")
     }
     let d = GnDims {

@@ -260,7 +260,10 @@ pub fn conv_for(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv> {
-    if cfg.groups == 0 || !in_channels.is_multiple_of(cfg.groups) || !out_channels.is_multiple_of(cfg.groups) {
+    if cfg.groups == 0
+        || !in_channels.is_multiple_of(cfg.groups)
+        || !out_channels.is_multiple_of(cfg.groups)
+    {
         candle::bail!(
             "conv: groups ({}) must divide in_channels ({in_channels}) and out_channels ({out_channels})",
             cfg.groups

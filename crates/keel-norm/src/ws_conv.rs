@@ -200,7 +200,10 @@ fn ws_conv2d_impl(
     with_bias: bool,
     vb: VarBuilder,
 ) -> Result<WsConv2d> {
-    if conv.groups == 0 || !in_channels.is_multiple_of(conv.groups) || !out_channels.is_multiple_of(conv.groups) {
+    if conv.groups == 0
+        || !in_channels.is_multiple_of(conv.groups)
+        || !out_channels.is_multiple_of(conv.groups)
+    {
         candle::bail!(
             "ws_conv2d: groups ({}) must divide in_channels ({in_channels}) and out_channels ({out_channels})",
             conv.groups

@@ -59,7 +59,11 @@ fn split(len: usize, parallel: usize) -> (usize, usize) {
 impl Plan {
     fn new(op: &str, l: &Layout, num_groups: usize, c_len: usize) -> Result<Self> {
         let dims = l.shape().dims();
-        if dims.len() < 2 || num_groups == 0 || dims[1] % num_groups != 0 || dims[1] != c_len {
+        if dims.len() < 2
+            || num_groups == 0
+            || !dims[1].is_multiple_of(num_groups)
+            || dims[1] != c_len
+        {
             bail!("{op} (cuda): invalid x shape {dims:?} for {num_groups} groups and {c_len} channels")
         }
         let (n, c) = (dims[0], dims[1]);
