@@ -4,7 +4,7 @@
 //! calls `run(args)`, the binary's entry point; for the exit code and a cwd-relative `./IN`
 //! the test binary re-executes itself (`--exact child_process`) with the arguments in
 //! `CONVERT_CHILD_ARGS`, and the `child_process` test runs the example's `main` there.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 #[allow(dead_code)] // reason: `main` is only called in the re-executed child
@@ -13,6 +13,7 @@ mod convert_checkpoint;
 
 use candle::{DType, Device, Tensor};
 use keel::norm::convert::StateDict;
+use keel_test_support::TempDir;
 
 /// Entry point of the re-executed test binary (a no-op in a normal test run).
 #[test]
@@ -30,33 +31,6 @@ fn child_process() {
             }
         };
         std::process::exit(code);
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let d =
-            std::env::temp_dir().join(format!("keel-convert-cli-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-
-    fn names(&self) -> Vec<String> {
-        let mut v: Vec<_> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

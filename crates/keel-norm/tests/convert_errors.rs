@@ -1,12 +1,12 @@
 //! The BatchNorm converter under bad input (issue 11, item 2): each case fails on the old
 //! code; every error leaves the state dict (or the files) unchanged.
-use std::path::PathBuf;
 
 use candle::{DType, Device, Tensor};
 use keel_norm::convert::{
     bn_to_frozen_bn, bn_to_group_norm, find_batch_norms, fold_bn_into_conv, load_state_dict,
     ConvertPaths, StateDict,
 };
+use keel_test_support::TempDir;
 
 const DEV: Device = Device::Cpu;
 
@@ -174,33 +174,6 @@ fn fold_refuses_negative_or_non_finite_values() {
     let mut sd = resnet_ish();
     sd.insert("bn1.running_var".into(), t(&[-1.0; 4]));
     bn_to_group_norm(&mut sd, None).unwrap();
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let d =
-            std::env::temp_dir().join(format!("keel-norm-convert-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-
-    fn names(&self) -> Vec<String> {
-        let mut v: Vec<_> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]
