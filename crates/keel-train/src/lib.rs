@@ -23,6 +23,9 @@
 //!   [`remove_stale_temps`] clears what an interrupted one left.
 //! - [`RunLock`]: one process per run directory (a pid lock file; a dead holder's lock is
 //!   taken over).
+//! - [`series`]: mean/std, percentiles, moving averages and seed means for comparing runs;
+//!   [`bench::time_steps`] times a step (warm-up, synchronize, median/min) and
+//!   [`mem::CountingAlloc`] counts the heap for its peak memory.
 //!
 //! A custom loop with keel's parts (a linear model learning `y = x0 + x1 + x2 + x3`,
 //! SGD with warmup and clipping, a checkpoint, a resume that continues bit for bit):
@@ -98,6 +101,7 @@
 #![warn(missing_docs)]
 
 mod advice;
+pub mod bench;
 mod checkpoint;
 mod ckpt_file;
 mod config;
@@ -107,10 +111,12 @@ mod guard;
 mod interrupt;
 mod lock;
 mod log;
+pub mod mem;
 mod metrics;
 mod monitor;
 mod recipe;
 mod report;
+pub mod series;
 mod state;
 mod stats;
 mod summary;
