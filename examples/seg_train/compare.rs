@@ -8,6 +8,7 @@ use clap::Args;
 use plotters::prelude::*;
 
 use keel::norm::NormKind;
+use keel::train::series::{mean_series, mean_std, moving_average, percentile};
 use keel::train::write_atomic;
 
 use super::cli::RunConfig;
@@ -43,27 +44,6 @@ pub struct Cell {
     pub norm: String,
     pub batch: usize,
     pub runs: Vec<RunSummary>,
-}
-
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (m, var.sqrt())
-}
-
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-    v[i]
 }
 
 pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
@@ -323,33 +303,6 @@ fn register_font() -> bool {
         }
     }
     false
-}
-
-fn moving_average(v: &[(usize, f64)], k: usize) -> Vec<(f64, f64)> {
-    let finite: Vec<(usize, f64)> = v.iter().copied().filter(|(_, l)| l.is_finite()).collect();
-    (0..finite.len())
-        .map(|i| {
-            let lo = i.saturating_sub(k - 1);
-            let w = &finite[lo..=i];
-            (
-                finite[i].0 as f64,
-                w.iter().map(|x| x.1).sum::<f64>() / w.len() as f64,
-            )
-        })
-        .collect()
-}
-
-/// Mean over seeds of per-step series (steps aligned by index).
-fn mean_series(series: Vec<Vec<(f64, f64)>>) -> Vec<(f64, f64)> {
-    let n = series.iter().map(Vec::len).min().unwrap_or(0);
-    (0..n)
-        .map(|i| {
-            (
-                series[0][i].0,
-                series.iter().map(|s| s[i].1).sum::<f64>() / series.len() as f64,
-            )
-        })
-        .collect()
 }
 
 /// curves.png: one row per batch size; left the training loss, right val mIoU; a colour per
