@@ -25,7 +25,8 @@
 //!   taken over).
 //! - [`series`]: mean/std, percentiles, moving averages and seed means for comparing runs;
 //!   [`bench::time_steps`] times a step (warm-up, synchronize, median/min) and
-//!   [`mem::CountingAlloc`] counts the heap for its peak memory.
+//!   [`mem::CountingAlloc`] counts the heap for its peak memory; with the `plot` feature,
+//!   `plot` draws training curves as PNG.
 //!
 //! A custom loop with keel's parts (a linear model learning `y = x0 + x1 + x2 + x3`,
 //! SGD with warmup and clipping, a checkpoint, a resume that continues bit for bit):
@@ -114,6 +115,8 @@ mod log;
 pub mod mem;
 mod metrics;
 mod monitor;
+#[cfg(feature = "plot")]
+pub mod plot;
 mod recipe;
 mod report;
 pub mod series;
