@@ -321,9 +321,10 @@ pub fn plot(path: &Path, cells: &[Cell], steps: usize) -> anyhow::Result<()> {
         let miou = row
             .iter()
             .map(|c| {
-                let evals = c.runs.iter().map(|r| {
-                    r.evals.iter().map(|&(s, m)| (s as f64, m)).collect()
-                });
+                let evals = c
+                    .runs
+                    .iter()
+                    .map(|r| r.evals.iter().map(|&(s, m)| (s as f64, m)).collect());
                 curve(c, mean_series(evals.collect()))
             })
             .collect();

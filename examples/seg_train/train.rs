@@ -13,10 +13,10 @@ use keel::models::seg::{count_params, init_weights, load_pretrained, SegNet};
 use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::{
-    lossless_f64, named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalRecord,
-    Guard, GuardAction, GuardConfig, GuardSummary, HealthReport, Interrupt, Intervention,
-    JsonlLogger, MonitorConfig, Resume, RunContext, RunLock, StepOutcome, StopSignal, TrainConfig,
-    TrainState,
+    lossless_f64, named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalLog,
+    EvalRecord, Guard, GuardAction, GuardConfig, GuardSummary, HealthReport, Interrupt,
+    Intervention, JsonlLogger, MonitorConfig, Resume, RunContext, RunLock, StepLog, StepOutcome,
+    StopSignal, TrainConfig, TrainState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -97,33 +97,6 @@ impl std::error::Error for Interrupted {}
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     err.downcast_ref::<Interrupted>()
         .map_or(1, |i| i.signal.exit_code())
-}
-
-#[derive(Serialize)]
-struct StepLog {
-    kind: &'static str,
-    step: usize,
-    #[serde(with = "lossless_f64")]
-    loss: f64,
-    lr: f64,
-    #[serde(with = "lossless_f64::option")]
-    grad_norm: Option<f64>,
-    loss_scale: Option<f64>,
-    skipped: bool,
-    seconds: f64,
-}
-
-#[derive(Serialize)]
-struct EvalLog<'a> {
-    kind: &'static str,
-    step: usize,
-    #[serde(with = "lossless_f64")]
-    miou: f64,
-    #[serde(with = "lossless_f64")]
-    pixel_acc: f64,
-    iou: &'a [Option<f64>],
-    classes: &'a [String],
-    ema: bool,
 }
 
 /// The user meta of seg_train's checkpoints (beside TrainState's own).
@@ -503,16 +476,7 @@ pub fn run(
             std::thread::sleep(d);
         }
         let step = out.step;
-        logger.log(&StepLog {
-            kind: "step",
-            step,
-            loss: out.loss,
-            lr: out.lr,
-            grad_norm: Some(out.grad_norm),
-            loss_scale: out.loss_scale,
-            skipped: out.skipped,
-            seconds: t0.elapsed().as_secs_f64(),
-        })?;
+        logger.log(&StepLog::new(&out, t0.elapsed().as_secs_f64()))?;
         run.summary.losses.push((step, out.loss));
         run.summary.grad_norms.push(out.grad_norm);
         window_losses.push(out.loss);
@@ -586,7 +550,6 @@ impl Run<'_> {
     ) -> anyhow::Result<f64> {
         let e = self.evaluate()?;
         logger.log(&EvalLog {
-            kind: "eval",
             step,
             miou: e.miou,
             pixel_acc: e.pixel_acc,
@@ -675,7 +638,6 @@ impl Run<'_> {
         // Evaluate the averaged weights too (the training weights are restored after).
         if let Some(ev) = self.state.with_ema_weights(|| self.evaluate())? {
             logger.log(&EvalLog {
-                kind: "eval",
                 step: cfg.steps - 1,
                 miou: ev.miou,
                 pixel_acc: ev.pixel_acc,

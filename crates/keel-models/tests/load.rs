@@ -46,13 +46,20 @@ fn batch_norm_weights_load_into_group_norm_with_the_head_skipped() -> Result<()>
     let total = gn_vm.all_vars().len();
     let r = load_pretrained(&gn_vm, sd, NormKind::GroupNorm { groups: None })?;
     assert!(r.converted > 0, "{r:?}");
-    assert_eq!(r.head_skipped, 2, "head.weight and head.bias: 5 vs 3 classes");
+    assert_eq!(
+        r.head_skipped, 2,
+        "head.weight and head.bias: 5 vs 3 classes"
+    );
     assert_eq!((r.loaded + r.head_skipped, r.total), (total, total));
     assert_eq!(get(&gn_vm, "stem.0.weight")?, get(&bn_vm, "stem.0.weight")?);
-    assert_ne!(get(&gn_vm, "head.weight")?.len(), get(&bn_vm, "head.weight")?.len());
-    assert!(r
-        .to_string()
-        .starts_with(&format!("loaded {}/{total} tensors ({} BatchNorms", r.loaded, r.converted)));
+    assert_ne!(
+        get(&gn_vm, "head.weight")?.len(),
+        get(&bn_vm, "head.weight")?.len()
+    );
+    assert!(r.to_string().starts_with(&format!(
+        "loaded {}/{total} tensors ({} BatchNorms",
+        r.loaded, r.converted
+    )));
     Ok(())
 }
 
@@ -66,20 +73,37 @@ fn non_finite_or_misshapen_weights_are_errors_before_anything_loads() -> Result<
     let nan = Tensor::full(f32::NAN, sd["stem.1.weight"].dims(), &Device::Cpu)?;
     sd.insert("stem.1.weight".into(), nan);
     // A non-finite tensor the model does not load (optimizer state) is no error.
-    sd.insert("opt.momentum".into(), Tensor::new(&[f32::INFINITY], &Device::Cpu)?);
-    assert_eq!(non_finite_tensors(&sd, |_| true)?, ["opt.momentum", "stem.1.weight"]);
-    let err = load_pretrained(&dst, sd.clone(), gn).unwrap_err().to_string();
-    assert!(err.contains("'stem.1.weight'") && err.contains("NaN"), "{err}");
+    sd.insert(
+        "opt.momentum".into(),
+        Tensor::new(&[f32::INFINITY], &Device::Cpu)?,
+    );
+    assert_eq!(
+        non_finite_tensors(&sd, |_| true)?,
+        ["opt.momentum", "stem.1.weight"]
+    );
+    let err = load_pretrained(&dst, sd.clone(), gn)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'stem.1.weight'") && err.contains("NaN"),
+        "{err}"
+    );
     assert!(!err.contains("opt.momentum"), "{err}");
     assert_eq!(get(&dst, "stem.0.weight")?, before, "nothing loaded");
 
     let mut sd = state_dict(&src)?;
-    sd.insert("stem.0.weight".into(), Tensor::zeros((1, 1), DType::F32, &Device::Cpu)?);
+    sd.insert(
+        "stem.0.weight".into(),
+        Tensor::zeros((1, 1), DType::F32, &Device::Cpu)?,
+    );
     let err = load_pretrained(&dst, sd, gn).unwrap_err().to_string();
     assert!(err.contains("'stem.0.weight' has shape [1, 1]"), "{err}");
     assert_eq!(get(&dst, "stem.0.weight")?, before, "nothing loaded");
 
-    let foreign = HashMap::from([("fc.weight".to_string(), Tensor::zeros(2, DType::F32, &Device::Cpu)?)]);
+    let foreign = HashMap::from([(
+        "fc.weight".to_string(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu)?,
+    )]);
     let err = load_pretrained(&dst, foreign, gn).unwrap_err().to_string();
     assert!(err.contains("no tensor name matches"), "{err}");
     let r: LoadReport = load_pretrained(&dst, state_dict(&src)?, gn)?;
@@ -101,8 +125,14 @@ fn copy_bn_stats_writes_a_copy_models_running_statistics() -> Result<()> {
     copy.copy_bn_stats_to(&master_vm)?;
     assert_eq!(get(&master_vm, &key)?, want);
     drop(copy_vm);
-    let err = copy.copy_bn_stats_to(&VarMap::new()).unwrap_err().to_string();
+    let err = copy
+        .copy_bn_stats_to(&VarMap::new())
+        .unwrap_err()
+        .to_string();
     let mean = format!("{name}.running_mean");
-    assert!(err.contains("has no variable") && err.contains(&mean), "{err}");
+    assert!(
+        err.contains("has no variable") && err.contains(&mean),
+        "{err}"
+    );
     Ok(())
 }

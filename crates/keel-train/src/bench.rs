@@ -43,7 +43,9 @@ pub fn time_steps(
     mut step: impl FnMut(usize) -> candle::Result<()>,
 ) -> candle::Result<Timing> {
     if steps == 0 {
-        candle::bail!("time_steps: steps must be at least 1 (got 0); pass the number of timed steps")
+        candle::bail!(
+            "time_steps: steps must be at least 1 (got 0); pass the number of timed steps"
+        )
     }
     let mut times = Vec::with_capacity(steps);
     let mut base = 0;
@@ -79,7 +81,11 @@ mod tests {
         let dev = Device::Cpu;
         let t = time_steps(&dev, 1, 3, None, |i| {
             // The warm-up step is slow; the timed ones are not.
-            std::thread::sleep(std::time::Duration::from_millis(if i == 0 { 200 } else { 1 }));
+            std::thread::sleep(std::time::Duration::from_millis(if i == 0 {
+                200
+            } else {
+                1
+            }));
             Ok(())
         })?;
         assert!(t.median_ms >= 1.0 && t.median_ms < 150.0, "{t:?}");
@@ -95,7 +101,9 @@ mod tests {
         .unwrap_err();
         assert_eq!(seen, vec![0, 1, 2]);
         assert!(err.to_string().starts_with("step 2 failed"), "{err}");
-        let zero = time_steps(&dev, 0, 0, None, |_| Ok(())).unwrap_err().to_string();
+        let zero = time_steps(&dev, 0, 0, None, |_| Ok(()))
+            .unwrap_err()
+            .to_string();
         assert!(zero.contains("steps must be at least 1"), "{zero}");
         Ok(())
     }

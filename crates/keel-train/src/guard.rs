@@ -16,7 +16,6 @@
 //! from a healthy snapshot would diverge again when restored).
 use std::collections::VecDeque;
 
-
 use crate::config::{GuardConfig, GuardPolicy};
 use crate::monitor::Alarm;
 use crate::state::{StepOutcome, TrainState};

@@ -133,7 +133,7 @@ pub use fsio::{remove_stale_temps, write_atomic};
 pub use guard::{Guard, GuardAction};
 pub use interrupt::{Interrupt, StopSignal};
 pub use lock::{RunLock, LOCK_FILE};
-pub use log::JsonlLogger;
+pub use log::{EvalLog, JsonlLogger, StepLog};
 pub use metrics::ConfusionMatrix;
 pub use monitor::{Alarm, EvalRecord, StabilityMonitor, StepRecord};
 pub use recipe::{OptimRecipe, POLY_POWER, SGD_MOMENTUM, WARMUP_START_FACTOR};

@@ -75,9 +75,8 @@ fn register_font() -> bool {
 
 /// Draws `fig` into the PNG file `path`.
 pub fn plot(path: &Path, fig: &Figure) -> candle::Result<()> {
-    let fail = |e: &dyn std::fmt::Display| {
-        candle::Error::Msg(format!("plot {}: {e}", path.display()))
-    };
+    let fail =
+        |e: &dyn std::fmt::Display| candle::Error::Msg(format!("plot {}: {e}", path.display()));
     if fig.columns == 0 || fig.panels.is_empty() {
         candle::bail!(
             "plot {}: the figure needs at least one panel and one column (got {} panels, {} columns)",
@@ -162,7 +161,9 @@ mod tests {
         let curve = |colour| Curve {
             label: format!("run {colour}"),
             colour,
-            points: (0..10).map(|i| (i as f64, (i * colour) as f64 / 50.0)).collect(),
+            points: (0..10)
+                .map(|i| (i as f64, (i * colour) as f64 / 50.0))
+                .collect(),
         };
         let panel = |title: &str| Panel {
             title: title.into(),

@@ -110,11 +110,20 @@ mod tests {
         let ma = moving_average(&curve, 3);
         assert_eq!(
             ma,
-            vec![(0.0, 0.0), (10.0, 0.5), (20.0, 1.0), (30.0, 2.0), (40.0, 3.0)]
+            vec![
+                (0.0, 0.0),
+                (10.0, 0.5),
+                (20.0, 1.0),
+                (30.0, 2.0),
+                (40.0, 3.0)
+            ]
         );
         assert_eq!(moving_average(&curve, 0), moving_average(&curve, 1));
         assert!(moving_average(&[(0, f64::NAN)], 3).is_empty());
-        let m = mean_series(vec![ma.clone(), ma.iter().map(|&(x, y)| (x, y + 2.0)).collect()]);
+        let m = mean_series(vec![
+            ma.clone(),
+            ma.iter().map(|&(x, y)| (x, y + 2.0)).collect(),
+        ]);
         assert_eq!(m[4], (40.0, 4.0));
         assert!(mean_series(Vec::new()).is_empty());
     }

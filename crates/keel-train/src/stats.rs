@@ -238,9 +238,7 @@ pub mod lossless_f64 {
         }
 
         /// Reads `[step, value]` pairs, the value as in [`super::deserialize`].
-        pub fn deserialize<'de, D: Deserializer<'de>>(
-            d: D,
-        ) -> Result<Vec<(usize, f64)>, D::Error> {
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, f64)>, D::Error> {
             Ok(Vec::<(usize, Lossless)>::deserialize(d)?
                 .into_iter()
                 .map(|(i, x)| (i, x.0))

@@ -371,12 +371,18 @@ fn with_ema_weights_swaps_and_restores() -> anyhow::Result<()> {
     let trained = weights(&s.vm)?;
     let inside = s.state.with_ema_weights(|| Ok(weights(&s.vm)?))?;
     let inside = inside.expect("an EMA");
-    assert_ne!(inside, trained, "the EMA weights differ from the last step's");
+    assert_ne!(
+        inside, trained,
+        "the EMA weights differ from the last step's"
+    );
     assert_eq!(weights(&s.vm)?, trained, "restored");
-    let failed = s.state.with_ema_weights(|| -> candle::Result<()> {
-        candle::bail!("evaluation failed")
-    });
-    assert!(failed.unwrap_err().to_string().starts_with("evaluation failed"));
+    let failed = s
+        .state
+        .with_ema_weights(|| -> candle::Result<()> { candle::bail!("evaluation failed") });
+    assert!(failed
+        .unwrap_err()
+        .to_string()
+        .starts_with("evaluation failed"));
     assert_eq!(weights(&s.vm)?, trained, "restored after an error");
     assert!(s.state.weights_finite()?);
     s.vm.all_vars()[0].set(&s.vm.all_vars()[0].as_tensor().affine(0.0, f64::NAN)?)?;
