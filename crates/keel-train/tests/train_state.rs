@@ -369,7 +369,7 @@ fn with_ema_weights_swaps_and_restores() -> anyhow::Result<()> {
         s.state.step(lr, None, |i| mse(&s.model, &x, &y, i, 1))?;
     }
     let trained = weights(&s.vm)?;
-    let inside = s.state.with_ema_weights(|| Ok(weights(&s.vm)?))?;
+    let inside = s.state.with_ema_weights(|| weights(&s.vm))?;
     let inside = inside.expect("an EMA");
     assert_ne!(
         inside, trained,
