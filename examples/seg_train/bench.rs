@@ -2,15 +2,14 @@
 //! no logging), optionally side by side with the PyTorch eager twin (`torch_twin.py`, beside
 //! this file). The step is the one a run takes: [`Net::build`] and [`micro_loss`] through
 //! keel-train's `TrainState::step` (forward, loss, backward, unscale, clip, optimizer step).
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
+use keel::train::bench::{time_steps, Timing};
+use keel::train::mem::CountingAlloc;
 use serde::{Deserialize, Serialize};
 
 use super::cli::{parse_norm, pick_device, CommonArgs};
@@ -48,15 +47,6 @@ pub struct BenchArgs {
     pub common: CommonArgs,
 }
 
-/// Step times of one side of the comparison.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Timing {
-    pub median_ms: f64,
-    pub min_ms: f64,
-    /// Peak memory in MiB: see [`BenchReport`] for what each side counts.
-    pub peak_mib: f64,
-}
-
 /// The twin script's JSON line.
 #[derive(Deserialize)]
 struct TwinOut {
@@ -81,78 +71,17 @@ pub struct BenchReport {
     pub ratio: Option<f64>,
 }
 
-/// The process's heap, counted: current and peak bytes. seg_train installs it as its
-/// global allocator (two relaxed atomics per allocation) so `bench` can report peak memory.
-pub struct CountingAlloc {
-    current: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-impl CountingAlloc {
-    pub const fn new() -> Self {
-        Self {
-            current: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
-        }
-    }
-
-    /// Restarts the peak at the current level; returns that level.
-    pub fn reset_peak(&self) -> usize {
-        let now = self.current.load(Ordering::Relaxed);
-        self.peak.store(now, Ordering::Relaxed);
-        now
-    }
-
-    pub fn peak(&self) -> usize {
-        self.peak.load(Ordering::Relaxed)
-    }
-}
-
-impl Default for CountingAlloc {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-// SAFETY: every call forwards to `System` with the caller's layout and pointer unchanged;
-// the counters are bookkeeping only.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract for `alloc` is passed on to System.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = self.current.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            self.peak.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `alloc` above (System) with this layout.
-        unsafe { System.dealloc(ptr, layout) };
-        self.current.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
-
-/// seg_train's global allocator: counts heap bytes for `bench`'s peak memory.
+/// seg_train's global allocator: counts heap bytes for `bench`'s peak memory (two relaxed
+/// atomics per allocation).
 #[global_allocator]
 pub static ALLOC: CountingAlloc = CountingAlloc::new();
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 /// Times keel's step: `warmup` untimed steps, then `steps` timed ones.
 fn time_keel(args: &BenchArgs) -> anyhow::Result<(Timing, String, usize)> {
     let dev = pick_device(args.common.device)?;
-    let total = args.warmup + args.steps;
-    let mut cfg = args.common.config(args.norm, args.batch_size, total, 0);
+    let mut cfg = args
+        .common
+        .config(args.norm, args.batch_size, args.warmup + args.steps, 0);
     cfg.warmup_steps = 0;
     cfg.validate()?;
     let (mut net, _) = Net::build(&cfg, &dev)?;
@@ -162,36 +91,20 @@ fn time_keel(args: &BenchArgs) -> anyhow::Result<(Timing, String, usize)> {
         .next()
         .context("bench: the synthetic batch is empty")??;
     let (x, t) = batch.to_tensors(&dev)?;
-    let mut times = Vec::with_capacity(args.steps);
-    let mut base = 0;
-    for i in 0..total {
-        if i == args.warmup {
-            dev.synchronize()?;
-            base = ALLOC.reset_peak();
-        }
-        let t0 = Instant::now();
+    let timing = time_steps(&dev, args.warmup, args.steps, Some(&ALLOC), |i| {
         let lr = schedule.lr(net.state.step);
         let (vm, master) = (&net.vm, &net.master);
         let out = net.state.step(lr, cfg.clip_grad, &mut |_| {
             micro_loss(&cfg, vm, master, &x, &t)
         })?;
-        dev.synchronize()?;
-        if i >= args.warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
         if !out.loss.is_finite() {
-            bail!(
+            candle::bail!(
                 "bench: the loss became {} at step {i}; the timing would not be of a training step",
                 out.loss
             )
         }
-    }
-    let peak_mib = if dev.is_cpu() {
-        (ALLOC.peak() - base) as f64 / (1 << 20) as f64
-    } else {
-        f64::NAN
-    };
-    let min_ms = times.iter().copied().fold(f64::INFINITY, f64::min);
+        Ok(())
+    })?;
     let label = format!(
         "{} width {} fpn {} classes {} batch {} {}x{} amp {} {} device {:?} threads {}",
         cfg.norm,
@@ -206,11 +119,6 @@ fn time_keel(args: &BenchArgs) -> anyhow::Result<(Timing, String, usize)> {
         dev.location(),
         candle::utils::get_num_threads(),
     );
-    let timing = Timing {
-        median_ms: median(times),
-        min_ms,
-        peak_mib,
-    };
     Ok((timing, label, keel::models::seg::count_params(&net.vm)))
 }
 

@@ -5,9 +5,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use plotters::prelude::*;
+use keel::train::plot::{Curve, Figure, Panel};
 
 use keel::norm::NormKind;
+use keel::train::series::{mean_series, mean_std, moving_average, percentile};
 use keel::train::write_atomic;
 
 use super::cli::RunConfig;
@@ -43,27 +44,6 @@ pub struct Cell {
     pub norm: String,
     pub batch: usize,
     pub runs: Vec<RunSummary>,
-}
-
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (m, var.sqrt())
-}
-
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-    v[i]
 }
 
 pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
@@ -306,160 +286,65 @@ pub fn results_md(
     md
 }
 
-/// A TTF font for the plot's text, if the system has one (plotters draws with ab_glyph).
-fn register_font() -> bool {
-    const CANDIDATES: [&str; 4] = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/TTF/DejaVuSans.ttf",
-        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-    ];
-    for p in CANDIDATES {
-        if let Ok(bytes) = std::fs::read(p) {
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
-                return true;
-            }
-        }
-    }
-    false
-}
-
-fn moving_average(v: &[(usize, f64)], k: usize) -> Vec<(f64, f64)> {
-    let finite: Vec<(usize, f64)> = v.iter().copied().filter(|(_, l)| l.is_finite()).collect();
-    (0..finite.len())
-        .map(|i| {
-            let lo = i.saturating_sub(k - 1);
-            let w = &finite[lo..=i];
-            (
-                finite[i].0 as f64,
-                w.iter().map(|x| x.1).sum::<f64>() / w.len() as f64,
-            )
-        })
-        .collect()
-}
-
-/// Mean over seeds of per-step series (steps aligned by index).
-fn mean_series(series: Vec<Vec<(f64, f64)>>) -> Vec<(f64, f64)> {
-    let n = series.iter().map(Vec::len).min().unwrap_or(0);
-    (0..n)
-        .map(|i| {
-            (
-                series[0][i].0,
-                series.iter().map(|s| s[i].1).sum::<f64>() / series.len() as f64,
-            )
-        })
-        .collect()
-}
-
-/// curves.png: one row per batch size; left the training loss, right val mIoU; a colour per
-/// norm; the mean over seeds.
+/// curves.png: one row per batch size; left the training loss (moving average over 20
+/// steps), right val mIoU; a colour per norm; the mean over seeds.
 pub fn plot(path: &Path, cells: &[Cell], steps: usize) -> anyhow::Result<()> {
-    let text = register_font();
     let mut batches: Vec<usize> = cells.iter().map(|c| c.batch).collect();
-    batches.dedup();
     batches.sort();
     batches.dedup();
-    let rows = batches.len();
-    let root = BitMapBackend::new(path, (1200, 320 * rows as u32)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let areas = root.split_evenly((rows, 2));
-    let colours = [
-        RGBColor(214, 39, 40),
-        RGBColor(31, 119, 180),
-        RGBColor(44, 160, 44),
-        RGBColor(148, 103, 189),
-        RGBColor(255, 127, 14),
-    ];
     let mut norms: Vec<&str> = Vec::new();
     for c in cells {
         if !norms.contains(&c.norm.as_str()) {
             norms.push(&c.norm);
         }
     }
-    for (r, &b) in batches.iter().enumerate() {
+    let curve = |c: &Cell, points| Curve {
+        label: c.norm.clone(),
+        colour: norms.iter().position(|n| *n == c.norm).unwrap_or(0),
+        points,
+    };
+    let mut panels = Vec::new();
+    for b in batches {
         let row: Vec<&Cell> = cells.iter().filter(|c| c.batch == b).collect();
-        let loss_curves: Vec<(usize, Vec<(f64, f64)>)> = row
+        let loss: Vec<Curve> = row
             .iter()
             .map(|c| {
-                (
-                    norms.iter().position(|n| *n == c.norm).unwrap_or(0),
-                    mean_series(
-                        c.runs
-                            .iter()
-                            .map(|r| moving_average(&r.losses, 20))
-                            .collect(),
-                    ),
-                )
+                let ma = c.runs.iter().map(|r| moving_average(&r.losses, 20));
+                curve(c, mean_series(ma.collect()))
             })
             .collect();
-        let ymax = loss_curves
+        let ymax = loss
             .iter()
-            .flat_map(|(_, v)| v.iter().map(|p| p.1))
+            .flat_map(|c| c.points.iter().map(|p| p.1))
             .fold(0.1f64, f64::max)
             .min(10.0);
-        for (col, is_loss) in [(0, true), (1, false)] {
-            let area = &areas[r * 2 + col];
-            let mut builder = ChartBuilder::on(area);
-            builder.margin(10);
-            if text {
-                let title = if is_loss {
-                    format!("batch {b}: training loss (MA 20)")
-                } else {
-                    format!("batch {b}: val mIoU")
-                };
-                builder
-                    .caption(title, ("sans-serif", 18))
-                    .x_label_area_size(28)
-                    .y_label_area_size(48);
-            }
-            let y = if is_loss { 0.0..ymax * 1.05 } else { 0.0..1.0 };
-            let mut chart = builder.build_cartesian_2d(0.0..steps as f64, y)?;
-            if text {
-                chart
-                    .configure_mesh()
-                    .x_desc("step")
-                    .light_line_style(WHITE)
-                    .draw()?;
-            } else {
-                chart
-                    .configure_mesh()
-                    .disable_x_mesh()
-                    .disable_y_mesh()
-                    .x_labels(0)
-                    .y_labels(0)
-                    .draw()?;
-            }
-            for (i, c) in row.iter().enumerate() {
-                let ni = norms.iter().position(|n| *n == c.norm).unwrap_or(0);
-                let colour = colours[ni % colours.len()];
-                let pts = if is_loss {
-                    loss_curves[i].1.clone()
-                } else {
-                    mean_series(
-                        c.runs
-                            .iter()
-                            .map(|r| r.evals.iter().map(|&(s, m)| (s as f64, m)).collect())
-                            .collect(),
-                    )
-                };
-                let series = chart.draw_series(LineSeries::new(pts, colour.stroke_width(2)))?;
-                if text {
-                    series.label(c.norm.clone()).legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))
-                    });
-                }
-            }
-            if text {
-                chart
-                    .configure_series_labels()
-                    .background_style(WHITE.mix(0.8))
-                    .border_style(BLACK)
-                    .draw()?;
-            }
-        }
+        let miou = row
+            .iter()
+            .map(|c| {
+                let evals = c
+                    .runs
+                    .iter()
+                    .map(|r| r.evals.iter().map(|&(s, m)| (s as f64, m)).collect());
+                curve(c, mean_series(evals.collect()))
+            })
+            .collect();
+        panels.push(Panel {
+            title: format!("batch {b}: training loss (MA 20)"),
+            y: 0.0..ymax * 1.05,
+            curves: loss,
+        });
+        panels.push(Panel {
+            title: format!("batch {b}: val mIoU"),
+            y: 0.0..1.0,
+            curves: miou,
+        });
     }
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    let fig = Figure {
+        panels,
+        columns: 2,
+        x_max: steps as f64,
+        x_label: "step".into(),
+        panel_size: (600, 320),
+    };
+    Ok(keel::train::plot::plot(path, &fig)?)
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle::Device;
 use clap::parser::ValueSource;
 use clap::ArgMatches;
-use keel::train::{load_checkpoint, load_latest_checkpoint, Resume};
+use keel::train::{changed_fields, load_checkpoint, load_latest_checkpoint, Resume};
 use serde_json::Value;
 
 use super::cli::{read_config, RunConfig, TrainArgs};
@@ -141,19 +141,14 @@ fn find_checkpoint(t: &TrainArgs, dir: &Path, device: &Device) -> anyhow::Result
 /// `config.json` must be the config the checkpoint was trained with; only a larger `steps`
 /// (an extension whose first checkpoint was not written yet) may differ.
 fn check_config_file(file: &RunConfig, stored: &RunConfig, ckpt: &Path) -> anyhow::Result<()> {
-    let (a, b) = (serde_json::to_value(file)?, serde_json::to_value(stored)?);
-    let mut differ = Vec::new();
-    for (key, va) in a.as_object().into_iter().flatten() {
-        let vb = &b[key.as_str()];
-        if va == vb || (key == "steps" && file.steps > stored.steps) {
-            continue;
-        }
-        differ.push(format!(
-            "{key} (config.json {}, checkpoint {})",
-            show(va),
-            show(vb)
-        ));
-    }
+    let differ: Vec<String> = changed_fields(file, stored)?
+        .into_iter()
+        .filter(|c| !(c.key == "steps" && file.steps > stored.steps))
+        .map(|c| {
+            let (key, a, b) = (c.key, show(&c.a), show(&c.b));
+            format!("{key} (config.json {a}, checkpoint {b})")
+        })
+        .collect();
     if !differ.is_empty() {
         bail!(
             "config.json differs from the config stored in {} in: {}; the checkpoint is what \
@@ -178,7 +173,6 @@ fn flags_that_differ(
         init: t.init.clone(),
         ..t.common.config(t.norm, t.batch_size, t.steps, t.seed)
     };
-    let (given, have) = (serde_json::to_value(given)?, serde_json::to_value(cfg)?);
     let explicit = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     let mut differ = Vec::new();
     if explicit("out") && t.out != dir {
@@ -188,17 +182,19 @@ fn flags_that_differ(
             dir.display()
         ));
     }
-    let mut ids: Vec<&str> = matches.ids().map(|id| id.as_str()).collect();
-    ids.sort_unstable();
-    for id in ids {
-        if NOT_CONFIG.contains(&id) || id == "steps" || !explicit(id) {
+    // Sorted by name; a config field that is no flag of this command is not checked.
+    let ids: Vec<&str> = matches.ids().map(|id| id.as_str()).collect();
+    for c in changed_fields(&given, cfg)? {
+        let id = c.key.as_str();
+        if NOT_CONFIG.contains(&id) || id == "steps" || !ids.contains(&id) || !explicit(id) {
             continue;
         }
-        let (g, h) = (&given[id], &have[id]);
-        if g != h {
-            let flag = id.replace('_', "-");
-            differ.push(format!("--{flag} {} (the run has {})", show(g), show(h)));
-        }
+        let flag = c.key.replace('_', "-");
+        differ.push(format!(
+            "--{flag} {} (the run has {})",
+            show(&c.a),
+            show(&c.b)
+        ));
     }
     Ok(differ)
 }

@@ -1,7 +1,6 @@
 //! One training run, wired from keel's parts: the model, a [`TrainState`] (optimizer,
 //! scaler, EMA, monitor, accumulation) stepped once per optimizer step, an [`OptimRecipe`]
 //! schedule, JSONL logs, checkpoints with exact resume, evaluation and the health report.
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,14 +9,14 @@ use anyhow::{bail, Context};
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use keel::kernels::{cross_entropy, CrossEntropyConfig};
-use keel::models::seg::{count_params, init_weights, SegNet};
+use keel::models::seg::{count_params, init_weights, load_pretrained, SegNet};
 use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::{
-    lossless_f64, named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalRecord,
-    Guard, GuardAction, GuardConfig, GuardSummary, HealthReport, Interrupt, Intervention,
-    JsonlLogger, MonitorConfig, Resume, RunContext, RunLock, StepOutcome, StopSignal, TrainConfig,
-    TrainState,
+    lossless_f64, named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalLog,
+    EvalRecord, Guard, GuardAction, GuardConfig, GuardSummary, HealthReport, Interrupt,
+    Intervention, JsonlLogger, MonitorConfig, Resume, RunContext, RunLock, StepLog, StepOutcome,
+    StopSignal, TrainConfig, TrainState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -45,9 +44,9 @@ pub struct RunSummary {
     pub final_miou: f64,
     #[serde(with = "lossless_f64")]
     pub final_pixel_acc: f64,
-    #[serde(with = "lossless_pairs")]
+    #[serde(with = "lossless_f64::pairs")]
     pub losses: Vec<(usize, f64)>,
-    #[serde(with = "lossless_pairs")]
+    #[serde(with = "lossless_f64::pairs")]
     pub evals: Vec<(usize, f64)>,
     #[serde(with = "lossless_f64::seq")]
     pub grad_norms: Vec<f64>,
@@ -65,24 +64,6 @@ pub struct RunSummary {
     /// The guard's history (checkpointed with the summary, continued on --resume).
     #[serde(default)]
     pub guard: Option<GuardSummary>,
-}
-
-/// `(step, value)` pairs as `[step, value]`, the value in keel's lossless float encoding.
-mod lossless_pairs {
-    use keel::train::lossless_f64;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    #[derive(Serialize, Deserialize)]
-    struct Pair(usize, #[serde(with = "lossless_f64")] f64);
-
-    pub fn serialize<S: Serializer>(pairs: &[(usize, f64)], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(pairs.iter().map(|&(i, x)| Pair(i, x)))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, f64)>, D::Error> {
-        let pairs = Vec::<Pair>::deserialize(d)?;
-        Ok(pairs.into_iter().map(|Pair(i, x)| (i, x)).collect())
-    }
 }
 
 /// A run stopped by SIGINT or SIGTERM: the step it finished, its checkpoint and the health
@@ -116,33 +97,6 @@ impl std::error::Error for Interrupted {}
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     err.downcast_ref::<Interrupted>()
         .map_or(1, |i| i.signal.exit_code())
-}
-
-#[derive(Serialize)]
-struct StepLog {
-    kind: &'static str,
-    step: usize,
-    #[serde(with = "lossless_f64")]
-    loss: f64,
-    lr: f64,
-    #[serde(with = "lossless_f64::option")]
-    grad_norm: Option<f64>,
-    loss_scale: Option<f64>,
-    skipped: bool,
-    seconds: f64,
-}
-
-#[derive(Serialize)]
-struct EvalLog<'a> {
-    kind: &'static str,
-    step: usize,
-    #[serde(with = "lossless_f64")]
-    miou: f64,
-    #[serde(with = "lossless_f64")]
-    pixel_acc: f64,
-    iou: &'a [Option<f64>],
-    classes: &'a [String],
-    ema: bool,
 }
 
 /// The user meta of seg_train's checkpoints (beside TrainState's own).
@@ -206,103 +160,6 @@ fn check_voc(dir: &Path, sets: &[&Voc], progress: bool) -> anyhow::Result<()> {
     res.with_context(|| format!("--data-dir {}", dir.display()))
 }
 
-/// Whether every value of `t` is finite (a float tensor's sum: NaN and inf propagate; a sum
-/// that overflows, which only values near f32's limit reach, also counts as non-finite).
-/// Integer tensors are always finite.
-fn all_finite(t: &Tensor) -> candle::Result<bool> {
-    if !t.dtype().is_float() {
-        return Ok(true);
-    }
-    let sum = t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    Ok(sum.is_finite())
-}
-
-/// The names of the tensors of `sd` that `keep` selects and that hold NaN or infinite
-/// values, sorted.
-fn non_finite_tensors(
-    sd: &HashMap<String, Tensor>,
-    keep: impl Fn(&str) -> bool,
-) -> candle::Result<Vec<&str>> {
-    let mut bad = Vec::new();
-    for (name, t) in sd.iter().filter(|(name, _)| keep(name)) {
-        if !all_finite(t)? {
-            bad.push(name.as_str());
-        }
-    }
-    bad.sort_unstable();
-    Ok(bad)
-}
-
-/// Loads `--init` weights: BatchNorm entries are converted to the run's norm with
-/// keel::norm::convert; tensors whose names match the model are loaded (shapes must agree,
-/// except for the classifier `head.*`, skipped when the class count differs). A NaN or
-/// infinite value in a tensor the model would load is an error naming the tensors: such a
-/// file is not a model (optimizer state and other unused tensors are not checked).
-fn load_init(vm: &VarMap, path: &Path, kind: NormKind, device: &Device) -> anyhow::Result<String> {
-    use keel::norm::convert::{bn_to_frozen_bn, bn_to_group_norm, find_batch_norms};
-    let mut sd = candle::safetensors::load(path, device)
-        .with_context(|| format!("--init {}: cannot read safetensors", path.display()))?;
-    let has_bn = !find_batch_norms(&sd).is_empty();
-    let converted = match kind {
-        NormKind::FrozenBatchNorm if has_bn => bn_to_frozen_bn(&mut sd, None)?.len(),
-        NormKind::GroupNorm { .. } | NormKind::WsGroupNorm { .. } if has_bn => {
-            bn_to_group_norm(&mut sd, None)?.len()
-        }
-        _ => 0,
-    };
-    sd.retain(|k, _| !k.ends_with(".num_batches_tracked"));
-    let data = vm.data().lock().unwrap_or_else(|e| e.into_inner());
-    // Only the tensors the model loads (after any BatchNorm conversion) must be finite.
-    let bad = non_finite_tensors(&sd, |name| data.contains_key(name))?;
-    if let Some(first) = bad.first() {
-        bail!(
-            "--init {}: tensor '{first}' holds NaN or infinite values ({} of the model's tensors do: {}); these weights come from a diverged run, pick a checkpoint from before it diverged",
-            path.display(),
-            bad.len(),
-            bad.iter().take(5).copied().collect::<Vec<_>>().join(", ")
-        )
-    }
-    let (mut loaded, mut skipped) = (0, 0);
-    for (name, var) in data.iter() {
-        let Some(t) = sd.get(name) else { continue };
-        if t.dims() != var.dims() {
-            if name.starts_with("head.") {
-                skipped += 1;
-                continue;
-            }
-            bail!("--init {}: '{name}' has shape {:?}, the model's is {:?} (same --width/--fpn as the checkpoint?)", path.display(), t.dims(), var.dims())
-        }
-        var.set(&t.to_dtype(var.dtype())?)?;
-        loaded += 1;
-    }
-    if loaded == 0 {
-        bail!("--init {}: no tensor name matches the model (expected twin names such as stem.0.weight)", path.display())
-    }
-    let unused = sd.keys().filter(|k| !data.contains_key(*k)).count();
-    Ok(format!(
-        "--init: loaded {loaded}/{} tensors ({converted} BatchNorms converted to {kind}, {skipped} head tensors skipped, {unused} checkpoint tensors unused)",
-        data.len()
-    ))
-}
-
-/// Copies the BatchNorm running statistics of a cast (mixed-precision) model into the f32
-/// master variables.
-fn copy_bn_stats(vm: &VarMap, cast: &SegNet) -> anyhow::Result<()> {
-    let data = vm.data().lock().unwrap_or_else(|e| e.into_inner());
-    for (name, bn) in cast.batch_norms() {
-        for (k, t) in [
-            ("running_mean", bn.running_mean()),
-            ("running_var", bn.running_var()),
-        ] {
-            let var = data
-                .get(&format!("{name}.{k}"))
-                .with_context(|| format!("no variable {name}.{k}"))?;
-            var.set(&t.to_dtype(DType::F32)?)?;
-        }
-    }
-    Ok(())
-}
-
 struct Evaluation {
     miou: f64,
     pixel_acc: f64,
@@ -342,20 +199,10 @@ impl<'a> Run<'a> {
         })
     }
 
-    /// Whether every weight (and BatchNorm statistic) is finite.
-    fn weights_finite(&self) -> anyhow::Result<bool> {
-        for v in self.state.vars() {
-            if !all_finite(v.as_tensor())? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
     /// Checks the weights after `step` and tells the monitor (non-finite weights are a
     /// divergence: the report then advises a checkpoint from before this step).
     fn check_weights(&mut self, step: usize, say: &dyn Fn(String)) -> anyhow::Result<bool> {
-        let finite = self.weights_finite()?;
+        let finite = self.state.weights_finite()?;
         for alarm in self.state.monitor.record_weights_finite(step, finite) {
             say(format!("monitor: {alarm}"));
         }
@@ -365,9 +212,9 @@ impl<'a> Run<'a> {
     /// Evaluates the current weights on the validation set. Non-finite weights are not a
     /// model: their metrics are NaN (the argmax of NaN logits would score a few percent
     /// mIoU), so they are never the best.
-    fn evaluate(&self) -> anyhow::Result<Evaluation> {
+    fn evaluate(&self) -> candle::Result<Evaluation> {
         let (cfg, dev) = (self.cfg, &self.opts.device);
-        if !self.weights_finite()? {
+        if !self.state.weights_finite()? {
             return Ok(Evaluation {
                 miou: f64::NAN,
                 pixel_acc: f64::NAN,
@@ -475,6 +322,15 @@ pub struct Net {
     pub state: TrainState,
 }
 
+/// Loads `--init` weights with keel's [`load_pretrained`]; returns the line to print.
+fn load_init(vm: &VarMap, path: &Path, kind: NormKind, device: &Device) -> anyhow::Result<String> {
+    let shown = path.display();
+    let sd = candle::safetensors::load(path, device)
+        .with_context(|| format!("--init {shown}: cannot read safetensors"))?;
+    let report = load_pretrained(vm, sd, kind).with_context(|| format!("--init {shown}"))?;
+    Ok(format!("--init: {report}"))
+}
+
 impl Net {
     /// Builds the model (seeded init, then `--init` weights if any) and its train state;
     /// returns the `--init` message to print.
@@ -518,13 +374,13 @@ pub fn micro_loss(
     x: &Tensor,
     t: &Tensor,
 ) -> candle::Result<Tensor> {
-    let cast = compute_model(cfg, vm, x.device()).map_err(to_candle)?;
+    let cast = compute_model(cfg, vm, x.device())?;
     let logits = cast
         .as_ref()
         .unwrap_or(master)
         .forward(&x.to_dtype(cfg.amp.compute_dtype())?, true)?;
     if let Some(c) = &cast {
-        copy_bn_stats(vm, c).map_err(to_candle)?;
+        c.copy_bn_stats_to(vm)?;
     }
     let ignore = CrossEntropyConfig {
         ignore_index: Some(IGNORE as i64),
@@ -535,7 +391,7 @@ pub fn micro_loss(
 
 /// The model in the compute precision: `None` for f32 (use the master), else a copy cast
 /// from the f32 master weights.
-fn compute_model(cfg: &RunConfig, vm: &VarMap, dev: &Device) -> anyhow::Result<Option<SegNet>> {
+fn compute_model(cfg: &RunConfig, vm: &VarMap, dev: &Device) -> candle::Result<Option<SegNet>> {
     Ok(match cfg.amp {
         Precision::F32 => None,
         p => Some(SegNet::new(
@@ -543,10 +399,6 @@ fn compute_model(cfg: &RunConfig, vm: &VarMap, dev: &Device) -> anyhow::Result<O
             keel::optim::mixed::cast_var_builder(vm, p.compute_dtype(), dev),
         )?),
     })
-}
-
-fn to_candle(e: anyhow::Error) -> candle::Error {
-    candle::Error::Msg(format!("{e:#}"))
 }
 
 /// `--amp`'s label in logs and the report ("off" for f32, as the flag reads).
@@ -624,16 +476,7 @@ pub fn run(
             std::thread::sleep(d);
         }
         let step = out.step;
-        logger.log(&StepLog {
-            kind: "step",
-            step,
-            loss: out.loss,
-            lr: out.lr,
-            grad_norm: Some(out.grad_norm),
-            loss_scale: out.loss_scale,
-            skipped: out.skipped,
-            seconds: t0.elapsed().as_secs_f64(),
-        })?;
+        logger.log(&StepLog::new(&out, t0.elapsed().as_secs_f64()))?;
         run.summary.losses.push((step, out.loss));
         run.summary.grad_norms.push(out.grad_norm);
         window_losses.push(out.loss);
@@ -707,7 +550,6 @@ impl Run<'_> {
     ) -> anyhow::Result<f64> {
         let e = self.evaluate()?;
         logger.log(&EvalLog {
-            kind: "eval",
             step,
             miou: e.miou,
             pixel_acc: e.pixel_acc,
@@ -793,20 +635,9 @@ impl Run<'_> {
         guard: &GuardSummary,
     ) -> anyhow::Result<()> {
         let cfg = self.cfg;
-        if let Some(ema) = self.state.ema.as_ref() {
-            // Evaluate the averaged weights too (the training weights are restored after).
-            let vars = self.state.vars();
-            let backup: Vec<Tensor> = vars
-                .iter()
-                .map(|v| v.as_tensor().copy())
-                .collect::<candle::Result<_>>()?;
-            ema.copy_to_vars()?;
-            let ev = self.evaluate()?;
-            for (v, b) in vars.iter().zip(backup) {
-                v.set(&b)?;
-            }
+        // Evaluate the averaged weights too (the training weights are restored after).
+        if let Some(ev) = self.state.with_ema_weights(|| self.evaluate())? {
             logger.log(&EvalLog {
-                kind: "eval",
                 step: cfg.steps - 1,
                 miou: ev.miou,
                 pixel_acc: ev.pixel_acc,

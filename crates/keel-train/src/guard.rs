@@ -16,8 +16,6 @@
 //! from a healthy snapshot would diverge again when restored).
 use std::collections::VecDeque;
 
-use candle::{DType, Tensor};
-
 use crate::config::{GuardConfig, GuardPolicy};
 use crate::monitor::Alarm;
 use crate::state::{StepOutcome, TrainState};
@@ -107,7 +105,7 @@ impl Guard {
             stopped: false,
         };
         if cfg.policy == GuardPolicy::Rollback {
-            if !weights_finite(state)? {
+            if !state.weights_finite()? {
                 candle::bail!(
                     "Guard::new: the weights at step {} are not finite, so there is no good state to roll back to; start from finite weights or use GuardPolicy::Skip",
                     state.step
@@ -227,7 +225,7 @@ impl Guard {
         };
         let checked = (out.step + 1).is_multiple_of(self.cfg.check_every);
         let weight_alarms = if checked {
-            let finite = weights_finite(state)?;
+            let finite = state.weights_finite()?;
             state.monitor.record_weights_finite(out.step, finite)
         } else {
             Vec::new()
@@ -254,7 +252,7 @@ impl Guard {
         let due = (out.step + 1).is_multiple_of(self.cfg.snapshot_every);
         if due && self.nonfinite_run == 0 && !state.monitor.diverging() {
             // The check above already ran on a check step; it raised no alarm then.
-            if checked || weights_finite(state)? {
+            if checked || state.weights_finite()? {
                 self.snapshots.push_back(deep_snapshot(state)?);
                 while self.snapshots.len() > SNAPSHOTS_HELD {
                     self.snapshots.pop_front();
@@ -318,18 +316,6 @@ impl Guard {
             GuardAction::RolledBack(rec)
         })
     }
-}
-
-/// Whether every weight is finite: one sum per parameter, summed, one sync. Weights so
-/// large that their f32 sum overflows count as non-finite (such a run has diverged).
-pub(crate) fn weights_finite(state: &TrainState) -> candle::Result<bool> {
-    let sums = state
-        .vars()
-        .iter()
-        .map(|v| v.as_tensor().to_dtype(DType::F32)?.sum_all())
-        .collect::<candle::Result<Vec<_>>>()?;
-    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
-    Ok(total.is_finite())
 }
 
 /// [`TrainState::snapshot`] with every tensor copied: the optimizer updates the weights in

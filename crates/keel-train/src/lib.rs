@@ -23,6 +23,10 @@
 //!   [`remove_stale_temps`] clears what an interrupted one left.
 //! - [`RunLock`]: one process per run directory (a pid lock file; a dead holder's lock is
 //!   taken over).
+//! - [`series`]: mean/std, percentiles, moving averages and seed means for comparing runs;
+//!   [`bench::time_steps`] times a step (warm-up, synchronize, median/min) and
+//!   [`mem::CountingAlloc`] counts the heap for its peak memory; with the `plot` feature,
+//!   `plot` draws training curves as PNG.
 //!
 //! A custom loop with keel's parts (a linear model learning `y = x0 + x1 + x2 + x3`,
 //! SGD with warmup and clipping, a checkpoint, a resume that continues bit for bit):
@@ -98,19 +102,25 @@
 #![warn(missing_docs)]
 
 mod advice;
+pub mod bench;
 mod checkpoint;
 mod ckpt_file;
 mod config;
+mod diff;
 mod divergence;
 mod fsio;
 mod guard;
 mod interrupt;
 mod lock;
 mod log;
+pub mod mem;
 mod metrics;
 mod monitor;
+#[cfg(feature = "plot")]
+pub mod plot;
 mod recipe;
 mod report;
+pub mod series;
 mod state;
 mod stats;
 mod summary;
@@ -119,12 +129,13 @@ pub use advice::{Advice, Bf16Cause, LrCause};
 pub use checkpoint::{load_latest_checkpoint, CheckpointManager, Resume};
 pub use ckpt_file::{load_checkpoint, Checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION};
 pub use config::{GuardConfig, GuardPolicy, MonitorConfig};
+pub use diff::{changed_fields, FieldChange};
 pub use divergence::{DivergenceCause, DivergenceEvent};
 pub use fsio::{remove_stale_temps, write_atomic};
 pub use guard::{Guard, GuardAction};
 pub use interrupt::{Interrupt, StopSignal};
 pub use lock::{RunLock, LOCK_FILE};
-pub use log::JsonlLogger;
+pub use log::{EvalLog, JsonlLogger, StepLog};
 pub use metrics::ConfusionMatrix;
 pub use monitor::{Alarm, EvalRecord, StabilityMonitor, StepRecord};
 pub use recipe::{OptimRecipe, POLY_POWER, SGD_MOMENTUM, WARMUP_START_FACTOR};

@@ -164,3 +164,72 @@ fn complete_prefix_len(file: &mut File, len: u64) -> std::io::Result<u64> {
     }
     Ok(0)
 }
+
+/// The log line of one optimizer step, `{"kind":"step","step":..,"loss":..,"lr":..,
+/// "grad_norm":..,"loss_scale":..,"skipped":..,"seconds":..}`, the loss and grad norm in
+/// the [`crate::lossless_f64`] encoding (a NaN step stays readable).
+///
+/// ```
+/// let line = keel_train::StepLog { step: 3, loss: f64::NAN, lr: 0.1, grad_norm: Some(2.0),
+///                                  loss_scale: None, skipped: true, seconds: 0.5 };
+/// assert_eq!(serde_json::to_string(&line).unwrap(),
+///            r#"{"kind":"step","step":3,"loss":"NaN","lr":0.1,"grad_norm":2.0,"loss_scale":null,"skipped":true,"seconds":0.5}"#);
+/// ```
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(tag = "kind", rename = "step")]
+pub struct StepLog {
+    /// The step index (0-based).
+    pub step: usize,
+    /// Mean loss over the micro-batches.
+    #[serde(with = "crate::lossless_f64")]
+    pub loss: f64,
+    /// The learning rate.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    #[serde(with = "crate::lossless_f64::option")]
+    pub grad_norm: Option<f64>,
+    /// The loss scale after the step (f16).
+    pub loss_scale: Option<f64>,
+    /// Whether the optimizer skipped the step.
+    pub skipped: bool,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+impl StepLog {
+    /// The line of a [`crate::TrainState::step`]'s outcome that took `seconds`.
+    pub fn new(out: &crate::StepOutcome, seconds: f64) -> Self {
+        Self {
+            step: out.step,
+            loss: out.loss,
+            lr: out.lr,
+            grad_norm: Some(out.grad_norm),
+            loss_scale: out.loss_scale,
+            skipped: out.skipped,
+            seconds,
+        }
+    }
+}
+
+/// The log line of a segmentation evaluation, `{"kind":"eval","step":..,"miou":..,
+/// "pixel_acc":..,"iou":[..],"classes":[..],"ema":..}` (metrics of a
+/// [`crate::ConfusionMatrix`]; mIoU and pixel accuracy in the [`crate::lossless_f64`]
+/// encoding, a class absent from the set is `null` in `iou`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(tag = "kind", rename = "eval")]
+pub struct EvalLog<'a> {
+    /// The step after which the evaluation ran (0-based).
+    pub step: usize,
+    /// Mean IoU.
+    #[serde(with = "crate::lossless_f64")]
+    pub miou: f64,
+    /// Pixel accuracy.
+    #[serde(with = "crate::lossless_f64")]
+    pub pixel_acc: f64,
+    /// Per-class IoU.
+    pub iou: &'a [Option<f64>],
+    /// Class names, in `iou`'s order.
+    pub classes: &'a [String],
+    /// Whether the weights were the EMA's.
+    pub ema: bool,
+}

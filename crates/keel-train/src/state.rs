@@ -132,6 +132,43 @@ impl TrainState {
         &self.vars
     }
 
+    /// Whether every variable is finite: one sum per variable, summed, one sync. Values so
+    /// large that their f32 sum overflows count as non-finite (such a run has diverged).
+    /// Non-finite weights are not a model: report them with
+    /// [`crate::StabilityMonitor::record_weights_finite`].
+    pub fn weights_finite(&self) -> candle::Result<bool> {
+        let sums = self
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().to_dtype(DType::F32)?.sum_all())
+            .collect::<candle::Result<Vec<_>>>()?;
+        let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(total.is_finite())
+    }
+
+    /// Runs `f` with the EMA weights in the variables (evaluate the averaged model), then
+    /// puts the training weights back, also when `f` fails. `Ok(None)` without an EMA (`f`
+    /// is not called).
+    pub fn with_ema_weights<R>(
+        &self,
+        f: impl FnOnce() -> candle::Result<R>,
+    ) -> candle::Result<Option<R>> {
+        let Some(ema) = self.ema.as_ref() else {
+            return Ok(None);
+        };
+        let backup = self
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().copy())
+            .collect::<candle::Result<Vec<_>>>()?;
+        ema.copy_to_vars()?;
+        let result = f();
+        for (v, b) in self.vars.iter().zip(backup) {
+            v.set(&b)?;
+        }
+        result.map(Some)
+    }
+
     /// One optimizer step at learning rate `lr`, clipping the global gradient norm to
     /// `clip` (`None`: measured, not clipped). `micro_batch(i)` runs the forward pass of
     /// micro-batch `i` (of [`GradAccumulator::k`]) and returns its scalar loss (any float

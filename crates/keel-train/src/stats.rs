@@ -217,6 +217,34 @@ pub mod lossless_f64 {
                 .collect())
         }
     }
+
+    /// `#[serde(with = "lossless_f64::pairs")]` for `Vec<(usize, f64)>` (a curve of
+    /// `(step, value)` points), as `[[step, value], ...]`.
+    ///
+    /// ```
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Curve(#[serde(with = "keel_train::lossless_f64::pairs")] Vec<(usize, f64)>);
+    /// let json = serde_json::to_string(&Curve(vec![(1, 0.5), (2, f64::NAN)])).unwrap();
+    /// assert_eq!(json, r#"[[1,0.5],[2,"NaN"]]"#);
+    /// let back: Curve = serde_json::from_str(&json).unwrap();
+    /// assert!(back.0[1].1.is_nan() && back.0[0] == (1, 0.5));
+    /// ```
+    pub mod pairs {
+        use super::*;
+
+        /// Serializes each pair as `[step, value]`, the value as in [`super::serialize`].
+        pub fn serialize<S: Serializer>(pairs: &[(usize, f64)], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(pairs.iter().map(|&(i, x)| (i, Lossless(x))))
+        }
+
+        /// Reads `[step, value]` pairs, the value as in [`super::deserialize`].
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, f64)>, D::Error> {
+            Ok(Vec::<(usize, Lossless)>::deserialize(d)?
+                .into_iter()
+                .map(|(i, x)| (i, x.0))
+                .collect())
+        }
+    }
 }
 
 #[cfg(test)]

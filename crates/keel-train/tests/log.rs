@@ -70,3 +70,21 @@ fn errors_name_the_file() {
     let e = JsonlLogger::append(&bad).unwrap_err().to_string();
     assert!(e.contains("cannot open log file"), "{e}");
 }
+
+/// The eval line keeps NaN metrics and null per-class IoU; the field order is the log's.
+#[test]
+fn eval_line_format() {
+    let classes = ["bg".to_string(), "disc".to_string()];
+    let line = keel_train::EvalLog {
+        step: 9,
+        miou: f64::NAN,
+        pixel_acc: 0.5,
+        iou: &[Some(0.25), None],
+        classes: &classes,
+        ema: false,
+    };
+    assert_eq!(
+        serde_json::to_string(&line).unwrap(),
+        r#"{"kind":"eval","step":9,"miou":"NaN","pixel_acc":0.5,"iou":[0.25,null],"classes":["bg","disc"],"ema":false}"#
+    );
+}

@@ -350,3 +350,50 @@ fn a_restore_whose_ema_state_fails_leaves_the_optimizer_and_weights_as_they_were
     assert_eq!(b.state.step, 1);
     Ok(())
 }
+
+/// `with_ema_weights` evaluates the averaged weights and puts the training weights back,
+/// also when the evaluation fails; without an EMA it does not call the closure.
+#[test]
+fn with_ema_weights_swaps_and_restores() -> anyhow::Result<()> {
+    let cfg = TrainConfig {
+        ema: Some(EmaConfig {
+            decay: 0.5,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut s = setup(OptimizerKind::Sgd, &cfg)?;
+    let (x, y) = data(&Device::Cpu)?;
+    for _ in 0..5 {
+        let lr = s.schedule.lr(s.state.step);
+        s.state.step(lr, None, |i| mse(&s.model, &x, &y, i, 1))?;
+    }
+    let trained = weights(&s.vm)?;
+    let inside = s.state.with_ema_weights(|| weights(&s.vm))?;
+    let inside = inside.expect("an EMA");
+    assert_ne!(
+        inside, trained,
+        "the EMA weights differ from the last step's"
+    );
+    assert_eq!(weights(&s.vm)?, trained, "restored");
+    let failed = s
+        .state
+        .with_ema_weights(|| -> candle::Result<()> { candle::bail!("evaluation failed") });
+    assert!(failed
+        .unwrap_err()
+        .to_string()
+        .starts_with("evaluation failed"));
+    assert_eq!(weights(&s.vm)?, trained, "restored after an error");
+    assert!(s.state.weights_finite()?);
+    s.vm.all_vars()[0].set(&s.vm.all_vars()[0].as_tensor().affine(0.0, f64::NAN)?)?;
+    assert!(!s.state.weights_finite()?);
+
+    let plain = setup(OptimizerKind::Sgd, &TrainConfig::default())?;
+    let mut called = false;
+    let none = plain.state.with_ema_weights(|| {
+        called = true;
+        Ok(())
+    })?;
+    assert!(none.is_none() && !called);
+    Ok(())
+}

@@ -11,8 +11,10 @@
 
 mod config;
 mod init;
+mod load;
 mod net;
 
 pub use config::ModelConfig;
 pub use init::{count_params, init_weights};
+pub use load::{load_pretrained, non_finite_tensors, LoadReport};
 pub use net::SegNet;

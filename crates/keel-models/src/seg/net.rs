@@ -228,6 +228,24 @@ impl SegNet {
         &self.batch_norms
     }
 
+    /// Copies the BatchNorm running statistics of this (cast, mixed-precision) model into
+    /// the f32 variables of `vm`, the VarMap the master model was built from.
+    pub fn copy_bn_stats_to(&self, vm: &candle_nn::VarMap) -> Result<()> {
+        let data = vm.data().lock().unwrap_or_else(|e| e.into_inner());
+        for (name, bn) in &self.batch_norms {
+            for (k, t) in [
+                ("running_mean", bn.running_mean()),
+                ("running_var", bn.running_var()),
+            ] {
+                let Some(var) = data.get(&format!("{name}.{k}")) else {
+                    candle::bail!("SegNet::copy_bn_stats_to: the VarMap has no variable {name}.{k}; pass the VarMap the master model was built from")
+                };
+                var.set(&t.to_dtype(candle::DType::F32)?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Logits for images; `train` selects batch statistics for BatchNorm.
     ///
     /// # Shapes

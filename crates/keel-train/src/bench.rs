@@ -1,0 +1,127 @@
+//! Step timing for benchmarks: untimed warm-up steps (allocator, caches, cuDNN algorithm
+//! search), then timed steps, each ended by a device synchronize so asynchronous (CUDA)
+//! work is inside its time; the median and the minimum, and the heap peak of the timed
+//! steps when a [`CountingAlloc`] counts the process's allocations.
+use std::time::Instant;
+
+use candle::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::mem::CountingAlloc;
+use crate::stats::median;
+
+/// Step times of a benchmark (milliseconds) and its peak memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// The median step time.
+    pub median_ms: f64,
+    /// The fastest step.
+    pub min_ms: f64,
+    /// Peak memory in MiB: for [`time_steps`], the heap bytes allocated above the level
+    /// before the timed steps (CPU), NaN when not counted (no allocator, or a CUDA device
+    /// whose memory pool the heap does not see).
+    pub peak_mib: f64,
+}
+
+/// Runs `step(i)` for `i` in `0..warmup + steps` on `device` and times the last `steps`
+/// (a [`Device::synchronize`] before the first timed step and after every step). With
+/// `alloc` on a CPU device, the heap peak of the timed steps is measured too.
+///
+/// ```
+/// use keel_train::bench::time_steps;
+/// let mut calls = 0;
+/// let t = time_steps(&candle::Device::Cpu, 2, 5, None, |_| { calls += 1; Ok(()) })?;
+/// assert_eq!(calls, 7);
+/// assert!(t.min_ms <= t.median_ms && t.peak_mib.is_nan());
+/// # Ok::<(), candle::Error>(())
+/// ```
+pub fn time_steps(
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+    alloc: Option<&CountingAlloc>,
+    mut step: impl FnMut(usize) -> candle::Result<()>,
+) -> candle::Result<Timing> {
+    if steps == 0 {
+        candle::bail!(
+            "time_steps: steps must be at least 1 (got 0); pass the number of timed steps"
+        )
+    }
+    let mut times = Vec::with_capacity(steps);
+    let mut base = 0;
+    for i in 0..warmup + steps {
+        if i == warmup {
+            device.synchronize()?;
+            base = alloc.map_or(0, CountingAlloc::reset_peak);
+        }
+        let t0 = Instant::now();
+        step(i)?;
+        device.synchronize()?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let peak_mib = match alloc {
+        Some(a) if device.is_cpu() => (a.peak() - base) as f64 / (1 << 20) as f64,
+        _ => f64::NAN,
+    };
+    Ok(Timing {
+        min_ms: times.iter().copied().fold(f64::INFINITY, f64::min),
+        median_ms: median(times).unwrap_or(f64::NAN),
+        peak_mib,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_only_the_timed_steps_and_stops_on_error() -> candle::Result<()> {
+        let dev = Device::Cpu;
+        let t = time_steps(&dev, 1, 3, None, |i| {
+            // The warm-up step is slow; the timed ones are not.
+            std::thread::sleep(std::time::Duration::from_millis(if i == 0 {
+                200
+            } else {
+                1
+            }));
+            Ok(())
+        })?;
+        assert!(t.median_ms >= 1.0 && t.median_ms < 150.0, "{t:?}");
+        assert!(t.min_ms <= t.median_ms);
+        let mut seen = Vec::new();
+        let err = time_steps(&dev, 0, 5, None, |i| {
+            seen.push(i);
+            if i == 2 {
+                candle::bail!("step {i} failed")
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(seen, vec![0, 1, 2]);
+        assert!(err.to_string().starts_with("step 2 failed"), "{err}");
+        let zero = time_steps(&dev, 0, 0, None, |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("steps must be at least 1"), "{zero}");
+        Ok(())
+    }
+
+    #[test]
+    fn heap_peak_of_the_timed_steps() -> candle::Result<()> {
+        // A private counter fed by hand: the warm-up allocates 4 MiB, each timed step 2 MiB;
+        // the peak is measured from the first timed step, so only the 2 MiB count.
+        use std::alloc::{GlobalAlloc, Layout};
+        let a = CountingAlloc::new();
+        let t = time_steps(&Device::Cpu, 1, 2, Some(&a), |i| {
+            let mib = if i == 0 { 4 } else { 2 };
+            let layout = Layout::from_size_align(mib << 20, 8).expect("layout");
+            // SAFETY: a non-zero layout; the pointer is freed at once with the same layout.
+            unsafe { a.dealloc(a.alloc(layout), layout) };
+            Ok(())
+        })?;
+        assert_eq!(t.peak_mib, 2.0);
+        Ok(())
+    }
+}
