@@ -279,8 +279,12 @@ struct EvalPoint {
 /// let ctx = RunContext { norm: NormKind::BatchNorm, batch_size: 2, pretrained: false,
 ///                        lr: 0.01, clip_grad: None, precision: Precision::F32, steps: 200 };
 /// let report = mon.report(&ctx);
-/// assert!(matches!(report.verdict, Verdict::Healthy));
-/// // BatchNorm at batch 2 is advised against even in a healthy run.
+/// // Clean dynamics, but BatchNorm at batch 2 is a risk on its own: a Warning, advised
+/// // against with the norm keel's table picks.
+/// assert!(matches!(report.verdict, Verdict::Warning));
+/// assert!(report.findings.iter().any(|f| f.starts_with("BatchNorm below 16 images")));
+/// let gn = RunContext { norm: NormKind::GroupNorm { groups: None }, ..ctx.clone() };
+/// assert!(matches!(mon.report(&gn).verdict, Verdict::Healthy));
 /// assert!(matches!(report.advice[..],
 ///                  [Advice::SwitchNorm { to: NormKind::GroupNorm { groups: None }, .. }]));
 /// println!("{}", report.to_text());

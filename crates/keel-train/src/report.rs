@@ -194,6 +194,10 @@ impl Judgement {
             > 0
             || self.excess_skips
             || self.gap.is_some()
+            // BatchNorm below its minimum batch: its batch statistics are noise and its
+            // running statistics (used at eval) follow them, so even a run without events is
+            // a risk the user can act on (the SwitchNorm advice).
+            || self.small_batch_bn
         {
             Verdict::Warning
         } else {
@@ -498,6 +502,14 @@ fn event_findings(m: &MonitorSummary, j: &Judgement, ctx: &RunContext) -> Vec<St
 fn eval_findings(m: &MonitorSummary, j: &Judgement) -> Vec<String> {
     let (cfg, s) = (&m.config, &m.stats);
     let mut findings = Vec::new();
+    if j.small_batch_bn {
+        findings.push(format!(
+            "BatchNorm below {} images per device: its batch statistics are noise at this \
+             batch size, and the running statistics the eval uses follow them (the train and \
+             eval models disagree)",
+            keel_norm::BN_MIN_BATCH
+        ));
+    }
     if s.eval_regressions > 0 {
         findings.push(format!(
             "eval mIoU fell more than {} below its best ({}) {} time(s), at steps {}{}",
