@@ -117,6 +117,8 @@ fn draw_panel<'a>(area: &Area<'a>, panel: &Panel, fig: &Figure, text: bool) -> D
         chart
             .configure_mesh()
             .x_desc(fig.x_label.as_str())
+            // x is a count (steps): integer tick labels, not "200.0".
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .light_line_style(WHITE)
             .draw()?;
     } else {
