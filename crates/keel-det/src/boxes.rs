@@ -8,7 +8,7 @@
 //! - Composed from candle ops, so they run on every device and are differentiable. The
 //!   gradients are PyTorch's, ties included: an elementwise max/min whose two inputs are
 //!   equal sends half the gradient to each, and the `clamp(min=0)` of an intersection
-//!   width passes the gradient where the width is exactly 0 (touching boxes).
+//!   width blocks the gradient where the width is exactly 0 (touching boxes get none).
 //! - Degenerate boxes are not rejected, as in torchvision: a zero-width box has area 0; an
 //!   inverted box (x2 < x1) a negative area; the IoU of two zero-area boxes is 0/0 = NaN.
 //!   [`generalized_box_iou`] is NaN when the enclosing box has zero area.
@@ -63,9 +63,11 @@ pub(crate) fn col(t: &Tensor, i: usize) -> Result<Tensor> {
     t.narrow(last, i, 1)?.squeeze(last)
 }
 
-/// `max(x, 0)` with PyTorch's `clamp(min=0)` gradient: 1 where `x >= 0` (candle's `relu`).
+/// `max(x, 0)` with PyTorch's `clamp(min=0)` gradient: 1 where `x > 0`, 0 at and below 0
+/// (candle's `relu` passes the gradient at 0; PyTorch's clamp does not). The mask is a
+/// constant, so the gradient is exactly `grad * (x > 0)`.
 fn clamp_min0(x: &Tensor) -> Result<Tensor> {
-    x.relu()
+    x.mul(&x.gt(0.0)?.to_dtype(x.dtype())?)
 }
 
 /// Areas `(x2 - x1) * (y2 - y1)` of `(N, 4)` xyxy boxes, shape `(N,)`.

@@ -55,7 +55,14 @@ fn bce_with_logits(x: &Tensor, t: &Tensor) -> Result<Tensor> {
     softplus - t.mul(x)?
 }
 
-fn reduce(loss: Tensor, reduction: Reduction) -> Result<Tensor> {
+/// Applies `reduction`; `empty_mean` is the mean of zero elements (NaN for the focal loss,
+/// 0 for the GIoU loss, as in torchvision). candle's reductions panic on empty tensors, so
+/// an empty loss reduces to a constant (its inputs, being empty, have no gradient entries).
+fn reduce(loss: Tensor, reduction: Reduction, empty_mean: f64) -> Result<Tensor> {
+    if loss.elem_count() == 0 && reduction != Reduction::None {
+        let value = if reduction == Reduction::Mean { empty_mean } else { 0.0 };
+        return Tensor::new(value, loss.device())?.to_dtype(loss.dtype());
+    }
     match reduction {
         Reduction::None => Ok(loss),
         Reduction::Mean => loss.mean_all(),
@@ -126,7 +133,7 @@ pub fn sigmoid_focal_loss(
         let alpha_t = ((&t * alpha)? + ((1.0 - &t)? * (1.0 - alpha))?)?;
         loss = alpha_t.mul(&loss)?;
     }
-    reduce(loss, reduction)
+    reduce(loss, reduction, f64::NAN)
 }
 
 /// The generalized IoU loss `1 - GIoU` of matched box pairs `boxes1[i]`, `boxes2[i]`, with
@@ -134,7 +141,7 @@ pub fn sigmoid_focal_loss(
 ///
 /// `torchvision.ops.generalized_box_iou_loss` (symmetric in its two arguments). The
 /// intersection counts only where both overlaps are strictly positive. `Mean` of an empty
-/// input is 0 (with a zero gradient), as torchvision's. torchvision's default `eps` is
+/// input is 0, as torchvision's. torchvision's default `eps` is
 /// `1e-7`.
 ///
 /// # Shapes
@@ -193,10 +200,7 @@ pub fn generalized_box_iou_loss(
     let enclosing = (xc2 - xc1)?.mul(&(yc2 - yc1)?)?;
     let giou = (iou - (&enclosing - &union)?.div(&(&enclosing + eps)?)?)?;
     let loss = (1.0 - giou)?;
-    if reduction == Reduction::Mean && loss.elem_count() == 0 {
-        return loss.sum_all()? * 0.0;
-    }
-    reduce(loss, reduction)
+    reduce(loss, reduction, 0.0)
 }
 
 fn corners(b: &Tensor) -> Result<[Tensor; 4]> {
