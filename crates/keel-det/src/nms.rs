@@ -9,12 +9,17 @@
 //!   overlap).
 //! - Identical results: the arithmetic is torchvision's CPU kernel's, in its precision
 //!   (f32 for f32 boxes, f64 for f64; f16/bf16 boxes, which that kernel does not take, are
-//!   converted to f32 exactly), and the rank order is PyTorch's CPU
-//!   `scores.sort(descending=True)`, libstdc++'s unstable `std::sort`, replicated in
-//!   `sort.rs`: of two equal scores the same one comes first, so the same duplicate is kept.
-//!   [`batched_nms`] takes torchvision's two paths by the same rule: up to 1000 boxes the
-//!   coordinate-offset trick (one NMS over boxes shifted by `class * (max coordinate + 1)`,
-//!   with the same f32 rounding), beyond that one NMS per class, merged by score.
+//!   converted to f32 exactly), and so is the rank order, which decides which of two
+//!   duplicate boxes with equal scores survives: the kernel sorts scores descending with a
+//!   *stable* sort (current torchvision; older versions' unstable sort could keep either),
+//!   so the lower index wins a tie.
+//! - [`batched_nms`] takes torchvision's two CPU paths by the same rule: up to 1000 boxes
+//!   the coordinate-offset trick (one NMS over boxes shifted by
+//!   `class * (max coordinate + 1)`, with the same f32 rounding, so boxes with negative
+//!   coordinates can interact across classes exactly as in torchvision); beyond that one
+//!   NMS per class, whose kept indices are then ordered by
+//!   `scores[keep].sort(descending=True)`, PyTorch's *unstable* CPU sort (libstdc++'s
+//!   `std::sort`), replicated step for step so equal scores come out in the same order.
 //! - Devices: NMS is sequential and its output small, so boxes and scores on a GPU are
 //!   copied to the host and suppressed there (one transfer each); the result is host data.
 //! - Validation before any work: shapes, lengths, a NaN score or coordinate, and a
@@ -26,7 +31,7 @@ use std::ops::{Add, Div, Mul, Sub};
 use candle::{bail, DType, Result, Tensor};
 
 use crate::boxes::{check_boxes, check_same_device};
-use crate::sort::{argsort_descending, std_sort_by};
+use crate::sort::std_sort_by;
 
 /// torchvision's `batched_nms` switches to one NMS per class above this many box
 /// coordinates on CPU (`boxes.numel() > 4000`).
@@ -132,7 +137,9 @@ fn cmin<T: Coord>(a: T, b: T) -> T {
 /// torchvision's CPU `nms_kernel_impl` on host rows: kept indices by rank.
 fn nms_host<T: Coord>(boxes: &[[T; 4]], scores: &[f64], iou_threshold: f64) -> Vec<usize> {
     let areas: Vec<T> = boxes.iter().map(|b| (b[2] - b[0]) * (b[3] - b[1])).collect();
-    let order = argsort_descending(scores);
+    // `scores.sort(/*stable=*/true, 0, /*descending=*/true)`: ties keep index order.
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let mut suppressed = vec![false; boxes.len()];
     let mut keep = Vec::new();
     for (rank, &i) in order.iter().enumerate() {

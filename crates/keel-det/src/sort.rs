@@ -1,10 +1,10 @@
 //! PyTorch's CPU `sort(descending=True)` order, ties included.
 //!
-//! `torchvision.ops.nms` orders boxes with `scores.sort(0, /*descending=*/true)`, which on
-//! CPU is libstdc++'s `std::sort`: an introsort (median-of-three quicksort down to runs of
-//! 16, a heap-sort fallback past depth `2 * floor(log2 n)`, a final insertion sort). It is
-//! not stable, and which of two equal scores comes first decides which of two duplicate
-//! boxes NMS keeps. This module replicates that algorithm step for step (libstdc++'s
+//! `torchvision.ops.batched_nms`, past 1000 boxes, orders the kept indices with
+//! `scores[keep].sort(descending=True)`, which on CPU is libstdc++'s `std::sort`: an
+//! introsort (median-of-three quicksort down to runs of 16, a heap-sort fallback past depth
+//! `2 * floor(log2 n)`, a final insertion sort). It is not stable, so equal scores come out
+//! in an order only that algorithm reproduces. This module replicates it step for step (libstdc++'s
 //! `__introsort_loop`, `__move_median_to_first`, `__unguarded_partition`,
 //! `__final_insertion_sort`, `__adjust_heap`), so the order, and therefore NMS's result, is
 //! identical. The tests compare it with `torch.sort` on tie-heavy inputs and on an
@@ -22,14 +22,6 @@ pub(crate) fn std_sort_by<T: Copy, F: Fn(&T, &T) -> bool>(v: &mut [T], less: F) 
         introsort_loop(v, 0, n, depth, &less);
         final_insertion_sort(v, &less);
     }
-}
-
-/// The indices of `scores` in the order of PyTorch's CPU `scores.sort(descending=True)`.
-/// `scores` must hold no NaN (callers validate it).
-pub(crate) fn argsort_descending(scores: &[f64]) -> Vec<usize> {
-    let mut pairs: Vec<(f64, usize)> = scores.iter().copied().zip(0..).collect();
-    std_sort_by(&mut pairs, |a, b| a.0 > b.0);
-    pairs.into_iter().map(|(_, i)| i).collect()
 }
 
 fn introsort_loop<T: Copy, F: Fn(&T, &T) -> bool>(
@@ -201,24 +193,39 @@ fn heap_sort<T: Copy, F: Fn(&T, &T) -> bool>(v: &mut [T], less: &F) {
 mod tests {
     use super::*;
 
+    /// The indices of `scores` in the order of PyTorch's CPU `scores.sort(descending=True)`.
+    fn argsort_descending(scores: &[f64]) -> Vec<usize> {
+        let mut pairs: Vec<(f64, usize)> = scores.iter().copied().zip(0..).collect();
+        std_sort_by(&mut pairs, |a, b| a.0 > b.0);
+        pairs.into_iter().map(|(_, i)| i).collect()
+    }
+
     #[test]
-    fn sorts_like_a_sort_and_keeps_every_index() {
-        // Order of values against the standard library; ties are checked against torch in
-        // tests/nms.rs.
-        let mut state = 12345u64;
-        for n in [0usize, 1, 2, 15, 16, 17, 33, 100, 1000] {
-            let scores: Vec<f64> = (0..n)
-                .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((state >> 33) % 7) as f64
-                })
-                .collect();
-            let order = argsort_descending(&scores);
-            let mut seen = order.clone();
-            seen.sort_unstable();
-            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "n {n}: not a permutation");
-            assert!(order.windows(2).all(|w| scores[w[0]] >= scores[w[1]]), "n {n}: not descending");
+    fn order_is_torchs_on_ties_sorted_inputs_and_the_heap_fallback() -> candle::Result<()> {
+        // Fixtures from tests/fixtures/gen_det_ops.py: `scores.sort(dim=0, descending=True)`
+        // of torch 2.15 (CPU); `adversary` is McIlroy's antiqsort input, which reaches the
+        // heap-sort fallback.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/det_ops.safetensors");
+        let fx = candle::safetensors::load(path, &candle::Device::Cpu)?;
+        for case in ["n16", "n17", "ties2000", "asc", "desc", "adversary"] {
+            let scores = fx[&format!("sort.{case}.scores")].to_dtype(candle::DType::F64)?;
+            let want = fx[&format!("sort.{case}.order")].to_vec1::<i64>()?;
+            let got = argsort_descending(&scores.to_vec1::<f64>()?);
+            let got: Vec<i64> = got.into_iter().map(|i| i as i64).collect();
+            assert_eq!(got, want, "sort order of {case}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn the_fixture_orders_are_not_stable() -> candle::Result<()> {
+        // Otherwise the test above could not tell this sort from a stable one.
+        let scores: Vec<f64> = (0..17).map(|i| (i % 3) as f64).collect();
+        let order = argsort_descending(&scores);
+        let mut stable: Vec<usize> = (0..17).collect();
+        stable.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        assert_ne!(order, stable);
+        Ok(())
     }
 
     #[test]
