@@ -20,6 +20,9 @@
 //! - [`data`]: deterministic data: the synthetic shapes set, Pascal VOC folders validated
 //!   in full before training, a prefetching batch loader whose batches depend only on
 //!   `(seed, position)` (exact resume).
+//! - [`det`]: detection ops with torchvision semantics: box IoU / GIoU matrices, sigmoid
+//!   focal and GIoU losses with backward, NMS and class-aware batched NMS whose kept
+//!   indices are identical to torchvision's, ties included.
 //! - [`train`]: the training-loop pieces: a stability monitor with a health report
 //!   ("is my training going haywire?"), mIoU metrics, atomic checkpoints, JSONL logs.
 //!
@@ -40,6 +43,7 @@
 #![warn(missing_docs)]
 
 pub use keel_data as data;
+pub use keel_det as det;
 pub use keel_kernels as kernels;
 pub use keel_models as models;
 pub use keel_norm as norm;

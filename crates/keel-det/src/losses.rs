@@ -39,7 +39,9 @@ impl FromStr for Reduction {
             "none" => Ok(Reduction::None),
             "mean" => Ok(Reduction::Mean),
             "sum" => Ok(Reduction::Sum),
-            other => bail!("Reduction: unknown reduction {other:?}; use \"none\", \"mean\" or \"sum\""),
+            other => {
+                bail!("Reduction: unknown reduction {other:?}; use \"none\", \"mean\" or \"sum\"")
+            }
         }
     }
 }
@@ -60,7 +62,11 @@ fn bce_with_logits(x: &Tensor, t: &Tensor) -> Result<Tensor> {
 /// an empty loss reduces to a constant (its inputs, being empty, have no gradient entries).
 fn reduce(loss: Tensor, reduction: Reduction, empty_mean: f64) -> Result<Tensor> {
     if loss.elem_count() == 0 && reduction != Reduction::None {
-        let value = if reduction == Reduction::Mean { empty_mean } else { 0.0 };
+        let value = if reduction == Reduction::Mean {
+            empty_mean
+        } else {
+            0.0
+        };
         return Tensor::new(value, loss.device())?.to_dtype(loss.dtype());
     }
     match reduction {

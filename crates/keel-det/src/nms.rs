@@ -136,7 +136,10 @@ fn cmin<T: Coord>(a: T, b: T) -> T {
 
 /// torchvision's CPU `nms_kernel_impl` on host rows: kept indices by rank.
 fn nms_host<T: Coord>(boxes: &[[T; 4]], scores: &[f64], iou_threshold: f64) -> Vec<usize> {
-    let areas: Vec<T> = boxes.iter().map(|b| (b[2] - b[0]) * (b[3] - b[1])).collect();
+    let areas: Vec<T> = boxes
+        .iter()
+        .map(|b| (b[2] - b[0]) * (b[3] - b[1]))
+        .collect();
     // `scores.sort(/*stable=*/true, 0, /*descending=*/true)`: ties keep index order.
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
@@ -272,7 +275,11 @@ impl Input {
         } else {
             Coords::F32(rows(op, boxes.to_dtype(DType::F32)?.to_vec2::<f32>()?)?)
         };
-        Ok(Input { coords, scores, idxs })
+        Ok(Input {
+            coords,
+            scores,
+            idxs,
+        })
     }
 }
 

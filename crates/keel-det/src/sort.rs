@@ -150,7 +150,7 @@ fn adjust_heap<T: Copy, F: Fn(&T, &T) -> bool>(
         v[hole] = v[child];
         hole = child;
     }
-    if len % 2 == 0 && child == (len - 2) / 2 {
+    if len.is_multiple_of(2) && child == (len - 2) / 2 {
         child = 2 * (child + 1);
         v[hole] = v[child - 1];
         hole = child - 1;
@@ -205,7 +205,10 @@ mod tests {
         // Fixtures from tests/fixtures/gen_det_ops.py: `scores.sort(dim=0, descending=True)`
         // of torch 2.15 (CPU); `adversary` is McIlroy's antiqsort input, which reaches the
         // heap-sort fallback.
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/det_ops.safetensors");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/det_ops.safetensors"
+        );
         let fx = candle::safetensors::load(path, &candle::Device::Cpu)?;
         for case in ["n16", "n17", "ties2000", "asc", "desc", "adversary"] {
             let scores = fx[&format!("sort.{case}.scores")].to_dtype(candle::DType::F64)?;

@@ -35,22 +35,36 @@ fn matrices_and_gradients_match_torchvision_in_f32_and_f16() -> Result<()> {
             let (x, y) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
             let area = box_area(&x)?;
             assert_eq!(area.dtype(), DType::F32, "f16/bf16/f32 compute in f32");
-            assert_close(&format!("{p} {dn} area"), &area, &fx.get(&format!("{p}.{dn}.area_a"))?, tol);
+            assert_close(
+                &format!("{p} {dn} area"),
+                &area,
+                &fx.get(&format!("{p}.{dn}.area_a"))?,
+                tol,
+            );
             for (name, f) in OPS {
                 let (vx, vy) = (Var::from_tensor(&x)?, Var::from_tensor(&y)?);
                 let m = f(vx.as_tensor(), vy.as_tensor())?;
                 let what = format!("{p} {dn} {name}");
                 assert_close(&what, &m, &fx.get(&format!("{p}.{dn}.{name}"))?, tol);
-                let key = format!("{p}.{dn}.{name}.da");
-                if !fx.has(&key) {
+                if case != "grad" {
                     continue; // NaN matrices (degenerate) and empty ones have no gradients
                 }
+                let key = format!("{p}.{dn}.{name}.da");
                 let grads = m.mul(&dmat)?.sum_all()?.backward()?;
                 let (ga, gb) = (grads.get(&vx).unwrap(), grads.get(&vy).unwrap());
                 assert_eq!(ga.dtype(), dtype, "gradient in the input dtype");
-                let gtol = if dtype == DType::F16 { Tol::F16 } else { Tol::F32 };
+                let gtol = if dtype == DType::F16 {
+                    Tol::F16
+                } else {
+                    Tol::F32
+                };
                 assert_close(&format!("{what} dboxes1"), ga, &fx.get(&key)?, gtol);
-                assert_close(&format!("{what} dboxes2"), gb, &fx.get(&format!("{p}.{dn}.{name}.db"))?, gtol);
+                assert_close(
+                    &format!("{what} dboxes2"),
+                    gb,
+                    &fx.get(&format!("{p}.{dn}.{name}.db"))?,
+                    gtol,
+                );
             }
         }
     }
@@ -68,7 +82,12 @@ fn f64_boxes_stay_f64_and_bf16_compute_in_f32() -> Result<()> {
     let got = box_iou(&a.to_dtype(DType::BF16)?, &b.to_dtype(DType::BF16)?)?;
     assert_eq!(got.dtype(), DType::F32);
     // bf16 rounds coordinates up to ~20 by 0.06: a loose check that it is the same matrix.
-    assert_close("iou bf16", &got, &fx.get("box.grad.f32.iou")?, Tol::new(5e-2, 3e-2));
+    assert_close(
+        "iou bf16",
+        &got,
+        &fx.get("box.grad.f32.iou")?,
+        Tol::new(5e-2, 3e-2),
+    );
     Ok(())
 }
 
@@ -83,8 +102,17 @@ fn touching_boxes_get_no_gradient_like_pytorch_clamp() -> Result<()> {
     for (name, f) in OPS {
         let m = f(a.as_tensor(), &b)?;
         let g = m.sum_all()?.backward()?.get(&a).unwrap().to_vec2::<f32>()?;
-        let want = if name == "iou" { [0f32; 4] } else { giou_touching_grad() };
-        assert_close(&format!("d {name} / d a"), &g[0], &want, Tol::new(1e-6, 1e-7));
+        let want = if name == "iou" {
+            [0f32; 4]
+        } else {
+            giou_touching_grad()
+        };
+        assert_close(
+            &format!("d {name} / d a"),
+            &g[0],
+            &want,
+            Tol::new(1e-6, 1e-7),
+        );
     }
     Ok(())
 }
@@ -101,9 +129,18 @@ fn bad_shapes_dtypes_and_devices_are_errors_that_name_the_op() -> Result<()> {
     let dev = Device::Cpu;
     let good = Tensor::zeros((3, 4), DType::F32, &dev)?;
     let cases: Vec<(Tensor, &str)> = vec![
-        (Tensor::zeros((3, 5), DType::F32, &dev)?, "must have shape (N, 4)"),
-        (Tensor::zeros(12, DType::F32, &dev)?, "must have shape (N, 4)"),
-        (Tensor::zeros((3, 4), DType::U32, &dev)?, "must be a float tensor"),
+        (
+            Tensor::zeros((3, 5), DType::F32, &dev)?,
+            "must have shape (N, 4)",
+        ),
+        (
+            Tensor::zeros(12, DType::F32, &dev)?,
+            "must have shape (N, 4)",
+        ),
+        (
+            Tensor::zeros((3, 4), DType::U32, &dev)?,
+            "must be a float tensor",
+        ),
     ];
     for (bad, msg) in cases {
         for (name, f) in OPS {

@@ -27,8 +27,18 @@ const REDUCTIONS: [(&str, Reduction); 3] = [
 /// the f16-rounded inputs and keel computes in f32, so f16 is as tight as f32 for the loss;
 /// its gradient is rounded to f16 once.
 const DTYPES: [(&str, DType, Tol, Tol); 2] = [
-    ("f32", DType::F32, Tol::new(1e-5, 1e-6), Tol::new(1e-5, 1e-6)),
-    ("f16", DType::F16, Tol::new(1e-5, 1e-6), Tol::new(1e-3, 1e-6)),
+    (
+        "f32",
+        DType::F32,
+        Tol::new(1e-5, 1e-6),
+        Tol::new(1e-5, 1e-6),
+    ),
+    (
+        "f16",
+        DType::F16,
+        Tol::new(1e-5, 1e-6),
+        Tol::new(1e-3, 1e-6),
+    ),
 ];
 
 /// The loss and the input gradients for torchvision's upstream gradient.
@@ -55,10 +65,20 @@ fn focal_loss_matches_torchvision_for_alphas_gammas_reductions() -> Result<()> {
                     let x = Var::from_tensor(&inputs.to_dtype(dtype)?)?;
                     let loss = sigmoid_focal_loss(x.as_tensor(), &targets, *alpha, gamma, r)?;
                     assert_eq!(loss.dtype(), DType::F32, "{p}: the loss is f32");
-                    assert_close(&format!("{p} loss"), &loss, &fx.get(&format!("{p}.loss"))?, ltol);
+                    assert_close(
+                        &format!("{p} loss"),
+                        &loss,
+                        &fx.get(&format!("{p}.loss"))?,
+                        ltol,
+                    );
                     let g = backward(&loss, &dnone, &[&x])?;
                     assert_eq!(g[0].dtype(), dtype, "{p}: gradient in the input dtype");
-                    assert_close(&format!("{p} dinputs"), &g[0], &fx.get(&format!("{p}.dinputs"))?, gtol);
+                    assert_close(
+                        &format!("{p} dinputs"),
+                        &g[0],
+                        &fx.get(&format!("{p}.dinputs"))?,
+                        gtol,
+                    );
                 }
             }
         }
@@ -75,7 +95,12 @@ fn focal_loss_gradient_at_logit_zero_is_sigmoid_minus_target() -> Result<()> {
     let loss = sigmoid_focal_loss(x.as_tensor(), &t, -1.0, 0.0, Reduction::Sum)?;
     let g = loss.backward()?.get(&x).unwrap().to_vec1::<f32>()?;
     assert_close("d bce / dx at 0", &g, &[-0.5f32, 0.5], Tol::new(1e-7, 1e-7));
-    assert_close("bce at 0", &[loss.to_scalar::<f32>()?], &[2.0 * std::f32::consts::LN_2], Tol::new(1e-6, 1e-7));
+    assert_close(
+        "bce at 0",
+        &[loss.to_scalar::<f32>()?],
+        &[2.0 * std::f32::consts::LN_2],
+        Tol::new(1e-6, 1e-7),
+    );
     Ok(())
 }
 
@@ -91,10 +116,25 @@ fn giou_loss_matches_torchvision_on_disjoint_nested_identical_degenerate() -> Re
             let y = Var::from_tensor(&b2.to_dtype(dtype)?)?;
             let loss = generalized_box_iou_loss(x.as_tensor(), y.as_tensor(), r, 1e-7)?;
             assert_eq!(loss.dtype(), DType::F32, "{p}: the loss is f32");
-            assert_close(&format!("{p} loss"), &loss, &fx.get(&format!("{p}.loss"))?, ltol);
+            assert_close(
+                &format!("{p} loss"),
+                &loss,
+                &fx.get(&format!("{p}.loss"))?,
+                ltol,
+            );
             let g = backward(&loss, &dnone, &[&x, &y])?;
-            assert_close(&format!("{p} dboxes1"), &g[0], &fx.get(&format!("{p}.db1"))?, gtol);
-            assert_close(&format!("{p} dboxes2"), &g[1], &fx.get(&format!("{p}.db2"))?, gtol);
+            assert_close(
+                &format!("{p} dboxes1"),
+                &g[0],
+                &fx.get(&format!("{p}.db1"))?,
+                gtol,
+            );
+            assert_close(
+                &format!("{p} dboxes2"),
+                &g[1],
+                &fx.get(&format!("{p}.db2"))?,
+                gtol,
+            );
         }
     }
     Ok(())
@@ -106,10 +146,21 @@ fn empty_inputs_reduce_like_torchvision() -> Result<()> {
     let e = Tensor::zeros((0, 4), DType::F32, &dev)?;
     let mean = generalized_box_iou_loss(&e, &e, Reduction::Mean, 1e-7)?.to_scalar::<f32>()?;
     assert_eq!(mean, 0.0, "torchvision: 0.0 * loss.sum() for an empty mean");
-    assert_eq!(generalized_box_iou_loss(&e, &e, Reduction::None, 1e-7)?.dims(), &[0]);
+    assert_eq!(
+        generalized_box_iou_loss(&e, &e, Reduction::None, 1e-7)?.dims(),
+        &[0]
+    );
     let x = Tensor::zeros(0, DType::F32, &dev)?;
-    assert_eq!(sigmoid_focal_loss(&x, &x, 0.25, 2.0, Reduction::Sum)?.to_scalar::<f32>()?, 0.0);
-    assert!(sigmoid_focal_loss(&x, &x, 0.25, 2.0, Reduction::Mean)?.to_scalar::<f32>()?.is_nan(), "torch: mean of empty is NaN");
+    assert_eq!(
+        sigmoid_focal_loss(&x, &x, 0.25, 2.0, Reduction::Sum)?.to_scalar::<f32>()?,
+        0.0
+    );
+    assert!(
+        sigmoid_focal_loss(&x, &x, 0.25, 2.0, Reduction::Mean)?
+            .to_scalar::<f32>()?
+            .is_nan(),
+        "torch: mean of empty is NaN"
+    );
     Ok(())
 }
 
@@ -119,7 +170,12 @@ fn f64_losses_stay_f64() -> Result<()> {
     let x = fx.get("focal.inputs")?.to_dtype(DType::F64)?;
     let loss = sigmoid_focal_loss(&x, &fx.get("focal.targets")?, 0.25, 2.0, Reduction::Sum)?;
     assert_eq!(loss.dtype(), DType::F64);
-    assert_close("focal f64", &loss, &fx.get("focal.a0.g2.sum.f32.loss")?, Tol::new(1e-6, 1e-7));
+    assert_close(
+        "focal f64",
+        &loss,
+        &fx.get("focal.a0.g2.sum.f32.loss")?,
+        Tol::new(1e-6, 1e-7),
+    );
     Ok(())
 }
 
@@ -134,26 +190,53 @@ fn bad_arguments_are_errors_naming_op_value_and_fix() -> Result<()> {
     for (err, want) in [
         (focal(&x, &x, 1.5, 2.0), "alpha (1.5) must be in [0, 1]"),
         (focal(&x, &x, f64::NAN, 2.0), "alpha (NaN)"),
-        (focal(&x, &x, 0.25, -1.0), "gamma (-1) must be finite and >= 0"),
+        (
+            focal(&x, &x, 0.25, -1.0),
+            "gamma (-1) must be finite and >= 0",
+        ),
         (focal(&x, &x, 0.25, f64::INFINITY), "gamma (inf)"),
-        (focal(&x, &Tensor::zeros(3, DType::F32, &dev)?, 0.25, 2.0), "targets shape [3] must equal inputs shape [2, 3]"),
-        (focal(&x, &x.to_dtype(DType::U8)?, 0.25, 2.0), "targets must be a float tensor"),
+        (
+            focal(&x, &Tensor::zeros(3, DType::F32, &dev)?, 0.25, 2.0),
+            "targets shape [3] must equal inputs shape [2, 3]",
+        ),
+        (
+            focal(&x, &x.to_dtype(DType::U8)?, 0.25, 2.0),
+            "targets must be a float tensor",
+        ),
     ] {
-        assert!(err.starts_with("sigmoid_focal_loss: ") && err.contains(want), "{err}");
+        assert!(
+            err.starts_with("sigmoid_focal_loss: ") && err.contains(want),
+            "{err}"
+        );
     }
     let b = Tensor::zeros((2, 4), DType::F32, &dev)?;
     let giou = |a: &Tensor, b: &Tensor, eps: f64| {
-        generalized_box_iou_loss(a, b, r, eps).unwrap_err().to_string()
+        generalized_box_iou_loss(a, b, r, eps)
+            .unwrap_err()
+            .to_string()
     };
     for (err, want) in [
         (giou(&x, &x, 1e-7), "boxes1 must have shape (.., 4)"),
-        (giou(&b, &Tensor::zeros((3, 4), DType::F32, &dev)?, 1e-7), "boxes2 shape [3, 4] must equal boxes1 shape [2, 4]"),
+        (
+            giou(&b, &Tensor::zeros((3, 4), DType::F32, &dev)?, 1e-7),
+            "boxes2 shape [3, 4] must equal boxes1 shape [2, 4]",
+        ),
         (giou(&b, &b, -1.0), "eps (-1) must be finite and >= 0"),
-        (giou(&b, &b.to_dtype(DType::U32)?, 1e-7), "boxes2 must be a float tensor"),
+        (
+            giou(&b, &b.to_dtype(DType::U32)?, 1e-7),
+            "boxes2 must be a float tensor",
+        ),
     ] {
-        assert!(err.starts_with("generalized_box_iou_loss: ") && err.contains(want), "{err}");
+        assert!(
+            err.starts_with("generalized_box_iou_loss: ") && err.contains(want),
+            "{err}"
+        );
     }
     assert_eq!("sum".parse::<Reduction>()?, Reduction::Sum);
-    assert!("avg".parse::<Reduction>().unwrap_err().to_string().contains("\"none\", \"mean\" or \"sum\""));
+    assert!("avg"
+        .parse::<Reduction>()
+        .unwrap_err()
+        .to_string()
+        .contains("\"none\", \"mean\" or \"sum\""));
     Ok(())
 }

@@ -15,11 +15,23 @@ use candle::{DType, Device, Tensor};
 use common::Fixtures;
 use keel_det::nms::{batched_nms, nms};
 
-const CASES: [&str; 7] = ["ties", "ties_vanilla", "negative", "random", "f64", "single", "empty"];
+const CASES: [&str; 7] = [
+    "ties",
+    "ties_vanilla",
+    "negative",
+    "random",
+    "f64",
+    "single",
+    "empty",
+];
 const THRESHOLDS: [f64; 5] = [0.0, 0.3, 0.5, 0.7, 1.0];
 
 fn indices(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.to_dtype(DType::I64)?.to_vec1::<i64>()?.into_iter().map(|i| i as u32).collect())
+    Ok(t.to_dtype(DType::I64)?
+        .to_vec1::<i64>()?
+        .into_iter()
+        .map(|i| i as u32)
+        .collect())
 }
 
 #[test]
@@ -33,18 +45,30 @@ fn nms_and_batched_nms_are_identical_to_torchvision_ties_included() -> Result<()
         let idxs = fx.get(&format!("{p}.idxs"))?;
         for (t, thr) in THRESHOLDS.iter().enumerate() {
             let want = indices(&fx.get(&format!("{p}.t{t}.keep"))?)?;
-            assert_eq!(nms(&boxes, &scores, *thr)?, want, "{case} nms iou_threshold {thr}");
+            assert_eq!(
+                nms(&boxes, &scores, *thr)?,
+                want,
+                "{case} nms iou_threshold {thr}"
+            );
             let want_b = indices(&fx.get(&format!("{p}.t{t}.bkeep"))?)?;
             for idt in [DType::I64, DType::U32] {
                 let got = batched_nms(&boxes, &scores, &idxs.to_dtype(idt)?, *thr)?;
-                assert_eq!(got, want_b, "{case} batched_nms iou_threshold {thr} idxs {idt:?}");
+                assert_eq!(
+                    got, want_b,
+                    "{case} batched_nms iou_threshold {thr} idxs {idt:?}"
+                );
             }
             // The fixture must exercise ties: two kept boxes with equal scores.
             let s = scores.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            kept_some_tie |= want.windows(2).any(|w| s[w[0] as usize] == s[w[1] as usize]);
+            kept_some_tie |= want
+                .windows(2)
+                .any(|w| s[w[0] as usize] == s[w[1] as usize]);
         }
     }
-    assert!(kept_some_tie, "the fixtures have no kept ties; they test nothing about ties");
+    assert!(
+        kept_some_tie,
+        "the fixtures have no kept ties; they test nothing about ties"
+    );
     Ok(())
 }
 
@@ -56,9 +80,20 @@ fn f16_and_bf16_inputs_use_the_f32_kernel_on_exact_values() -> Result<()> {
     let idxs = fx.get("nms.ties.idxs")?;
     for dtype in [DType::F16, DType::BF16] {
         let (b, s) = (boxes.to_dtype(dtype)?, scores.to_dtype(dtype)?);
-        assert_eq!(b.to_dtype(DType::F32)?.to_vec2::<f32>()?, boxes.to_vec2::<f32>()?);
-        assert_eq!(nms(&b, &s, 0.5)?, indices(&fx.get("nms.ties.t2.keep")?)?, "{dtype:?}");
-        assert_eq!(batched_nms(&b, &s, &idxs, 0.5)?, indices(&fx.get("nms.ties.t2.bkeep")?)?, "{dtype:?}");
+        assert_eq!(
+            b.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+            boxes.to_vec2::<f32>()?
+        );
+        assert_eq!(
+            nms(&b, &s, 0.5)?,
+            indices(&fx.get("nms.ties.t2.keep")?)?,
+            "{dtype:?}"
+        );
+        assert_eq!(
+            batched_nms(&b, &s, &idxs, 0.5)?,
+            indices(&fx.get("nms.ties.t2.bkeep")?)?,
+            "{dtype:?}"
+        );
     }
     Ok(())
 }
@@ -68,7 +103,9 @@ fn duplicate_boxes_with_equal_scores_keep_the_lowest_index() -> Result<()> {
     // torchvision's CPU kernel sorts stably: of 40 identical boxes with equal scores the
     // first survives (an unstable sort, as in older torchvision, may keep another one).
     let n = 40;
-    let boxes = Tensor::new(&[0f32, 0., 1., 1.], &Device::Cpu)?.unsqueeze(0)?.repeat((n, 1))?;
+    let boxes = Tensor::new(&[0f32, 0., 1., 1.], &Device::Cpu)?
+        .unsqueeze(0)?
+        .repeat((n, 1))?;
     let scores = Tensor::ones(n, DType::F32, &Device::Cpu)?;
     assert_eq!(nms(&boxes, &scores, 0.5)?, [0]);
     let idxs = Tensor::zeros(n, DType::U32, &Device::Cpu)?;
@@ -83,10 +120,13 @@ fn the_per_class_path_orders_equal_scores_like_torchs_unstable_sort() -> Result<
     let fx = Fixtures::load()?;
     let scores = fx.get("nms.ties_vanilla.scores")?.to_vec1::<f32>()?;
     let keep = indices(&fx.get("nms.ties_vanilla.t2.bkeep")?)?;
-    let descents = keep.windows(2).filter(|w| {
-        scores[w[0] as usize] == scores[w[1] as usize] && w[0] > w[1]
-    });
-    assert!(descents.count() > 0, "the fixture's ties come out in index order");
+    let descents = keep
+        .windows(2)
+        .filter(|w| scores[w[0] as usize] == scores[w[1] as usize] && w[0] > w[1]);
+    assert!(
+        descents.count() > 0,
+        "the fixture's ties come out in index order"
+    );
     Ok(())
 }
 
@@ -100,18 +140,45 @@ fn bad_inputs_are_errors_naming_op_value_and_fix() -> Result<()> {
     let nan_b = Tensor::new(&[[0f32, 0., 1., 1.], [0., f32::NAN, 2., 2.]], &dev)?;
     let e = |r: candle::Result<Vec<u32>>| r.unwrap_err().to_string();
     for (err, want) in [
-        (e(nms(&b, &s, 1.5)), "nms: iou_threshold (1.5) must be in [0, 1]"),
-        (e(nms(&b, &s, -0.1)), "nms: iou_threshold (-0.1) must be in [0, 1]"),
-        (e(nms(&b, &s, f64::NAN)), "nms: iou_threshold (NaN) must be in [0, 1]"),
-        (e(nms(&b.reshape(8)?, &s, 0.5)), "nms: boxes must have shape (N, 4)"),
-        (e(nms(&b, &s.narrow(0, 0, 1)?, 0.5)), "nms: scores must have shape (2,), one per box, got [1]"),
+        (
+            e(nms(&b, &s, 1.5)),
+            "nms: iou_threshold (1.5) must be in [0, 1]",
+        ),
+        (
+            e(nms(&b, &s, -0.1)),
+            "nms: iou_threshold (-0.1) must be in [0, 1]",
+        ),
+        (
+            e(nms(&b, &s, f64::NAN)),
+            "nms: iou_threshold (NaN) must be in [0, 1]",
+        ),
+        (
+            e(nms(&b.reshape(8)?, &s, 0.5)),
+            "nms: boxes must have shape (N, 4)",
+        ),
+        (
+            e(nms(&b, &s.narrow(0, 0, 1)?, 0.5)),
+            "nms: scores must have shape (2,), one per box, got [1]",
+        ),
         (e(nms(&b, &nan_s, 0.5)), "nms: scores[1] is NaN"),
-        (e(nms(&nan_b, &s, 0.5)), "nms: boxes[1] = [0.0, NaN, 2.0, 2.0] has a NaN coordinate"),
+        (
+            e(nms(&nan_b, &s, 0.5)),
+            "nms: boxes[1] = [0.0, NaN, 2.0, 2.0] has a NaN coordinate",
+        ),
         (e(nms(&b, &c, 0.5)), "nms: scores must be a float tensor"),
-        (e(batched_nms(&b, &s, &s, 0.5)), "batched_nms: idxs (class ids) must be an integer tensor"),
-        (e(batched_nms(&b, &s, &c.narrow(0, 0, 1)?, 0.5)), "batched_nms: idxs must have shape (2,)"),
+        (
+            e(batched_nms(&b, &s, &s, 0.5)),
+            "batched_nms: idxs (class ids) must be an integer tensor",
+        ),
+        (
+            e(batched_nms(&b, &s, &c.narrow(0, 0, 1)?, 0.5)),
+            "batched_nms: idxs must have shape (2,)",
+        ),
     ] {
-        assert!(err.starts_with(want), "{err}\n  expected to start with: {want}");
+        assert!(
+            err.starts_with(want),
+            "{err}\n  expected to start with: {want}"
+        );
     }
     Ok(())
 }

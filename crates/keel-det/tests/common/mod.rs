@@ -11,7 +11,10 @@ pub struct Fixtures(HashMap<String, Tensor>);
 
 impl Fixtures {
     pub fn load() -> Result<Fixtures> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/det_ops.safetensors");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/det_ops.safetensors"
+        );
         Ok(Fixtures(candle::safetensors::load(path, &Device::Cpu)?))
     }
 
@@ -20,9 +23,5 @@ impl Fixtures {
             .get(key)
             .cloned()
             .with_context(|| format!("fixture {key} missing; rerun gen_det_ops.py"))
-    }
-
-    pub fn has(&self, key: &str) -> bool {
-        self.0.contains_key(key)
     }
 }
