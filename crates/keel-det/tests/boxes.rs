@@ -35,21 +35,14 @@ fn matrices_and_gradients_match_torchvision_in_f32_and_f16() -> Result<()> {
             let (x, y) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
             let area = box_area(&x)?;
             assert_eq!(area.dtype(), DType::F32, "f16/bf16/f32 compute in f32");
-            assert_close(
-                &format!("{p} {dn} area"),
-                &area,
-                &fx.get(&format!("{p}.{dn}.area_a"))?,
-                tol,
-            );
+            fx.check(&area, &format!("{p}.{dn}.area_a"), tol)?;
             for (name, f) in OPS {
                 let (vx, vy) = (Var::from_tensor(&x)?, Var::from_tensor(&y)?);
                 let m = f(vx.as_tensor(), vy.as_tensor())?;
-                let what = format!("{p} {dn} {name}");
-                assert_close(&what, &m, &fx.get(&format!("{p}.{dn}.{name}"))?, tol);
+                fx.check(&m, &format!("{p}.{dn}.{name}"), tol)?;
                 if case != "grad" {
                     continue; // NaN matrices (degenerate) and empty ones have no gradients
                 }
-                let key = format!("{p}.{dn}.{name}.da");
                 let grads = m.mul(&dmat)?.sum_all()?.backward()?;
                 let (ga, gb) = (grads.get(&vx).unwrap(), grads.get(&vy).unwrap());
                 assert_eq!(ga.dtype(), dtype, "gradient in the input dtype");
@@ -58,13 +51,8 @@ fn matrices_and_gradients_match_torchvision_in_f32_and_f16() -> Result<()> {
                 } else {
                     Tol::F32
                 };
-                assert_close(&format!("{what} dboxes1"), ga, &fx.get(&key)?, gtol);
-                assert_close(
-                    &format!("{what} dboxes2"),
-                    gb,
-                    &fx.get(&format!("{p}.{dn}.{name}.db"))?,
-                    gtol,
-                );
+                fx.check(ga, &format!("{p}.{dn}.{name}.da"), gtol)?;
+                fx.check(gb, &format!("{p}.{dn}.{name}.db"), gtol)?;
             }
         }
     }

@@ -65,20 +65,10 @@ fn focal_loss_matches_torchvision_for_alphas_gammas_reductions() -> Result<()> {
                     let x = Var::from_tensor(&inputs.to_dtype(dtype)?)?;
                     let loss = sigmoid_focal_loss(x.as_tensor(), &targets, *alpha, gamma, r)?;
                     assert_eq!(loss.dtype(), DType::F32, "{p}: the loss is f32");
-                    assert_close(
-                        &format!("{p} loss"),
-                        &loss,
-                        &fx.get(&format!("{p}.loss"))?,
-                        ltol,
-                    );
+                    fx.check(&loss, &format!("{p}.loss"), ltol)?;
                     let g = backward(&loss, &dnone, &[&x])?;
                     assert_eq!(g[0].dtype(), dtype, "{p}: gradient in the input dtype");
-                    assert_close(
-                        &format!("{p} dinputs"),
-                        &g[0],
-                        &fx.get(&format!("{p}.dinputs"))?,
-                        gtol,
-                    );
+                    fx.check(&g[0], &format!("{p}.dinputs"), gtol)?;
                 }
             }
         }
@@ -116,25 +106,10 @@ fn giou_loss_matches_torchvision_on_disjoint_nested_identical_degenerate() -> Re
             let y = Var::from_tensor(&b2.to_dtype(dtype)?)?;
             let loss = generalized_box_iou_loss(x.as_tensor(), y.as_tensor(), r, 1e-7)?;
             assert_eq!(loss.dtype(), DType::F32, "{p}: the loss is f32");
-            assert_close(
-                &format!("{p} loss"),
-                &loss,
-                &fx.get(&format!("{p}.loss"))?,
-                ltol,
-            );
+            fx.check(&loss, &format!("{p}.loss"), ltol)?;
             let g = backward(&loss, &dnone, &[&x, &y])?;
-            assert_close(
-                &format!("{p} dboxes1"),
-                &g[0],
-                &fx.get(&format!("{p}.db1"))?,
-                gtol,
-            );
-            assert_close(
-                &format!("{p} dboxes2"),
-                &g[1],
-                &fx.get(&format!("{p}.db2"))?,
-                gtol,
-            );
+            fx.check(&g[0], &format!("{p}.db1"), gtol)?;
+            fx.check(&g[1], &format!("{p}.db2"), gtol)?;
         }
     }
     Ok(())
