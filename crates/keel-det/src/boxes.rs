@@ -12,6 +12,9 @@
 //! - Degenerate boxes are not rejected, as in torchvision: a zero-width box has area 0; an
 //!   inverted box (x2 < x1) a negative area; the IoU of two zero-area boxes is 0/0 = NaN.
 //!   [`generalized_box_iou`] is NaN when the enclosing box has zero area.
+//! - Empty inputs give fresh empty results (`(0,)`, `(0, M)`, `(N, 0)`): candle's narrowed
+//!   views of an empty tensor carry offsets past their storage, on which `to_vec2` and the
+//!   reductions panic, so no such view is returned.
 
 use candle::{bail, DType, Result, Tensor};
 
@@ -82,12 +85,31 @@ fn clamp_min0(x: &Tensor) -> Result<Tensor> {
 /// # Ok::<(), candle::Error>(())
 /// ```
 pub fn box_area(boxes: &Tensor) -> Result<Tensor> {
-    check_boxes("box_area", "boxes", boxes)?;
-    area(&boxes.to_dtype(compute_dtype(&[boxes]))?)
+    let n = check_boxes("box_area", "boxes", boxes)?;
+    let dtype = compute_dtype(&[boxes]);
+    if n == 0 {
+        return Tensor::zeros(0, dtype, boxes.device());
+    }
+    area(&boxes.to_dtype(dtype)?)
 }
 
 fn area(b: &Tensor) -> Result<Tensor> {
     (col(b, 2)? - col(b, 0)?)?.mul(&(col(b, 3)? - col(b, 1)?)?)
+}
+
+/// `None` when one set is empty: the `(N, M)` result is then a fresh empty tensor.
+fn empty_pair(op: &str, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let n = check_boxes(op, "boxes1", a)?;
+    let m = check_boxes(op, "boxes2", b)?;
+    check_same_device(op, ("boxes1", a), ("boxes2", b))?;
+    if n == 0 || m == 0 {
+        return Ok(Some(Tensor::zeros(
+            (n, m),
+            compute_dtype(&[a, b]),
+            a.device(),
+        )?));
+    }
+    Ok(None)
 }
 
 /// Validated, upcast pair of box sets with their corner tensors broadcast to `(N, M, 2)`.
@@ -150,6 +172,9 @@ fn prod_wh(wh: &Tensor) -> Result<Tensor> {
 /// # Ok::<(), candle::Error>(())
 /// ```
 pub fn box_iou(boxes1: &Tensor, boxes2: &Tensor) -> Result<Tensor> {
+    if let Some(empty) = empty_pair("box_iou", boxes1, boxes2)? {
+        return Ok(empty);
+    }
     let (inter, union) = Pair::new("box_iou", boxes1, boxes2)?.inter_union()?;
     inter.div(&union)
 }
@@ -171,6 +196,9 @@ pub fn box_iou(boxes1: &Tensor, boxes2: &Tensor) -> Result<Tensor> {
 /// # Ok::<(), candle::Error>(())
 /// ```
 pub fn generalized_box_iou(boxes1: &Tensor, boxes2: &Tensor) -> Result<Tensor> {
+    if let Some(empty) = empty_pair("generalized_box_iou", boxes1, boxes2)? {
+        return Ok(empty);
+    }
     let pair = Pair::new("generalized_box_iou", boxes1, boxes2)?;
     let (inter, union) = pair.inter_union()?;
     let iou = inter.div(&union)?;

@@ -113,6 +113,26 @@ fn giou_touching_grad() -> [f32; 4] {
 }
 
 #[test]
+fn empty_results_are_plain_tensors_that_read_back_and_reduce() -> Result<()> {
+    // candle panics in to_vec2 / sum_all on narrowed views of empty tensors; the results
+    // must not be such views.
+    let dev = Device::Cpu;
+    let e = Tensor::zeros((0, 4), DType::F32, &dev)?;
+    let b = Tensor::ones((2, 4), DType::F32, &dev)?;
+    for (name, f) in OPS {
+        for (x, y, dims) in [(&e, &b, [0, 2]), (&b, &e, [2, 0]), (&e, &e, [0, 0])] {
+            let m = f(x, y)?;
+            assert_eq!(m.dims(), dims, "{name}");
+            assert_eq!(m.to_vec2::<f32>()?.len(), dims[0], "{name}");
+            assert_eq!(m.sum_all()?.to_scalar::<f32>()?, 0.0, "{name}");
+        }
+    }
+    assert_eq!(box_area(&e)?.to_vec1::<f32>()?, Vec::<f32>::new());
+    assert_eq!(box_area(&e)?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    Ok(())
+}
+
+#[test]
 fn bad_shapes_dtypes_and_devices_are_errors_that_name_the_op() -> Result<()> {
     let dev = Device::Cpu;
     let good = Tensor::zeros((3, 4), DType::F32, &dev)?;

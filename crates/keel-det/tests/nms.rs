@@ -182,3 +182,84 @@ fn bad_inputs_are_errors_naming_op_value_and_fix() -> Result<()> {
     }
     Ok(())
 }
+
+mod properties {
+    use super::*;
+    use keel_det::boxes::box_iou;
+    use proptest::prelude::*;
+
+    /// Boxes on a small grid (duplicates and touching edges likely), scores on 4 levels.
+    fn inputs() -> impl Strategy<Value = (Vec<[f32; 4]>, Vec<f32>, Vec<u32>, f64)> {
+        (0usize..40).prop_flat_map(|n| {
+            (
+                prop::collection::vec((0u8..6, 0u8..6, 1u8..4, 1u8..4), n),
+                prop::collection::vec(0u8..4, n),
+                prop::collection::vec(0u32..3, n),
+                prop::sample::select(vec![0.0, 0.25, 0.5, 0.9, 1.0]),
+            )
+                .prop_map(|(b, s, c, t)| {
+                    let boxes = b
+                        .iter()
+                        .map(|&(x, y, w, h)| {
+                            let (x, y) = (x as f32, y as f32);
+                            [x, y, x + w as f32, y + h as f32]
+                        })
+                        .collect();
+                    (boxes, s.iter().map(|&s| s as f32 / 4.0).collect(), c, t)
+                })
+        })
+    }
+
+    /// Checks greedy NMS's defining properties against `box_iou`: kept in non-increasing
+    /// score order, no two kept boxes of one class overlap above the threshold, and every
+    /// dropped box overlaps a kept box of its class with a score at least its own.
+    fn check(
+        boxes: &[[f32; 4]],
+        scores: &[f32],
+        classes: &[u32],
+        thr: f64,
+        keep: &[u32],
+    ) -> std::result::Result<(), TestCaseError> {
+        let n = boxes.len();
+        let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
+        let t = Tensor::from_vec(flat, (n, 4), &Device::Cpu).unwrap();
+        let iou = box_iou(&t, &t).unwrap().to_vec2::<f32>().unwrap();
+        for w in keep.windows(2) {
+            prop_assert!(scores[w[0] as usize] >= scores[w[1] as usize]);
+        }
+        let kept: Vec<usize> = keep.iter().map(|&k| k as usize).collect();
+        for (a, &i) in kept.iter().enumerate() {
+            for &j in &kept[a + 1..] {
+                let same = classes[i] == classes[j];
+                prop_assert!(
+                    !(same && iou[i][j] as f64 > thr),
+                    "kept {i} and {j} overlap"
+                );
+            }
+        }
+        for d in (0..n).filter(|d| !kept.contains(d)) {
+            let covered = kept.iter().any(|&k| {
+                classes[k] == classes[d] && scores[k] >= scores[d] && iou[k][d] as f64 > thr
+            });
+            prop_assert!(covered, "dropped {d} has no kept box suppressing it");
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn nms_and_batched_nms_keep_greedy_invariants((boxes, scores, classes, thr) in inputs()) {
+            let n = boxes.len();
+            let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
+            let b = Tensor::from_vec(flat, (n, 4), &Device::Cpu).unwrap();
+            let s = Tensor::from_vec(scores.clone(), n, &Device::Cpu).unwrap();
+            let c = Tensor::from_vec(classes.clone(), n, &Device::Cpu).unwrap();
+            let keep = nms(&b, &s, thr).unwrap();
+            check(&boxes, &scores, &vec![0; n], thr, &keep)?;
+            let keep = batched_nms(&b, &s, &c, thr).unwrap();
+            check(&boxes, &scores, &classes, thr, &keep)?;
+        }
+    }
+}
