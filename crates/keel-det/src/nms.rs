@@ -2,8 +2,10 @@
 //! `torchvision.ops.batched_nms` (CPU), ties included.
 //!
 //! # Contract
-//! - `boxes (N, 4)` xyxy, `scores (N,)`, `idxs (N,)` (class ids); the result is the kept
-//!   indices into the inputs, by decreasing score, as `Vec<u32>`.
+//! - `boxes (N, 4)` xyxy, `scores (N,)` in any float dtype (compared as exact f64, so
+//!   ties are the dtype's own; torchvision wants the boxes' dtype), `idxs (N,)` class ids
+//!   in any integer dtype; the result is the kept indices into the inputs, by decreasing
+//!   score, as `Vec<u32>` (wrap it with `Tensor::new(&keep[..], device)` to gather).
 //! - A box is suppressed by a kept box of higher rank when their IoU is strictly greater
 //!   than `iou_threshold` (so 1.0 suppresses nothing but duplicates never, and 0.0 every
 //!   overlap).
