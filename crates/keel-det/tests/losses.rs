@@ -79,7 +79,7 @@ fn focal_loss_matches_torchvision_for_alphas_gammas_reductions() -> Result<()> {
 #[test]
 fn focal_loss_gradient_at_logit_zero_is_sigmoid_minus_target() -> Result<()> {
     // d BCE / dx at x = 0 is sigmoid(0) - t = 0.5 - t; a BCE written with |x| and
-    // min(x, 0) through candle's ops would give 1 - t (the tie halves and sign(0) = +1).
+    // min(x, 0) through candle's ops would give -t (min halves the tie at 0, d|x| = +1).
     let x = Var::new(&[0f32, 0.], &Device::Cpu)?;
     let t = Tensor::new(&[1f32, 0.], &Device::Cpu)?;
     let loss = sigmoid_focal_loss(x.as_tensor(), &t, -1.0, 0.0, Reduction::Sum)?;
