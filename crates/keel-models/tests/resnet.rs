@@ -15,7 +15,7 @@
 //! value = float32(lo + span * u)
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};
@@ -136,7 +136,10 @@ fn the_network_creates_exactly_the_state_dict_variables() -> Result<()> {
             ..ResNetConfig::backbone(depth, norm.parse()?)
         };
         let vm = VarMap::new();
-        ResNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &DEV).pp("bb"))?;
+        ResNet::new(
+            &cfg,
+            VarBuilder::from_varmap(&vm, DType::F32, &DEV).pp("bb"),
+        )?;
         let got: BTreeMap<String, Vec<usize>> = vm
             .data()
             .lock()
@@ -180,7 +183,12 @@ thread_local! {
 /// `||got - want|| / ||want||`.
 fn rel_l2(got: &[f64], want: &Tensor) -> Result<f64> {
     let w = want.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    ensure!(got.len() == w.len(), "{} values, expected {}", got.len(), w.len());
+    ensure!(
+        got.len() == w.len(),
+        "{} values, expected {}",
+        got.len(),
+        w.len()
+    );
     let err: f64 = got.iter().zip(&w).map(|(g, w)| (g - w).powi(2)).sum();
     let norm: f64 = w.iter().map(|w| w * w).sum();
     Ok((err / norm).sqrt())
@@ -235,7 +243,12 @@ fn run_parity(case: &Case, dtype: DType, t: &Tols) -> Result<()> {
         let (sum, sumsq) = row_stats(&per_c)?;
         assert_eq!(sum.len(), c);
         compare(&format!("{name}.sum"), &sum, f(&format!("{name}.sum"))?, t)?;
-        compare(&format!("{name}.sumsq"), &sumsq, f(&format!("{name}.sumsq"))?, t)?;
+        compare(
+            &format!("{name}.sumsq"),
+            &sumsq,
+            f(&format!("{name}.sumsq"))?,
+            t,
+        )?;
         let flat = f64s.flatten_all()?;
         let idx = f(&format!("{name}.idx"))?;
         let val = flat.index_select(idx, 0)?.to_vec1::<f64>()?;
@@ -244,7 +257,10 @@ fn run_parity(case: &Case, dtype: DType, t: &Tols) -> Result<()> {
         loss = (loss + (feat.to_dtype(DType::F32)? * r)?.sum_all()?)?;
     }
     if let Some(logits) = &out.logits {
-        let got = logits.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let got = logits
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         compare("logits", &got, f("logits")?, t)?;
         let r = gen("proj.logits", logits.dims(), -1.0, 2.0)?;
         loss = (loss + (logits.to_dtype(DType::F32)? * r)?.sum_all()?)?;
@@ -261,7 +277,12 @@ fn run_parity(case: &Case, dtype: DType, t: &Tols) -> Result<()> {
             (Some(g), Some(want)) => {
                 let (sum, sumsq) = row_stats(g)?;
                 compare(&key, &sum, want, t)?;
-                compare(&format!("grad.{name}.sumsq"), &sumsq, f(&format!("grad.{name}.sumsq"))?, t)?;
+                compare(
+                    &format!("grad.{name}.sumsq"),
+                    &sumsq,
+                    f(&format!("grad.{name}.sumsq"))?,
+                    t,
+                )?;
                 with_grad += 1;
             }
             (None, None) => {}
@@ -272,9 +293,21 @@ fn run_parity(case: &Case, dtype: DType, t: &Tols) -> Result<()> {
             ),
         }
     }
-    let want_grads = fx.keys().filter(|k| k.ends_with(".sum") && k.starts_with("grad.")).count();
-    WORST.with(|w| eprintln!("{} {dtype:?}: worst relative L2 error {:?}", case.file, w.borrow()));
-    ensure!(with_grad == want_grads, "{with_grad} gradients checked, the fixture has {want_grads}");
+    let want_grads = fx
+        .keys()
+        .filter(|k| k.ends_with(".sum") && k.starts_with("grad."))
+        .count();
+    WORST.with(|w| {
+        eprintln!(
+            "{} {dtype:?}: worst relative L2 error {:?}",
+            case.file,
+            w.borrow()
+        )
+    });
+    ensure!(
+        with_grad == want_grads,
+        "{with_grad} gradients checked, the fixture has {want_grads}"
+    );
     Ok(())
 }
 
@@ -362,4 +395,307 @@ fn resnet50_group_norm_after_conversion_matches_pytorch() -> Result<()> {
         ..R50_FROZEN
     };
     run_parity(&case, DType::F32, &F32)
+}
+
+/// The error of loading `sd` into a ResNet-18 of `norm`, as text; panics when it loads.
+fn load_error(sd: StateDict, norm: NormKind) -> String {
+    let cfg = ResNetConfig::backbone(ResNetDepth::R18, norm);
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &DEV);
+    match ResNet::from_state_dict(&cfg, sd, &vm, vb) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => {
+            assert!(
+                vm.all_vars().is_empty(),
+                "variables created before the error: {e}"
+            );
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn a_missing_key_is_named_in_torchvision_order() -> Result<()> {
+    let mut sd = bn_state_dict(ResNetDepth::R18, false)?;
+    sd.remove("layer2.0.downsample.0.weight");
+    sd.remove("layer3.1.conv2.weight");
+    let e = load_error(sd, NormKind::FrozenBatchNorm);
+    assert!(
+        e.contains("lacks 'layer2.0.downsample.0.weight' (shape [128, 64, 1, 1])"),
+        "{e}"
+    );
+    assert!(
+        e.contains("a torchvision resnet18 with norm frozen-bn"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_checkpoint_without_statistics_needs_group_norm() -> Result<()> {
+    let mut sd = bn_state_dict(ResNetDepth::R18, false)?;
+    sd.retain(|k, _| !k.contains("running"));
+    let e = load_error(sd, NormKind::BatchNorm);
+    assert!(
+        e.contains("lacks 'bn1.running_mean'") && e.contains("needs norm gn"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_wrong_shape_is_named_with_the_expected_one() -> Result<()> {
+    let mut sd = bn_state_dict(ResNetDepth::R18, false)?;
+    sd.insert(
+        "layer1.1.conv1.weight".into(),
+        Tensor::zeros((64, 64, 1, 1), DType::F32, &DEV)?,
+    );
+    let e = load_error(sd, gn());
+    assert!(
+        e.contains("'layer1.1.conv1.weight' has shape [64, 64, 1, 1]")
+            && e.contains("expects [64, 64, 3, 3]"),
+        "{e}"
+    );
+    // A ResNet-50 checkpoint into a ResNet-18: its first conv of layer1 is 1x1.
+    let e = load_error(
+        bn_state_dict(ResNetDepth::R50, false)?,
+        NormKind::FrozenBatchNorm,
+    );
+    assert!(
+        e.contains("'layer1.0.conv1.weight' has shape [64, 64, 1, 1]"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_deeper_checkpoint_is_refused_by_its_extra_keys() -> Result<()> {
+    // ResNet-34 has every ResNet-18 key with the same shape, and more blocks.
+    let e = load_error(bn_state_dict(ResNetDepth::R34, false)?, NormKind::BatchNorm);
+    assert!(
+        e.contains("has 'layer1.2.bn1.bias'") && e.contains("deeper ResNet"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn segnet_names_are_refused_with_a_hint() -> Result<()> {
+    use keel_models::seg::{ModelConfig, SegNet};
+    let vm = VarMap::new();
+    let cfg = ModelConfig {
+        norm: NormKind::BatchNorm,
+        ..ModelConfig::default()
+    };
+    SegNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &DEV))?;
+    let sd: StateDict = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let e = load_error(sd, NormKind::FrozenBatchNorm);
+    assert!(
+        e.contains("lacks 'conv1.weight'") && e.contains("SegNet (twin) names"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn prefixed_keys_get_a_hint_and_non_finite_weights_are_named() -> Result<()> {
+    let sd: StateDict = bn_state_dict(ResNetDepth::R18, false)?
+        .into_iter()
+        .map(|(k, v)| (format!("module.{k}"), v))
+        .collect();
+    let e = load_error(sd, gn());
+    assert!(e.contains("strip 'module.'"), "{e}");
+    let mut sd = bn_state_dict(ResNetDepth::R18, false)?;
+    sd.insert(
+        "layer4.0.conv2.weight".into(),
+        (sd["layer4.0.conv2.weight"].clone() / 0.0)?,
+    );
+    let e = load_error(sd, NormKind::BatchNorm);
+    assert!(
+        e.contains("'layer4.0.conv2.weight' holds NaN or infinite"),
+        "{e}"
+    );
+    Ok(())
+}
+
+fn var(vm: &VarMap, name: &str) -> Result<Vec<f32>> {
+    let data = vm.data().lock().unwrap();
+    Ok(data[name].as_tensor().flatten_all()?.to_vec1()?)
+}
+
+#[test]
+fn the_load_report_counts_the_conversion_and_the_classifier() -> Result<()> {
+    let mut sd = bn_state_dict(ResNetDepth::R18, true)?;
+    for p in keel_norm::convert::find_batch_norms(&sd) {
+        sd.insert(format!("{p}.num_batches_tracked"), Tensor::new(7i64, &DEV)?);
+    }
+    let want = sd["layer2.1.conv2.weight"]
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    // 20 BatchNorms in a ResNet-18; the model's fc has 3 classes, the checkpoint's 10.
+    let cfg = ResNetConfig {
+        with_fc: true,
+        num_classes: 3,
+        ..ResNetConfig::backbone(ResNetDepth::R18, gn())
+    };
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &DEV).pp("backbone");
+    let (_, r) = ResNet::from_state_dict(&cfg, sd.clone(), &vm, vb)?;
+    assert_eq!(r.converted.len(), 20);
+    assert_eq!(
+        (r.dropped_num_batches_tracked, r.dropped_running_stats),
+        (20, 40)
+    );
+    assert_eq!(
+        r.fc,
+        FcLoad::KeptInit {
+            checkpoint_shape: Some(vec![10, 512])
+        }
+    );
+    assert_eq!(r.loaded, 20 * 3);
+    assert_eq!(var(&vm, "backbone.layer2.1.conv2.weight")?, want);
+    assert_eq!(vm.all_vars().len(), 20 * 3 + 2);
+    assert!(r.to_string().starts_with(
+        "loaded 60 tensors (20 BatchNorms converted to gn; dropped 20 num_batches_tracked and 40 running statistics; fc kept its init"
+    ), "{r}");
+    // Frozen-bn keeps the statistics and loads a matching fc.
+    let cfg = ResNetConfig {
+        norm: NormKind::FrozenBatchNorm,
+        num_classes: 10,
+        ..cfg
+    };
+    let vm = VarMap::new();
+    let (_, r) = ResNet::from_state_dict(
+        &cfg,
+        sd,
+        &vm,
+        VarBuilder::from_varmap(&vm, DType::F32, &DEV),
+    )?;
+    assert_eq!(
+        (r.converted.len(), r.dropped_running_stats, r.fc.clone()),
+        (20, 0, FcLoad::Loaded)
+    );
+    assert_eq!(r.loaded, 20 * 5 + 2);
+    Ok(())
+}
+
+/// One train step's gradients of a ResNet-18 with `norm` and `freeze_at` (batch 2, 32x32).
+fn train_step(
+    norm: NormKind,
+    freeze_at: usize,
+) -> Result<(VarMap, ResNet, candle::backprop::GradStore)> {
+    let cfg = ResNetConfig {
+        freeze_at,
+        ..ResNetConfig::backbone(ResNetDepth::R18, norm)
+    };
+    let vm = VarMap::new();
+    let (net, _) = ResNet::from_state_dict(
+        &cfg,
+        bn_state_dict(ResNetDepth::R18, false)?,
+        &vm,
+        VarBuilder::from_varmap(&vm, DType::F32, &DEV),
+    )?;
+    let x = gen("input", &[2, 3, 32, 32], -1.0, 2.0)?;
+    let out = net.forward(&x, true)?;
+    let mut total = Tensor::zeros((), DType::F32, &DEV)?;
+    for f in &out.features {
+        total = (total + f.sqr()?.mean_all()?)?;
+    }
+    let grads = total.backward()?;
+    Ok((vm, net, grads))
+}
+
+/// The variables of `vm` that received a gradient, sorted.
+fn with_grads(vm: &VarMap, grads: &candle::backprop::GradStore) -> Vec<String> {
+    let data = vm.data().lock().unwrap();
+    let mut names: Vec<String> = data
+        .iter()
+        .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+        .map(|(k, _)| k.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn frozen_stages_get_no_gradient_and_are_not_trainable() -> Result<()> {
+    for (norm, freeze_at, trainable) in [
+        // GroupNorm, nothing frozen: every variable trains.
+        (gn(), 0, 20 * 3),
+        // Stem and layer1 frozen: 1 + 4 convs and their norms out.
+        (gn(), 2, (20 - 5) * 3),
+        // FrozenBatchNorm: only the convs train.
+        (NormKind::FrozenBatchNorm, 0, 20),
+        // Everything frozen.
+        (NormKind::FrozenBatchNorm, 5, 0),
+        // Trainable BatchNorm with the stem frozen: its bn1 is frozen too.
+        (NormKind::BatchNorm, 1, 19 * 3),
+    ] {
+        let (vm, net, grads) = train_step(norm, freeze_at)?;
+        let names = net.trainable_names();
+        assert_eq!(names.len(), trainable, "{norm} freeze_at {freeze_at}");
+        assert_eq!(
+            with_grads(&vm, &grads),
+            names,
+            "{norm} freeze_at {freeze_at}"
+        );
+        assert_eq!(net.trainable_vars(&vm)?.len(), trainable);
+        let frozen_prefixes = ["conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4."];
+        let stage_of = |n: &str| {
+            frozen_prefixes
+                .iter()
+                .position(|p| n.starts_with(p))
+                .unwrap()
+                .max(1)
+        };
+        assert!(
+            names.iter().all(|n| stage_of(n) + 1 > freeze_at),
+            "{names:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_frozen_stage_keeps_its_batch_norm_statistics() -> Result<()> {
+    let sd = bn_state_dict(ResNetDepth::R18, false)?;
+    let (vm, _, _) = train_step(NormKind::BatchNorm, 1)?;
+    let same = |k: &str| -> Result<bool> { Ok(var(&vm, k)? == sd[k].to_vec1::<f32>()?) };
+    assert!(same("bn1.running_mean")? && same("bn1.running_var")?);
+    assert!(!same("layer1.0.bn1.running_mean")? && !same("layer1.0.bn1.running_var")?);
+    Ok(())
+}
+
+#[test]
+fn configs_are_validated_and_round_trip_through_serde() -> Result<()> {
+    let cfg = ResNetConfig {
+        freeze_at: 6,
+        ..ResNetConfig::default()
+    };
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("freeze_at 6"));
+    let cfg = ResNetConfig::backbone(ResNetDepth::R18, "gn:24".parse()?);
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("at bn1 (64 channels)"), "{e}");
+    let e = "resnet152".parse::<ResNetDepth>().unwrap_err().to_string();
+    assert!(e.contains("not one of 18, 34, 50, 101"), "{e}");
+    let cfg = ResNetConfig::default();
+    let json = serde_json::to_string(&cfg)?;
+    assert_eq!(
+        json,
+        r#"{"depth":50,"norm":"frozen-bn","freeze_at":2,"with_fc":false,"num_classes":1000}"#
+    );
+    assert_eq!(serde_json::from_str::<ResNetConfig>(&json)?, cfg);
+    assert!(serde_json::from_str::<ResNetConfig>(&json.replace("50", "51")).is_err());
+    assert_eq!("resnet101".parse::<ResNetDepth>()?.to_string(), "resnet101");
+    Ok(())
 }

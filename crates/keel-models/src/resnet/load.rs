@@ -86,14 +86,15 @@ fn naming_hint(sd: &StateDict) -> String {
              torchvision model with scripts/torchvision_to_safetensors.py."
         );
     }
-    if let Some(k) = sd.keys().find(|k| k.ends_with(".conv1.weight") && !k.starts_with("layer")) {
-        let p = k.trim_end_matches("conv1.weight");
-        if !p.contains("layer") {
-            return format!(
-                " The checkpoint's keys carry a prefix ('{k}'): strip '{p}' from every key \
-                 (e.g. `{{k.removeprefix('{p}'): v for k, v in sd.items()}}`) when saving it."
-            );
-        }
+    let stem = sd
+        .keys()
+        .filter_map(|k| Some((k, k.strip_suffix("conv1.weight")?)))
+        .find(|(_, p)| !p.is_empty() && !p.contains("layer"));
+    if let Some((k, p)) = stem {
+        return format!(
+            " The checkpoint's keys carry a prefix ('{k}'): strip '{p}' from every key \
+             (e.g. `{{k.removeprefix('{p}'): v for k, v in sd.items()}}`) when saving it."
+        );
     }
     String::new()
 }
@@ -121,7 +122,10 @@ fn check_keys(cfg: &ResNetConfig, sd: &StateDict) -> Result<FcLoad> {
         FcLoad::NotInModel
     } else {
         let fits = |k: &str, shape: &[usize]| sd.get(k).is_some_and(|t| t.dims() == shape);
-        let fc_keys: Vec<_> = expected.iter().filter(|(k, _)| k.starts_with("fc.")).collect();
+        let fc_keys: Vec<_> = expected
+            .iter()
+            .filter(|(k, _)| k.starts_with("fc."))
+            .collect();
         if fc_keys.iter().all(|(k, s)| fits(k, s)) {
             FcLoad::Loaded
         } else {

@@ -234,8 +234,8 @@ impl ResNet {
     }
 
     /// C2-C5 and, with `fc`, the logits. `train` selects batch statistics for trainable
-    /// BatchNorm (no other norm depends on it). The output of the last frozen stage is
-    /// detached.
+    /// BatchNorm (no other norm depends on it). The outputs of the frozen stages
+    /// (among them the frozen C2-C5) are detached.
     ///
     /// # Shapes
     /// - x: `(N, 3, H, W)`, any `H, W >= 1`.
@@ -244,7 +244,7 @@ impl ResNet {
     /// - logits: `(N, num_classes)`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<ResNetOutput> {
         let freeze = |stage: usize, y: Tensor| {
-            if stage == self.cfg.freeze_at {
+            if stage <= self.cfg.freeze_at {
                 y.detach()
             } else {
                 y
