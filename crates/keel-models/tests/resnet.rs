@@ -699,3 +699,45 @@ fn configs_are_validated_and_round_trip_through_serde() -> Result<()> {
     assert_eq!("resnet101".parse::<ResNetDepth>()?.to_string(), "resnet101");
     Ok(())
 }
+
+/// A file written by scripts/torchvision_to_safetensors.py loads with every norm. Opt-in (the
+/// file is tens of MB and needs torchvision to write):
+/// `python3 scripts/torchvision_to_safetensors.py resnet18 /tmp/r18.safetensors &&
+/// KEEL_RESNET_CKPT=/tmp/r18.safetensors cargo test -p keel-models --test resnet -- --ignored`
+/// (`KEEL_RESNET_MODEL=resnet50` for another model).
+#[test]
+#[ignore = "needs KEEL_RESNET_CKPT, a file written by scripts/torchvision_to_safetensors.py"]
+fn a_converted_torchvision_checkpoint_loads_with_every_norm() -> Result<()> {
+    let path = std::env::var("KEEL_RESNET_CKPT").context(
+        "set KEEL_RESNET_CKPT to a file written by scripts/torchvision_to_safetensors.py",
+    )?;
+    let depth: ResNetDepth = std::env::var("KEEL_RESNET_MODEL")
+        .unwrap_or_else(|_| "resnet18".into())
+        .parse()?;
+    let blocks: usize = depth.blocks().iter().sum();
+    // The stem's, one per conv of a block, one per downsample (layer1 of a BasicBlock
+    // ResNet has none).
+    let bns = if depth.is_bottleneck() {
+        1 + blocks * 3 + 4
+    } else {
+        1 + blocks * 2 + 3
+    };
+    for norm in ["bn", "frozen-bn", "gn"] {
+        let sd = keel_norm::convert::load_state_dict(&path, &DEV)?;
+        let cfg = ResNetConfig {
+            with_fc: true,
+            num_classes: 1000,
+            ..ResNetConfig::backbone(depth, norm.parse()?)
+        };
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &DEV);
+        let (net, r) = ResNet::from_state_dict(&cfg, sd, &vm, vb)?;
+        eprintln!("{norm}: {r}");
+        assert_eq!(r.fc, FcLoad::Loaded);
+        let converted = if norm == "bn" { 0 } else { bns };
+        assert_eq!(r.converted.len(), converted, "{norm}");
+        let out = net.forward(&gen("input", &[1, 3, 64, 64], -1.0, 2.0)?, false)?;
+        assert_eq!(out.logits.context("no logits")?.dims(), &[1, 1000]);
+    }
+    Ok(())
+}
