@@ -741,3 +741,39 @@ fn a_converted_torchvision_checkpoint_loads_with_every_norm() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn folding_the_frozen_batch_norms_keeps_the_outputs() -> Result<()> {
+    for (depth, norm, freeze_at) in [
+        (ResNetDepth::R18, NormKind::FrozenBatchNorm, 0),
+        // Trainable BatchNorm: only the frozen stem and layer1 fold.
+        (ResNetDepth::R50, NormKind::BatchNorm, 2),
+    ] {
+        let cfg = ResNetConfig {
+            freeze_at,
+            ..ResNetConfig::backbone(depth, norm)
+        };
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &DEV);
+        let (net, _) = ResNet::from_state_dict(&cfg, bn_state_dict(depth, false)?, &vm, vb)?;
+        let folded = net.fold_frozen_bn()?;
+        let x = gen("input", &[1, 3, 45, 38], -1.0, 2.0)?;
+        let (a, b) = (net.forward(&x, false)?, folded.forward(&x, false)?);
+        for (l, (fa, fb)) in a.features.iter().zip(&b.features).enumerate() {
+            let scale = fa.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+            let tol = Tol::new(1e-4, 1e-5 * scale);
+            check_close(&format!("{depth} C{}", l + 2), fb, fa, tol)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let gn_net = ResNet::new(
+        &ResNetConfig::backbone(ResNetDepth::R18, gn()),
+        VarBuilder::from_varmap(&VarMap::new(), DType::F32, &DEV),
+    )?;
+    let e = gn_net.fold_frozen_bn().unwrap_err().to_string();
+    assert!(
+        e.contains("norm gn with freeze_at 0 has no FrozenBatchNorm"),
+        "{e}"
+    );
+    Ok(())
+}

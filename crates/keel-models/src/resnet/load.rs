@@ -9,6 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use keel_norm::convert::{bn_to_frozen_bn, bn_to_group_norm, find_batch_norms, StateDict};
 use keel_norm::NormKind;
 
+use super::net::var_name;
 use super::{ResNet, ResNetConfig};
 use crate::seg::non_finite_tensors;
 
@@ -215,13 +216,7 @@ impl ResNet {
             )
         }
         let prefix = vb.prefix();
-        let full = |k: &str| {
-            if prefix.is_empty() {
-                k.to_string()
-            } else {
-                format!("{prefix}.{k}")
-            }
-        };
+        let full = |k: &str| var_name(&prefix, k);
         {
             let mut data = vm.data().lock().unwrap_or_else(|e| e.into_inner());
             for (k, _) in &keys {

@@ -6,11 +6,11 @@ use keel_norm::{conv_for, norm, Conv, Norm, NormKind};
 
 use super::config::{ConvSpec, ResNetConfig};
 
-/// conv (no bias, padding `k / 2`) + norm.
+/// conv (no bias, padding `k / 2`) + norm; `norm` is `None` once folded into the conv.
 #[derive(Clone, Debug)]
 struct ConvNorm {
     conv: Conv,
-    norm: Norm,
+    norm: Option<Norm>,
 }
 
 impl ConvNorm {
@@ -22,12 +22,30 @@ impl ConvNorm {
         };
         Ok(Self {
             conv: conv_for(kind, s.cin, s.cout, s.k, cfg, vb.pp(&s.conv))?,
-            norm: norm(kind, s.cout, vb.pp(&s.norm))?,
+            norm: Some(norm(kind, s.cout, vb.pp(&s.norm))?),
         })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.norm.forward_t(&self.conv.forward(x)?, train)
+        let y = self.conv.forward(x)?;
+        match &self.norm {
+            Some(n) => n.forward_t(&y, train),
+            None => Ok(y),
+        }
+    }
+
+    /// This pair with a FrozenBatchNorm folded into the conv (`*folded += 1`), else as is.
+    fn fold(&self, folded: &mut usize) -> Result<Self> {
+        match (&self.conv, &self.norm) {
+            (Conv::Plain(c), Some(Norm::Frozen(bn))) => {
+                *folded += 1;
+                Ok(Self {
+                    conv: Conv::Plain(bn.fold_into(c)?),
+                    norm: None,
+                })
+            }
+            _ => Ok(self.clone()),
+        }
     }
 }
 
@@ -100,6 +118,15 @@ pub(crate) fn stem_max_pool(x: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// The VarMap name of key `name` under a VarBuilder prefix (`""` at the root).
+pub(crate) fn var_name(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
 /// What [`ResNet::forward`] returns.
 #[derive(Clone, Debug)]
 pub struct ResNetOutput {
@@ -147,13 +174,7 @@ impl ResNet {
         cfg.validate()?;
         let layout = cfg.layout();
         let prefix = vb.prefix();
-        let full = |name: &str| {
-            if prefix.is_empty() {
-                name.to_string()
-            } else {
-                format!("{prefix}.{name}")
-            }
-        };
+        let full = |name: &str| var_name(&prefix, name);
         let mut trainable = Vec::new();
         let mut build = |s: &ConvSpec, stage: usize| -> Result<ConvNorm> {
             let kind = cfg.norm_for_stage(stage);
@@ -231,6 +252,37 @@ impl ResNet {
                 ),
             })
             .collect()
+    }
+
+    /// A copy for inference with every FrozenBatchNorm folded into the conv before it
+    /// ([`FrozenBatchNorm2d::fold_into`](keel_norm::FrozenBatchNorm2d::fold_into)): one conv
+    /// with a bias instead of a conv and a per-channel affine map, the same outputs up to
+    /// rounding. Trainable BatchNorm and GroupNorm stay. The folded weights are new tensors,
+    /// not the VarMap's variables: train the original, fold for deployment. Errors when the
+    /// network has no FrozenBatchNorm.
+    pub fn fold_frozen_bn(&self) -> Result<ResNet> {
+        let mut folded = 0;
+        let mut net = self.clone();
+        net.stem = self.stem.fold(&mut folded)?;
+        for blocks in net.stages.iter_mut() {
+            for b in blocks.iter_mut() {
+                for cn in b.convs.iter_mut() {
+                    *cn = cn.fold(&mut folded)?;
+                }
+                if let Some(d) = &mut b.downsample {
+                    *d = d.fold(&mut folded)?;
+                }
+            }
+        }
+        if folded == 0 {
+            candle::bail!(
+                "ResNet::fold_frozen_bn: norm {} with freeze_at {} has no FrozenBatchNorm to \
+                 fold; build with norm frozen-bn (or bn with frozen stages)",
+                self.cfg.norm,
+                self.cfg.freeze_at
+            )
+        }
+        Ok(net)
     }
 
     /// C2-C5 and, with `fc`, the logits. `train` selects batch statistics for trainable
