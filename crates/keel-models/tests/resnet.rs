@@ -777,3 +777,30 @@ fn folding_the_frozen_batch_norms_keeps_the_outputs() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn feature_maps_have_stride_4_to_32_at_any_size() -> Result<()> {
+    let cfg = ResNetConfig {
+        with_fc: true,
+        num_classes: 5,
+        ..ResNetConfig::backbone(ResNetDepth::R18, gn())
+    };
+    let net = ResNet::new(
+        &cfg,
+        VarBuilder::from_varmap(&VarMap::new(), DType::F32, &DEV),
+    )?;
+    for (h, w) in [(1, 1), (33, 7), (2, 64)] {
+        let out = net.forward(&gen("input", &[2, 3, h, w], -1.0, 2.0)?, true)?;
+        for (l, (f, c)) in out.features.iter().zip(cfg.out_channels()).enumerate() {
+            let s = 4 << l;
+            assert_eq!(
+                f.dims(),
+                &[2, c, h.div_ceil(s), w.div_ceil(s)],
+                "{h}x{w} C{}",
+                l + 2
+            );
+        }
+        assert_eq!(out.logits.context("logits")?.dims(), &[2, 5]);
+    }
+    Ok(())
+}
