@@ -81,7 +81,9 @@ impl Block {
 /// The input is a ReLU output (>= 0), so zero padding gives the same maxima as PyTorch's
 /// `-inf` padding. As in PyTorch, the gradient of a window goes to its first maximum in
 /// row-major order (ties are common in f16): the output is `sum_k tap_k * first_k`, with
-/// `first_k` the detached one-hot mask of that maximum.
+/// `first_k` the detached one-hot mask of that maximum. (A padded position can take a
+/// window's gradient only when the window's maximum is 0, where the ReLU before the pool
+/// passes none anyway.)
 ///
 /// # Shapes
 /// `(N, C, H, W) -> (N, C, (H - 1) / 2 + 1, (W - 1) / 2 + 1)`.
@@ -320,5 +322,35 @@ impl ResNet {
             .try_into()
             .map_err(|_| candle::Error::Msg("ResNet: expected 4 stages".into()))?;
         Ok(ResNetOutput { features, logits })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::{Device, Var};
+
+    /// Values and gradient of PyTorch's `max_pool2d(x, 3, 2, 1)` on a 4x5 map with ties:
+    /// `y.sum().backward()` gives the gradient to each window's first maximum.
+    /// ```python
+    /// x = torch.tensor(v).reshape(1, 1, 4, 5).requires_grad_(True)
+    /// y = F.max_pool2d(x, 3, 2, 1); y.sum().backward()  # y and x.grad as below
+    /// ```
+    #[test]
+    fn the_stem_pool_matches_pytorch_with_ties() -> Result<()> {
+        let v = [
+            1f32, 1., 0., 2., 2., 1., 0., 0., 2., 1., 3., 3., 0., 0., 0., 0., 0., 0., 1., 1.,
+        ];
+        let x = Var::from_tensor(&Tensor::from_slice(&v, (1, 1, 4, 5), &Device::Cpu)?)?;
+        let y = stem_max_pool(x.as_tensor())?;
+        assert_eq!(y.dims(), &[1, 1, 2, 3]);
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [1., 2., 2., 3., 3., 2.]);
+        let g = y.sum_all()?.backward()?;
+        let gx = g.get(x.as_tensor()).expect("a gradient for x");
+        let want = [
+            1f32, 0., 0., 2., 0., 0., 0., 0., 1., 0., 1., 1., 0., 0., 0., 0., 0., 0., 0., 0.,
+        ];
+        assert_eq!(gx.flatten_all()?.to_vec1::<f32>()?, want);
+        Ok(())
     }
 }
