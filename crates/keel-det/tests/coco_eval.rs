@@ -45,21 +45,14 @@ fn floats(v: &Value) -> Vec<f64> {
     }
 }
 
-/// `precision[t, :, k, a, m]` averaged over the recall points (-1 kept), as `[T][K][A][M]`.
-fn precision_mean(eval: &CocoEval) -> Vec<f64> {
+/// `f(t, k, a, m)` over pycocotools' `[T][K][A][M]` grid, row-major.
+fn grid(eval: &CocoEval, f: impl Fn(usize, usize, AreaRange, usize) -> f64) -> Vec<f64> {
     let mut out = Vec::new();
     for t in 0..NUM_IOU {
         for k in 0..eval.categories().len() {
             for a in AreaRange::ALL {
                 for m in 0..MAX_DETS.len() {
-                    let p: Vec<f64> = (0..NUM_RECALL)
-                        .map(|r| eval.precision(t, r, k, a, m).unwrap())
-                        .collect();
-                    out.push(if p.iter().all(|&v| v > -1.0) {
-                        p.iter().sum::<f64>() / NUM_RECALL as f64
-                    } else {
-                        -1.0
-                    });
+                    out.push(f(t, k, a, m));
                 }
             }
         }
@@ -67,18 +60,22 @@ fn precision_mean(eval: &CocoEval) -> Vec<f64> {
     out
 }
 
-fn recall(eval: &CocoEval) -> Vec<f64> {
-    let mut out = Vec::new();
-    for t in 0..NUM_IOU {
-        for k in 0..eval.categories().len() {
-            for a in AreaRange::ALL {
-                for m in 0..MAX_DETS.len() {
-                    out.push(eval.recall(t, k, a, m).unwrap());
-                }
-            }
+/// `precision[t, :, k, a, m]` averaged over the recall points (-1 kept), as `[T][K][A][M]`.
+fn precision_mean(eval: &CocoEval) -> Vec<f64> {
+    grid(eval, |t, k, a, m| {
+        let p: Vec<f64> = (0..NUM_RECALL)
+            .map(|r| eval.precision(t, r, k, a, m).unwrap())
+            .collect();
+        if p.iter().all(|&v| v > -1.0) {
+            p.iter().sum::<f64>() / NUM_RECALL as f64
+        } else {
+            -1.0
         }
-    }
-    out
+    })
+}
+
+fn recall(eval: &CocoEval) -> Vec<f64> {
+    grid(eval, |t, k, a, m| eval.recall(t, k, a, m).unwrap())
 }
 
 /// Compares one evaluation with one pycocotools result; returns the max abs error.
@@ -278,7 +275,9 @@ fn a_false_positive_on_an_image_without_objects_costs_precision() -> Result<()> 
     };
     near(
         "AP, one hit",
-        CocoEval::evaluate(&gt, &[hit.clone()])?.stats().ap,
+        CocoEval::evaluate(&gt, std::slice::from_ref(&hit))?
+            .stats()
+            .ap,
         1.0,
     );
     // The false positive outranks the hit: precision 1/2 at every recall point.
