@@ -28,6 +28,7 @@
 //! can never count as a true positive. Here a match is a match whatever the id.
 
 use std::collections::HashMap;
+use std::fmt;
 
 use candle::{bail, Result};
 
@@ -374,6 +375,45 @@ impl CocoStats {
             self.ar_medium,
             self.ar_large,
         ]
+    }
+}
+
+/// The 12 lines pycocotools' `summarize()` prints, character for character:
+/// ` Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.291`.
+impl fmt::Display for CocoStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const IOU: [&str; 12] = [
+            "0.50:0.95",
+            "0.50",
+            "0.75",
+            "0.50:0.95",
+            "0.50:0.95",
+            "0.50:0.95",
+            "0.50:0.95",
+            "0.50:0.95",
+            "0.50:0.95",
+            "0.50:0.95",
+            "0.50:0.95",
+            "0.50:0.95",
+        ];
+        const AREA: [&str; 12] = [
+            "all", "all", "all", "small", "medium", "large", "all", "all", "all", "small",
+            "medium", "large",
+        ];
+        const MAX_DET: [usize; 12] = [100, 100, 100, 100, 100, 100, 1, 10, 100, 100, 100, 100];
+        for (i, v) in self.to_array().into_iter().enumerate() {
+            let (title, kind) = if i < 6 {
+                ("Average Precision", "(AP)")
+            } else {
+                ("Average Recall", "(AR)")
+            };
+            writeln!(
+                f,
+                " {title:<18} {kind} @[ IoU={:<9} | area={:>6} | maxDets={:>3} ] = {v:.3}",
+                IOU[i], AREA[i], MAX_DET[i]
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -80,6 +80,11 @@ fn recall(eval: &CocoEval) -> Vec<f64> {
 
 /// Compares one evaluation with one pycocotools result; returns the max abs error.
 fn compare(what: &str, eval: &CocoEval, want: &Value) -> f64 {
+    assert_eq!(
+        eval.stats().to_string(),
+        want["summary"].as_str().unwrap(),
+        "{what}: summary text"
+    );
     let stats = eval.stats().to_array();
     let mut err = assert_close(
         &format!("{what} stats"),
