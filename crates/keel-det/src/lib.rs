@@ -34,3 +34,5 @@
 
 pub mod coco_eval;
 pub mod coco_json;
+mod coco_stats;
+mod coco_types;
