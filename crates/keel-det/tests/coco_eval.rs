@@ -391,3 +391,26 @@ fn evaluate_rejects_bad_programmatic_input() {
     let err = CocoEval::evaluate(&dup, &[]).unwrap_err().to_string();
     assert!(err.contains("image id 5 appears twice"), "{err}");
 }
+
+#[test]
+fn area_range_bounds_are_inclusive_and_use_the_area_field() -> Result<()> {
+    // pycocotools ignores a GT when `area < lo or area > hi`: an area of exactly 32² is
+    // both small and medium. The range test reads `area`, not the box's w * h.
+    let mut g = GroundTruth::new(1, 5, 3, BBox::new(0.0, 0.0, 100.0, 100.0));
+    g.area = 1024.0;
+    let gt = one_class(vec![g], vec![5]);
+    let hit = Detection {
+        image_id: 5,
+        category_id: 3,
+        bbox: BBox::new(0.0, 0.0, 100.0, 100.0),
+        score: 0.5,
+    };
+    let s = CocoEval::evaluate(&gt, &[hit])?.stats();
+    near("APs", s.ap_small, 1.0);
+    near("APm", s.ap_medium, 1.0);
+    assert_eq!(
+        s.ap_large, -1.0,
+        "a 100x100 box with area 1024 is not large"
+    );
+    Ok(())
+}
