@@ -58,7 +58,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         }
     }
     let device = pick_device(args.common.device)?;
-    super::output::check_writable(&args.out)?;
+    super::output::writable(&args.out)?;
     let total = norms.len() * batches.len() * args.seeds as usize;
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(

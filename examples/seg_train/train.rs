@@ -12,10 +12,11 @@ use keel::kernels::{cross_entropy, CrossEntropyConfig};
 use keel::models::seg::{count_params, init_weights, load_pretrained, SegNet};
 use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
+use keel::train::run_dir::RunDir;
 use keel::train::{
     lossless_f64, named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalLog,
     EvalRecord, Guard, GuardAction, GuardConfig, GuardSummary, HealthReport, Interrupt,
-    Intervention, JsonlLogger, MonitorConfig, Resume, RunContext, RunLock, StepLog, StepOutcome,
+    Intervention, JsonlLogger, MonitorConfig, Resume, RunContext, StepLog, StepOutcome,
     StopSignal, TrainConfig, TrainState,
 };
 use serde::{Deserialize, Serialize};
@@ -257,19 +258,15 @@ impl<'a> Run<'a> {
         &mut self,
         out: &Path,
         resume: Option<Resume>,
-    ) -> anyhow::Result<(CheckpointManager, JsonlLogger, RunLock)> {
+    ) -> anyhow::Result<(CheckpointManager, JsonlLogger, RunDir)> {
         let lock = output::claim(out, resume.is_some())?;
         let mut manager = CheckpointManager::new(out.join("checkpoints"), self.cfg.keep_last)?;
         manager.set_write_pause(output::save_pause()?);
         let log_path = out.join("log.jsonl");
+        lock.write_config(self.cfg)?;
         let Some(found) = resume else {
-            write_atomic(
-                out.join("config.json"),
-                serde_json::to_string_pretty(self.cfg)?.as_bytes(),
-            )?;
             return Ok((manager, JsonlLogger::create(&log_path)?, lock));
         };
-        output::sync_config(out, self.cfg)?;
         let meta: CkptMeta = self
             .state
             .restore(&found.checkpoint)

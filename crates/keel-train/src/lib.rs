@@ -22,7 +22,8 @@
 //! - [`write_atomic`]: the one atomic file write (temp, fsync, rename, fsync directory);
 //!   [`remove_stale_temps`] clears what an interrupted one left.
 //! - [`RunLock`]: one process per run directory (a pid lock file; a dead holder's lock is
-//!   taken over).
+//!   taken over); [`run_dir::RunDir`] adds the rest of a run directory's discipline (writable
+//!   up front, never overwriting a run, failed-start leftovers, `config.json`).
 //! - [`series`]: mean/std, percentiles, moving averages and seed means for comparing runs;
 //!   [`bench::time_steps`] times a step (warm-up, synchronize, median/min) and
 //!   [`mem::CountingAlloc`] counts the heap for its peak memory; with the `plot` feature,
@@ -120,6 +121,7 @@ mod monitor;
 pub mod plot;
 mod recipe;
 mod report;
+pub mod run_dir;
 pub mod series;
 mod state;
 mod stats;
