@@ -14,10 +14,9 @@ use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::run_dir::RunDir;
 use keel::train::{
-    lossless_f64, named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalLog,
-    EvalRecord, Guard, GuardAction, GuardConfig, GuardSummary, HealthReport, Interrupt,
-    Intervention, JsonlLogger, MonitorConfig, Resume, RunContext, StepLog, StepOutcome,
-    StopSignal, TrainConfig, TrainState,
+    named_vars, write_atomic, CheckpointManager, ConfusionMatrix, EvalLog, EvalRecord, Guard,
+    GuardAction, GuardConfig, GuardSummary, HealthReport, Interrupt, Intervention, JsonlLogger,
+    MonitorConfig, Resume, RunContext, StepLog, StepOutcome, StopSignal, TrainConfig, TrainState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -35,37 +34,8 @@ pub struct RunOpts {
     pub step_delay: Option<Duration>,
 }
 
-/// The outcome of a run, for the `compare` grid. Its floats keep NaN and infinities
-/// (keel's `lossless_f64` encoding: `"NaN"`, `"inf"`), so a run that ever logged a
-/// non-finite loss or grad norm (an f16 loss-scaler skip) still resumes from its checkpoints.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct RunSummary {
-    /// The last evaluation's mIoU; NaN when the weights were non-finite.
-    #[serde(with = "lossless_f64")]
-    pub final_miou: f64,
-    #[serde(with = "lossless_f64")]
-    pub final_pixel_acc: f64,
-    #[serde(with = "lossless_f64::pairs")]
-    pub losses: Vec<(usize, f64)>,
-    #[serde(with = "lossless_f64::pairs")]
-    pub evals: Vec<(usize, f64)>,
-    #[serde(with = "lossless_f64::seq")]
-    pub grad_norms: Vec<f64>,
-    pub loss_spikes: usize,
-    pub nonfinite_steps: usize,
-    pub skipped_steps: usize,
-    pub seconds_per_step: f64,
-    pub verdict: String,
-    /// Rollbacks and stops of the guard.
-    #[serde(default)]
-    pub guard_interventions: usize,
-    /// The step at which the guard stopped the run, if it did.
-    #[serde(default)]
-    pub guard_stopped_at: Option<usize>,
-    /// The guard's history (checkpointed with the summary, continued on --resume).
-    #[serde(default)]
-    pub guard: Option<GuardSummary>,
-}
+/// The outcome of a run (summary.json), for the `compare` grid.
+pub use keel::train::RunSummary;
 
 /// A run stopped by SIGINT or SIGTERM: the step it finished, its checkpoint and the health
 /// report are written; the process exits with [`StopSignal::exit_code`] (130 / 143).
@@ -460,13 +430,8 @@ pub fn run(
                 break;
             }
         }
+        run.summary.record_step(&out);
         for alarm in &out.alarms {
-            match alarm {
-                Alarm::LossSpike { .. } => run.summary.loss_spikes += 1,
-                Alarm::NonFinite { .. } => run.summary.nonfinite_steps += 1,
-                Alarm::SkippedStep { .. } => run.summary.skipped_steps += 1,
-                _ => {}
-            }
             say(format!("monitor: {alarm}"));
         }
         if let Some(d) = opts.step_delay {
@@ -474,8 +439,6 @@ pub fn run(
         }
         let step = out.step;
         logger.log(&StepLog::new(&out, t0.elapsed().as_secs_f64()))?;
-        run.summary.losses.push((step, out.loss));
-        run.summary.grad_norms.push(out.grad_norm);
         window_losses.push(out.loss);
         pb.set_message(format!("loss {:.4} lr {:.2e}", out.loss, out.lr));
         pb.inc(1);
@@ -569,8 +532,7 @@ impl Run<'_> {
             e.miou,
             e.pixel_acc
         ));
-        self.summary.evals.push((step + 1, e.miou));
-        (self.summary.final_miou, self.summary.final_pixel_acc) = (e.miou, e.pixel_acc);
+        self.summary.record_eval(step, e.miou, e.pixel_acc);
         Ok(e.miou)
     }
 
@@ -651,13 +613,7 @@ impl Run<'_> {
         }
         let report = self.write_health(out, guard)?;
         let s = &mut self.summary;
-        s.verdict = format!("{:?}", report.verdict);
-        s.guard_interventions = guard.interventions.len();
-        s.guard_stopped_at = guard
-            .interventions
-            .last()
-            .filter(|_| guard.stopped)
-            .map(|i| i.step);
+        s.finish(report.verdict, guard);
         if self.opts.verbose {
             println!(
                 "final val mIoU {:.4}, pixel accuracy {:.4}; {:.3} s/step; artifacts in {}",

@@ -28,6 +28,9 @@
 //!   [`bench::time_steps`] times a step (warm-up, synchronize, median/min) and
 //!   [`mem::CountingAlloc`] counts the heap for its peak memory; with the `plot` feature,
 //!   `plot` draws training curves as PNG.
+//! - [`RunSummary`]: a run's outcome in numbers (losses, evals, alarm counts, speed,
+//!   verdict); [`grid`] groups many runs into a norm x batch table with statistics across
+//!   seeds, their curves (feature `plot`), and runs a grid's jobs as child processes.
 //!
 //! A custom loop with keel's parts (a linear model learning `y = x0 + x1 + x2 + x3`,
 //! SGD with warmup and clipping, a checkpoint, a resume that continues bit for bit):
@@ -110,6 +113,7 @@ mod config;
 mod diff;
 mod divergence;
 mod fsio;
+pub mod grid;
 mod guard;
 mod interrupt;
 mod lock;
@@ -122,6 +126,7 @@ pub mod plot;
 mod recipe;
 mod report;
 pub mod run_dir;
+mod run_summary;
 pub mod series;
 mod state;
 mod stats;
@@ -142,6 +147,7 @@ pub use metrics::ConfusionMatrix;
 pub use monitor::{Alarm, EvalRecord, StabilityMonitor, StepRecord};
 pub use recipe::{OptimRecipe, POLY_POWER, SGD_MOMENTUM, WARMUP_START_FACTOR};
 pub use report::{HealthReport, RunContext, Verdict};
+pub use run_summary::RunSummary;
 pub use state::{named_vars, StepOutcome, TrainConfig, TrainState, TRAIN_STATE_FORMAT};
 pub use stats::lossless_f64;
 pub use summary::{

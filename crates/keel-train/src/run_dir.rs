@@ -99,10 +99,7 @@ impl RunDir {
             return Ok(DirState::HoldsRun);
         }
         let ckpts = dir.join(CHECKPOINT_DIR);
-        let has_ckpt = ckpts.is_dir()
-            && names(&ckpts)?
-                .iter()
-                .any(|n| n.ends_with(".safetensors"));
+        let has_ckpt = ckpts.is_dir() && names(&ckpts)?.iter().any(|n| n.ends_with(".safetensors"));
         Ok(if has_ckpt || dir.join(LOG_FILE).exists() {
             DirState::LostConfig
         } else {
@@ -150,8 +147,9 @@ impl RunDir {
     /// text differs (a fresh run, a config recovered from a checkpoint, an extended run).
     pub fn write_config(&self, config: &impl Serialize) -> candle::Result<()> {
         let path = self.path.join(CONFIG_FILE);
-        let text = serde_json::to_string_pretty(config)
-            .map_err(|e| candle::Error::Msg(format!("{}: cannot serialize: {e}", path.display())))?;
+        let text = serde_json::to_string_pretty(config).map_err(|e| {
+            candle::Error::Msg(format!("{}: cannot serialize: {e}", path.display()))
+        })?;
         if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
             write_atomic(&path, text.as_bytes())?;
         }
@@ -164,7 +162,12 @@ fn names(dir: &Path) -> candle::Result<Vec<String>> {
     let listing = |e| io_err(format!("cannot list {}", dir.display()), e);
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir).map_err(listing)? {
-        v.push(e.map_err(listing)?.file_name().to_string_lossy().into_owned());
+        v.push(
+            e.map_err(listing)?
+                .file_name()
+                .to_string_lossy()
+                .into_owned(),
+        );
     }
     Ok(v)
 }
@@ -188,7 +191,7 @@ mod tests {
         std::fs::create_dir_all(d.join(CHECKPOINT_DIR)).unwrap();
         dir.write_config(&serde_json::json!({"steps": 3}))?;
         std::fs::write(d.join(LOG_FILE), b"{}\n").unwrap();
-        std::fs::write(d.join(".tmp-config.json"), b"x").unwrap();
+        std::fs::write(d.join(".config.json.tmp-123"), b"x").unwrap();
         assert_eq!(dir.state()?, DirState::FailedStart);
         assert_eq!(dir.remove_stale_temps()?.len(), 1);
         std::fs::write(d.join(CHECKPOINT_DIR).join("ckpt-1.safetensors"), b"x").unwrap();
