@@ -2,7 +2,6 @@
 //! scaler, EMA, monitor, accumulation) stepped once per optimizer step, an [`OptimRecipe`]
 //! schedule, JSONL logs, checkpoints with exact resume, evaluation and the health report.
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -21,7 +20,7 @@ use keel::train::{
 use serde::{Deserialize, Serialize};
 
 use super::cli::{advice_flags, RunConfig};
-use super::data::{self, Loader, LoaderConfig, Shapes, Source, Voc, IGNORE, SHAPE_CLASSES};
+use super::data::{self, Loader, LoaderConfig, Sources, IGNORE};
 use super::output;
 
 /// How a run is driven (not part of its identity).
@@ -81,52 +80,19 @@ struct CkptMeta {
     rng: serde_json::Value,
 }
 
-/// The data of a run: train and val sources and the class names.
-struct Sources {
-    train: Arc<dyn Source>,
-    val: Arc<dyn Source>,
-    classes: Vec<String>,
-}
-
-/// The run's data; a `--data-dir` set is validated in full first (see [`check_voc`]).
+/// The run's data; a `--data-dir` set is validated in full first (in parallel, with a
+/// progress bar), before anything is written, failing with all bad files named at once.
 fn sources(cfg: &RunConfig, progress: bool) -> anyhow::Result<Sources> {
-    Ok(match &cfg.data_dir {
-        Some(dir) => {
-            let n = cfg.num_classes();
-            let open = |split| {
-                Voc::open(dir, split, n).with_context(|| format!("--data-dir {}", dir.display()))
-            };
-            let (train, val) = (open("train")?, open("val")?);
-            check_voc(dir, &[&train, &val], progress)?;
-            Sources {
-                train: Arc::new(train),
-                val: Arc::new(val),
-                classes: (0..n).map(|i| format!("class{i}")).collect(),
-            }
-        }
-        None => Sources {
-            train: Arc::new(Shapes::generate(
-                cfg.train_size,
-                cfg.image_size,
-                data::SHAPES_TRAIN_SEED,
-            )),
-            val: Arc::new(Shapes::generate(
-                cfg.val_size,
-                cfg.image_size,
-                data::SHAPES_VAL_SEED,
-            )),
-            classes: SHAPE_CLASSES.iter().map(|s| s.to_string()).collect(),
-        },
-    })
-}
-
-/// Decodes every image/mask pair of `sets` (in parallel, with a progress bar) before
-/// anything is written, failing with all bad files named at once.
-fn check_voc(dir: &Path, sets: &[&Voc], progress: bool) -> anyhow::Result<()> {
-    let total = sets.iter().map(|s| s.len()).sum::<usize>();
-    let pb = progress_bar(progress, total, 0);
+    let Some(dir) = &cfg.data_dir else {
+        return Ok(Sources::shapes(cfg.train_size, cfg.val_size, cfg.image_size));
+    };
+    let pb = progress_bar(progress, 0, 0);
     pb.set_message("checking --data-dir");
-    let res = data::validate(sets, Some(&|| pb.inc(1)));
+    let tick = |total: usize| {
+        pb.set_length(total as u64);
+        pb.inc(1)
+    };
+    let res = Sources::voc(dir, cfg.num_classes(), Some(&tick));
     pb.finish_and_clear();
     res.with_context(|| format!("--data-dir {}", dir.display()))
 }
