@@ -4,11 +4,11 @@
 //! keel-train's `TrainState::step` (forward, loss, backward, unscale, clip, optimizer step).
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
-use keel::train::bench::{time_steps, Timing};
+use keel::train::bench::{run_twin, time_steps, Timing};
 use keel::train::mem::CountingAlloc;
 use serde::{Deserialize, Serialize};
 
@@ -169,24 +169,7 @@ fn twin_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
 fn time_torch(python: &str, twin: &[String], params: usize) -> anyhow::Result<Timing> {
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/seg_train/torch_twin.py");
-    let out = std::process::Command::new(python)
-        .arg(&script)
-        .args(twin)
-        .output()
-        .with_context(|| format!("--vs-torch: cannot run {python} (set --python)"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "--vs-torch: {} {} failed ({}): {}",
-            python,
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    }
-    let line = stdout.lines().last().unwrap_or_default();
-    let out: TwinOut = serde_json::from_str(line)
-        .with_context(|| format!("--vs-torch: unexpected twin output {line:?}"))?;
+    let out: TwinOut = run_twin(python, &script, twin).map_err(|e| anyhow!("--vs-torch: {e}"))?;
     if out.params != params {
         bail!("--vs-torch: the twin has {} parameters, keel's model {params}: torch_twin.py no longer mirrors keel::models::seg::SegNet", out.params)
     }

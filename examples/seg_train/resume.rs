@@ -8,8 +8,8 @@ use anyhow::{bail, Context};
 use candle::Device;
 use clap::parser::ValueSource;
 use clap::ArgMatches;
+use keel::train::FieldChange;
 use keel::train::{changed_fields, load_checkpoint, load_latest_checkpoint, Resume};
-use serde_json::Value;
 
 use super::cli::{read_config, RunConfig, TrainArgs};
 
@@ -145,7 +145,7 @@ fn check_config_file(file: &RunConfig, stored: &RunConfig, ckpt: &Path) -> anyho
         .into_iter()
         .filter(|c| !(c.key == "steps" && file.steps > stored.steps))
         .map(|c| {
-            let (key, a, b) = (c.key, show(&c.a), show(&c.b));
+            let (key, a, b) = (c.key, FieldChange::show(&c.a), FieldChange::show(&c.b));
             format!("{key} (config.json {a}, checkpoint {b})")
         })
         .collect();
@@ -192,18 +192,9 @@ fn flags_that_differ(
         let flag = c.key.replace('_', "-");
         differ.push(format!(
             "--{flag} {} (the run has {})",
-            show(&c.a),
-            show(&c.b)
+            FieldChange::show(&c.a),
+            FieldChange::show(&c.b)
         ));
     }
     Ok(differ)
-}
-
-/// A config value as a user reads it: strings bare, `null` as "the default".
-fn show(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "the default".into(),
-        v => v.to_string(),
-    }
 }

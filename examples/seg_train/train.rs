@@ -13,9 +13,10 @@ use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::run_dir::RunDir;
 use keel::train::{
-    named_vars, write_atomic, CheckpointManager, ConfusionMatrix, EvalLog, EvalRecord, Guard,
-    GuardAction, GuardConfig, GuardSummary, HealthReport, Interrupt, Intervention, JsonlLogger,
-    MonitorConfig, Resume, RunContext, StepLog, StepOutcome, StopSignal, TrainConfig, TrainState,
+    named_vars, progress_bar, write_atomic, CheckpointManager, EvalLog, EvalRecord, Guard,
+    GuardAction, GuardConfig, GuardLog, GuardSummary, HealthReport, Interrupt, Intervention,
+    JsonlLogger, MonitorConfig, Resume, RunContext, SegEval, StepLog, StepOutcome, StopSignal,
+    TrainConfig, TrainState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -84,7 +85,11 @@ struct CkptMeta {
 /// progress bar), before anything is written, failing with all bad files named at once.
 fn sources(cfg: &RunConfig, progress: bool) -> anyhow::Result<Sources> {
     let Some(dir) = &cfg.data_dir else {
-        return Ok(Sources::shapes(cfg.train_size, cfg.val_size, cfg.image_size));
+        return Ok(Sources::shapes(
+            cfg.train_size,
+            cfg.val_size,
+            cfg.image_size,
+        ));
     };
     let pb = progress_bar(progress, 0, 0);
     pb.set_message("checking --data-dir");
@@ -95,12 +100,6 @@ fn sources(cfg: &RunConfig, progress: bool) -> anyhow::Result<Sources> {
     let res = Sources::voc(dir, cfg.num_classes(), Some(&tick));
     pb.finish_and_clear();
     res.with_context(|| format!("--data-dir {}", dir.display()))
-}
-
-struct Evaluation {
-    miou: f64,
-    pixel_acc: f64,
-    iou: Vec<Option<f64>>,
 }
 
 /// Everything a run holds: its config, data, model and train state.
@@ -149,31 +148,18 @@ impl<'a> Run<'a> {
     /// Evaluates the current weights on the validation set. Non-finite weights are not a
     /// model: their metrics are NaN (the argmax of NaN logits would score a few percent
     /// mIoU), so they are never the best.
-    fn evaluate(&self) -> candle::Result<Evaluation> {
+    fn evaluate(&self) -> candle::Result<SegEval> {
         let (cfg, dev) = (self.cfg, &self.opts.device);
         if !self.state.weights_finite()? {
-            return Ok(Evaluation {
-                miou: f64::NAN,
-                pixel_acc: f64::NAN,
-                iou: vec![None; cfg.num_classes()],
-            });
+            return Ok(SegEval::nan(cfg.num_classes()));
         }
         let cast = compute_model(cfg, &self.vm, dev)?;
         let model = cast.as_ref().unwrap_or(&self.master);
-        let mut cm = ConfusionMatrix::new(cfg.num_classes(), Some(IGNORE as u32))?;
-        for b in data::eval_batches(
-            self.data.val.as_ref(),
-            cfg.batch_size.max(8),
-            cfg.image_size,
-        ) {
-            let (x, t) = b?.to_tensors(dev)?;
-            let logits = model.forward(&x.to_dtype(cfg.amp.compute_dtype())?, false)?;
-            cm.update(&logits.argmax(1)?, &t)?;
-        }
-        Ok(Evaluation {
-            miou: cm.miou(),
-            pixel_acc: cm.pixel_accuracy(),
-            iou: cm.iou(),
+        let val = self.data.val.as_ref();
+        let batches = data::eval_batches(val, cfg.batch_size.max(8), cfg.image_size)
+            .map(|b| b?.to_tensors(dev));
+        SegEval::evaluate(batches, cfg.num_classes(), Some(IGNORE as u32), |x| {
+            model.forward(&x.to_dtype(cfg.amp.compute_dtype())?, false)
         })
     }
 
@@ -448,22 +434,6 @@ pub fn run(
     Ok(run.summary)
 }
 
-fn progress_bar(show: bool, steps: usize, at: usize) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(steps as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    pb.set_position(at as u64);
-    pb
-}
-
 impl Run<'_> {
     /// The evaluation after `step`: logged, recorded in the monitor and the summary;
     /// returns the mIoU.
@@ -597,14 +567,6 @@ impl Run<'_> {
     }
 }
 
-/// One guard intervention in log.jsonl.
-#[derive(Serialize)]
-struct GuardLog<'a> {
-    kind: &'static str,
-    #[serde(flatten)]
-    intervention: &'a Intervention,
-}
-
 impl Run<'_> {
     /// Logs a rollback or stop of the guard (log.jsonl and stderr); returns it.
     fn log_intervention<'i>(
@@ -617,10 +579,7 @@ impl Run<'_> {
             GuardAction::Continue => return Ok(None),
             GuardAction::RolledBack(i) | GuardAction::Stop(i) => i,
         };
-        logger.log(&GuardLog {
-            kind: "guard",
-            intervention: i,
-        })?;
+        logger.log(&GuardLog::new(i))?;
         pb.suspend(|| eprintln!("guard ({}): {i}", self.cfg.guard));
         Ok(Some(i))
     }

@@ -1,10 +1,13 @@
 //! Step timing for benchmarks: untimed warm-up steps (allocator, caches, cuDNN algorithm
 //! search), then timed steps, each ended by a device synchronize so asynchronous (CUDA)
 //! work is inside its time; the median and the minimum, and the heap peak of the timed
-//! steps when a [`CountingAlloc`] counts the process's allocations.
+//! steps when a [`CountingAlloc`] counts the process's allocations; [`run_twin`] runs the
+//! same step in another framework (a script that prints its timing as one JSON line).
+use std::path::Path;
 use std::time::Instant;
 
 use candle::Device;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::mem::CountingAlloc;
@@ -72,6 +75,49 @@ pub fn time_steps(
     })
 }
 
+/// Runs `program script args..` (the twin of a benchmarked step in another framework, e.g.
+/// `python3 torch_twin.py --steps 20`) and parses the last line of its stdout as JSON `T`.
+/// Errors: `program` cannot start (`"cannot run {program}: ..."`), it exits non-zero (its
+/// stderr is in the error), or its last line is not a `T`.
+///
+/// ```
+/// # let script = std::env::temp_dir().join(format!("keel-twin-doc-{}.sh", std::process::id()));
+/// std::fs::write(&script, "echo warming up; echo \"{\\\"median_ms\\\": $1}\"")?;
+/// #[derive(serde::Deserialize)]
+/// struct Out { median_ms: f64 }
+/// let out: Out = keel_train::bench::run_twin("sh", &script, &["2.5".to_string()])?;
+/// assert_eq!(out.median_ms, 2.5);
+/// # std::fs::remove_file(&script)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn run_twin<T: DeserializeOwned>(
+    program: &str,
+    script: &Path,
+    args: &[String],
+) -> candle::Result<T> {
+    let out = std::process::Command::new(program)
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| candle::Error::Msg(format!("cannot run {program}: {e}")))?;
+    if !out.status.success() {
+        candle::bail!(
+            "{program} {} failed ({}): {}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).map_err(|e| {
+        candle::Error::Msg(format!(
+            "{program} {}: unexpected output {line:?} ({e})",
+            script.display()
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +169,21 @@ mod tests {
         })?;
         assert_eq!(t.peak_mib, 2.0);
         Ok(())
+    }
+
+    #[test]
+    fn run_twin_reports_a_failing_or_missing_program() {
+        let err = run_twin::<f64>("/nonexistent/python", Path::new("x.py"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("cannot run /nonexistent/python"), "{err}");
+        let script = std::env::temp_dir().join(format!("keel-twin-fail-{}.sh", std::process::id()));
+        std::fs::write(&script, "echo oops >&2; exit 3").unwrap();
+        let err = run_twin::<f64>("sh", &script, &[]).unwrap_err().to_string();
+        assert!(err.contains("failed") && err.ends_with("oops"), "{err}");
+        std::fs::write(&script, "echo not-json").unwrap();
+        let err = run_twin::<f64>("sh", &script, &[]).unwrap_err().to_string();
+        assert!(err.contains("unexpected output \"not-json\""), "{err}");
+        std::fs::remove_file(&script).unwrap();
     }
 }

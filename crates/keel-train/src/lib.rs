@@ -15,10 +15,12 @@
 //! - [`Guard`]: acts on divergence by a [`GuardPolicy`] (default rollback): in-memory
 //!   snapshots of the last good state, rollback past the batches that led to the divergence,
 //!   a lower LR, a stop after a few interventions; [`HealthReport::with_guard`] lists them.
-//! - [`ConfusionMatrix`]: per-class IoU, mIoU and pixel accuracy with an ignore index.
+//! - [`ConfusionMatrix`]: per-class IoU, mIoU and pixel accuracy with an ignore index;
+//!   [`SegEval::evaluate`] scores a model over evaluation batches with it.
 //! - [`CheckpointManager`] and [`load_checkpoint`]: atomic, checksummed safetensors
 //!   checkpoints, keep-last-K plus the best, resume from the latest.
-//! - [`JsonlLogger`]: one JSON record per line, flushed, resumable.
+//! - [`JsonlLogger`]: one JSON record per line, flushed, resumable; [`progress_bar`] for the
+//!   terminal.
 //! - [`write_atomic`]: the one atomic file write (temp, fsync, rename, fsync directory);
 //!   [`remove_stale_temps`] clears what an interrupted one left.
 //! - [`RunLock`]: one process per run directory (a pid lock file; a dead holder's lock is
@@ -123,6 +125,7 @@ mod metrics;
 mod monitor;
 #[cfg(feature = "plot")]
 pub mod plot;
+mod progress;
 mod recipe;
 mod report;
 pub mod run_dir;
@@ -142,9 +145,10 @@ pub use fsio::{remove_stale_temps, write_atomic};
 pub use guard::{Guard, GuardAction};
 pub use interrupt::{Interrupt, StopSignal};
 pub use lock::{RunLock, LOCK_FILE};
-pub use log::{EvalLog, JsonlLogger, StepLog};
-pub use metrics::ConfusionMatrix;
+pub use log::{EvalLog, GuardLog, JsonlLogger, StepLog};
+pub use metrics::{ConfusionMatrix, SegEval};
 pub use monitor::{Alarm, EvalRecord, StabilityMonitor, StepRecord};
+pub use progress::progress_bar;
 pub use recipe::{OptimRecipe, POLY_POWER, SGD_MOMENTUM, WARMUP_START_FACTOR};
 pub use report::{HealthReport, RunContext, Verdict};
 pub use run_summary::RunSummary;
