@@ -101,12 +101,13 @@ pub fn run_twin<T: DeserializeOwned>(
         .output()
         .map_err(|e| candle::Error::Msg(format!("cannot run {program}: {e}")))?;
     if !out.status.success() {
-        candle::bail!(
+        // No backtrace (`bail!` adds one under RUST_BACKTRACE): the stderr is the message.
+        return Err(candle::Error::Msg(format!(
             "{program} {} failed ({}): {}",
             script.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
-        )
+        )));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or_default();

@@ -43,7 +43,8 @@ pub fn check_writable(dir: &Path) -> candle::Result<()> {
         if !existed {
             let _ = std::fs::remove_dir(dir);
         }
-        candle::bail!("{}: not writable: {e}", dir.display())
+        let msg = format!("{}: not writable: {e}", dir.display());
+        return Err(candle::Error::Msg(msg));
     }
     Ok(())
 }
