@@ -75,6 +75,86 @@ pub fn time_steps(
     })
 }
 
+/// A benchmark of one training step: keel's timing, optionally beside a twin's in another
+/// framework (see [`run_twin`]). Serializes as the benchmark's JSON record.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// The configuration in words (model, batch, precision, device, threads).
+    pub config: String,
+    /// Trainable parameters of keel's model (the twin's count must match).
+    pub params: usize,
+    /// keel: the heap bytes allocated above the level before the timed steps (CPU), or
+    /// NaN on CUDA (the device pool's peak is not read yet).
+    pub keel: Timing,
+    /// Images per second of keel's median step.
+    pub keel_images_per_s: f64,
+    /// The twin: the process's peak RSS (CPU) or the CUDA allocator's peak.
+    pub torch: Option<Timing>,
+    /// keel median / twin median.
+    pub ratio: Option<f64>,
+}
+
+impl BenchReport {
+    /// The report of `keel`'s timing at `batch` images per step, and the twin's if any.
+    pub fn new(
+        config: String,
+        params: usize,
+        batch: usize,
+        keel: Timing,
+        torch: Option<Timing>,
+    ) -> Self {
+        Self {
+            keel_images_per_s: batch as f64 * 1e3 / keel.median_ms,
+            ratio: torch.as_ref().map(|t| keel.median_ms / t.median_ms),
+            config,
+            params,
+            keel,
+            torch,
+        }
+    }
+
+    /// The report as lines for a terminal, after `warmup` untimed and `steps` timed steps.
+    ///
+    /// ```
+    /// use keel_train::bench::{BenchReport, Timing};
+    /// let t = |ms| Timing { median_ms: ms, min_ms: ms, peak_mib: 1.0 };
+    /// let r = BenchReport::new("gn batch 2".into(), 1_000_000, 2, t(20.0), Some(t(10.0)));
+    /// let text = r.to_text(5, 20);
+    /// assert!(text.contains("100.0 images/s") && text.ends_with("keel / torch step time: 2.00x"), "{text}");
+    /// ```
+    pub fn to_text(&self, warmup: usize, steps: usize) -> String {
+        let mib = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.1} MiB")
+            } else {
+                "not measured on CUDA yet".into()
+            }
+        };
+        let mut lines = vec![
+            format!(
+                "bench: {}, {:.3} M params ({warmup} warm-up + {steps} timed steps)",
+                self.config,
+                self.params as f64 / 1e6,
+            ),
+            format!(
+                "keel   step median {:.2} ms, min {:.2} ms, {:.1} images/s, heap peak above start {}",
+                self.keel.median_ms,
+                self.keel.min_ms,
+                self.keel_images_per_s,
+                mib(self.keel.peak_mib)
+            ),
+        ];
+        if let (Some(t), Some(ratio)) = (&self.torch, self.ratio) {
+            lines.push(format!(
+                "torch  step median {:.2} ms, min {:.2} ms, peak {:.1} MiB (process RSS on CPU, allocator on CUDA)",
+                t.median_ms, t.min_ms, t.peak_mib
+            ));
+            lines.push(format!("keel / torch step time: {ratio:.2}x"));
+        }
+        lines.join("\n")
+    }
+}
+
 /// Runs `program script args..` (the twin of a benchmarked step in another framework, e.g.
 /// `python3 torch_twin.py --steps 20`) and parses the last line of its stdout as JSON `T`.
 /// Errors: `program` cannot start (`"cannot run {program}: ..."`), it exits non-zero (its

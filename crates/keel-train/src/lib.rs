@@ -27,7 +27,8 @@
 //!   taken over); [`run_dir::RunDir`] adds the rest of a run directory's discipline (writable
 //!   up front, never overwriting a run, failed-start leftovers, `config.json`).
 //! - [`series`]: mean/std, percentiles, moving averages and seed means for comparing runs;
-//!   [`bench::time_steps`] times a step (warm-up, synchronize, median/min) and
+//!   [`bench::time_steps`] times a step (warm-up, synchronize, median/min), [`bench::run_twin`]
+//!   runs its twin in another framework, [`bench::BenchReport`] sets them side by side, and
 //!   [`mem::CountingAlloc`] counts the heap for its peak memory; with the `plot` feature,
 //!   `plot` draws training curves as PNG.
 //! - [`RunSummary`]: a run's outcome in numbers (losses, evals, alarm counts, speed,
