@@ -9,7 +9,7 @@ use candle::Device;
 use clap::parser::ValueSource;
 use clap::ArgMatches;
 use keel::train::FieldChange;
-use keel::train::{changed_fields, load_checkpoint, load_latest_checkpoint, Resume};
+use keel::train::{changed_fields, load_latest_checkpoint, Resume};
 
 use super::cli::{read_config, RunConfig, TrainArgs};
 
@@ -115,14 +115,8 @@ pub fn resume_plan(
 fn find_checkpoint(t: &TrainArgs, dir: &Path, device: &Device) -> anyhow::Result<Resume> {
     let shown = dir.display();
     if let Some(file) = &t.resume_from {
-        let checkpoint = load_checkpoint(file, device)
-            .with_context(|| format!("--resume-from {}", file.display()))?;
-        return Ok(Resume {
-            checkpoint,
-            path: file.clone(),
-            skipped: Vec::new(),
-            skip_reasons: Vec::new(),
-        });
+        return Resume::from_file(file, device)
+            .with_context(|| format!("--resume-from {}", file.display()));
     }
     let ckpts = dir.join("checkpoints");
     let found = load_latest_checkpoint(&ckpts, device)

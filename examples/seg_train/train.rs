@@ -153,7 +153,7 @@ impl<'a> Run<'a> {
         if !self.state.weights_finite()? {
             return Ok(SegEval::nan(cfg.num_classes()));
         }
-        let cast = compute_model(cfg, &self.vm, dev)?;
+        let cast = SegNet::cast_copy(&cfg.model(), &self.vm, cfg.amp.compute_dtype(), dev)?;
         let model = cast.as_ref().unwrap_or(&self.master);
         let val = self.data.val.as_ref();
         let batches = data::eval_batches(val, cfg.batch_size.max(8), cfg.image_size)
@@ -293,31 +293,12 @@ pub fn micro_loss(
     x: &Tensor,
     t: &Tensor,
 ) -> candle::Result<Tensor> {
-    let cast = compute_model(cfg, vm, x.device())?;
-    let logits = cast
-        .as_ref()
-        .unwrap_or(master)
-        .forward(&x.to_dtype(cfg.amp.compute_dtype())?, true)?;
-    if let Some(c) = &cast {
-        c.copy_bn_stats_to(vm)?;
-    }
+    let logits = master.forward_in(&cfg.model(), vm, x, cfg.amp.compute_dtype(), true)?;
     let ignore = CrossEntropyConfig {
         ignore_index: Some(IGNORE as i64),
         weight: None,
     };
     cross_entropy(&logits, t, &ignore)
-}
-
-/// The model in the compute precision: `None` for f32 (use the master), else a copy cast
-/// from the f32 master weights.
-fn compute_model(cfg: &RunConfig, vm: &VarMap, dev: &Device) -> candle::Result<Option<SegNet>> {
-    Ok(match cfg.amp {
-        Precision::F32 => None,
-        p => Some(SegNet::new(
-            &cfg.model(),
-            keel::optim::mixed::cast_var_builder(vm, p.compute_dtype(), dev),
-        )?),
-    })
 }
 
 /// `--amp`'s label in logs and the report ("off" for f32, as the flag reads).
