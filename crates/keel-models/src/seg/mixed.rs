@@ -36,7 +36,7 @@ impl SegNet {
     /// use keel_models::seg::{init_weights, ModelConfig, SegNet};
     /// use keel_norm::NormKind;
     /// let (dev, vm) = (Device::Cpu, VarMap::new());
-    /// let cfg = ModelConfig { width: 8, fpn: 8, num_classes: 3, norm: NormKind::BatchNorm };
+    /// let cfg = ModelConfig { width: 8, fpn: 8, num_classes: 3, norm: NormKind::GroupNorm { groups: Some(2) } };
     /// let master = SegNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
     /// init_weights(&vm, 0)?;
     /// let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev)?;
