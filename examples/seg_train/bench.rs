@@ -4,13 +4,13 @@
 //! keel-train's `TrainState::step` (forward, loss, backward, unscale, clip, optimizer step).
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
-use keel::train::bench::{time_steps, Timing};
+use keel::train::bench::{run_twin, time_steps, Timing};
 use keel::train::mem::CountingAlloc;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::cli::{parse_norm, pick_device, CommonArgs};
 use super::data::{eval_batches, Shapes, SHAPES_TRAIN_SEED};
@@ -56,20 +56,7 @@ struct TwinOut {
 }
 
 /// What `bench` measured.
-#[derive(Clone, Debug, Serialize)]
-pub struct BenchReport {
-    pub config: String,
-    /// Trainable parameters of keel's model (the twin's count must match).
-    pub params: usize,
-    /// keel: the heap bytes allocated above the level before the timed steps (CPU), or
-    /// NaN on CUDA (the device pool's peak is not read yet).
-    pub keel: Timing,
-    pub keel_images_per_s: f64,
-    /// The PyTorch twin: the process's peak RSS (CPU) or the CUDA allocator's peak.
-    pub torch: Option<Timing>,
-    /// keel median / PyTorch median.
-    pub ratio: Option<f64>,
-}
+pub use keel::train::bench::BenchReport;
 
 /// seg_train's global allocator: counts heap bytes for `bench`'s peak memory (two relaxed
 /// atomics per allocation).
@@ -169,24 +156,7 @@ fn twin_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
 fn time_torch(python: &str, twin: &[String], params: usize) -> anyhow::Result<Timing> {
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/seg_train/torch_twin.py");
-    let out = std::process::Command::new(python)
-        .arg(&script)
-        .args(twin)
-        .output()
-        .with_context(|| format!("--vs-torch: cannot run {python} (set --python)"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "--vs-torch: {} {} failed ({}): {}",
-            python,
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    }
-    let line = stdout.lines().last().unwrap_or_default();
-    let out: TwinOut = serde_json::from_str(line)
-        .with_context(|| format!("--vs-torch: unexpected twin output {line:?}"))?;
+    let out: TwinOut = run_twin(python, &script, twin).map_err(|e| anyhow!("--vs-torch: {e}"))?;
     if out.params != params {
         bail!("--vs-torch: the twin has {} parameters, keel's model {params}: torch_twin.py no longer mirrors keel::models::seg::SegNet", out.params)
     }
@@ -204,48 +174,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let torch = twin
         .map(|t| time_torch(&args.python, &t, params))
         .transpose()?;
-    let report = BenchReport {
-        keel_images_per_s: args.batch_size as f64 * 1e3 / keel.median_ms,
-        ratio: torch.as_ref().map(|t| keel.median_ms / t.median_ms),
-        config,
-        params,
-        keel,
-        torch,
-    };
-    print_report(&report, args);
+    let report = BenchReport::new(config, params, args.batch_size, keel, torch);
+    println!("{}", report.to_text(args.warmup, args.steps));
     if let Some(path) = &args.json {
         keel::train::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(report)
-}
-
-fn print_report(r: &BenchReport, args: &BenchArgs) {
-    let mib = |v: f64| {
-        if v.is_finite() {
-            format!("{v:.1} MiB")
-        } else {
-            "not measured on CUDA yet".into()
-        }
-    };
-    println!(
-        "bench: {}, {:.3} M params ({} warm-up + {} timed steps)",
-        r.config,
-        r.params as f64 / 1e6,
-        args.warmup,
-        args.steps
-    );
-    println!(
-        "keel   step median {:.2} ms, min {:.2} ms, {:.1} images/s, heap peak above start {}",
-        r.keel.median_ms,
-        r.keel.min_ms,
-        r.keel_images_per_s,
-        mib(r.keel.peak_mib)
-    );
-    if let (Some(t), Some(ratio)) = (&r.torch, r.ratio) {
-        println!(
-            "torch  step median {:.2} ms, min {:.2} ms, peak {:.1} MiB (process RSS on CPU, allocator on CUDA)",
-            t.median_ms, t.min_ms, t.peak_mib
-        );
-        println!("keel / torch step time: {ratio:.2}x");
-    }
 }

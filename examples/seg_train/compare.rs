@@ -5,15 +5,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use keel::train::plot::{Curve, Figure, Panel};
 
 use keel::norm::NormKind;
-use keel::train::series::{mean_series, mean_std, moving_average, percentile};
-use keel::train::write_atomic;
+use keel::train::{grid, write_atomic, RunSummary};
 
 use super::cli::RunConfig;
 use super::cli::{parse_norm, pick_device, CommonArgs};
-use super::train::{self, RunSummary};
+use super::train;
 
 #[derive(Args, Debug, Clone)]
 pub struct CompareArgs {
@@ -40,11 +38,7 @@ pub struct CompareArgs {
 }
 
 /// One (norm, batch) cell of the grid with its per-seed runs.
-pub struct Cell {
-    pub norm: String,
-    pub batch: usize,
-    pub runs: Vec<RunSummary>,
-}
+pub type Cell = grid::Cell;
 
 pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let (norms, batches) = (&args.norms, &args.batch_sizes);
@@ -58,7 +52,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         }
     }
     let device = pick_device(args.common.device)?;
-    super::output::check_writable(&args.out)?;
+    super::output::writable(&args.out)?;
     let total = norms.len() * batches.len() * args.seeds as usize;
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(
@@ -92,24 +86,9 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         }
     }
     let device_flag = if device.is_cpu() { "cpu" } else { "cuda" };
-    let summaries = run_jobs(&queue, args.jobs.max(1), device_flag, &pb)?;
-    let mut cells: Vec<Cell> = Vec::new();
-    for (
-        Job {
-            norm: n, batch: b, ..
-        },
-        s,
-    ) in queue.iter().zip(summaries)
-    {
-        match cells.iter_mut().find(|c| c.norm == *n && c.batch == *b) {
-            Some(c) => c.runs.push(s),
-            None => cells.push(Cell {
-                norm: n.clone(),
-                batch: *b,
-                runs: vec![s],
-            }),
-        }
-    }
+    let summaries = run_jobs(&queue, args.jobs, device_flag, &pb)?;
+    let runs = queue.iter().zip(summaries);
+    let cells = Cell::group(runs.map(|(j, s)| (j.norm.clone(), j.batch, s)));
     pb.finish_and_clear();
     let md = results_md(args, &cells, t0.elapsed().as_secs_f64(), &device);
     write_atomic(args.out.join("results.md"), md.as_bytes())?;
@@ -185,48 +164,32 @@ fn run_jobs(
     device_flag: &str,
     pb: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<RunSummary>> {
-    let mut running: Vec<(std::process::Child, usize)> = Vec::new();
-    let mut summaries: Vec<Option<RunSummary>> = vec![None; queue.len()];
-    let mut next = 0;
-    while next < queue.len() || !running.is_empty() {
-        while next < queue.len() && running.len() < jobs {
-            let job = &queue[next];
-            pb.set_message(format!(
-                "{} batch {} seed {}",
-                job.norm, job.batch, job.seed
-            ));
-            running.push((job.spawn(device_flag)?, next));
-            next += 1;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let mut still = Vec::new();
-        for (mut child, i) in running.drain(..) {
-            let Some(status) = child.try_wait()? else {
-                still.push((child, i));
-                continue;
-            };
-            let (job, s) = (&queue[i], queue[i].summary(status)?);
-            pb.suspend(|| {
-                eprintln!(
-                    "{:>6} batch {} seed {}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}",
-                    job.norm,
-                    job.batch,
-                    job.seed,
-                    s.final_miou,
-                    s.seconds_per_step,
-                    s.loss_spikes,
-                    s.verdict
-                )
-            });
-            summaries[i] = Some(s);
-            pb.inc(1);
-        }
-        running = still;
-    }
-    Ok(summaries
-        .into_iter()
-        .map(|s| s.expect("every run finished"))
-        .collect())
+    let start = |i: usize| {
+        let job = &queue[i];
+        pb.set_message(format!(
+            "{} batch {} seed {}",
+            job.norm, job.batch, job.seed
+        ));
+        job.spawn(device_flag)
+    };
+    let done = |i: usize, status| {
+        let (job, s) = (&queue[i], queue[i].summary(status)?);
+        pb.suspend(|| {
+            eprintln!(
+                "{:>6} batch {} seed {}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}",
+                job.norm,
+                job.batch,
+                job.seed,
+                s.final_miou,
+                s.seconds_per_step,
+                s.loss_spikes,
+                s.verdict
+            )
+        });
+        pb.inc(1);
+        Ok(s)
+    };
+    grid::run_pool(queue.len(), jobs, start, done)
 }
 
 /// The results table (one row per norm and batch size, statistics across seeds).
@@ -249,102 +212,11 @@ pub fn results_md(
         recipe.decay_name(), recipe.lr, c.warmup_steps,
         if c.clip_grad == 0.0 { "off".to_string() } else { c.clip_grad.to_string() }, train::amp_label(c.amp), args.steps, args.seeds, device.location(), seconds
     );
-    let _ = writeln!(md, "| norm | batch | final val mIoU (mean ± std) | per seed | loss spikes (total) | grad-norm p99 | NaN/Inf steps | skipped steps | s/step | verdicts |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
-    for cell in cells {
-        let mious: Vec<f64> = cell.runs.iter().map(|r| r.final_miou).collect();
-        let (m, s) = mean_std(&mious);
-        let per_seed = mious
-            .iter()
-            .map(|v| format!("{v:.3}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let spikes: usize = cell.runs.iter().map(|r| r.loss_spikes).sum();
-        let p99 = percentile(
-            cell.runs
-                .iter()
-                .flat_map(|r| r.grad_norms.iter().copied())
-                .collect(),
-            99.0,
-        );
-        let nan: usize = cell.runs.iter().map(|r| r.nonfinite_steps).sum();
-        let skipped: usize = cell.runs.iter().map(|r| r.skipped_steps).sum();
-        let sps =
-            cell.runs.iter().map(|r| r.seconds_per_step).sum::<f64>() / cell.runs.len() as f64;
-        let verdicts = cell
-            .runs
-            .iter()
-            .map(|r| r.verdict.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let _ = writeln!(md, "| {} | {} | {m:.4} ± {s:.4} | {per_seed} | {spikes} | {p99:.3} | {nan} | {skipped} | {sps:.3} | {verdicts} |", cell.norm, cell.batch);
-    }
-    let _ = writeln!(
-        md,
-        "\nLoss spikes, NaN/Inf and skipped steps come from keel::train's StabilityMonitor; the grad-norm p99 pools every step of every seed (pre-clip global L2 norm). Every config runs the same number of optimizer steps, so batch 8 sees 8x the images of batch 1. Curves: curves.png (per batch size: training loss, moving average over 20 steps, and val mIoU, mean over seeds)."
-    );
+    md.push_str(&grid::table_md(cells));
     md
 }
 
-/// curves.png: one row per batch size; left the training loss (moving average over 20
-/// steps), right val mIoU; a colour per norm; the mean over seeds.
+/// curves.png: see [`grid::plot_curves`].
 pub fn plot(path: &Path, cells: &[Cell], steps: usize) -> anyhow::Result<()> {
-    let mut batches: Vec<usize> = cells.iter().map(|c| c.batch).collect();
-    batches.sort();
-    batches.dedup();
-    let mut norms: Vec<&str> = Vec::new();
-    for c in cells {
-        if !norms.contains(&c.norm.as_str()) {
-            norms.push(&c.norm);
-        }
-    }
-    let curve = |c: &Cell, points| Curve {
-        label: c.norm.clone(),
-        colour: norms.iter().position(|n| *n == c.norm).unwrap_or(0),
-        points,
-    };
-    let mut panels = Vec::new();
-    for b in batches {
-        let row: Vec<&Cell> = cells.iter().filter(|c| c.batch == b).collect();
-        let loss: Vec<Curve> = row
-            .iter()
-            .map(|c| {
-                let ma = c.runs.iter().map(|r| moving_average(&r.losses, 20));
-                curve(c, mean_series(ma.collect()))
-            })
-            .collect();
-        let ymax = loss
-            .iter()
-            .flat_map(|c| c.points.iter().map(|p| p.1))
-            .fold(0.1f64, f64::max)
-            .min(10.0);
-        let miou = row
-            .iter()
-            .map(|c| {
-                let evals = c
-                    .runs
-                    .iter()
-                    .map(|r| r.evals.iter().map(|&(s, m)| (s as f64, m)).collect());
-                curve(c, mean_series(evals.collect()))
-            })
-            .collect();
-        panels.push(Panel {
-            title: format!("batch {b}: training loss (MA 20)"),
-            y: 0.0..ymax * 1.05,
-            curves: loss,
-        });
-        panels.push(Panel {
-            title: format!("batch {b}: val mIoU"),
-            y: 0.0..1.0,
-            curves: miou,
-        });
-    }
-    let fig = Figure {
-        panels,
-        columns: 2,
-        x_max: steps as f64,
-        x_label: "step".into(),
-        panel_size: (600, 320),
-    };
-    Ok(keel::train::plot::plot(path, &fig)?)
+    Ok(grid::plot_curves(path, cells, steps)?)
 }

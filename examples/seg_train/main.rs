@@ -16,9 +16,10 @@
 //! restore), metrics, logs, checkpoints and the stability monitor from keel::train and
 //! keel::optim, the network (`SegNet`) from keel::models and the loss from keel::kernels.
 //! Modules: cli (flags, RunConfig), resume (what `--resume` continues from, checked),
-//! output (the run directory: lock, temp files), train (one run), compare (the grid),
+//! output (keel::train::run_dir's states as seg_train's messages), train (one run),
+//! compare (the grid's jobs; its table, curves and process pool are keel::train::grid),
 //! bench (the step alone, against the PyTorch twin `torch_twin.py`); the data (shapes, voc,
-//! loader) is keel::data; `tests/seg_train.rs` includes them with `#[path]`.
+//! loader, Sources) is keel::data; `tests/seg_train.rs` includes them with `#[path]`.
 pub(crate) mod bench;
 pub(crate) mod cli;
 pub(crate) mod compare;

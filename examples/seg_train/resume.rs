@@ -8,8 +8,8 @@ use anyhow::{bail, Context};
 use candle::Device;
 use clap::parser::ValueSource;
 use clap::ArgMatches;
-use keel::train::{changed_fields, load_checkpoint, load_latest_checkpoint, Resume};
-use serde_json::Value;
+use keel::train::FieldChange;
+use keel::train::{changed_fields, load_latest_checkpoint, Resume};
 
 use super::cli::{read_config, RunConfig, TrainArgs};
 
@@ -115,14 +115,8 @@ pub fn resume_plan(
 fn find_checkpoint(t: &TrainArgs, dir: &Path, device: &Device) -> anyhow::Result<Resume> {
     let shown = dir.display();
     if let Some(file) = &t.resume_from {
-        let checkpoint = load_checkpoint(file, device)
-            .with_context(|| format!("--resume-from {}", file.display()))?;
-        return Ok(Resume {
-            checkpoint,
-            path: file.clone(),
-            skipped: Vec::new(),
-            skip_reasons: Vec::new(),
-        });
+        return Resume::from_file(file, device)
+            .with_context(|| format!("--resume-from {}", file.display()));
     }
     let ckpts = dir.join("checkpoints");
     let found = load_latest_checkpoint(&ckpts, device)
@@ -145,7 +139,7 @@ fn check_config_file(file: &RunConfig, stored: &RunConfig, ckpt: &Path) -> anyho
         .into_iter()
         .filter(|c| !(c.key == "steps" && file.steps > stored.steps))
         .map(|c| {
-            let (key, a, b) = (c.key, show(&c.a), show(&c.b));
+            let (key, a, b) = (c.key, FieldChange::show(&c.a), FieldChange::show(&c.b));
             format!("{key} (config.json {a}, checkpoint {b})")
         })
         .collect();
@@ -192,18 +186,9 @@ fn flags_that_differ(
         let flag = c.key.replace('_', "-");
         differ.push(format!(
             "--{flag} {} (the run has {})",
-            show(&c.a),
-            show(&c.b)
+            FieldChange::show(&c.a),
+            FieldChange::show(&c.b)
         ));
     }
     Ok(differ)
-}
-
-/// A config value as a user reads it: strings bare, `null` as "the default".
-fn show(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "the default".into(),
-        v => v.to_string(),
-    }
 }

@@ -2,7 +2,6 @@
 //! scaler, EMA, monitor, accumulation) stepped once per optimizer step, an [`OptimRecipe`]
 //! schedule, JSONL logs, checkpoints with exact resume, evaluation and the health report.
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -12,16 +11,17 @@ use keel::kernels::{cross_entropy, CrossEntropyConfig};
 use keel::models::seg::{count_params, init_weights, load_pretrained, SegNet};
 use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
+use keel::train::run_dir::RunDir;
 use keel::train::{
-    lossless_f64, named_vars, write_atomic, Alarm, CheckpointManager, ConfusionMatrix, EvalLog,
-    EvalRecord, Guard, GuardAction, GuardConfig, GuardSummary, HealthReport, Interrupt,
-    Intervention, JsonlLogger, MonitorConfig, Resume, RunContext, RunLock, StepLog, StepOutcome,
-    StopSignal, TrainConfig, TrainState,
+    named_vars, progress_bar, write_atomic, CheckpointManager, EvalLog, EvalRecord, Guard,
+    GuardAction, GuardConfig, GuardLog, GuardSummary, HealthReport, Interrupt, Intervention,
+    JsonlLogger, MonitorConfig, Resume, RunContext, SegEval, StepLog, StepOutcome, StopSignal,
+    TrainConfig, TrainState,
 };
 use serde::{Deserialize, Serialize};
 
 use super::cli::{advice_flags, RunConfig};
-use super::data::{self, Loader, LoaderConfig, Shapes, Source, Voc, IGNORE, SHAPE_CLASSES};
+use super::data::{self, Loader, LoaderConfig, Sources, IGNORE};
 use super::output;
 
 /// How a run is driven (not part of its identity).
@@ -34,37 +34,8 @@ pub struct RunOpts {
     pub step_delay: Option<Duration>,
 }
 
-/// The outcome of a run, for the `compare` grid. Its floats keep NaN and infinities
-/// (keel's `lossless_f64` encoding: `"NaN"`, `"inf"`), so a run that ever logged a
-/// non-finite loss or grad norm (an f16 loss-scaler skip) still resumes from its checkpoints.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct RunSummary {
-    /// The last evaluation's mIoU; NaN when the weights were non-finite.
-    #[serde(with = "lossless_f64")]
-    pub final_miou: f64,
-    #[serde(with = "lossless_f64")]
-    pub final_pixel_acc: f64,
-    #[serde(with = "lossless_f64::pairs")]
-    pub losses: Vec<(usize, f64)>,
-    #[serde(with = "lossless_f64::pairs")]
-    pub evals: Vec<(usize, f64)>,
-    #[serde(with = "lossless_f64::seq")]
-    pub grad_norms: Vec<f64>,
-    pub loss_spikes: usize,
-    pub nonfinite_steps: usize,
-    pub skipped_steps: usize,
-    pub seconds_per_step: f64,
-    pub verdict: String,
-    /// Rollbacks and stops of the guard.
-    #[serde(default)]
-    pub guard_interventions: usize,
-    /// The step at which the guard stopped the run, if it did.
-    #[serde(default)]
-    pub guard_stopped_at: Option<usize>,
-    /// The guard's history (checkpointed with the summary, continued on --resume).
-    #[serde(default)]
-    pub guard: Option<GuardSummary>,
-}
+/// The outcome of a run (summary.json), for the `compare` grid.
+pub use keel::train::RunSummary;
 
 /// A run stopped by SIGINT or SIGTERM: the step it finished, its checkpoint and the health
 /// report are written; the process exits with [`StopSignal::exit_code`] (130 / 143).
@@ -110,60 +81,25 @@ struct CkptMeta {
     rng: serde_json::Value,
 }
 
-/// The data of a run: train and val sources and the class names.
-struct Sources {
-    train: Arc<dyn Source>,
-    val: Arc<dyn Source>,
-    classes: Vec<String>,
-}
-
-/// The run's data; a `--data-dir` set is validated in full first (see [`check_voc`]).
+/// The run's data; a `--data-dir` set is validated in full first (in parallel, with a
+/// progress bar), before anything is written, failing with all bad files named at once.
 fn sources(cfg: &RunConfig, progress: bool) -> anyhow::Result<Sources> {
-    Ok(match &cfg.data_dir {
-        Some(dir) => {
-            let n = cfg.num_classes();
-            let open = |split| {
-                Voc::open(dir, split, n).with_context(|| format!("--data-dir {}", dir.display()))
-            };
-            let (train, val) = (open("train")?, open("val")?);
-            check_voc(dir, &[&train, &val], progress)?;
-            Sources {
-                train: Arc::new(train),
-                val: Arc::new(val),
-                classes: (0..n).map(|i| format!("class{i}")).collect(),
-            }
-        }
-        None => Sources {
-            train: Arc::new(Shapes::generate(
-                cfg.train_size,
-                cfg.image_size,
-                data::SHAPES_TRAIN_SEED,
-            )),
-            val: Arc::new(Shapes::generate(
-                cfg.val_size,
-                cfg.image_size,
-                data::SHAPES_VAL_SEED,
-            )),
-            classes: SHAPE_CLASSES.iter().map(|s| s.to_string()).collect(),
-        },
-    })
-}
-
-/// Decodes every image/mask pair of `sets` (in parallel, with a progress bar) before
-/// anything is written, failing with all bad files named at once.
-fn check_voc(dir: &Path, sets: &[&Voc], progress: bool) -> anyhow::Result<()> {
-    let total = sets.iter().map(|s| s.len()).sum::<usize>();
-    let pb = progress_bar(progress, total, 0);
+    let Some(dir) = &cfg.data_dir else {
+        return Ok(Sources::shapes(
+            cfg.train_size,
+            cfg.val_size,
+            cfg.image_size,
+        ));
+    };
+    let pb = progress_bar(progress, 0, 0);
     pb.set_message("checking --data-dir");
-    let res = data::validate(sets, Some(&|| pb.inc(1)));
+    let tick = |total: usize| {
+        pb.set_length(total as u64);
+        pb.inc(1)
+    };
+    let res = Sources::voc(dir, cfg.num_classes(), Some(&tick));
     pb.finish_and_clear();
     res.with_context(|| format!("--data-dir {}", dir.display()))
-}
-
-struct Evaluation {
-    miou: f64,
-    pixel_acc: f64,
-    iou: Vec<Option<f64>>,
 }
 
 /// Everything a run holds: its config, data, model and train state.
@@ -212,31 +148,18 @@ impl<'a> Run<'a> {
     /// Evaluates the current weights on the validation set. Non-finite weights are not a
     /// model: their metrics are NaN (the argmax of NaN logits would score a few percent
     /// mIoU), so they are never the best.
-    fn evaluate(&self) -> candle::Result<Evaluation> {
+    fn evaluate(&self) -> candle::Result<SegEval> {
         let (cfg, dev) = (self.cfg, &self.opts.device);
         if !self.state.weights_finite()? {
-            return Ok(Evaluation {
-                miou: f64::NAN,
-                pixel_acc: f64::NAN,
-                iou: vec![None; cfg.num_classes()],
-            });
+            return Ok(SegEval::nan(cfg.num_classes()));
         }
-        let cast = compute_model(cfg, &self.vm, dev)?;
+        let cast = SegNet::cast_copy(&cfg.model(), &self.vm, cfg.amp.compute_dtype(), dev)?;
         let model = cast.as_ref().unwrap_or(&self.master);
-        let mut cm = ConfusionMatrix::new(cfg.num_classes(), Some(IGNORE as u32))?;
-        for b in data::eval_batches(
-            self.data.val.as_ref(),
-            cfg.batch_size.max(8),
-            cfg.image_size,
-        ) {
-            let (x, t) = b?.to_tensors(dev)?;
-            let logits = model.forward(&x.to_dtype(cfg.amp.compute_dtype())?, false)?;
-            cm.update(&logits.argmax(1)?, &t)?;
-        }
-        Ok(Evaluation {
-            miou: cm.miou(),
-            pixel_acc: cm.pixel_accuracy(),
-            iou: cm.iou(),
+        let val = self.data.val.as_ref();
+        let batches = data::eval_batches(val, cfg.batch_size.max(8), cfg.image_size)
+            .map(|b| b?.to_tensors(dev));
+        SegEval::evaluate(batches, cfg.num_classes(), Some(IGNORE as u32), |x| {
+            model.forward(&x.to_dtype(cfg.amp.compute_dtype())?, false)
         })
     }
 
@@ -257,19 +180,15 @@ impl<'a> Run<'a> {
         &mut self,
         out: &Path,
         resume: Option<Resume>,
-    ) -> anyhow::Result<(CheckpointManager, JsonlLogger, RunLock)> {
+    ) -> anyhow::Result<(CheckpointManager, JsonlLogger, RunDir)> {
         let lock = output::claim(out, resume.is_some())?;
         let mut manager = CheckpointManager::new(out.join("checkpoints"), self.cfg.keep_last)?;
         manager.set_write_pause(output::save_pause()?);
         let log_path = out.join("log.jsonl");
+        lock.write_config(self.cfg)?;
         let Some(found) = resume else {
-            write_atomic(
-                out.join("config.json"),
-                serde_json::to_string_pretty(self.cfg)?.as_bytes(),
-            )?;
             return Ok((manager, JsonlLogger::create(&log_path)?, lock));
         };
-        output::sync_config(out, self.cfg)?;
         let meta: CkptMeta = self
             .state
             .restore(&found.checkpoint)
@@ -374,31 +293,12 @@ pub fn micro_loss(
     x: &Tensor,
     t: &Tensor,
 ) -> candle::Result<Tensor> {
-    let cast = compute_model(cfg, vm, x.device())?;
-    let logits = cast
-        .as_ref()
-        .unwrap_or(master)
-        .forward(&x.to_dtype(cfg.amp.compute_dtype())?, true)?;
-    if let Some(c) = &cast {
-        c.copy_bn_stats_to(vm)?;
-    }
+    let logits = master.forward_in(&cfg.model(), vm, x, cfg.amp.compute_dtype(), true)?;
     let ignore = CrossEntropyConfig {
         ignore_index: Some(IGNORE as i64),
         weight: None,
     };
     cross_entropy(&logits, t, &ignore)
-}
-
-/// The model in the compute precision: `None` for f32 (use the master), else a copy cast
-/// from the f32 master weights.
-fn compute_model(cfg: &RunConfig, vm: &VarMap, dev: &Device) -> candle::Result<Option<SegNet>> {
-    Ok(match cfg.amp {
-        Precision::F32 => None,
-        p => Some(SegNet::new(
-            &cfg.model(),
-            keel::optim::mixed::cast_var_builder(vm, p.compute_dtype(), dev),
-        )?),
-    })
 }
 
 /// `--amp`'s label in logs and the report ("off" for f32, as the flag reads).
@@ -463,13 +363,8 @@ pub fn run(
                 break;
             }
         }
+        run.summary.record_step(&out);
         for alarm in &out.alarms {
-            match alarm {
-                Alarm::LossSpike { .. } => run.summary.loss_spikes += 1,
-                Alarm::NonFinite { .. } => run.summary.nonfinite_steps += 1,
-                Alarm::SkippedStep { .. } => run.summary.skipped_steps += 1,
-                _ => {}
-            }
             say(format!("monitor: {alarm}"));
         }
         if let Some(d) = opts.step_delay {
@@ -477,8 +372,6 @@ pub fn run(
         }
         let step = out.step;
         logger.log(&StepLog::new(&out, t0.elapsed().as_secs_f64()))?;
-        run.summary.losses.push((step, out.loss));
-        run.summary.grad_norms.push(out.grad_norm);
         window_losses.push(out.loss);
         pb.set_message(format!("loss {:.4} lr {:.2e}", out.loss, out.lr));
         pb.inc(1);
@@ -522,22 +415,6 @@ pub fn run(
     Ok(run.summary)
 }
 
-fn progress_bar(show: bool, steps: usize, at: usize) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(steps as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    pb.set_position(at as u64);
-    pb
-}
-
 impl Run<'_> {
     /// The evaluation after `step`: logged, recorded in the monitor and the summary;
     /// returns the mIoU.
@@ -572,8 +449,7 @@ impl Run<'_> {
             e.miou,
             e.pixel_acc
         ));
-        self.summary.evals.push((step + 1, e.miou));
-        (self.summary.final_miou, self.summary.final_pixel_acc) = (e.miou, e.pixel_acc);
+        self.summary.record_eval(step, e.miou, e.pixel_acc);
         Ok(e.miou)
     }
 
@@ -654,13 +530,7 @@ impl Run<'_> {
         }
         let report = self.write_health(out, guard)?;
         let s = &mut self.summary;
-        s.verdict = format!("{:?}", report.verdict);
-        s.guard_interventions = guard.interventions.len();
-        s.guard_stopped_at = guard
-            .interventions
-            .last()
-            .filter(|_| guard.stopped)
-            .map(|i| i.step);
+        s.finish(report.verdict, guard);
         if self.opts.verbose {
             println!(
                 "final val mIoU {:.4}, pixel accuracy {:.4}; {:.3} s/step; artifacts in {}",
@@ -678,14 +548,6 @@ impl Run<'_> {
     }
 }
 
-/// One guard intervention in log.jsonl.
-#[derive(Serialize)]
-struct GuardLog<'a> {
-    kind: &'static str,
-    #[serde(flatten)]
-    intervention: &'a Intervention,
-}
-
 impl Run<'_> {
     /// Logs a rollback or stop of the guard (log.jsonl and stderr); returns it.
     fn log_intervention<'i>(
@@ -698,10 +560,7 @@ impl Run<'_> {
             GuardAction::Continue => return Ok(None),
             GuardAction::RolledBack(i) | GuardAction::Stop(i) => i,
         };
-        logger.log(&GuardLog {
-            kind: "guard",
-            intervention: i,
-        })?;
+        logger.log(&GuardLog::new(i))?;
         pb.suspend(|| eprintln!("guard ({}): {i}", self.cfg.guard));
         Ok(Some(i))
     }

@@ -11,6 +11,8 @@
 //!   ids out of range).
 //! - [`Loader`]: micro-batches made on background threads with a bounded prefetch queue,
 //!   configured by a [`LoaderConfig`]; [`eval_batches`] for evaluation.
+//! - [`Sources`]: a run's train and val sets and class names in one value (the shapes, or a
+//!   VOC folder's `train`/`val` splits validated up front).
 //!
 //! Everything random is derived from `(seed, position)`, never from a running RNG: the
 //! sample order of epoch `e` is a permutation seeded by `(seed, e)` and the augmentation of
@@ -46,10 +48,12 @@ mod check;
 mod loader;
 mod sample;
 mod shapes;
+mod sources;
 mod voc;
 
 pub use check::{validate, BadSample, MAX_LISTED};
 pub use loader::{draw, eval_batches, Loader, LoaderConfig};
 pub use sample::{mix, HostBatch, Sample, Source, IGNORE};
 pub use shapes::{Shapes, SHAPES_TRAIN_SEED, SHAPES_VAL_SEED, SHAPE_CLASSES};
+pub use sources::Sources;
 pub use voc::Voc;

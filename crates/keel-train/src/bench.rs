@@ -1,10 +1,13 @@
 //! Step timing for benchmarks: untimed warm-up steps (allocator, caches, cuDNN algorithm
 //! search), then timed steps, each ended by a device synchronize so asynchronous (CUDA)
 //! work is inside its time; the median and the minimum, and the heap peak of the timed
-//! steps when a [`CountingAlloc`] counts the process's allocations.
+//! steps when a [`CountingAlloc`] counts the process's allocations; [`run_twin`] runs the
+//! same step in another framework (a script that prints its timing as one JSON line).
+use std::path::Path;
 use std::time::Instant;
 
 use candle::Device;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::mem::CountingAlloc;
@@ -72,6 +75,130 @@ pub fn time_steps(
     })
 }
 
+/// A benchmark of one training step: keel's timing, optionally beside a twin's in another
+/// framework (see [`run_twin`]). Serializes as the benchmark's JSON record.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// The configuration in words (model, batch, precision, device, threads).
+    pub config: String,
+    /// Trainable parameters of keel's model (the twin's count must match).
+    pub params: usize,
+    /// keel: the heap bytes allocated above the level before the timed steps (CPU), or
+    /// NaN on CUDA (the device pool's peak is not read yet).
+    pub keel: Timing,
+    /// Images per second of keel's median step.
+    pub keel_images_per_s: f64,
+    /// The twin: the process's peak RSS (CPU) or the CUDA allocator's peak.
+    pub torch: Option<Timing>,
+    /// keel median / twin median.
+    pub ratio: Option<f64>,
+}
+
+impl BenchReport {
+    /// The report of `keel`'s timing at `batch` images per step, and the twin's if any.
+    pub fn new(
+        config: String,
+        params: usize,
+        batch: usize,
+        keel: Timing,
+        torch: Option<Timing>,
+    ) -> Self {
+        Self {
+            keel_images_per_s: batch as f64 * 1e3 / keel.median_ms,
+            ratio: torch.as_ref().map(|t| keel.median_ms / t.median_ms),
+            config,
+            params,
+            keel,
+            torch,
+        }
+    }
+
+    /// The report as lines for a terminal, after `warmup` untimed and `steps` timed steps.
+    ///
+    /// ```
+    /// use keel_train::bench::{BenchReport, Timing};
+    /// let t = |ms| Timing { median_ms: ms, min_ms: ms, peak_mib: 1.0 };
+    /// let r = BenchReport::new("gn batch 2".into(), 1_000_000, 2, t(20.0), Some(t(10.0)));
+    /// let text = r.to_text(5, 20);
+    /// assert!(text.contains("100.0 images/s") && text.ends_with("keel / torch step time: 2.00x"), "{text}");
+    /// ```
+    pub fn to_text(&self, warmup: usize, steps: usize) -> String {
+        let mib = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.1} MiB")
+            } else {
+                "not measured on CUDA yet".into()
+            }
+        };
+        let mut lines = vec![
+            format!(
+                "bench: {}, {:.3} M params ({warmup} warm-up + {steps} timed steps)",
+                self.config,
+                self.params as f64 / 1e6,
+            ),
+            format!(
+                "keel   step median {:.2} ms, min {:.2} ms, {:.1} images/s, heap peak above start {}",
+                self.keel.median_ms,
+                self.keel.min_ms,
+                self.keel_images_per_s,
+                mib(self.keel.peak_mib)
+            ),
+        ];
+        if let (Some(t), Some(ratio)) = (&self.torch, self.ratio) {
+            lines.push(format!(
+                "torch  step median {:.2} ms, min {:.2} ms, peak {:.1} MiB (process RSS on CPU, allocator on CUDA)",
+                t.median_ms, t.min_ms, t.peak_mib
+            ));
+            lines.push(format!("keel / torch step time: {ratio:.2}x"));
+        }
+        lines.join("\n")
+    }
+}
+
+/// Runs `program script args..` (the twin of a benchmarked step in another framework, e.g.
+/// `python3 torch_twin.py --steps 20`) and parses the last line of its stdout as JSON `T`.
+/// Errors: `program` cannot start (`"cannot run {program}: ..."`), it exits non-zero (its
+/// stderr is in the error), or its last line is not a `T`.
+///
+/// ```
+/// # let script = std::env::temp_dir().join(format!("keel-twin-doc-{}.sh", std::process::id()));
+/// std::fs::write(&script, "echo warming up; echo \"{\\\"median_ms\\\": $1}\"")?;
+/// #[derive(serde::Deserialize)]
+/// struct Out { median_ms: f64 }
+/// let out: Out = keel_train::bench::run_twin("sh", &script, &["2.5".to_string()])?;
+/// assert_eq!(out.median_ms, 2.5);
+/// # std::fs::remove_file(&script)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn run_twin<T: DeserializeOwned>(
+    program: &str,
+    script: &Path,
+    args: &[String],
+) -> candle::Result<T> {
+    let out = std::process::Command::new(program)
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| candle::Error::Msg(format!("cannot run {program}: {e}")))?;
+    if !out.status.success() {
+        // No backtrace (`bail!` adds one under RUST_BACKTRACE): the stderr is the message.
+        return Err(candle::Error::Msg(format!(
+            "{program} {} failed ({}): {}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).map_err(|e| {
+        candle::Error::Msg(format!(
+            "{program} {}: unexpected output {line:?} ({e})",
+            script.display()
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +250,21 @@ mod tests {
         })?;
         assert_eq!(t.peak_mib, 2.0);
         Ok(())
+    }
+
+    #[test]
+    fn run_twin_reports_a_failing_or_missing_program() {
+        let err = run_twin::<f64>("/nonexistent/python", Path::new("x.py"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("cannot run /nonexistent/python"), "{err}");
+        let script = std::env::temp_dir().join(format!("keel-twin-fail-{}.sh", std::process::id()));
+        std::fs::write(&script, "echo oops >&2; exit 3").unwrap();
+        let err = run_twin::<f64>("sh", &script, &[]).unwrap_err().to_string();
+        assert!(err.contains("failed") && err.ends_with("oops"), "{err}");
+        std::fs::write(&script, "echo not-json").unwrap();
+        let err = run_twin::<f64>("sh", &script, &[]).unwrap_err().to_string();
+        assert!(err.contains("unexpected output \"not-json\""), "{err}");
+        std::fs::remove_file(&script).unwrap();
     }
 }

@@ -89,6 +89,19 @@ pub struct Resume {
     pub skip_reasons: Vec<String>,
 }
 
+impl Resume {
+    /// Resumes from the named checkpoint `file` (loaded and verified, see
+    /// [`crate::load_checkpoint`]): nothing skipped.
+    pub fn from_file(file: &Path, device: &Device) -> candle::Result<Self> {
+        Ok(Self {
+            checkpoint: crate::load_checkpoint(file, device)?,
+            path: file.to_path_buf(),
+            skipped: Vec::new(),
+            skip_reasons: Vec::new(),
+        })
+    }
+}
+
 /// Loads the newest checkpoint of `dir` that verifies (header and checksum, see
 /// [`crate::load_checkpoint`]) onto `device`, for resuming; reads only, so a program can
 /// look before it takes the directory over. Newer checkpoint files whose content does not

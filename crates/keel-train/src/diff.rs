@@ -14,6 +14,25 @@ pub struct FieldChange {
     pub b: Value,
 }
 
+impl FieldChange {
+    /// A value as a person reads it in a message: strings bare, `null` as "the default",
+    /// anything else as JSON.
+    ///
+    /// ```
+    /// use keel_train::FieldChange;
+    /// assert_eq!(FieldChange::show(&serde_json::json!("gn")), "gn");
+    /// assert_eq!(FieldChange::show(&serde_json::Value::Null), "the default");
+    /// assert_eq!(FieldChange::show(&serde_json::json!(0.5)), "0.5");
+    /// ```
+    pub fn show(v: &Value) -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            Value::Null => "the default".into(),
+            v => v.to_string(),
+        }
+    }
+}
+
 /// The top-level fields of `a` (a struct or map) whose serialized values differ from
 /// `b`'s, sorted by name. An error when either does not serialize to a JSON object.
 ///

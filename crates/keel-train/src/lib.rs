@@ -15,18 +15,25 @@
 //! - [`Guard`]: acts on divergence by a [`GuardPolicy`] (default rollback): in-memory
 //!   snapshots of the last good state, rollback past the batches that led to the divergence,
 //!   a lower LR, a stop after a few interventions; [`HealthReport::with_guard`] lists them.
-//! - [`ConfusionMatrix`]: per-class IoU, mIoU and pixel accuracy with an ignore index.
+//! - [`ConfusionMatrix`]: per-class IoU, mIoU and pixel accuracy with an ignore index;
+//!   [`SegEval::evaluate`] scores a model over evaluation batches with it.
 //! - [`CheckpointManager`] and [`load_checkpoint`]: atomic, checksummed safetensors
 //!   checkpoints, keep-last-K plus the best, resume from the latest.
-//! - [`JsonlLogger`]: one JSON record per line, flushed, resumable.
+//! - [`JsonlLogger`]: one JSON record per line, flushed, resumable; [`progress_bar`] for the
+//!   terminal.
 //! - [`write_atomic`]: the one atomic file write (temp, fsync, rename, fsync directory);
 //!   [`remove_stale_temps`] clears what an interrupted one left.
 //! - [`RunLock`]: one process per run directory (a pid lock file; a dead holder's lock is
-//!   taken over).
+//!   taken over); [`run_dir::RunDir`] adds the rest of a run directory's discipline (writable
+//!   up front, never overwriting a run, failed-start leftovers, `config.json`).
 //! - [`series`]: mean/std, percentiles, moving averages and seed means for comparing runs;
-//!   [`bench::time_steps`] times a step (warm-up, synchronize, median/min) and
+//!   [`bench::time_steps`] times a step (warm-up, synchronize, median/min), [`bench::run_twin`]
+//!   runs its twin in another framework, [`bench::BenchReport`] sets them side by side, and
 //!   [`mem::CountingAlloc`] counts the heap for its peak memory; with the `plot` feature,
 //!   `plot` draws training curves as PNG.
+//! - [`RunSummary`]: a run's outcome in numbers (losses, evals, alarm counts, speed,
+//!   verdict); [`grid`] groups many runs into a norm x batch table with statistics across
+//!   seeds, their curves (feature `plot`), and runs a grid's jobs as child processes.
 //!
 //! A custom loop with keel's parts (a linear model learning `y = x0 + x1 + x2 + x3`,
 //! SGD with warmup and clipping, a checkpoint, a resume that continues bit for bit):
@@ -109,6 +116,7 @@ mod config;
 mod diff;
 mod divergence;
 mod fsio;
+pub mod grid;
 mod guard;
 mod interrupt;
 mod lock;
@@ -118,8 +126,11 @@ mod metrics;
 mod monitor;
 #[cfg(feature = "plot")]
 pub mod plot;
+mod progress;
 mod recipe;
 mod report;
+pub mod run_dir;
+mod run_summary;
 pub mod series;
 mod state;
 mod stats;
@@ -135,11 +146,13 @@ pub use fsio::{remove_stale_temps, write_atomic};
 pub use guard::{Guard, GuardAction};
 pub use interrupt::{Interrupt, StopSignal};
 pub use lock::{RunLock, LOCK_FILE};
-pub use log::{EvalLog, JsonlLogger, StepLog};
-pub use metrics::ConfusionMatrix;
+pub use log::{EvalLog, GuardLog, JsonlLogger, StepLog};
+pub use metrics::{ConfusionMatrix, SegEval};
 pub use monitor::{Alarm, EvalRecord, StabilityMonitor, StepRecord};
+pub use progress::progress_bar;
 pub use recipe::{OptimRecipe, POLY_POWER, SGD_MOMENTUM, WARMUP_START_FACTOR};
 pub use report::{HealthReport, RunContext, Verdict};
+pub use run_summary::RunSummary;
 pub use state::{named_vars, StepOutcome, TrainConfig, TrainState, TRAIN_STATE_FORMAT};
 pub use stats::lossless_f64;
 pub use summary::{

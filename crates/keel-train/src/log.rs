@@ -233,3 +233,22 @@ pub struct EvalLog<'a> {
     /// Whether the weights were the EMA's.
     pub ema: bool,
 }
+
+/// One intervention of the [`crate::Guard`] as a log record:
+/// `{"kind":"guard", ...the intervention's fields}`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct GuardLog<'a> {
+    kind: &'static str,
+    #[serde(flatten)]
+    intervention: &'a crate::Intervention,
+}
+
+impl<'a> GuardLog<'a> {
+    /// The record of `intervention`.
+    pub fn new(intervention: &'a crate::Intervention) -> Self {
+        Self {
+            kind: "guard",
+            intervention,
+        }
+    }
+}

@@ -29,6 +29,60 @@ pub struct ConfusionMatrix {
     counts: Vec<u64>,
 }
 
+/// The metrics of one evaluation (from a [`ConfusionMatrix`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SegEval {
+    /// Mean IoU over the classes present.
+    pub miou: f64,
+    /// Pixel accuracy.
+    pub pixel_acc: f64,
+    /// Per-class IoU (`None` for a class absent from the set).
+    pub iou: Vec<Option<f64>>,
+}
+
+impl SegEval {
+    /// The metrics of weights that are not a model (non-finite): NaN mIoU and pixel
+    /// accuracy, no class IoU (the argmax of NaN logits would score a few percent mIoU).
+    pub fn nan(num_classes: usize) -> Self {
+        Self {
+            miou: f64::NAN,
+            pixel_acc: f64::NAN,
+            iou: vec![None; num_classes],
+        }
+    }
+
+    /// Evaluates a segmentation model: `forward` maps each batch's images to logits
+    /// `(B, num_classes, H, W)`, whose argmax is scored against the batch's targets
+    /// `(B, H, W)`, pixels of `ignore_index` skipped.
+    ///
+    /// ```
+    /// use candle::{Device, Tensor};
+    /// let x = Tensor::zeros((1, 2, 1, 2), candle::DType::F32, &Device::Cpu)?;
+    /// let t = Tensor::new(&[[[1u32, 255]]], &Device::Cpu)?;
+    /// let logits = |_: &Tensor| Tensor::new(&[[[[0f32, 0.0]], [[1.0, 1.0]]]], &Device::Cpu);
+    /// let e = keel_train::SegEval::evaluate([Ok((x, t))], 2, Some(255), logits)?;
+    /// assert_eq!((e.miou, e.pixel_acc, e.iou), (1.0, 1.0, vec![None, Some(1.0)]));
+    /// # Ok::<(), candle::Error>(())
+    /// ```
+    pub fn evaluate(
+        batches: impl IntoIterator<Item = candle::Result<(Tensor, Tensor)>>,
+        num_classes: usize,
+        ignore_index: Option<u32>,
+        mut forward: impl FnMut(&Tensor) -> candle::Result<Tensor>,
+    ) -> candle::Result<Self> {
+        let mut cm = ConfusionMatrix::new(num_classes, ignore_index)?;
+        for b in batches {
+            let (x, t) = b?;
+            cm.update(&forward(&x)?.argmax(1)?, &t)?;
+        }
+        Ok(Self {
+            miou: cm.miou(),
+            pixel_acc: cm.pixel_accuracy(),
+            iou: cm.iou(),
+        })
+    }
+}
+
 /// The largest class count accepted: the matrix has `num_classes^2` cells.
 const MAX_CLASSES: usize = 65_536;
 

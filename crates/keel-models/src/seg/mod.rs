@@ -8,10 +8,14 @@
 //! `stages.2.0.skip.1.running_var`, `lat.3.bias`, `smooth.1.bias`, `head.weight`, ...), so
 //! a twin checkpoint loads unchanged. `width 64, fpn 128, 21 classes` is the twin exactly
 //! (11.46 M parameters).
+//!
+//! Mixed precision: [`SegNet::forward_in`] runs the master model in f16/bf16 through a
+//! copy cast from its f32 weights ([`SegNet::cast_copy`]).
 
 mod config;
 mod init;
 mod load;
+mod mixed;
 mod net;
 
 pub use config::ModelConfig;
