@@ -1,5 +1,5 @@
 //! `cargo xtask gpu-bundle`: everything one device call needs, in `.bundle/` (git-ignored):
-//! the stripped, xz-compressed `--features cudnn` (implies cuda) release build of `keel-gpu-suite` (built
+//! the stripped, xz-compressed `--features cuda` (CUDA + cuDNN) release build of `keel-gpu-suite` (built
 //! with the pinned toolchain, CARGO_TARGET_DIR=target/cuda) and the GPU machine's scripts
 //! from `crates/keel-gpu-suite/scripts/` (see [`SCRIPTS_DIR`]). Prints the exact device command.
 
@@ -41,9 +41,9 @@ pub(crate) fn run() -> Result<()> {
     let bundle = root.join(".bundle");
     let target = root.join("target/cuda");
     step(
-        "pinned CUDA toolchain (+ cuDNN) + cargo build --release --features cudnn",
+        "pinned CUDA toolchain (+ cuDNN) + cargo build --release --features cuda",
         || {
-            // cuDNN wheels too: the conv suite runs keel's cuDNN path (`cudnn` implies `cuda`).
+            // cuDNN wheels too: `cuda` includes keel's cuDNN convolutions.
             std::env::set_var("WITH_CUDNN", "1");
             let env = cuda_env()?;
             run_cmd(
@@ -54,7 +54,7 @@ pub(crate) fn run() -> Result<()> {
                         "-p",
                         PACKAGE,
                         "--features",
-                        "cudnn",
+                        "cuda",
                         "--bin",
                         BIN,
                     ])
