@@ -10,7 +10,7 @@
 //!   BatchNorm -> GroupNorm / FrozenBatchNorm checkpoint conversion.
 //! - [`kernels`]: fused, differentiable kernels (CPU, and CUDA with the `cuda` feature)
 //!   behind the layers: GroupNorm(+SiLU) forward and backward, and conv2d with dedicated
-//!   backward-data / backward-filter ops (im2col + GEMM on CPU, cuDNN with `cudnn`), and
+//!   backward-data / backward-filter ops (im2col + GEMM on CPU, cuDNN with `cuda`), and
 //!   the segmentation ops: cross-entropy with `ignore_index` and class weights, and
 //!   differentiable nearest / bilinear resizing.
 //! - [`optim`]: LR schedules with warmup, global-norm clipping, SGD and AdamW with PyTorch

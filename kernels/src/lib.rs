@@ -6,7 +6,7 @@
 //!   [`group_norm_slow`].
 //! - [`conv2d`]: 2D convolution with stride, padding, dilation and groups, differentiable
 //!   through dedicated backward-data and backward-filter kernels (im2col + GEMM on CPU,
-//!   cuDNN with the `cudnn` feature), plus the composed reference [`conv2d_slow`].
+//!   cuDNN with the `cuda` feature), plus the composed reference [`conv2d_slow`].
 //! - [`cross_entropy`]: mean cross-entropy with `ignore_index` and class weights, fused
 //!   forward and backward on CPU, plus the composed [`cross_entropy_slow`] (used on CUDA).
 //! - [`resize_nearest`] / [`resize_bilinear`]: differentiable NCHW resizing with PyTorch's
@@ -23,7 +23,40 @@ mod loss;
 pub mod nn;
 mod resize;
 
-pub use conv::{conv2d, conv2d_slow, conv_tf32, set_conv_tf32, Conv2dParams};
+pub use conv::{
+    conv2d, conv2d_slow, conv_deterministic, conv_tf32, set_conv_deterministic, set_conv_tf32,
+    Conv2dParams,
+};
 pub use group_norm::{group_norm, group_norm_silu, group_norm_silu_slow, group_norm_slow};
 pub use loss::{cross_entropy, cross_entropy_slow, CrossEntropyConfig};
 pub use resize::{resize_bilinear, resize_bilinear_slow, resize_nearest, resize_nearest_slow};
+
+/// Prepares `dev` for training. On CUDA: keeps freed memory in the device's default memory
+/// pool (its release threshold set to "never"; CUDA's default of 0 returns freed memory to
+/// the OS at every synchronisation, so each training step would map its memory again, which
+/// PyTorch's caching allocator avoids). keel's CUDA ops do this on their first launch; call
+/// it yourself before timing anything else on the device. Idempotent, cheap after the
+/// first call per thread; the CPU needs nothing.
+///
+/// # Example
+/// ```
+/// keel_kernels::prepare_device(&candle::Device::Cpu)?;
+/// # Ok::<(), candle::Error>(())
+/// ```
+pub fn prepare_device(dev: &candle::Device) -> candle::Result<()> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        candle::Device::Cuda(d) => cuda::prepare(d),
+        _ => Ok(()),
+    }
+}
+
+/// The release threshold (bytes) of a CUDA device's default memory pool, as
+/// [`prepare_device`] leaves it (`u64::MAX`); `None` for other devices. For checks.
+pub fn cuda_pool_release_threshold(dev: &candle::Device) -> candle::Result<Option<u64>> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        candle::Device::Cuda(d) => cuda::pool_release_threshold(d).map(Some),
+        _ => Ok(None),
+    }
+}

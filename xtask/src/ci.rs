@@ -68,8 +68,10 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     }
     if on("cuda") {
         step(
-            "cuda compile check: xtask/setup-nvcc.sh + cargo clippy --workspace --all-targets --features cuda -- -D warnings (CARGO_TARGET_DIR=target/cuda)",
+            "cuda compile check: WITH_CUDNN=1 xtask/setup-nvcc.sh + cargo clippy --workspace --all-targets --features cuda -- -D warnings (CARGO_TARGET_DIR=target/cuda)",
             || {
+                // `cuda` includes cuDNN: the setup script installs the pinned cuDNN 9.21 wheels too.
+                std::env::set_var("WITH_CUDNN", "1");
                 let env = cuda_env()?;
                 let mut cmd = cargo();
                 cmd.args([
@@ -78,29 +80,6 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
                     "--all-targets",
                     "--features",
                     "cuda",
-                    "--",
-                    "-D",
-                    "warnings",
-                ])
-                .envs(env)
-                .env("CARGO_TARGET_DIR", root().join("target/cuda"));
-                run_cmd(&mut cmd)
-            },
-        )?;
-        step(
-            "cudnn compile check: WITH_CUDNN=1 xtask/setup-nvcc.sh + cargo clippy -p keel-kernels --all-targets --features cudnn -- -D warnings (CARGO_TARGET_DIR=target/cuda)",
-            || {
-                // The setup script also installs the pinned cuDNN 9.21 wheels when asked.
-                std::env::set_var("WITH_CUDNN", "1");
-                let env = cuda_env()?;
-                let mut cmd = cargo();
-                cmd.args([
-                    "clippy",
-                    "-p",
-                    "keel-kernels",
-                    "--all-targets",
-                    "--features",
-                    "cudnn",
                     "--",
                     "-D",
                     "warnings",

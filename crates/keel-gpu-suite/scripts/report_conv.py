@@ -6,8 +6,8 @@ impl keel and candle) and torch_conv_bench.py (impl torch).
 
 keel/torch: keel ms / torch ms (<= 1.25 is the target on every row, issue 6);
 x candle: candle ms / keel ms for forward+backward (>= 5 is the target). "backend" is
-keel's CUDA path: cudnn (suite built with --features cudnn) or fallback (candle forward +
-composed backward); with --features cudnn candle's own conv forward is cuDNN too.
+keel's CUDA path is cuDNN (keel's `cuda` feature includes it); candle's own conv forward is
+cuDNN too in that build (candle's `cudnn` feature).
 """
 import json
 import sys

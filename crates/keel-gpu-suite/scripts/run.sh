@@ -1,23 +1,42 @@
 #!/usr/bin/env bash
 # The one script the GPU machine runs (from the repository root, with .bundle carried):
 #   bash .bundle/run.sh
-# Unpacks the keel-gpu-suite binary (python lzma: no xz needed), sets LD_LIBRARY_PATH as
-# shared/GPU.md verified, checks ldd, runs the CUDA correctness suite, the keel/candle
-# benchmark and PyTorch eager on the same shapes, and prints ONE ratio table last.
-# Every phase has a timeout so the whole call stays under ~7.5 minutes even if one hangs
-# (150 + 150 + 60 + 60 s; override with T_TEST, T_BENCH, T_TORCH). SUITES="gn" (or "conv")
-# restricts the suites and the PyTorch baselines; empty = all.
-# Results (logs, JSON lines, the table) go to $OUT, which the device tool brings back.
-# Exit code: 0 all passed, 1 correctness failed, 2 setup failed, 3 a benchmark failed.
+# Unpacks keel-gpu-suite and seg_train (python lzma: no xz needed), sets LD_LIBRARY_PATH
+# for keel's binaries only (the PyTorch baselines load their own CUDA libraries), checks
+# ldd, and runs in one call:
+#   1. the GN and conv correctness suites (f32/f16/bf16, NaN-poisoned outputs), and the
+#      memory-pool setting;
+#   2. the GN+SiLU and conv benchmarks against candle and PyTorch eager;
+#   3. seg_train's training step at the twin's configuration (width 64, fpn 128, 21 classes,
+#      batch 8, 256x256; GN and BN; f32, TF32, f16 AMP with the GradScaler, bf16), median
+#      of 20 steps after 5 warm-up steps and peak device memory, side by side with the
+#      PyTorch eager twin (examples/seg_train/torch_twin.py) in the same call;
+#   4. a short real seg_train run (synthetic data, batch 8, 128x128, deterministic cuDNN),
+#      killed once (SIGKILL) and resumed, against an uninterrupted run: identical per-step
+#      losses and final mIoU.
+# It prints ONE ratio table last (keel / PyTorch for every benchmark row, keel vs candle
+# where candle runs it). Every phase has a timeout; the whole call stays under 8 minutes
+# (T_TEST 100 + T_BENCH 100 + T_TORCH 2x40 + T_STEP 110 + T_RUN 90 s = 480 s).
+# SUITES="gn conv step run" (any subset) restricts the phases; empty = all.
+# Results go to $OUT (at most 8 files: test.log, keel_bench.jsonl, torch_bench.jsonl,
+# torch_conv_bench.jsonl, step_bench.jsonl, seg_run.log, stderr.log, report.txt).
+# Exit code: 0 all passed, 1 correctness or exact resume failed, 2 setup failed,
+# 3 a benchmark failed.
 set -uo pipefail
 B="$(cd "$(dirname "$0")" && pwd)"
+R="$(cd "$B/.." && pwd)" # the repository root (examples/seg_train/torch_twin.py)
 OUT="${OUT:-/tmp/keel-gpu-out}"
 mkdir -p "$OUT"
 BIN=/tmp/keel-gpu-suite
-T_TEST="${T_TEST:-150}" T_BENCH="${T_BENCH:-150}" T_TORCH="${T_TORCH:-60}"
+SEG=/tmp/seg_train
+T_TEST="${T_TEST:-100}" T_BENCH="${T_BENCH:-100}" T_TORCH="${T_TORCH:-40}"
+T_STEP="${T_STEP:-110}" T_RUN="${T_RUN:-90}"
+RUN_STEPS="${RUN_STEPS:-900}"
 SUITES="${SUITES:-}"
 want() { [ -z "$SUITES" ] || [[ " $SUITES " == *" $1 "* ]]; }
-DRY_RUN="${DRY_RUN:-0}" # 1: skip the binary (no GPU), still run torch on CPU and the report
+DRY_RUN="${DRY_RUN:-0}" # 1: no GPU binaries; still run the PyTorch scripts on CPU and the reports
+ERR="$OUT/stderr.log"
+: >"$ERR"
 
 say() { echo "== $(date -u +%H:%M:%S) $*"; }
 cat "$B/MANIFEST" 2>/dev/null
@@ -28,60 +47,124 @@ if ! "$PY" -c "import torch" 2>/dev/null && [ -x /opt/torch/.venv/bin/python3 ];
   PY=/opt/torch/.venv/bin/python3
 fi
 
-test_rc=0 bench_rc=0 torch_rc=0
+# keel's binaries get the CUDA/cuDNN library path; PyTorch keeps its own environment.
+KEEL_LD=""
+for d in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib \
+  /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib; do
+  [ -d "$d" ] && KEEL_LD="$KEEL_LD:$d"
+done
+KEEL_LD="${KEEL_LD#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+keel() { LD_LIBRARY_PATH="$KEEL_LD" "$@"; }
+
+test_rc=0 bench_rc=0 torch_rc=0 step_rc=0 run_rc=0
 if [ "$DRY_RUN" != 1 ]; then
   say "unpack"
-  "$PY" -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" \
-    "$B/keel-gpu-suite.xz" "$BIN" || { echo "unpack failed"; exit 2; }
-  chmod +x "$BIN"
-  L=""
-  for d in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib \
-    /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cudnn/lib; do
-    [ -d "$d" ] && L="$L:$d"
+  for b in keel-gpu-suite seg_train; do
+    "$PY" -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" \
+      "$B/$b.xz" "/tmp/$b" || { echo "unpack of $b failed"; exit 2; }
+    chmod +x "/tmp/$b"
+    keel ldd "/tmp/$b" | grep -E 'not found|libcu'
+    if keel ldd "/tmp/$b" | grep -q 'not found'; then
+      echo "missing shared libraries for $b (LD_LIBRARY_PATH=$KEEL_LD)"
+      exit 2
+    fi
   done
-  export LD_LIBRARY_PATH="${L#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  ldd "$BIN" | grep -E 'not found|libcu'
-  if ldd "$BIN" | grep -q 'not found'; then
-    echo "missing shared libraries (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
-    exit 2
+
+  if want gn || want conv; then
+    SUITE_ARGS=()
+    want gn && SUITE_ARGS+=(gn)
+    want conv && SUITE_ARGS+=(conv)
+    say "correctness suite (timeout ${T_TEST}s)"
+    timeout "$T_TEST" env LD_LIBRARY_PATH="$KEEL_LD" "$BIN" test "${SUITE_ARGS[@]}" 2>&1 | tee "$OUT/test.log"
+    test_rc=${PIPESTATUS[0]}
+
+    say "keel + candle benchmark (timeout ${T_BENCH}s)"
+    timeout "$T_BENCH" env LD_LIBRARY_PATH="$KEEL_LD" "$BIN" bench "${SUITE_ARGS[@]}" >"$OUT/keel_bench.jsonl" 2>>"$ERR"
+    bench_rc=$?
+    tail -3 "$OUT/keel_bench.jsonl"
   fi
-
-  say "correctness suite (timeout ${T_TEST}s)"
-  timeout "$T_TEST" "$BIN" test $SUITES 2>&1 | tee "$OUT/test.log"
-  test_rc=${PIPESTATUS[0]}
-
-  say "keel + candle benchmark (timeout ${T_BENCH}s)"
-  timeout "$T_BENCH" "$BIN" bench $SUITES >"$OUT/keel_bench.jsonl" 2>"$OUT/keel_bench.err"
-  bench_rc=$?
-  cat "$OUT/keel_bench.jsonl"
-  tail -5 "$OUT/keel_bench.err"
 fi
 
 TORCH_ARGS=()
 [ "$DRY_RUN" = 1 ] && TORCH_ARGS=(--device cpu --quick --iters 5)
 if want gn; then
   say "torch eager GroupNorm benchmark (timeout ${T_TORCH}s)"
-  timeout "$T_TORCH" "$PY" "$B/torch_gn_bench.py" "${TORCH_ARGS[@]}" >"$OUT/torch_bench.jsonl" 2>"$OUT/torch_bench.err"
-  torch_rc=$?
-  cat "$OUT/torch_bench.jsonl"
-  tail -5 "$OUT/torch_bench.err"
+  timeout "$T_TORCH" "$PY" "$B/torch_gn_bench.py" "${TORCH_ARGS[@]}" >"$OUT/torch_bench.jsonl" 2>>"$ERR" || torch_rc=$?
 fi
-
 if want conv; then
   say "torch conv2d benchmark (timeout ${T_TORCH}s)"
-  timeout "$T_TORCH" "$PY" "$B/torch_conv_bench.py" "${TORCH_ARGS[@]}" >"$OUT/torch_conv_bench.jsonl" 2>"$OUT/torch_conv_bench.err" || torch_rc=$?
-  cat "$OUT/torch_conv_bench.jsonl"
-  tail -5 "$OUT/torch_conv_bench.err"
+  timeout "$T_TORCH" "$PY" "$B/torch_conv_bench.py" "${TORCH_ARGS[@]}" >"$OUT/torch_conv_bench.jsonl" 2>>"$ERR" || torch_rc=$?
+fi
+
+# 3. The training step, keel and the PyTorch twin side by side (seg_train bench --vs-torch).
+if want step && [ "$DRY_RUN" != 1 ]; then
+  say "seg_train step at the twin configuration vs PyTorch (timeout ${T_STEP}s)"
+  : >"$OUT/step_bench.jsonl"
+  step_all() {
+    local rc=0
+    for norm in gn bn; do
+      for mode in f32 tf32 f16 bf16; do
+        case $mode in
+          f32) amp=(--amp off) ;;
+          tf32) amp=(--amp off --tf32) ;;
+          *) amp=(--amp "$mode") ;;
+        esac
+        keel "$SEG" bench --device cuda --norm "$norm" "${amp[@]}" --width 64 --fpn 128 \
+          --num-classes 21 --batch-size 8 --image-size 256 --warmup 5 --steps 20 --clip-grad 0 \
+          --vs-torch --python "$PY" --twin-script "$R/examples/seg_train/torch_twin.py" \
+          --json /tmp/step.json >>"$ERR" 2>&1 || { echo "step $norm $mode failed (see stderr.log)"; rc=3; continue; }
+        "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['mode']=sys.argv[2]; r['norm']=sys.argv[3]; print(json.dumps(r))" \
+          /tmp/step.json "$mode" "$norm" >>"$OUT/step_bench.jsonl"
+        tail -1 "$OUT/step_bench.jsonl" | cut -c1-160
+      done
+    done
+    return $rc
+  }
+  step_all &
+  spid=$!
+  ( sleep "$T_STEP"; kill -9 $spid 2>/dev/null; pkill -9 -f "$SEG bench" 2>/dev/null ) &
+  wpid=$!
+  wait $spid || step_rc=3
+  kill $wpid 2>/dev/null
+fi
+
+# 4. A short real run, killed once and resumed, against an uninterrupted one.
+if want run && [ "$DRY_RUN" != 1 ]; then
+  say "seg_train run: uninterrupted vs SIGKILL + --resume (deterministic, timeout ${T_RUN}s)"
+  (
+    set -x
+    common=(--device cuda --deterministic --batch-size 8 --image-size 128 --steps "$RUN_STEPS"
+      --eval-every $((RUN_STEPS / 3)) --seed 0 --quiet)
+    rm -rf /tmp/runA /tmp/runB
+    keel "$SEG" "${common[@]}" --out /tmp/runA || exit 1
+    keel "$SEG" "${common[@]}" --out /tmp/runB &
+    pid=$!
+    # Kill it once it has written its first checkpoint (a third of the run).
+    while kill -0 $pid 2>/dev/null && ! ls /tmp/runB/checkpoints/ckpt-*.safetensors >/dev/null 2>&1; do sleep 0.2; done
+    kill -9 $pid; wait $pid
+    echo "killed after: $(ls /tmp/runB/checkpoints)"
+    keel "$SEG" --resume /tmp/runB --device cuda --deterministic --quiet || exit 1
+    "$PY" "$B/compare_runs.py" /tmp/runA /tmp/runB
+  ) >"$OUT/seg_run.log" 2>&1 &
+  rpid=$!
+  ( sleep "$T_RUN"; kill -9 $rpid 2>/dev/null; pkill -9 -f "$SEG" 2>/dev/null ) &
+  wpid=$!
+  wait $rpid
+  run_rc=$?
+  kill $wpid 2>/dev/null
+  tail -6 "$OUT/seg_run.log"
 fi
 
 echo
 n_pass=$(grep -c '^PASS' "$OUT/test.log" 2>/dev/null || true)
 n_fail=$(grep -c '^FAIL' "$OUT/test.log" 2>/dev/null || true)
-echo "correctness: rc=$test_rc (${n_pass:-0} PASS, ${n_fail:-0} FAIL)  keel bench rc=$bench_rc  torch bench rc=$torch_rc"
-grep '^FAIL' -A8 "$OUT/test.log" 2>/dev/null | head -40
+echo "correctness: rc=$test_rc (${n_pass:-0} PASS, ${n_fail:-0} FAIL)  keel bench rc=$bench_rc  torch rc=$torch_rc  step rc=$step_rc  run rc=$run_rc"
+grep '^FAIL' -A8 "$OUT/test.log" 2>/dev/null | head -30
+tail -5 "$ERR"
 : >"$OUT/report.txt"
 want conv && "$PY" "$B/report_conv.py" "$OUT/keel_bench.jsonl" "$OUT/torch_conv_bench.jsonl" | tee -a "$OUT/report.txt"
 want gn && "$PY" "$B/report.py" "$OUT/keel_bench.jsonl" "$OUT/torch_bench.jsonl" | tee -a "$OUT/report.txt"
-if [ "$test_rc" != 0 ]; then exit 1; fi
-if [ "$bench_rc" != 0 ] || [ "$torch_rc" != 0 ]; then exit 3; fi
+"$PY" "$B/report_all.py" "$OUT" | tee -a "$OUT/report.txt"
+if [ "$test_rc" != 0 ] || [ "$run_rc" != 0 ]; then exit 1; fi
+if [ "$bench_rc" != 0 ] || [ "$torch_rc" != 0 ] || [ "$step_rc" != 0 ]; then exit 3; fi
 exit 0

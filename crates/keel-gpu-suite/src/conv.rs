@@ -1,7 +1,6 @@
 //! Suite `conv` (issue 6): keel's conv2d on CUDA vs the CPU kernels, and the conv benchmark.
 //!
-//! With keel's `cudnn` feature (build the suite with `--features cudnn`) the CUDA path is
-//! cuDNN; with `cuda` alone it is candle's forward plus keel's composed backward. `test`
+//! keel's `cuda` feature always includes cuDNN, so the CUDA path under test is cuDNN. `test`
 //! runs forward, dx, dw and dbias for every dtype on configurations covering stride 1/2,
 //! padding 0-2, dilation 2, groups and depthwise, 1x1/3x3/7x7 kernels, odd and non-square
 //! (7x8 at stride 2) sizes and batch 1; outputs are NaN-poisoned first (main sets
@@ -74,14 +73,7 @@ fn run(x: &Tensor, w: &Tensor, b: &Tensor, r: &Tensor, p: &Conv2dParams) -> Resu
 /// Runs every case for every dtype; returns the number of failed cases.
 pub fn test(dev: &Device) -> Result<usize> {
     let cpu = Device::Cpu;
-    println!(
-        "conv: CUDA backend = {}",
-        if cfg!(feature = "cudnn") {
-            "cuDNN"
-        } else {
-            "candle fwd + keel composed bwd"
-        }
-    );
+    println!("conv: CUDA backend = cuDNN");
     let (mut failed, mut total) = (0, 0);
     for (xs, co, k, s, pad, d, g) in CASES {
         let p = Conv2dParams {
@@ -137,11 +129,7 @@ pub fn bench(dev: &Device, opts: &BenchOpts) -> Result<()> {
         padding: 1,
         ..Default::default()
     };
-    let backend = if cfg!(feature = "cudnn") {
-        "cudnn"
-    } else {
-        "fallback"
-    };
+    let backend = "cudnn";
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let shapes = if opts.quick {
             &BENCH_SHAPES[..1]

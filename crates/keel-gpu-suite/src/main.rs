@@ -37,8 +37,7 @@ const SUITES: &[Suite] = &[
     },
     Suite {
         name: "conv",
-        about:
-            "conv2d forward/dx/dw/dbias vs CPU (cuDNN with --features cudnn), keel vs candle bench",
+        about: "conv2d forward/dx/dw/dbias vs CPU (cuDNN), keel vs candle bench",
         test: conv::test,
         bench: conv::bench,
     },
@@ -92,6 +91,16 @@ fn main() -> Result<()> {
             std::env::set_var("KEEL_CUDA_POISON_OUTPUTS", "1");
             let dev = Device::new_cuda(0)?;
             let mut failed = 0;
+            keel_kernels::prepare_device(&dev)?;
+            match keel_kernels::cuda_pool_release_threshold(&dev)? {
+                Some(u64::MAX) => {
+                    println!("memory pool: release threshold u64::MAX (freed memory kept)")
+                }
+                other => {
+                    println!("memory pool: FAIL release threshold {other:?}, expected u64::MAX");
+                    failed += 1;
+                }
+            }
             for s in &selected {
                 println!("== suite {}: {}", s.name, s.about);
                 failed += (s.test)(&dev)?;
@@ -105,6 +114,7 @@ fn main() -> Result<()> {
         }
         "bench" => {
             let dev = Device::new_cuda(0)?;
+            keel_kernels::prepare_device(&dev)?;
             util::bench_copy(&dev, &opts)?;
             for s in &selected {
                 (s.bench)(&dev, &opts)?;

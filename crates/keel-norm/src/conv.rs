@@ -1,5 +1,5 @@
 //! The 2D convolution behind keel-norm's conv layers: keel's own op
-//! ([`keel_kernels::conv2d`]: im2col + GEMM on CPU, cuDNN with the `cudnn` feature, and
+//! ([`keel_kernels::conv2d`]: im2col + GEMM on CPU, cuDNN with the `cuda` feature, and
 //! dedicated backward-data / backward-filter kernels), with errors naming the calling layer.
 //!
 //! It replaces a workaround for a candle 0.11.1 backward bug: candle's conv2d backward

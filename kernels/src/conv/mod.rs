@@ -18,19 +18,17 @@
 //! - CPU: im2col + GEMM on the `gemm` crate (see `crate::conv::cpu`), parallel over
 //!   `(sample, group)` tasks with rayon, or inside the GEMM when there are too few tasks;
 //!   a 1x1 stride-1 unpadded convolution is a plain GEMM on x.
-//! - CUDA with keel's `cudnn` feature: cuDNN forward, backward-data and backward-filter
-//!   (see `crate::cuda::conv` for the algorithm cache, the workspace cap and the math
-//!   modes).
-//! - CUDA without `cudnn`: the forward is candle's conv2d and the backward is keel's
-//!   composition of candle ops in [`composed`] (zero-inserted, flipped-kernel convolution
-//!   for dx, a grouped convolution of transposed views for dw), each dimension handled on
-//!   its own. This path is correct but slower, and costs one extra copy of y.
+//! - CUDA (keel's `cuda` feature, which always includes cuDNN): cuDNN forward,
+//!   backward-data and backward-filter (see `crate::cuda::conv` for the algorithm choice,
+//!   the fallback on failure, the deterministic mode, the workspace cap and the math modes).
 //!
 //! # Edge semantics
 //! - Non-contiguous x or w are copied to a contiguous layout first.
 //! - Empty batches (N = 0) give empty outputs and a zero weight gradient.
 
-pub(crate) mod composed;
+// The policy is plain Rust (tested on every machine); only the CUDA path calls it.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) mod algo;
 mod cpu;
 mod op;
 mod params;
@@ -45,8 +43,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 static TF32: AtomicBool = AtomicBool::new(false);
 
 /// Allows (or forbids) TF32 tensor-core math for **f32** convolutions on CUDA with the
-/// `cudnn` feature: about 2-3x faster on Ampere and later, with a 10-bit mantissa for the
-/// products (PyTorch's `torch.backends.cudnn.allow_tf32`). Off by default, as in candle.
+/// `cuda` feature: about 2-3x faster on Ampere and later, with a 10-bit mantissa for the
+/// products (PyTorch's `torch.backends.cudnn.allow_tf32`). Off by default, as in candle;
+/// PyTorch's default is the opposite (`allow_tf32` is True for cuDNN convolutions), so a
+/// benchmark compares keel's f32 with PyTorch's TF32 off, and TF32 with TF32.
 /// Process-wide; takes effect at the next call. f16/bf16 always use tensor cores, and the
 /// CPU kernels ignore it.
 ///
@@ -63,6 +63,32 @@ pub fn set_conv_tf32(enabled: bool) {
 /// Whether TF32 is allowed for f32 cuDNN convolutions (see [`set_conv_tf32`]).
 pub fn conv_tf32() -> bool {
     TF32.load(Ordering::Relaxed)
+}
+
+static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
+
+/// Restricts CUDA convolutions to deterministic cuDNN algorithms (no atomics in
+/// backward-data and backward-filter), so that two runs with one seed give bitwise identical
+/// weights on the GPU too (PyTorch's `torch.backends.cudnn.deterministic`). Off by default,
+/// as in PyTorch: the fastest backward algorithms are often the non-deterministic ones.
+/// Process-wide; takes effect at the next call (the algorithm cache is keyed by the mode).
+/// A geometry with no deterministic algorithm that fits the workspace cap is an error
+/// naming the op. The CPU kernels are always deterministic and ignore it.
+///
+/// # Example
+/// ```
+/// keel_kernels::set_conv_deterministic(true);
+/// assert!(keel_kernels::conv_deterministic());
+/// keel_kernels::set_conv_deterministic(false);
+/// ```
+pub fn set_conv_deterministic(enabled: bool) {
+    DETERMINISTIC.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether CUDA convolutions are restricted to deterministic algorithms (see
+/// [`set_conv_deterministic`]).
+pub fn conv_deterministic() -> bool {
+    DETERMINISTIC.load(Ordering::Relaxed)
 }
 
 /// The full geometry of one convolution call, validated.
@@ -221,8 +247,7 @@ fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 /// accumulation and rounded once. The backward runs keel's dedicated backward-data and
 /// backward-filter kernels (see the module docs; candle's conv backward is never used).
 ///
-/// On CUDA, the fast path needs keel's `cudnn` feature; with `cuda` alone the forward is
-/// candle's conv2d and the backward a composition of candle ops (correct, slower).
+/// On CUDA (keel's `cuda` feature) all three directions run on cuDNN.
 ///
 /// # Shapes
 /// - x: `(N, C_in, H, W)`; f32, f16 or bf16.
@@ -261,17 +286,13 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: &Conv2dParams) -
     check_tensors(OP, x, w, bias)?;
     let geom = Geom::new(OP, x.dims(), w.dims(), p)?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let y = if x.device().is_cuda() && !cfg!(feature = "cudnn") {
-        composed::fallback_forward(&x, &w, geom)?
-    } else {
-        x.apply_op2(
-            &w,
-            op::ConvOp {
-                geom,
-                kind: Kind::Forward,
-            },
-        )?
-    };
+    let y = x.apply_op2(
+        &w,
+        op::ConvOp {
+            geom,
+            kind: Kind::Forward,
+        },
+    )?;
     add_bias(y, bias)
 }
 

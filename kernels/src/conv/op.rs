@@ -96,7 +96,7 @@ impl CustomOp2 for ConvOp {
         Ok((out, shape))
     }
 
-    #[cfg(feature = "cudnn")]
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         s1: &candle::CudaStorage,

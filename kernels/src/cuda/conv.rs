@@ -1,48 +1,53 @@
 //! cuDNN convolutions (forward, backward-data, backward-filter) for [`crate::conv2d`],
-//! built with keel's `cudnn` feature, through cudarc 0.19's safe `cudnn` bindings.
+//! built with keel's `cuda` feature, through cudarc 0.19's raw `cudnn` bindings (its safe
+//! layer returns only the first algorithm of cuDNN's ranking and hides the descriptors).
 //!
 //! - **Layout**: NCHW tensors and filters, as candle stores them (no transposes); groups
 //!   through `cudnnSetConvolutionGroupCount`, so depthwise is one call.
 //! - **Precision**: the compute type is `f32` for every dtype (f16/bf16 data accumulate in
 //!   f32). Math type: tensor cores (`CUDNN_TENSOR_OP_MATH`) for f16/bf16; for f32,
-//!   `CUDNN_FMA_MATH` (true f32, no TF32) unless [`crate::set_conv_tf32`] turned TF32 on,
-//!   in which case `CUDNN_TENSOR_OP_MATH` lets cuDNN use TF32 tensor cores. Off by default,
-//!   as in candle and PyTorch's `torch.backends.cudnn.allow_tf32 = False`.
-//! - **Algorithms**: cuDNN's heuristics (`cudnnGetConvolution*Algorithm_v7`) pick the
-//!   algorithm; if it needs more than [`WORKSPACE_CAP`] bytes of workspace (or is rejected),
-//!   fixed fallbacks with small workspaces are tried in order. The choice and its workspace
-//!   size are cached per (direction, geometry, dtype, math mode, device) for the life of the
-//!   process, so each shape pays the heuristic query once.
+//!   `CUDNN_FMA_MATH` (true f32, no TF32) unless [`crate::set_conv_tf32`] turned TF32 on.
+//!   Off by default, as in candle; PyTorch's `torch.backends.cudnn.allow_tf32` defaults to
+//!   True, so benchmarks compare f32 with PyTorch's TF32 off and TF32 with TF32 on.
+//! - **Algorithms** (policy in `crate::conv::algo`, tested without a GPU): cuDNN's whole
+//!   ranked list (`cudnnGetConvolution*Algorithm_v7`), then fixed small-workspace fallbacks;
+//!   the first entry that fits [`WORKSPACE_CAP`], is deterministic when
+//!   [`crate::set_conv_deterministic`] is on and keeps f32 on FMA math when TF32 is off,
+//!   runs with its own math type. An entry that fails at launch (or whose workspace cannot
+//!   be allocated) is skipped for the next. What ran is cached per (direction, geometry,
+//!   dtype, TF32, deterministic, device) for the life of the process; a cached algorithm
+//!   that fails later is evicted and the list is walked again.
 //! - **Workspace**: allocated per call from the device's stream-ordered allocator (not
 //!   zeroed), at most [`WORKSPACE_CAP`] bytes, freed when the call returns.
 //! - **Handles**: one cuDNN handle per (thread, device), bound to candle's stream (cuDNN
 //!   handles are neither `Send` nor `Sync`).
 
-use super::{poison, poison_outputs, view};
+use super::{poison, poison_outputs, view, Guards};
+use crate::conv::algo::{self, Candidate, Math, Needs};
 use crate::conv::{Geom, Kind};
 use candle::backend::BackendStorage;
+use candle::cuda_backend::cudarc::cudnn::result as cr;
 use candle::cuda_backend::cudarc::cudnn::sys::{
-    cudnnConvolutionBwdDataAlgo_t as DataAlgo, cudnnConvolutionBwdFilterAlgo_t as FilterAlgo,
-    cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnConvolutionMode_t, cudnnMathType_t,
-    cudnnTensorFormat_t,
+    self, cudnnConvolutionBwdDataAlgo_t as DataAlgo, cudnnConvolutionBwdFilterAlgo_t as FilterAlgo,
+    cudnnConvolutionFwdAlgo_t as FwdAlgo, cudnnDeterminism_t, cudnnMathType_t, cudnnStatus_t,
 };
-use candle::cuda_backend::cudarc::cudnn::{
-    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
-    CudnnError, FilterDescriptor, TensorDescriptor,
-};
-use candle::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
-use candle::cuda_backend::{CudaDType, DeviceId};
+use candle::cuda_backend::cudarc::cudnn::CudnnDataType;
+use candle::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use candle::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
 use half::{bf16, f16};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::ffi::c_void;
+use std::rc::Rc;
+use std::sync::{Mutex, OnceLock};
 
 /// The most workspace (bytes) one cuDNN convolution call may use: 256 MiB. Algorithms
-/// that need more are skipped for a fallback (see the module docs).
+/// that need more are skipped for the next in cuDNN's ranking (see the module docs).
 pub(crate) const WORKSPACE_CAP: usize = 256 << 20;
 
-#[derive(Clone, Copy, Debug)]
+/// An algorithm of one of the three directions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Algo {
     Fwd(FwdAlgo),
     Data(DataAlgo),
@@ -55,42 +60,72 @@ struct Key {
     geom: Geom,
     dtype: DType,
     tf32: bool,
+    deterministic: bool,
     device: DeviceId,
 }
 
-/// `(algorithm, workspace bytes)` per key.
-fn cache() -> &'static Mutex<HashMap<Key, (Algo, usize)>> {
-    static CACHE: OnceLock<Mutex<HashMap<Key, (Algo, usize)>>> = OnceLock::new();
+/// The algorithm that last ran, per key.
+fn cache() -> &'static Mutex<HashMap<Key, Candidate<Algo>>> {
+    static CACHE: OnceLock<Mutex<HashMap<Key, Candidate<Algo>>>> = OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
-thread_local! {
-    static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+/// A cuDNN handle bound to candle's stream of one device.
+struct Handle(sys::cudnnHandle_t);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created by `cr::create_handle` in [`handle`], destroyed once, here.
+        let _ = unsafe { cr::destroy_handle(self.0) };
+    }
 }
 
-fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
+thread_local! {
+    static HANDLES: RefCell<HashMap<DeviceId, Rc<Handle>>> = RefCell::new(HashMap::new());
+}
+
+fn handle(dev: &CudaDevice) -> Result<Rc<Handle>> {
     HANDLES.with(|h| {
         if let Some(c) = h.borrow().get(&dev.id()) {
             return Ok(c.clone());
         }
-        let c = Cudnn::new(dev.cuda_stream())?;
+        let stream = dev.cuda_stream();
+        stream.context().bind_to_thread().w()?;
+        let c = Rc::new(Handle(cr::create_handle()?));
+        // SAFETY: a live handle and candle's live stream of this device.
+        unsafe { cr::set_stream(c.0, stream.cu_stream() as *mut _) }?;
         h.borrow_mut().insert(dev.id(), c.clone());
         Ok(c)
     })
 }
 
-/// The first of `candidates` whose workspace is known and within the cap.
-fn first_fitting<A: Copy>(
-    candidates: impl IntoIterator<Item = std::result::Result<A, CudnnError>>,
-    workspace: impl Fn(A) -> std::result::Result<usize, CudnnError>,
-) -> Option<(A, usize)> {
-    candidates
-        .into_iter()
-        .filter_map(|a| a.ok())
-        .find_map(|a| match workspace(a) {
-            Ok(ws) if ws <= WORKSPACE_CAP => Some((a, ws)),
-            _ => None,
-        })
+/// The descriptors of one call: convolution (f32 compute type), x, w, y. Destroyed on drop,
+/// also when building them fails half way.
+struct Descs {
+    conv: sys::cudnnConvolutionDescriptor_t,
+    x: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+}
+
+impl Drop for Descs {
+    fn drop(&mut self) {
+        // SAFETY: each non-null descriptor was created by [`descs`] and is destroyed once.
+        unsafe {
+            if !self.conv.is_null() {
+                let _ = cr::destroy_convolution_descriptor(self.conv);
+            }
+            if !self.x.is_null() {
+                let _ = cr::destroy_tensor_descriptor(self.x);
+            }
+            if !self.w.is_null() {
+                let _ = cr::destroy_filter_descriptor(self.w);
+            }
+            if !self.y.is_null() {
+                let _ = cr::destroy_tensor_descriptor(self.y);
+            }
+        }
+    }
 }
 
 fn dims_i32(op: &str, d: [usize; 4]) -> Result<[i32; 4]> {
@@ -104,40 +139,285 @@ fn dims_i32(op: &str, d: [usize; 4]) -> Result<[i32; 4]> {
     Ok(out)
 }
 
-/// The descriptors of one call: convolution (f32 compute type), x, w, y.
-type Descs<T> = (
-    ConvDescriptor<f32>,
-    TensorDescriptor<T>,
-    FilterDescriptor<T>,
-    TensorDescriptor<T>,
-);
+/// The math type set on the descriptor before the ranking query.
+fn base_math(dtype: DType, tf32: bool) -> Math {
+    match (dtype, tf32) {
+        (DType::F32, false) => Math::Fma,
+        _ => Math::TensorOp,
+    }
+}
 
-/// Builds descriptors for data type `T` with an f32 compute type.
-fn descs<T: CudnnDataType>(
-    op: &str,
-    cudnn: &Arc<Cudnn>,
-    g: &Geom,
-    dtype: DType,
-    tf32: bool,
-) -> Result<Descs<T>> {
+fn math_to_sys(m: Math) -> cudnnMathType_t {
+    match m {
+        Math::Default => cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        Math::TensorOp => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        Math::TensorOpConversion => cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+        Math::Fma => cudnnMathType_t::CUDNN_FMA_MATH,
+    }
+}
+
+fn math_from_sys(m: cudnnMathType_t) -> Math {
+    match m {
+        cudnnMathType_t::CUDNN_TENSOR_OP_MATH => Math::TensorOp,
+        cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION => Math::TensorOpConversion,
+        cudnnMathType_t::CUDNN_FMA_MATH => Math::Fma,
+        _ => Math::Default,
+    }
+}
+
+/// Builds the descriptors for data type `T` of geometry `g`, with math type `math`.
+fn descs<T: CudnnDataType>(op: &str, g: &Geom, math: Math) -> Result<Descs> {
     let i = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
-    let mut conv = cudnn.create_conv2d::<f32>(
-        [i(g.padding); 2],
-        [i(g.stride); 2],
-        [i(g.dilation); 2],
-        cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-    )?;
-    conv.set_group_count(i(g.groups))?;
-    let math = match (dtype, tf32) {
-        (DType::F32, false) => cudnnMathType_t::CUDNN_FMA_MATH,
-        _ => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+    let mut d = Descs {
+        conv: std::ptr::null_mut(),
+        x: std::ptr::null_mut(),
+        w: std::ptr::null_mut(),
+        y: std::ptr::null_mut(),
     };
-    conv.set_math_type(math)?;
-    let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-    let x = cudnn.create_4d_tensor::<T>(nchw, dims_i32(op, g.x_dims())?)?;
-    let w = cudnn.create_4d_filter::<T>(nchw, dims_i32(op, g.w_dims())?)?;
-    let y = cudnn.create_4d_tensor::<T>(nchw, dims_i32(op, g.y_dims())?)?;
-    Ok((conv, x, w, y))
+    let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    d.conv = cr::create_convolution_descriptor()?;
+    d.x = cr::create_tensor_descriptor()?;
+    d.w = cr::create_filter_descriptor()?;
+    d.y = cr::create_tensor_descriptor()?;
+    // SAFETY: the descriptors were just created and are live; the arrays are 4 ints.
+    unsafe {
+        cr::set_convolution2d_descriptor(
+            d.conv,
+            i(g.padding),
+            i(g.padding),
+            i(g.stride),
+            i(g.stride),
+            i(g.dilation),
+            i(g.dilation),
+            sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        )?;
+        cr::set_convolution_group_count(d.conv, i(g.groups))?;
+        cr::set_convolution_math_type(d.conv, math_to_sys(math))?;
+        cr::set_tensor4d_descriptor(d.x, nchw, T::DATA_TYPE, dims_i32(op, g.x_dims())?)?;
+        cr::set_filter4d_descriptor(d.w, T::DATA_TYPE, nchw, dims_i32(op, g.w_dims())?)?;
+        cr::set_tensor4d_descriptor(d.y, nchw, T::DATA_TYPE, dims_i32(op, g.y_dims())?)?;
+    }
+    Ok(d)
+}
+
+/// Fixed small-workspace algorithms tried after cuDNN's ranking, with their determinism
+/// (cuDNN's documentation: backward-data/-filter ALGO_0 use atomics).
+fn fallbacks(kind: Kind) -> [(Algo, bool); 2] {
+    match kind {
+        Kind::Forward => [
+            (
+                Algo::Fwd(FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM),
+                true,
+            ),
+            (
+                Algo::Fwd(FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM),
+                true,
+            ),
+        ],
+        Kind::BackwardData => [
+            (
+                Algo::Data(DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1),
+                true,
+            ),
+            (
+                Algo::Data(DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0),
+                false,
+            ),
+        ],
+        Kind::BackwardFilter => [
+            (
+                Algo::Filter(FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1),
+                true,
+            ),
+            (
+                Algo::Filter(FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0),
+                false,
+            ),
+        ],
+    }
+}
+
+/// Workspace bytes `algo` needs with descriptors `d` (`Err` when cuDNN rejects it).
+fn workspace_size(h: &Handle, d: &Descs, algo: Algo) -> Result<usize> {
+    // SAFETY: a live handle and live descriptors of one geometry.
+    let ws = unsafe {
+        match algo {
+            Algo::Fwd(a) => {
+                cr::get_convolution_forward_workspace_size(h.0, d.x, d.w, d.conv, d.y, a)
+            }
+            Algo::Data(a) => {
+                cr::get_convolution_backward_data_workspace_size(h.0, d.w, d.y, d.conv, d.x, a)
+            }
+            Algo::Filter(a) => {
+                cr::get_convolution_backward_filter_workspace_size(h.0, d.x, d.y, d.conv, d.w, a)
+            }
+        }
+    }?;
+    Ok(ws)
+}
+
+/// Converts a perf entry's fields to a candidate, `None` when its status is not success.
+fn candidate(
+    algo: Algo,
+    status: cudnnStatus_t,
+    memory: usize,
+    det: cudnnDeterminism_t,
+    math: cudnnMathType_t,
+) -> Option<Candidate<Algo>> {
+    (status == cudnnStatus_t::CUDNN_STATUS_SUCCESS).then_some(Candidate {
+        algo,
+        workspace: memory,
+        deterministic: det == cudnnDeterminism_t::CUDNN_DETERMINISTIC,
+        math: math_from_sys(math),
+    })
+}
+
+/// cuDNN's ranked list for direction `kind` (entries with a success status), then the
+/// fixed fallbacks whose workspace size cuDNN reports.
+fn ranked(h: &Handle, d: &Descs, kind: Kind, math: Math) -> Result<Vec<Candidate<Algo>>> {
+    let mut n = 0i32;
+    let mut out = Vec::new();
+    // SAFETY: a live handle and descriptors; each perf array holds `count` zeroed entries
+    // (a valid bit pattern: algo 0, status success, non-deterministic, default math) and
+    // cuDNN writes at most `count` of them, reporting how many in `n`.
+    unsafe {
+        match kind {
+            Kind::Forward => {
+                let count = FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
+                let mut perf: Vec<sys::cudnnConvolutionFwdAlgoPerf_t> =
+                    vec![std::mem::zeroed(); count];
+                cr::get_convolution_forward_algorithm(
+                    h.0,
+                    d.x,
+                    d.w,
+                    d.conv,
+                    d.y,
+                    count as i32,
+                    &mut n,
+                    perf.as_mut_ptr(),
+                )?;
+                let got = (n.max(0) as usize).min(count);
+                out.extend(perf[..got].iter().filter_map(|p| {
+                    candidate(
+                        Algo::Fwd(p.algo),
+                        p.status,
+                        p.memory,
+                        p.determinism,
+                        p.mathType,
+                    )
+                }));
+            }
+            Kind::BackwardData => {
+                let count = DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as usize;
+                let mut perf: Vec<sys::cudnnConvolutionBwdDataAlgoPerf_t> =
+                    vec![std::mem::zeroed(); count];
+                cr::get_convolution_backward_data_algorithm(
+                    h.0,
+                    d.w,
+                    d.y,
+                    d.conv,
+                    d.x,
+                    count as i32,
+                    &mut n,
+                    perf.as_mut_ptr(),
+                )?;
+                let got = (n.max(0) as usize).min(count);
+                out.extend(perf[..got].iter().filter_map(|p| {
+                    candidate(
+                        Algo::Data(p.algo),
+                        p.status,
+                        p.memory,
+                        p.determinism,
+                        p.mathType,
+                    )
+                }));
+            }
+            Kind::BackwardFilter => {
+                let count = FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as usize;
+                let mut perf: Vec<sys::cudnnConvolutionBwdFilterAlgoPerf_t> =
+                    vec![std::mem::zeroed(); count];
+                cr::get_convolution_backward_filter_algorithm(
+                    h.0,
+                    d.x,
+                    d.y,
+                    d.conv,
+                    d.w,
+                    count as i32,
+                    &mut n,
+                    perf.as_mut_ptr(),
+                )?;
+                let got = (n.max(0) as usize).min(count);
+                out.extend(perf[..got].iter().filter_map(|p| {
+                    candidate(
+                        Algo::Filter(p.algo),
+                        p.status,
+                        p.memory,
+                        p.determinism,
+                        p.mathType,
+                    )
+                }));
+            }
+        }
+    }
+    for (algo, deterministic) in fallbacks(kind) {
+        if let Ok(workspace) = workspace_size(h, d, algo) {
+            out.push(Candidate {
+                algo,
+                workspace,
+                deterministic,
+                math,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The device addresses of one call's operands: `(a, b)` are the op's inputs in [`run`]'s
+/// order, `out` its output, `ws` the workspace (0 when none).
+#[derive(Clone, Copy)]
+struct Ptrs {
+    a: u64,
+    b: u64,
+    out: u64,
+    ws: u64,
+    ws_bytes: usize,
+}
+
+/// Runs candidate `c` with `alpha = 1`, `beta = 0` (f32 scaling factors: the compute type
+/// is f32 for every data type).
+///
+/// # Safety
+/// `p.a`, `p.b` and `p.out` point to live contiguous NCHW buffers of the descriptors'
+/// data type with exactly their element counts, `p.ws` to at least `p.ws_bytes` bytes
+/// (at least `c.workspace`), and all stay alive until the call has been queued.
+unsafe fn call(h: &Handle, d: &Descs, c: &Candidate<Algo>, p: Ptrs) -> Result<()> {
+    let (alpha, beta) = (1f32, 0f32);
+    let (al, be) = (
+        &alpha as *const f32 as *const c_void,
+        &beta as *const f32 as *const c_void,
+    );
+    let (a, b) = (p.a as *const c_void, p.b as *const c_void);
+    let (out, ws) = (p.out as *mut c_void, p.ws as *mut c_void);
+    // SAFETY: the caller's contract; the math type is set on the live descriptor first.
+    unsafe {
+        cr::set_convolution_math_type(d.conv, math_to_sys(c.math))?;
+        match c.algo {
+            // (x, w) -> y
+            Algo::Fwd(algo) => cr::convolution_forward(
+                h.0, al, d.x, a, d.w, b, d.conv, algo, ws, p.ws_bytes, be, d.y, out,
+            )?,
+            // (dy, w) -> dx
+            Algo::Data(algo) => cr::convolution_backward_data(
+                h.0, al, d.w, b, d.y, a, d.conv, algo, ws, p.ws_bytes, be, d.x, out,
+            )?,
+            // (x, dy) -> dw
+            Algo::Filter(algo) => cr::convolution_backward_filter(
+                h.0, al, d.x, a, d.y, b, d.conv, algo, ws, p.ws_bytes, be, d.w, out,
+            )?,
+        }
+    }
+    Ok(())
 }
 
 /// Runs convolution `kind` of geometry `g` on `(s1, s2)`: `(x, w)`, `(dy, w)` or `(x, dy)`.
@@ -159,179 +439,12 @@ pub(crate) fn run(
     }
 }
 
-/// One cuDNN convolution direction (cudarc's `ConvForward`, `ConvBackwardData`,
-/// `ConvBackwardFilter`): its algorithm type, fallbacks and call, so that [`convolve`] states
-/// the algorithm choice, caching and workspace handling once for all three.
-trait Direction<T: CudnnDataType> {
-    /// cuDNN's algorithm enum for this direction.
-    type Algo: Copy;
-    /// Algorithms with small workspaces, tried in order after cuDNN's heuristic pick.
-    const FALLBACKS: [Self::Algo; 2];
-    /// cuDNN's heuristic choice (`cudnnGetConvolution*Algorithm_v7`).
-    fn heuristic(&self) -> std::result::Result<Self::Algo, CudnnError>;
-    /// Workspace bytes `algo` needs for these descriptors.
-    fn workspace_size(&self, algo: Self::Algo) -> std::result::Result<usize, CudnnError>;
-    /// The algorithm as a cache entry.
-    fn cached(algo: Self::Algo) -> Algo;
-    /// The algorithm of a cache entry, `None` when it belongs to another direction.
-    fn uncached(algo: Algo) -> Option<Self::Algo>;
-    /// Runs the convolution with `alpha = 1`, `beta = 0`: `(a, b)` are the op's two inputs in
-    /// [`run`]'s order, `out` its output.
-    ///
-    /// # Safety
-    /// `a`, `b` and `out` are contiguous NCHW buffers of dtype `T` with exactly the element
-    /// counts of this direction's descriptors, and `ws` holds at least
-    /// `workspace_size(algo)` bytes.
-    unsafe fn call(
-        &self,
-        algo: Self::Algo,
-        ws: Option<&mut CudaSlice<u8>>,
-        a: &CudaView<'_, T>,
-        b: &CudaView<'_, T>,
-        out: &mut CudaSlice<T>,
-    ) -> std::result::Result<(), CudnnError>;
-}
-
-impl<T: CudnnDataType + WithDType> Direction<T> for ConvForward<'_, T, f32, T> {
-    type Algo = FwdAlgo;
-    const FALLBACKS: [FwdAlgo; 2] = [
-        FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
-        FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-    ];
-    fn heuristic(&self) -> std::result::Result<FwdAlgo, CudnnError> {
-        self.pick_algorithm()
+fn direction(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Forward => "conv2d forward (cudnn)",
+        Kind::BackwardData => "conv2d backward-data (cudnn)",
+        Kind::BackwardFilter => "conv2d backward-filter (cudnn)",
     }
-    fn workspace_size(&self, algo: FwdAlgo) -> std::result::Result<usize, CudnnError> {
-        self.get_workspace_size(algo)
-    }
-    fn cached(algo: FwdAlgo) -> Algo {
-        Algo::Fwd(algo)
-    }
-    fn uncached(algo: Algo) -> Option<FwdAlgo> {
-        match algo {
-            Algo::Fwd(a) => Some(a),
-            _ => None,
-        }
-    }
-    unsafe fn call(
-        &self,
-        algo: FwdAlgo,
-        ws: Option<&mut CudaSlice<u8>>,
-        x: &CudaView<'_, T>,
-        w: &CudaView<'_, T>,
-        y: &mut CudaSlice<T>,
-    ) -> std::result::Result<(), CudnnError> {
-        // SAFETY: x (N, C_in, H, W), w (C_out, C_in/G, kH, kW), y (N, C_out, H_out, W_out)
-        // match the descriptors `x`, `w`, `y` (the caller's contract).
-        unsafe { self.launch(algo, ws, (T::from_f64(1.0), T::from_f64(0.0)), x, w, y) }
-    }
-}
-
-impl<T: CudnnDataType + WithDType> Direction<T> for ConvBackwardData<'_, T, f32, T> {
-    type Algo = DataAlgo;
-    const FALLBACKS: [DataAlgo; 2] = [
-        DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
-        DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
-    ];
-    fn heuristic(&self) -> std::result::Result<DataAlgo, CudnnError> {
-        self.pick_algorithm()
-    }
-    fn workspace_size(&self, algo: DataAlgo) -> std::result::Result<usize, CudnnError> {
-        self.get_workspace_size(algo)
-    }
-    fn cached(algo: DataAlgo) -> Algo {
-        Algo::Data(algo)
-    }
-    fn uncached(algo: Algo) -> Option<DataAlgo> {
-        match algo {
-            Algo::Data(a) => Some(a),
-            _ => None,
-        }
-    }
-    unsafe fn call(
-        &self,
-        algo: DataAlgo,
-        ws: Option<&mut CudaSlice<u8>>,
-        dy: &CudaView<'_, T>,
-        w: &CudaView<'_, T>,
-        dx: &mut CudaSlice<T>,
-    ) -> std::result::Result<(), CudnnError> {
-        // SAFETY: dy (N, C_out, H_out, W_out), w and dx (N, C_in, H, W) match the
-        // descriptors `dy`, `w`, `dx` (the caller's contract).
-        unsafe { self.launch(algo, ws, (T::from_f64(1.0), T::from_f64(0.0)), dx, w, dy) }
-    }
-}
-
-impl<T: CudnnDataType + WithDType> Direction<T> for ConvBackwardFilter<'_, T, f32, T> {
-    type Algo = FilterAlgo;
-    const FALLBACKS: [FilterAlgo; 2] = [
-        FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
-        FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
-    ];
-    fn heuristic(&self) -> std::result::Result<FilterAlgo, CudnnError> {
-        self.pick_algorithm()
-    }
-    fn workspace_size(&self, algo: FilterAlgo) -> std::result::Result<usize, CudnnError> {
-        self.get_workspace_size(algo)
-    }
-    fn cached(algo: FilterAlgo) -> Algo {
-        Algo::Filter(algo)
-    }
-    fn uncached(algo: Algo) -> Option<FilterAlgo> {
-        match algo {
-            Algo::Filter(a) => Some(a),
-            _ => None,
-        }
-    }
-    unsafe fn call(
-        &self,
-        algo: FilterAlgo,
-        ws: Option<&mut CudaSlice<u8>>,
-        x: &CudaView<'_, T>,
-        dy: &CudaView<'_, T>,
-        dw: &mut CudaSlice<T>,
-    ) -> std::result::Result<(), CudnnError> {
-        // SAFETY: x, dy and dw (C_out, C_in/G, kH, kW) match the descriptors `x`, `dy`,
-        // `dw` (the caller's contract).
-        unsafe { self.launch(algo, ws, (T::from_f64(1.0), T::from_f64(0.0)), x, dw, dy) }
-    }
-}
-
-/// Picks (or recalls) the algorithm of direction `d` for `key` and runs it on `(a, b)` into
-/// `out`, with a workspace of the size cuDNN reports.
-fn convolve<T: CudnnDataType, D: Direction<T>>(
-    d: &D,
-    key: Key,
-    dev: &CudaDevice,
-    (a, b): (&CudaView<'_, T>, &CudaView<'_, T>),
-    out: &mut CudaSlice<T>,
-) -> Result<()> {
-    let cached = cache().lock().ok().and_then(|c| c.get(&key).copied());
-    let (algo, ws) = match cached {
-        Some((algo, ws)) => match D::uncached(algo) {
-            Some(a) => (a, ws),
-            None => bail!("conv2d (cudnn): algorithm cache mismatch for {key:?}"),
-        },
-        None => {
-            let cands = [d.heuristic()].into_iter().chain(D::FALLBACKS.map(Ok));
-            let Some((algo, ws)) = first_fitting(cands, |a| d.workspace_size(a)) else {
-                bail!(
-                    "conv2d (cudnn): no {:?} algorithm fits the {WORKSPACE_CAP}-byte workspace cap for {:?} in {:?}",
-                    key.kind, key.geom, key.dtype
-                )
-            };
-            if let Ok(mut c) = cache().lock() {
-                c.insert(key, (D::cached(algo), ws));
-            }
-            (algo, ws)
-        }
-    };
-    let mut wsb = workspace(dev, ws)?;
-    // SAFETY: `a`, `b` and `out` are the contiguous NCHW operands of dtype T that [`launch`]
-    // matched to this direction's descriptors, all built from one validated geometry; the
-    // workspace has the size cuDNN reported for `algo`.
-    unsafe { d.call(algo, wsb.as_mut(), a, b, out) }?;
-    Ok(())
 }
 
 fn launch<T>(
@@ -374,44 +487,67 @@ where
     if poison_outputs() {
         poison(&dev, &mut out)?;
     }
-    let cudnn = handle(&dev)?;
+    super::prepare(&dev)?;
+    let h = handle(&dev)?;
     let tf32 = crate::conv::conv_tf32();
-    let (conv, x, w, y) = descs::<T>(OP, &cudnn, g, T::DTYPE, tf32)?;
+    let deterministic = crate::conv::conv_deterministic();
+    let math = base_math(T::DTYPE, tf32);
+    let d = descs::<T>(OP, g, math)?;
     let key = Key {
         kind,
         geom: *g,
         dtype: T::DTYPE,
         tf32,
+        deterministic,
         device: dev.id(),
     };
-    let ab = (&a, &b);
-    match kind {
-        Kind::Forward => {
-            let d = ConvForward {
-                conv: &conv,
-                x: &x,
-                w: &w,
-                y: &y,
+    let needs = Needs {
+        workspace_cap: WORKSPACE_CAP,
+        deterministic,
+        fma_only: math == Math::Fma,
+    };
+    let cached = cache().lock().ok().and_then(|c| c.get(&key).copied());
+    let stream = dev.cuda_stream();
+    let (ran, failures) = algo::run(
+        direction(kind),
+        cached,
+        || ranked(&h, &d, kind, math),
+        &needs,
+        |c| {
+            let mut ws = workspace(&dev, c.workspace)?;
+            let mut guards = Guards::new(&stream);
+            let ptrs = Ptrs {
+                a: guards.read(&a),
+                b: guards.read(&b),
+                out: guards.write(&mut out),
+                ws: ws.as_mut().map_or(0, |w| guards.write(w)),
+                ws_bytes: c.workspace,
             };
-            convolve(&d, key, &dev, ab, &mut out)?
-        }
-        Kind::BackwardData => {
-            let d = ConvBackwardData {
-                conv: &conv,
-                dx: &x,
-                w: &w,
-                dy: &y,
-            };
-            convolve(&d, key, &dev, ab, &mut out)?
-        }
-        Kind::BackwardFilter => {
-            let d = ConvBackwardFilter {
-                conv: &conv,
-                x: &x,
-                dw: &w,
-                dy: &y,
-            };
-            convolve(&d, key, &dev, ab, &mut out)?
+            // SAFETY: `a`, `b` and `out` are the contiguous NCHW operands of dtype T that
+            // this function matched to the descriptors, all built from one validated
+            // geometry; the workspace has the size cuDNN reported for `c`; the guards keep
+            // every buffer alive and ordered on the stream until after the call.
+            unsafe { call(&h, &d, c, ptrs) }
+        },
+    )?;
+    if !failures.is_empty() {
+        // No silent fallback: say once per key (the winner is cached below) what failed.
+        let failed: Vec<String> = failures
+            .iter()
+            .map(|(c, e)| format!("{:?}: {e}", c.algo))
+            .collect();
+        eprintln!(
+            "keel: {} for {:?} {:?}: {} failed; using {:?}",
+            direction(kind),
+            key.geom,
+            key.dtype,
+            failed.join("; "),
+            ran.algo
+        );
+    }
+    if cached != Some(ran) {
+        if let Ok(mut c) = cache().lock() {
+            c.insert(key, ran);
         }
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))

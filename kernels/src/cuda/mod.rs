@@ -9,7 +9,6 @@
 //! place on each side, and const asserts here plus `static_assert`s there pin the same sizes
 //! and offsets. The dtype of a kernel is chosen by [`kernel_name`] from the element type.
 
-#[cfg(feature = "cudnn")]
 pub(crate) mod conv;
 pub(crate) mod group_norm;
 
@@ -59,6 +58,61 @@ pub(crate) fn kernel_name<T: KernelDType>(stem: &str) -> String {
     format!("{stem}_{}", T::SUFFIX)
 }
 
+/// Sets the release threshold of `dev`'s default memory pool to "never" (`u64::MAX`), once
+/// per (thread, device): CUDA's default of 0 hands freed memory back to the OS at every
+/// synchronisation, so every training step and every timed iteration would map its memory
+/// again (PyTorch's caching allocator keeps it). Freed memory stays in the pool for the next
+/// allocation of this process; other processes on the GPU do not get it back until exit.
+pub(crate) fn prepare(dev: &CudaDevice) -> Result<()> {
+    use candle::cuda_backend::cudarc::driver::{result, sys};
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+    thread_local! {
+        static DONE: RefCell<HashSet<candle::cuda_backend::DeviceId>> = RefCell::new(HashSet::new());
+    }
+    if DONE.with(|d| d.borrow().contains(&dev.id())) {
+        return Ok(());
+    }
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().w()?;
+    let mut threshold = u64::MAX;
+    // SAFETY: `cu_device` is the live device of candle's context (bound to this thread above);
+    // the release threshold attribute is a `u64` (cuMemPoolSetAttribute), which `threshold` is.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).w()?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .w()?;
+    }
+    DONE.with(|d| d.borrow_mut().insert(dev.id()));
+    Ok(())
+}
+
+/// The release threshold of `dev`'s default memory pool (what [`prepare`] sets), for the GPU
+/// suite's check.
+pub(crate) fn pool_release_threshold(dev: &CudaDevice) -> Result<u64> {
+    use candle::cuda_backend::cudarc::driver::{result, sys};
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().w()?;
+    let mut threshold = 0u64;
+    // SAFETY: as in [`prepare`]; the attribute is read into a `u64`.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).w()?;
+        result::mem_pool::get_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .w()?;
+    }
+    Ok(threshold)
+}
+
 /// Launches kernel `name` of `module` with its parameter struct as the only argument.
 ///
 /// # Safety
@@ -73,6 +127,7 @@ pub(crate) unsafe fn launch<P: DeviceRepr>(
     cfg: LaunchConfig,
     params: &P,
 ) -> Result<()> {
+    prepare(dev)?;
     let func = dev.get_or_load_custom_func(name, module.name, module.ptx)?;
     let mut b = func.builder();
     b.arg(params);

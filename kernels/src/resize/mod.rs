@@ -13,7 +13,12 @@
 //!   `(N, C, H, W)`. Both maps are linear and each other's adjoint, so the backward op's own
 //!   backward is the forward resize (double backward works where candle keeps the
 //!   gradient graph, i.e. with `CANDLE_GRAD_DO_NOT_DETACH=1`).
-//! - Nothing is cached: the taps of an axis are recomputed per call (O(oh + ow)).
+//! - The fused CPU ops cache nothing: the taps of an axis are recomputed per call
+//!   (O(oh + ow)). The composed twins keep their index vectors and interpolation matrices
+//!   per (mode, out, in, device) in a small process-wide cache ([`CACHE_CAP`] entries; a
+//!   full cache starts over), so a training step that resizes to the same shapes every time
+//!   builds and uploads them once, not on every forward (on CUDA each upload is a
+//!   host-to-device copy).
 //!
 //! # Devices
 //! The fused ops have CPU kernels only. On other devices the public functions run the
@@ -110,6 +115,46 @@ fn check(op: &str, x: &Tensor, (oh, ow): (usize, usize)) -> Result<(usize, usize
     Ok((n, c, h, w))
 }
 
+/// The most index vectors / interpolation matrices the composed twins keep (see the module
+/// docs); a model resizes between a handful of shapes, so this is never reached in training.
+pub(crate) const CACHE_CAP: usize = 64;
+
+thread_local! {
+    /// Tables this thread built so far (the tests count uploads with it).
+    static BUILDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// One cached table: (is a matrix, mode, out, in) on a device.
+type Table = ((bool, Mode, usize, usize), Tensor);
+
+/// The table `(matrix, mode, out, inp)` on `dev`, built by `build` the first time.
+fn cached(
+    key: (bool, Mode, usize, usize),
+    dev: &Device,
+    build: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    static CACHE: std::sync::Mutex<Vec<Table>> = std::sync::Mutex::new(Vec::new());
+    let find = |c: &Vec<Table>| {
+        c.iter()
+            .find(|(k, t)| *k == key && t.device().same_device(dev))
+            .map(|(_, t)| t.clone())
+    };
+    if let Some(t) = CACHE.lock().ok().and_then(|c| find(&c)) {
+        return Ok(t);
+    }
+    let t = build()?;
+    BUILDS.with(|b| b.set(b.get() + 1));
+    if let Ok(mut c) = CACHE.lock() {
+        if c.len() >= CACHE_CAP {
+            c.clear();
+        }
+        if find(&c).is_none() {
+            c.push((key, t.clone()));
+        }
+    }
+    Ok(t)
+}
+
 fn fused(x: &Tensor, size: (usize, usize), mode: Mode) -> Result<Tensor> {
     let (_, _, h, w) = check(op_name(mode, false), x, size)?;
     if (h, w) == size {
@@ -121,14 +166,17 @@ fn fused(x: &Tensor, size: (usize, usize), mode: Mode) -> Result<Tensor> {
     x.contiguous()?.apply_op1(cpu::ResizeOp { mode, out: size })
 }
 
-/// The `(out, in)` f32 interpolation matrix of one axis (row `d` holds output `d`'s taps).
+/// The `(out, in)` f32 interpolation matrix of one axis (row `d` holds output `d`'s taps),
+/// cached.
 fn matrix(mode: Mode, out: usize, inp: usize, dev: &Device) -> Result<Tensor> {
-    let mut m = vec![0f32; out * inp];
-    for (d, t) in taps(mode, out, inp).into_iter().enumerate() {
-        m[d * inp + t.i0] += t.l0;
-        m[d * inp + t.i1] += t.l1;
-    }
-    Tensor::from_vec(m, (out, inp), dev)
+    cached((true, mode, out, inp), dev, || {
+        let mut m = vec![0f32; out * inp];
+        for (d, t) in taps(mode, out, inp).into_iter().enumerate() {
+            m[d * inp + t.i0] += t.l0;
+            m[d * inp + t.i1] += t.l1;
+        }
+        Tensor::from_vec(m, (out, inp), dev)
+    })
 }
 
 fn slow(x: &Tensor, (oh, ow): (usize, usize), mode: Mode) -> Result<Tensor> {
@@ -140,8 +188,10 @@ fn slow(x: &Tensor, (oh, ow): (usize, usize), mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Nearest => {
             let index = |out, inp| {
-                let idx: Vec<u32> = taps(mode, out, inp).iter().map(|t| t.i0 as u32).collect();
-                Tensor::new(idx, dev)
+                cached((false, mode, out, inp), dev, || {
+                    let idx: Vec<u32> = taps(mode, out, inp).iter().map(|t| t.i0 as u32).collect();
+                    Tensor::new(idx, dev)
+                })
             };
             x.index_select(&index(oh, h)?, 2)?
                 .index_select(&index(ow, w)?, 3)
@@ -247,4 +297,47 @@ pub fn resize_nearest_slow(x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
 /// ```
 pub fn resize_bilinear_slow(x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
     slow(x, size, Mode::Bilinear)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+    }
+
+    /// One test (one thread): the build count is per thread, and only this test fills the
+    /// process-wide cache, so no other test can clear it in between.
+    #[test]
+    fn the_composed_twins_build_their_tables_once_per_shape_and_a_full_cache_starts_over(
+    ) -> Result<()> {
+        let builds = || BUILDS.with(|b| b.get());
+        let x = Tensor::arange(0f32, 2. * 3. * 7. * 5., &Device::Cpu)?.reshape((2, 3, 7, 5))?;
+        let size = (13, 11);
+        let first = resize_bilinear_slow(&x, size)?;
+        let near = resize_nearest_slow(&x, size)?;
+        let before = builds();
+        for _ in 0..3 {
+            assert_eq!(max_diff(&resize_bilinear_slow(&x, size)?, &first)?, 0.0);
+            assert_eq!(max_diff(&resize_nearest_slow(&x, size)?, &near)?, 0.0);
+        }
+        assert_eq!(
+            builds(),
+            before,
+            "identical resizes built their tables again"
+        );
+        assert!(max_diff(&first, &resize_bilinear(&x, size)?)? < 1e-4);
+        // More distinct shapes than the cache holds: it starts over, results stay right.
+        let x = Tensor::arange(0f32, 4. * 6., &Device::Cpu)?.reshape((1, 1, 4, 6))?;
+        for k in 1..(CACHE_CAP + 10) {
+            let size = (k % 17 + 1, k % 19 + 2);
+            let d = max_diff(
+                &resize_bilinear_slow(&x, size)?,
+                &resize_bilinear(&x, size)?,
+            )?;
+            assert!(d < 1e-4, "size {size:?}: {d}");
+        }
+        Ok(())
+    }
 }
