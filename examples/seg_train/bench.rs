@@ -12,7 +12,7 @@ use keel::train::bench::{run_twin, time_steps, Timing};
 use keel::train::mem::CountingAlloc;
 use serde::Deserialize;
 
-use super::cli::{parse_norm, pick_device, CommonArgs};
+use super::cli::{parse_norm, pick_device, setup_device, CommonArgs};
 use super::data::{eval_batches, Shapes, SHAPES_TRAIN_SEED};
 use super::train::{amp_label, micro_loss, Net};
 
@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// The Python interpreter for --vs-torch.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// The PyTorch twin script for --vs-torch (default: examples/seg_train/torch_twin.py of
+    /// the source tree this binary was built from; give it where that tree is not present).
+    #[arg(long, value_name = "FILE")]
+    pub twin_script: Option<PathBuf>,
     /// CPU threads of the PyTorch twin (default: the threads keel's step uses).
     #[arg(long)]
     pub torch_threads: Option<usize>,
@@ -65,7 +69,8 @@ pub static ALLOC: CountingAlloc = CountingAlloc::new();
 
 /// Times keel's step: `warmup` untimed steps, then `steps` timed ones.
 fn time_keel(args: &BenchArgs) -> anyhow::Result<(Timing, String, usize)> {
-    let dev = pick_device(args.common.device)?;
+    let c = &args.common;
+    let dev = setup_device(c.device, c.deterministic, c.tf32)?;
     let mut cfg = args
         .common
         .config(args.norm, args.batch_size, args.warmup + args.steps, 0);
@@ -93,7 +98,7 @@ fn time_keel(args: &BenchArgs) -> anyhow::Result<(Timing, String, usize)> {
         Ok(())
     })?;
     let label = format!(
-        "{} width {} fpn {} classes {} batch {} {}x{} amp {} {} device {:?} threads {}",
+        "{} width {} fpn {} classes {} batch {} {}x{} amp {}{} {} device {:?} threads {}",
         cfg.norm,
         cfg.width,
         cfg.fpn,
@@ -102,6 +107,7 @@ fn time_keel(args: &BenchArgs) -> anyhow::Result<(Timing, String, usize)> {
         cfg.image_size,
         cfg.image_size,
         amp_label(cfg.amp),
+        if c.tf32 && dev.is_cuda() { " tf32" } else { "" },
         cfg.optimizer,
         dev.location(),
         candle::utils::get_num_threads(),
@@ -125,6 +131,7 @@ fn twin_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
     }
     let cuda = pick_device(c.device)?.is_cuda();
     let amp = match c.amp {
+        Precision::F32 if c.tf32 && cuda => "tf32",
         Precision::F32 => "off",
         Precision::F16 if cuda => "f16",
         Precision::Bf16 if cuda => "bf16",
@@ -153,14 +160,24 @@ fn twin_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
 }
 
 /// Runs the PyTorch twin script with `twin` arguments and reads its JSON line.
-fn time_torch(python: &str, twin: &[String], params: usize) -> anyhow::Result<Timing> {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/seg_train/torch_twin.py");
-    let out: TwinOut = run_twin(python, &script, twin).map_err(|e| anyhow!("--vs-torch: {e}"))?;
+fn time_torch(
+    python: &str,
+    script: &std::path::Path,
+    twin: &[String],
+    params: usize,
+) -> anyhow::Result<Timing> {
+    let out: TwinOut = run_twin(python, script, twin).map_err(|e| anyhow!("--vs-torch: {e}"))?;
     if out.params != params {
         bail!("--vs-torch: the twin has {} parameters, keel's model {params}: torch_twin.py no longer mirrors keel::models::seg::SegNet", out.params)
     }
     Ok(out.timing)
+}
+
+/// `--twin-script`, or `torch_twin.py` beside this example's source.
+fn twin_script(args: &BenchArgs) -> PathBuf {
+    args.twin_script.clone().unwrap_or_else(|| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/seg_train/torch_twin.py")
+    })
 }
 
 /// `seg_train bench`.
@@ -172,7 +189,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let twin = args.vs_torch.then(|| twin_args(args)).transpose()?;
     let (keel, config, params) = time_keel(args)?;
     let torch = twin
-        .map(|t| time_torch(&args.python, &t, params))
+        .map(|t| time_torch(&args.python, &twin_script(args), &t, params))
         .transpose()?;
     let report = BenchReport::new(config, params, args.batch_size, keel, torch);
     println!("{}", report.to_text(args.warmup, args.steps));

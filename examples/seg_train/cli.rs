@@ -47,6 +47,10 @@ pub enum Command {
         out: PathBuf,
         #[arg(long, value_enum)]
         device: Option<DeviceChoice>,
+        #[arg(long)]
+        deterministic: bool,
+        #[arg(long)]
+        tf32: bool,
     },
 }
 
@@ -124,6 +128,15 @@ pub struct CommonArgs {
     /// cpu or cuda (default: cuda when compiled in and usable, else cpu).
     #[arg(long, value_enum)]
     pub device: Option<DeviceChoice>,
+    /// CUDA: deterministic cuDNN convolution algorithms only, so one seed gives identical
+    /// weights on the GPU too (slower backward; keel::kernels::set_conv_deterministic). The
+    /// CPU is always deterministic. Not part of the run's config: pass it again on --resume.
+    #[arg(long)]
+    pub deterministic: bool,
+    /// CUDA: TF32 tensor cores for f32 convolutions and matmuls (10-bit mantissa products;
+    /// PyTorch's default for cuDNN convolutions, not keel's). Not part of the run's config.
+    #[arg(long)]
+    pub tf32: bool,
     /// On divergence: off (nothing, NaN steps applied too), skip (skip NaN/Inf steps only),
     /// rollback (restore the last good in-memory snapshot, skip the batches that led there,
     /// halve the LR; stop with an error after 3 interventions).
@@ -412,6 +425,25 @@ pub fn pick_device(want: Option<DeviceChoice>) -> anyhow::Result<Device> {
     }
 }
 
+/// [`pick_device`], prepared for training (keel keeps freed CUDA memory in the device's
+/// pool), with `--deterministic` and `--tf32` set process-wide (they change CUDA
+/// convolutions and matmuls only; a note says so on the CPU).
+pub fn setup_device(
+    want: Option<DeviceChoice>,
+    deterministic: bool,
+    tf32: bool,
+) -> anyhow::Result<Device> {
+    let dev = pick_device(want)?;
+    keel::kernels::set_conv_deterministic(deterministic);
+    keel::kernels::set_conv_tf32(tf32);
+    candle::cuda::set_gemm_reduced_precision_f32(tf32);
+    if (deterministic || tf32) && !dev.is_cuda() {
+        eprintln!("seg_train: note: --deterministic and --tf32 change CUDA only; a CPU run is deterministic and true f32 already");
+    }
+    keel::kernels::prepare_device(&dev)?;
+    Ok(dev)
+}
+
 /// The seg_train flags that carry out `advice`, when flags can (keeping the best checkpoint
 /// is a choice of file, not of flags).
 pub fn advice_flags(advice: &Advice) -> Option<String> {
@@ -469,10 +501,12 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
             config,
             out,
             device,
+            deterministic,
+            tf32,
         }) => {
             let cfg = read_config(&config)?;
             let opts = RunOpts {
-                device: pick_device(device)?,
+                device: setup_device(device, deterministic, tf32)?,
                 progress: false,
                 verbose: false,
                 step_delay: None,
@@ -481,8 +515,9 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         }
         None => {
             let t = cli.train;
+            let c = &t.common;
             let opts = RunOpts {
-                device: pick_device(t.common.device)?,
+                device: setup_device(c.device, c.deterministic, c.tf32)?,
                 progress: !t.quiet,
                 verbose: true,
                 step_delay: t.step_delay_ms.map(Duration::from_millis),

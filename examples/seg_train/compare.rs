@@ -51,7 +51,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
             args.common.config(n, b, args.steps, 0).validate()?;
         }
     }
-    let device = pick_device(args.common.device)?;
+    let device = pick_device(args.common.device)?; // the children set up their own
     super::output::writable(&args.out)?;
     let total = norms.len() * batches.len() * args.seeds as usize;
     let pb = indicatif::ProgressBar::new(total as u64);
@@ -85,8 +85,15 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let device_flag = if device.is_cpu() { "cpu" } else { "cuda" };
-    let summaries = run_jobs(&queue, args.jobs, device_flag, &pb)?;
+    // The children get the device and its modes (`run-config` flags).
+    let mut device_args = vec![
+        "--device".to_string(),
+        if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
+    ];
+    let c = &args.common;
+    device_args.extend(c.deterministic.then(|| "--deterministic".to_string()));
+    device_args.extend(c.tf32.then(|| "--tf32".to_string()));
+    let summaries = run_jobs(&queue, args.jobs, &device_args, &pb)?;
     let runs = queue.iter().zip(summaries);
     let cells = Cell::group(runs.map(|(j, s)| (j.norm.clone(), j.batch, s)));
     pb.finish_and_clear();
@@ -113,7 +120,7 @@ struct Job {
 
 impl Job {
     /// Starts the run as a child process of this binary (`seg_train run-config`).
-    fn spawn(&self, device_flag: &str) -> anyhow::Result<std::process::Child> {
+    fn spawn(&self, device_args: &[String]) -> anyhow::Result<std::process::Child> {
         let exe = std::env::current_exe().context("locating the seg_train binary")?;
         std::fs::create_dir_all(&self.dir)?;
         let cfg_path = self.dir.with_extension("config.json");
@@ -125,7 +132,9 @@ impl Job {
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             cmd.env("RAYON_NUM_THREADS", "1");
         }
-        cmd.args(["run-config", "--device", device_flag, "--config"])
+        cmd.arg("run-config")
+            .args(device_args)
+            .arg("--config")
             .arg(&cfg_path)
             .arg("--out")
             .arg(&self.dir)
@@ -161,7 +170,7 @@ impl Job {
 fn run_jobs(
     queue: &[Job],
     jobs: usize,
-    device_flag: &str,
+    device_args: &[String],
     pb: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<RunSummary>> {
     let start = |i: usize| {
@@ -170,7 +179,7 @@ fn run_jobs(
             "{} batch {} seed {}",
             job.norm, job.batch, job.seed
         ));
-        job.spawn(device_flag)
+        job.spawn(device_args)
     };
     let done = |i: usize, status| {
         let (job, s) = (&queue[i], queue[i].summary(status)?);

@@ -14,11 +14,13 @@ use keel::train::{changed_fields, load_latest_checkpoint, Resume};
 use super::cli::{read_config, RunConfig, TrainArgs};
 
 /// Flags that drive a run without being part of its config, so `--resume` takes them.
-const NOT_CONFIG: [&str; 6] = [
+const NOT_CONFIG: [&str; 8] = [
     "resume",
     "resume_from",
     "quiet",
     "device",
+    "deterministic",
+    "tf32",
     "step_delay_ms",
     "out",
 ];

@@ -60,3 +60,23 @@ pub fn cuda_pool_release_threshold(dev: &candle::Device) -> candle::Result<Optio
         _ => Ok(None),
     }
 }
+
+/// The most bytes of a CUDA device's default memory pool (where candle's allocations come
+/// from) in use at once since the last [`reset_cuda_pool_peak`]; `None` for other devices.
+/// The GPU counterpart of PyTorch's `torch.cuda.max_memory_allocated`.
+pub fn cuda_pool_peak(dev: &candle::Device) -> candle::Result<Option<u64>> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        candle::Device::Cuda(d) => cuda::pool_peak(d).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Starts [`cuda_pool_peak`] over from the bytes in use now; a no-op for other devices.
+pub fn reset_cuda_pool_peak(dev: &candle::Device) -> candle::Result<()> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        candle::Device::Cuda(d) => cuda::reset_pool_peak(d),
+        _ => Ok(()),
+    }
+}

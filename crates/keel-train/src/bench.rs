@@ -21,14 +21,17 @@ pub struct Timing {
     /// The fastest step.
     pub min_ms: f64,
     /// Peak memory in MiB: for [`time_steps`], the heap bytes allocated above the level
-    /// before the timed steps (CPU), NaN when not counted (no allocator, or a CUDA device
-    /// whose memory pool the heap does not see).
+    /// before the timed steps (CPU), the most bytes of the CUDA memory pool in use at once
+    /// (CUDA), NaN when not counted (a CPU run without an allocator).
     pub peak_mib: f64,
 }
 
 /// Runs `step(i)` for `i` in `0..warmup + steps` on `device` and times the last `steps`
-/// (a [`Device::synchronize`] before the first timed step and after every step). With
-/// `alloc` on a CPU device, the heap peak of the timed steps is measured too.
+/// (a [`Device::synchronize`] before the first timed step and after every step). The peak
+/// memory of the timed steps is measured too: on a CPU device with `alloc`, the heap bytes
+/// above the level before them; on CUDA, the most bytes of the device's memory pool in use
+/// at once (weights and optimizer state included, like PyTorch's
+/// `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`).
 ///
 /// ```
 /// use keel_train::bench::time_steps;
@@ -56,6 +59,7 @@ pub fn time_steps(
         if i == warmup {
             device.synchronize()?;
             base = alloc.map_or(0, CountingAlloc::reset_peak);
+            keel_kernels::reset_cuda_pool_peak(device)?;
         }
         let t0 = Instant::now();
         step(i)?;
@@ -64,8 +68,10 @@ pub fn time_steps(
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let peak_mib = match alloc {
-        Some(a) if device.is_cpu() => (a.peak() - base) as f64 / (1 << 20) as f64,
+    let mib = (1u64 << 20) as f64;
+    let peak_mib = match (alloc, keel_kernels::cuda_pool_peak(device)?) {
+        (_, Some(bytes)) => bytes as f64 / mib,
+        (Some(a), None) if device.is_cpu() => (a.peak() - base) as f64 / mib,
         _ => f64::NAN,
     };
     Ok(Timing {

@@ -58,13 +58,39 @@ pub(crate) fn kernel_name<T: KernelDType>(stem: &str) -> String {
     format!("{stem}_{}", T::SUFFIX)
 }
 
+/// Reads (`set = None`) or writes a `u64` attribute of `dev`'s default memory pool (the pool
+/// cudarc's stream-ordered allocations come from); returns the value read or written.
+fn pool_attr(
+    dev: &CudaDevice,
+    attr: candle::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    set: Option<u64>,
+) -> Result<u64> {
+    use candle::cuda_backend::cudarc::driver::result;
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().w()?;
+    let mut value = set.unwrap_or(0);
+    // SAFETY: `cu_device` is the live device of candle's context (bound to this thread
+    // above); the attributes used here (release threshold, used-memory high watermark) are
+    // `u64` values (cuMemPoolGet/SetAttribute), which `value` is.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).w()?;
+        let ptr = (&mut value as *mut u64).cast();
+        match set {
+            Some(_) => result::mem_pool::set_attribute(pool, attr, ptr).w()?,
+            None => result::mem_pool::get_attribute(pool, attr, ptr).w()?,
+        }
+    }
+    Ok(value)
+}
+
 /// Sets the release threshold of `dev`'s default memory pool to "never" (`u64::MAX`), once
 /// per (thread, device): CUDA's default of 0 hands freed memory back to the OS at every
 /// synchronisation, so every training step and every timed iteration would map its memory
 /// again (PyTorch's caching allocator keeps it). Freed memory stays in the pool for the next
 /// allocation of this process; other processes on the GPU do not get it back until exit.
 pub(crate) fn prepare(dev: &CudaDevice) -> Result<()> {
-    use candle::cuda_backend::cudarc::driver::{result, sys};
+    use candle::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
     use std::cell::RefCell;
     use std::collections::HashSet;
     thread_local! {
@@ -73,44 +99,29 @@ pub(crate) fn prepare(dev: &CudaDevice) -> Result<()> {
     if DONE.with(|d| d.borrow().contains(&dev.id())) {
         return Ok(());
     }
-    let stream = dev.cuda_stream();
-    let ctx = stream.context();
-    ctx.bind_to_thread().w()?;
-    let mut threshold = u64::MAX;
-    // SAFETY: `cu_device` is the live device of candle's context (bound to this thread above);
-    // the release threshold attribute is a `u64` (cuMemPoolSetAttribute), which `threshold` is.
-    unsafe {
-        let pool = result::device::get_default_mem_pool(ctx.cu_device()).w()?;
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-        .w()?;
-    }
+    pool_attr(dev, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX))?;
     DONE.with(|d| d.borrow_mut().insert(dev.id()));
     Ok(())
 }
 
-/// The release threshold of `dev`'s default memory pool (what [`prepare`] sets), for the GPU
-/// suite's check.
+/// The release threshold of `dev`'s default memory pool (what [`prepare`] sets).
 pub(crate) fn pool_release_threshold(dev: &CudaDevice) -> Result<u64> {
-    use candle::cuda_backend::cudarc::driver::{result, sys};
-    let stream = dev.cuda_stream();
-    let ctx = stream.context();
-    ctx.bind_to_thread().w()?;
-    let mut threshold = 0u64;
-    // SAFETY: as in [`prepare`]; the attribute is read into a `u64`.
-    unsafe {
-        let pool = result::device::get_default_mem_pool(ctx.cu_device()).w()?;
-        result::mem_pool::get_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-        .w()?;
-    }
-    Ok(threshold)
+    use candle::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    pool_attr(dev, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, None)
+}
+
+/// The most bytes of `dev`'s default pool in use at once since the last [`reset_pool_peak`]
+/// (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`).
+pub(crate) fn pool_peak(dev: &CudaDevice) -> Result<u64> {
+    use candle::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    pool_attr(dev, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)
+}
+
+/// Resets [`pool_peak`] to the bytes in use now (CUDA allows resetting it to 0 only, which
+/// it takes as "the current use").
+pub(crate) fn reset_pool_peak(dev: &CudaDevice) -> Result<()> {
+    use candle::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    pool_attr(dev, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)).map(drop)
 }
 
 /// Launches kernel `name` of `module` with its parameter struct as the only argument.
