@@ -108,6 +108,7 @@ mod ckpt_file;
 mod config;
 mod diff;
 mod divergence;
+pub mod fault;
 mod fsio;
 mod guard;
 mod interrupt;
