@@ -19,9 +19,14 @@ fn tmp(name: &str) -> PathBuf {
 
 /// A tiny CPU run at `--lr 1000` with `--guard guard`.
 fn huge_lr(out: &Path, guard: &str) -> Vec<String> {
+    tiny_run(out, guard, "--lr 1000")
+}
+
+/// A tiny CPU run with `--guard guard` and the `extra` flags.
+fn tiny_run(out: &Path, guard: &str, extra: &str) -> Vec<String> {
     let s = format!(
         "seg_train --quiet --device cpu --norm gn --width 4 --fpn 8 --image-size 32 --train-size 16 --val-size 8 \
-         --batch-size 2 --steps 40 --warmup-steps 0 --lr 1000 --eval-every 20 --keep-last 1 --guard {guard} --out {}",
+         --batch-size 2 --steps 40 --warmup-steps 0 --eval-every 20 --keep-last 1 --guard {guard} {extra} --out {}",
         out.display()
     );
     s.split_whitespace().map(String::from).collect()
@@ -144,14 +149,15 @@ fn snapshot_cost_on_the_default_model() -> anyhow::Result<()> {
 
 /// The guard's history is checkpointed: a run resumed after two rollbacks keeps their LR
 /// reduction and counts them, so its next divergences use up the remaining intervention
-/// and stop it, listing all of them.
+/// and stop it, listing all of them. `--lr 1e20`: no LR cut heals it (`--lr 1000` now
+/// recovers with the early 10x cuts).
 #[test]
 fn resume_continues_the_guard_history() -> anyhow::Result<()> {
     let out = tmp("resume");
-    let mut args = huge_lr(&out, "rollback");
-    args.extend(["--ckpt-every", "12"].map(String::from));
+    let args = tiny_run(&out, "rollback", "--lr 1e20 --ckpt-every 8");
     assert!(cli::run(args).is_err(), "the first process is stopped");
-    // The newest checkpoint (after step 11) holds the rollbacks at steps 4 and 9.
+    // The newest checkpoint (after step 7) holds the rollbacks at steps 3 and 7 (three
+    // non-finite losses in a row each).
     let resumed = format!("seg_train --quiet --device cpu --resume {}", out.display());
     let err = cli::run(resumed.split_whitespace().map(String::from).collect()).unwrap_err();
     assert!(
@@ -164,12 +170,49 @@ fn resume_continues_the_guard_history() -> anyhow::Result<()> {
     assert_eq!(steps.len(), 4, "{health:#}");
     assert_eq!(
         &steps[..2],
-        &[4, 9],
+        &[3, 7],
         "the first process's rollbacks: {steps:?}"
     );
-    assert!(steps[2] >= 12, "{steps:?}");
+    assert!(steps[2] >= 8, "{steps:?}");
     assert_eq!(listed[3]["action"], "stopped");
-    assert_eq!(health["guard"]["lr_scale"].as_f64(), Some(0.125));
+    let scale = health["guard"]["lr_scale"].as_f64().unwrap();
+    assert!(
+        (scale - 1e-3).abs() < 1e-15,
+        "three early cuts of 10x: {scale}"
+    );
     std::fs::remove_dir_all(&out)?;
+    Ok(())
+}
+
+/// `--fault` (hidden) injects a fault into seg_train's loop: an LR burst of 1000x for 5
+/// steps from step 20 is rolled back (visibly, to a snapshot before the burst) and the run
+/// finishes; a bad spec is an error naming the flag, the value and the accepted forms.
+#[test]
+fn fault_flag_injects_an_lr_burst_that_the_guard_rolls_back() -> anyhow::Result<()> {
+    let out = tmp("fault");
+    cli::run(tiny_run(&out, "rollback", "--fault lr-burst@20"))?;
+    let interventions = log_records(&out, "guard");
+    let health = json(&out.join("health.json"));
+    eprintln!("{health:#}\n{interventions:?}");
+    assert!(!interventions.is_empty(), "the burst was not caught");
+    let first = &interventions[0];
+    assert_eq!(first["action"], "rolled_back");
+    assert!(first["step"].as_u64().unwrap() >= 20, "{first}");
+    assert!(first["restored_step"].as_u64().unwrap() <= 20, "{first}");
+    assert_ne!(health["verdict"], "Healthy");
+    let summary = json(&out.join("summary.json"));
+    assert!(summary["final_miou"].as_f64().unwrap().is_finite());
+    std::fs::remove_dir_all(&out)?;
+
+    let err = cli::run(tiny_run(
+        &tmp("bad-fault"),
+        "rollback",
+        "--fault lr-burst@x",
+    ))
+    .unwrap_err()
+    .to_string();
+    for part in ["--fault", "lr-burst@x", "nan-batch@STEP", "huge-lr"] {
+        assert!(err.contains(part), "{part} not in: {err}");
+    }
     Ok(())
 }

@@ -183,6 +183,10 @@ pub struct TrainArgs {
     /// Sleep this long after every step (tests use it to kill a run mid-way).
     #[arg(long, hide = true)]
     pub step_delay_ms: Option<u64>,
+    /// Inject a fault (the guard's fault table and tests): none, lr-burst@STEP[*F],
+    /// nan-batch@STEP, poison-labels@STEP[*F], huge-lr[*F] (keel::train::fault).
+    #[arg(long, hide = true, value_name = "SPEC")]
+    pub fault: Option<keel::train::fault::FaultPlan>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -510,6 +514,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                 progress: false,
                 verbose: false,
                 step_delay: None,
+                fault: Default::default(),
             };
             train::run(&cfg, &out, None, &opts).and_then(fail_if_stopped)
         }
@@ -521,6 +526,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                 progress: !t.quiet,
                 verbose: true,
                 step_delay: t.step_delay_ms.map(Duration::from_millis),
+                fault: t.fault.unwrap_or_default(),
             };
             let (cfg, out, resume) = match resume_dir(&t)? {
                 Some(dir) => {

@@ -32,6 +32,8 @@ pub struct RunOpts {
     pub verbose: bool,
     /// Sleep after every step (tests kill a run mid-way with it).
     pub step_delay: Option<Duration>,
+    /// The fault to inject (`--fault`; none by default).
+    pub fault: keel::train::fault::FaultPlan,
 }
 
 /// The outcome of a run (summary.json), for the `compare` grid.
@@ -220,14 +222,16 @@ impl<'a> Run<'a> {
 
     /// One optimizer step through the TrainState: the micro-batches come from `loader`.
     fn step(&mut self, loader: &mut Loader, guard: &Guard) -> anyhow::Result<StepOutcome> {
-        let lr = guard.lr(self.schedule.lr(self.state.step));
+        let (step, fault) = (self.state.step, self.opts.fault);
+        let lr = guard.lr(self.schedule.lr(step) * fault.lr_factor(step));
         let (vm, master, dev, cfg) = (&self.vm, &self.master, &self.opts.device, self.cfg);
         let mut micro = |_| -> candle::Result<Tensor> {
             let batch = loader
                 .next()
                 .ok_or_else(|| candle::Error::Msg("data loader ended early".into()))?;
             let (x, t) = batch?.to_tensors(dev)?;
-            micro_loss(cfg, vm, master, &x, &t)
+            let x = fault.poison_inputs(step, &x)?;
+            fault.poison_loss(step, &micro_loss(cfg, vm, master, &x, &t)?)
         };
         Ok(self.state.step(lr, cfg.clip_grad, &mut micro)?)
     }
@@ -348,6 +352,9 @@ pub fn run(
         ..GuardConfig::for_run(cfg.steps)
     };
     let mut guard = Guard::new(guard_cfg, &mut run.state)?;
+    if opts.fault != Default::default() {
+        say(format!("seg_train: injecting fault {}", opts.fault));
+    }
     if let Some(earlier) = &run.summary.guard {
         guard.continue_history(earlier)?;
     }

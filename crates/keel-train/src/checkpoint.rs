@@ -22,7 +22,7 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use candle::Device;
+use candle::{DType, Device};
 
 use crate::ckpt_file::{load_verified, peek, to_bytes, Checkpoint, LoadFailure};
 use crate::fsio::{io_err, remove_stale_temps, write_atomic_paused};
@@ -161,6 +161,9 @@ struct Entry {
     step: usize,
     path: PathBuf,
     metric: Option<f64>,
+    /// Whether every float tensor is finite; `None` until known (a file taken over from
+    /// the directory is read only when pruning needs to know).
+    finite: Option<bool>,
 }
 
 impl CheckpointManager {
@@ -230,22 +233,26 @@ impl CheckpointManager {
     }
 
     /// Writes `ckpt` to `ckpt-{step:08}.safetensors` atomically (see the type docs), then
-    /// deletes the checkpoints that are neither among the last `keep_last` by step nor the
+    /// deletes the checkpoints that are neither among the last `keep_last` by step, nor the
     /// best by `metric` (higher is better; `None` or a non-finite metric never makes a
-    /// checkpoint the best). Saving a step that already has a checkpoint replaces it
-    /// atomically. Returns the path written.
+    /// checkpoint the best), nor the newest one whose float tensors are all finite (a run
+    /// that diverged without a guard writes NaN checkpoints; pruning never deletes the last
+    /// finite one, so there is always a state to go back to). Saving a step that already has
+    /// a checkpoint replaces it atomically. Returns the path written.
     ///
     /// The tensors are copied to the CPU once; a tensor named `__metadata__`, or one with a
     /// sub-byte float dtype, is an error before anything is written.
     pub fn save(&mut self, ckpt: &Checkpoint, metric: Option<f64>) -> candle::Result<PathBuf> {
         let metric = metric.filter(|m| m.is_finite());
         let path = self.path_for(ckpt.step);
+        let finite = tensors_finite(ckpt)?;
         write_atomic_paused(&path, &to_bytes(ckpt, metric)?, self.write_pause)?;
         self.entries.retain(|e| e.step != ckpt.step);
         self.entries.push(Entry {
             step: ckpt.step,
             path: path.clone(),
             metric,
+            finite: Some(finite),
         });
         self.entries.sort_by_key(|e| e.step);
         self.prune(&path)?;
@@ -300,14 +307,35 @@ impl CheckpointManager {
         self.entries.iter().map(|e| e.path.clone()).collect()
     }
 
+    /// The step of the newest checkpoint whose float tensors are all finite; reads the
+    /// files taken over from the directory (newest first) until it finds one, so it costs
+    /// nothing while the newest checkpoint saved is finite. A file that does not load is
+    /// not finite.
+    fn last_finite_step(&mut self) -> Option<usize> {
+        for e in self.entries.iter_mut().rev() {
+            let finite = *e.finite.get_or_insert_with(|| {
+                load_verified(&e.path, &Device::Cpu)
+                    .ok()
+                    .and_then(|ck| tensors_finite(&ck).ok())
+                    .unwrap_or(false)
+            });
+            if finite {
+                return Some(e.step);
+            }
+        }
+        None
+    }
+
     fn prune(&mut self, just_saved: &Path) -> candle::Result<()> {
         let best_step = best_entry(&self.entries).map(|e| e.step);
+        let finite_step = self.last_finite_step();
         let n = self.entries.len();
         let keep_from = n.saturating_sub(self.keep_last);
         let mut kept = Vec::with_capacity(n);
         let mut result = Ok(());
         for (i, e) in std::mem::take(&mut self.entries).into_iter().enumerate() {
-            if i >= keep_from || Some(e.step) == best_step || e.path == just_saved {
+            let protected = Some(e.step) == best_step || Some(e.step) == finite_step;
+            if i >= keep_from || protected || e.path == just_saved {
                 kept.push(e);
                 continue;
             }
@@ -378,11 +406,34 @@ fn scan(dir: &Path) -> candle::Result<Vec<Entry>> {
             let step = parse_file_name(&name)?;
             let path = dir.join(&name);
             let (hstep, metric) = peek(&path)?;
-            (hstep == step).then_some(Entry { step, path, metric })
+            (hstep == step).then_some(Entry {
+                step,
+                path,
+                metric,
+                finite: None,
+            })
         })
         .collect();
     entries.sort_by_key(|e| e.step);
     Ok(entries)
+}
+
+/// Whether every float tensor of `ckpt` is finite: its f32 sum is (as
+/// [`crate::TrainState::weights_finite`], values so large that the sum overflows count as
+/// non-finite: such a run has diverged).
+fn tensors_finite(ckpt: &Checkpoint) -> candle::Result<bool> {
+    for t in ckpt.tensors.values() {
+        if t.dtype().is_float()
+            && !t
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?
+                .is_finite()
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn best_entry(entries: &[Entry]) -> Option<&Entry> {

@@ -243,6 +243,7 @@ impl std::str::FromStr for GuardPolicy {
 /// assert_eq!(GuardConfig::for_run(300).snapshot_every, 20);
 /// cfg.validate()?;
 /// assert!(GuardConfig { lr_factor: 1.5, ..cfg }.validate().is_err());
+/// assert!(GuardConfig { early_lr_factor: 0.0, ..cfg }.validate().is_err());
 /// # Ok::<(), candle::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -271,6 +272,17 @@ pub struct GuardConfig {
     pub lr_factor: f64,
     /// A divergence after this many interventions stops the run. Default 3.
     pub max_interventions: usize,
+    /// The factor for an intervention before the run has made any progress (no snapshot
+    /// below its initial loss was ever taken, so the rollback goes back to its start): the
+    /// learning rate itself is the cause, and [`GuardConfig::lr_factor`] could not undo it
+    /// within [`GuardConfig::max_interventions`]. Default 0.1: three such interventions
+    /// cover an LR up to 1000x too large (see [`crate::Guard`]).
+    #[serde(default = "default_early_lr_factor", with = "lossless_f64")]
+    pub early_lr_factor: f64,
+}
+
+fn default_early_lr_factor() -> f64 {
+    0.1
 }
 
 fn default_lookback() -> usize {
@@ -288,10 +300,11 @@ impl GuardConfig {
             nonfinite_patience: 3,
             lr_factor: 0.5,
             max_interventions: 3,
+            early_lr_factor: default_early_lr_factor(),
         }
     }
 
-    /// Checks the values: intervals and patience at least 1, `0 < lr_factor <= 1`.
+    /// Checks the values: intervals and patience at least 1, both LR factors in (0, 1].
     pub fn validate(&self) -> candle::Result<()> {
         for (name, v) in [
             ("snapshot_every", self.snapshot_every),
@@ -302,11 +315,15 @@ impl GuardConfig {
                 candle::bail!("GuardConfig: {name} is 0; it counts steps, use at least 1")
             }
         }
-        if !(self.lr_factor > 0.0 && self.lr_factor <= 1.0) {
-            candle::bail!(
-                "GuardConfig: lr_factor {} must be in (0, 1]: each intervention multiplies the LR by it (e.g. 0.1)",
-                self.lr_factor
-            )
+        for (name, v) in [
+            ("lr_factor", self.lr_factor),
+            ("early_lr_factor", self.early_lr_factor),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                candle::bail!(
+                    "GuardConfig: {name} {v} must be in (0, 1]: an intervention multiplies the LR by it (e.g. 0.1)"
+                )
+            }
         }
         Ok(())
     }

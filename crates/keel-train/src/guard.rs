@@ -14,10 +14,32 @@
 //! passes is [`Guard::lr`] of the scheduled one: lowered by [`GuardConfig::lr_factor`] per
 //! intervention, for the rest of the run (not a cool-down window: an LR that diverged once
 //! from a healthy snapshot would diverge again when restored).
+//!
+//! Two kinds of divergence, two cuts. A snapshot after the first (the one taken by
+//! [`Guard::new`]) is taken only while the run is no worse than its start: the median of the
+//! trailing losses at most the robust initial loss ([`crate::StabilityMonitor::anchor_loss`]).
+//! - A divergence after such a snapshot (the run had made progress: an LR burst, a bad
+//!   batch) is a transient: the rollback goes to a snapshot of that progress and the LR is
+//!   cut gently, by [`GuardConfig::lr_factor`] (0.5), so the rest of the run loses little.
+//! - A divergence while the only snapshot is the start (the loss never came down to its
+//!   initial value: an LR far too large from step 0) cannot be a transient that a later
+//!   batch caused; the LR itself is the cause. Halving it three times covers only 8x, so the
+//!   cut is [`GuardConfig::early_lr_factor`] (0.1): three such interventions cover an LR up
+//!   to 1000x too large, and each costs only the steps since the start. The rollback goes to
+//!   the start, where the run was last known good. Once an intervention was early, every
+//!   later one is too: the run has shown that its LR is the problem, and a divergence after
+//!   a 10x cut (at an LR 100x too large, the loss may well come down for a while before it
+//!   blows up again) shows the cut was not enough. An LR still further off (1e20) diverges
+//!   again at 1/1000 of it and the run stops loudly after
+//!   [`GuardConfig::max_interventions`].
+//!
+//! A rollback restores the monitor's baseline statistics with the weights
+//! ([`crate::StabilityMonitor::rolled_back_to`]) but keeps its history: the final report
+//! still counts the steps, spikes and divergences that led to each intervention.
 use std::collections::VecDeque;
 
 use crate::config::{GuardConfig, GuardPolicy};
-use crate::monitor::Alarm;
+use crate::monitor::{Alarm, StabilityMonitor};
 use crate::state::{StepOutcome, TrainState};
 use crate::summary::{GuardSummary, Intervention, InterventionCause, InterventionKind};
 use crate::Checkpoint;
@@ -79,9 +101,11 @@ pub enum GuardAction {
 pub struct Guard {
     cfg: GuardConfig,
     /// Deep copies of healthy states, oldest first.
-    snapshots: VecDeque<Checkpoint>,
+    snapshots: VecDeque<Snapshot>,
     interventions: Vec<Intervention>,
     lr_scale: f64,
+    /// An intervention was early: the LR itself is the cause, later cuts are early ones too.
+    lr_is_cause: bool,
     /// Non-finite losses in a row, up to the last step.
     nonfinite_run: usize,
     stopped: bool,
@@ -101,6 +125,7 @@ impl Guard {
             snapshots: VecDeque::new(),
             interventions: Vec::new(),
             lr_scale: 1.0,
+            lr_is_cause: false,
             nonfinite_run: 0,
             stopped: false,
         };
@@ -111,14 +136,15 @@ impl Guard {
                     state.step
                 )
             }
-            guard.snapshots.push_back(deep_snapshot(state)?);
+            guard.snapshots.push_back(Snapshot::of(state)?);
         }
         Ok(guard)
     }
 
     /// Continues the history of an earlier process of the same run (its
     /// [`Guard::summary`], e.g. stored in the checkpoint meta): its interventions count
-    /// towards [`GuardConfig::max_interventions`] and its LR reduction holds. Call it right
+    /// towards [`GuardConfig::max_interventions`], its LR reduction holds, and after an early
+    /// cut (an LR ratio of [`GuardConfig::early_lr_factor`]) later cuts are early ones too. Call it right
     /// after [`Guard::new`] on the restored state. A run the guard stopped cannot continue.
     ///
     /// ```
@@ -156,6 +182,13 @@ impl Guard {
         }
         self.interventions = earlier.interventions.clone();
         self.lr_scale = earlier.lr_scale;
+        // An early cut is the one whose LR ratio is the early factor (when the two differ).
+        let (early, gentle) = (self.cfg.early_lr_factor, self.cfg.lr_factor);
+        self.lr_is_cause = early != gentle
+            && earlier.interventions.iter().any(|i| {
+                i.action == InterventionKind::RolledBack
+                    && (i.lr_after / i.lr_before - early).abs() <= 1e-9 * early
+            });
         Ok(())
     }
 
@@ -186,7 +219,7 @@ impl Guard {
 
     /// The steps of the snapshots held, oldest first.
     pub fn snapshot_steps(&self) -> Vec<usize> {
-        self.snapshots.iter().map(|s| s.step).collect()
+        self.snapshots.iter().map(|s| s.ck.step).collect()
     }
 
     /// What the guard did, for [`crate::HealthReport::with_guard`].
@@ -250,10 +283,14 @@ impl Guard {
             return self.intervene(state, out, cause);
         }
         let due = (out.step + 1).is_multiple_of(self.cfg.snapshot_every);
-        if due && self.nonfinite_run == 0 && !state.monitor.diverging() {
+        if due
+            && self.nonfinite_run == 0
+            && !state.monitor.diverging()
+            && no_worse_than_start(&state.monitor)
+        {
             // The check above already ran on a check step; it raised no alarm then.
             if checked || state.weights_finite()? {
-                self.snapshots.push_back(deep_snapshot(state)?);
+                self.snapshots.push_back(Snapshot::of(state)?);
                 while self.snapshots.len() > SNAPSHOTS_HELD {
                     self.snapshots.pop_front();
                 }
@@ -263,7 +300,8 @@ impl Guard {
     }
 
     /// Restores the newest snapshot at least `lookback` steps older than the alarm (or the
-    /// oldest), keeps the step counter after the alarm step, lowers the LR or stops.
+    /// oldest), keeps the step counter after the alarm step and the monitor's history,
+    /// lowers the LR (by the early factor when no snapshot of progress is held) or stops.
     fn intervene(
         &mut self,
         state: &mut TrainState,
@@ -271,10 +309,11 @@ impl Guard {
         cause: InterventionCause,
     ) -> candle::Result<GuardAction> {
         let next = state.step;
+        let early = self.lr_is_cause || !self.snapshots.iter().any(|s| s.progressed);
         let idx = self
             .snapshots
             .iter()
-            .rposition(|s| s.step + self.cfg.lookback <= next)
+            .rposition(|s| s.ck.step + self.cfg.lookback <= next)
             .unwrap_or(0);
         self.snapshots.truncate(idx + 1);
         let Some(snap) = self.snapshots.back() else {
@@ -283,13 +322,22 @@ impl Guard {
                 out.step
             )
         };
-        state.restore::<()>(snap)?;
-        let restored_step = snap.step;
+        let history = state.monitor.clone();
+        state.restore::<()>(&snap.ck)?;
+        let baseline = std::mem::replace(&mut state.monitor, history);
+        state.monitor.rolled_back_to(&baseline);
+        let restored_step = snap.ck.step;
         state.step = next;
         self.nonfinite_run = 0;
         let stop = self.interventions.len() >= self.cfg.max_interventions;
+        let factor = if early {
+            self.cfg.early_lr_factor
+        } else {
+            self.cfg.lr_factor
+        };
         if !stop {
-            self.lr_scale *= self.cfg.lr_factor;
+            self.lr_scale *= factor;
+            self.lr_is_cause |= early;
         }
         let rec = Intervention {
             step: out.step,
@@ -302,11 +350,7 @@ impl Guard {
             restored_step,
             skipped_batches: next - restored_step,
             lr_before: out.lr,
-            lr_after: if stop {
-                out.lr
-            } else {
-                out.lr * self.cfg.lr_factor
-            },
+            lr_after: if stop { out.lr } else { out.lr * factor },
         };
         self.interventions.push(rec.clone());
         self.stopped = stop;
@@ -318,12 +362,33 @@ impl Guard {
     }
 }
 
-/// [`TrainState::snapshot`] with every tensor copied: the optimizer updates the weights in
-/// place, which would change a snapshot that shares their storage.
-fn deep_snapshot(state: &TrainState) -> candle::Result<Checkpoint> {
-    let mut ck = state.snapshot(&())?;
-    for t in ck.tensors.values_mut() {
-        *t = t.copy()?;
+/// A held state and whether the run was then no worse than its start (the first snapshot
+/// of a fresh run was not: it has no losses yet).
+struct Snapshot {
+    ck: Checkpoint,
+    progressed: bool,
+}
+
+impl Snapshot {
+    /// [`TrainState::snapshot`] with every tensor copied: the optimizer updates the weights
+    /// in place, which would change a snapshot that shares their storage.
+    fn of(state: &TrainState) -> candle::Result<Self> {
+        let mut ck = state.snapshot(&())?;
+        for t in ck.tensors.values_mut() {
+            *t = t.copy()?;
+        }
+        Ok(Self {
+            ck,
+            progressed: no_worse_than_start(&state.monitor),
+        })
     }
-    Ok(ck)
+}
+
+/// Whether the median of the trailing losses is at most the robust initial loss (false
+/// before any finite loss).
+fn no_worse_than_start(monitor: &StabilityMonitor) -> bool {
+    match (monitor.trailing_loss(), monitor.anchor_loss()) {
+        (Some(t), Some(a)) => t <= a,
+        _ => false,
+    }
 }

@@ -115,6 +115,7 @@ mod ckpt_file;
 mod config;
 mod diff;
 mod divergence;
+pub mod fault;
 mod fsio;
 pub mod grid;
 mod guard;

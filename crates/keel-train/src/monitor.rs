@@ -439,6 +439,38 @@ impl StabilityMonitor {
         }
     }
 
+    /// After a rollback of the run to an earlier state whose monitor was `snapshot`: takes
+    /// its baseline statistics (the trailing loss and grad windows, the first losses, the
+    /// divergence watch and its anchor, the loss-scale state), so the restored weights are
+    /// judged against the baseline they had, and keeps this monitor's history (steps, every
+    /// event count and step, divergences, evals, grad quantiles), so the report still shows
+    /// the spikes and divergences that caused the rollback.
+    ///
+    /// ```
+    /// use keel_train::{MonitorConfig, StabilityMonitor, StepRecord};
+    /// let rec = |step, loss| StepRecord { step, loss, grad_norm: Some(1.0), loss_scale: None, skipped: false };
+    /// let mut mon = StabilityMonitor::new(MonitorConfig::default());
+    /// for step in 0..30 { mon.record_step(&rec(step, 1.0)); }
+    /// let snapshot = mon.clone();
+    /// for step in 30..40 { mon.record_step(&rec(step, 1e6 * step as f64)); }
+    /// assert!(mon.diverging());
+    /// mon.rolled_back_to(&snapshot);
+    /// assert!(!mon.diverging(), "the baseline is the snapshot's");
+    /// let s = mon.summary();
+    /// assert_eq!(s.stats.steps, 40);
+    /// assert!(s.stats.divergences > 0 && s.stats.loss_spikes > 0, "{:?}", s.stats);
+    /// ```
+    pub fn rolled_back_to(&mut self, snapshot: &StabilityMonitor) {
+        self.losses = snapshot.losses.clone();
+        self.grads = snapshot.grads.clone();
+        self.first_losses = snapshot.first_losses.clone();
+        self.recent_nonfinite = snapshot.recent_nonfinite.clone();
+        self.last_scale = snapshot.last_scale;
+        self.halvings = snapshot.halvings.clone();
+        self.scale_collapsed = snapshot.scale_collapsed;
+        self.watch = snapshot.watch.clone();
+    }
+
     /// Whether a loss or grad-norm divergence test held at the last step.
     pub fn diverging(&self) -> bool {
         self.watch.as_ref().is_some_and(DivergenceWatch::active)

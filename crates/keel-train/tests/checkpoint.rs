@@ -162,6 +162,62 @@ fn keeps_last_k_plus_best_and_a_new_manager_finds_them() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A checkpoint of diverged weights: NaN in one tensor (an i64 step counter beside it is
+/// never "non-finite").
+fn diverged(step: usize) -> anyhow::Result<Checkpoint> {
+    let mut c = small(step)?;
+    c.tensors.insert(
+        "w".into(),
+        Tensor::new(&[f32::NAN, 0.5, -1.0], &Device::Cpu)?,
+    );
+    c.tensors
+        .insert("count".into(), Tensor::new(&[step as i64], &Device::Cpu)?);
+    Ok(c)
+}
+
+/// Keep-last pruning never deletes the last finite checkpoint: a run without a guard that
+/// diverged keeps writing NaN checkpoints (no metric, so no best protects anything), and
+/// the newest finite one stays, also for a new manager that takes the directory over.
+#[test]
+fn pruning_keeps_the_last_finite_checkpoint() -> anyhow::Result<()> {
+    let tmp = TempDir::new("prune-finite");
+    let mut mgr = CheckpointManager::new(&tmp.0, 2)?;
+    for step in 1..=3 {
+        mgr.save(&small(step)?, None)?;
+    }
+    for step in 4..=6 {
+        mgr.save(&diverged(step)?, Some(f64::NAN))?;
+    }
+    let expected = vec![
+        "ckpt-00000003.safetensors",
+        "ckpt-00000005.safetensors",
+        "ckpt-00000006.safetensors",
+    ];
+    assert_eq!(names(&tmp.0), expected);
+    let back = load_checkpoint(tmp.0.join("ckpt-00000003.safetensors"), &Device::Cpu)?;
+    assert_eq!(back.tensors["w"].to_vec1::<f32>()?, vec![3.0, 0.5, -1.0]);
+
+    // A new manager does not know which files are finite; it reads them to find out.
+    let mut again = CheckpointManager::new(&tmp.0, 2)?;
+    again.save(&diverged(7)?, None)?;
+    assert_eq!(
+        names(&tmp.0),
+        vec![
+            "ckpt-00000003.safetensors",
+            "ckpt-00000006.safetensors",
+            "ckpt-00000007.safetensors"
+        ]
+    );
+    // Once a finite checkpoint is newer, the old one is an ordinary one again.
+    again.save(&small(8)?, None)?;
+    again.save(&small(9)?, None)?;
+    assert_eq!(
+        names(&tmp.0),
+        vec!["ckpt-00000008.safetensors", "ckpt-00000009.safetensors"]
+    );
+    Ok(())
+}
+
 #[test]
 fn saving_a_step_again_replaces_it() -> anyhow::Result<()> {
     let tmp = TempDir::new("resave");

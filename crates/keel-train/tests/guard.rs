@@ -1,10 +1,11 @@
 //! The guard's proof by fault injection: a tiny MLP classifier (8 features, 4 classes, SGD
 //! with momentum, no clipping), trained 200 steps on a deterministic Gaussian-blob set, with
 //! one fault injected per run: an LR burst of 1000x for 5 steps mid-run, a batch of NaN
-//! inputs, a poisoned label batch (targets scaled 1e4, garbage label values) and an LR 1000x
-//! too large from step 0. With `rollback`, each run ends within a stated tolerance of the
-//! clean run (same seed) in final val loss and val mIoU and its report lists the
-//! interventions; with `off`, the same runs end far from it (so these tests can fail).
+//! inputs, a poisoned label batch (targets scaled 1e4) and an LR 1000x too large from step 0,
+//! each a [`keel_train::fault::FaultPlan`]. With `rollback`, each run ends within a stated
+//! tolerance of the clean run (same seed) in final val loss and val mIoU and its report lists
+//! the interventions; with `off`, the same runs end far from it (so these tests can fail).
+//! An LR 1e20 too large cannot be healed: the guard stops the run loudly.
 mod common;
 
 use candle::{DType, Device, Tensor, D};
@@ -12,9 +13,11 @@ use candle_nn::{Init, VarMap};
 use common::Noise;
 use keel_norm::NormKind;
 use keel_optim::{split_no_decay, LrSchedule, OptimizerKind, Precision};
+use keel_train::fault::FaultPlan;
 use keel_train::{
     named_vars, ConfusionMatrix, Guard, GuardAction, GuardConfig, GuardPolicy, HealthReport,
-    InterventionKind, MonitorConfig, OptimRecipe, RunContext, TrainConfig, TrainState, Verdict,
+    InterventionKind, MonitorConfig, MonitorSummary, OptimRecipe, RunContext, TrainConfig,
+    TrainState, Verdict,
 };
 
 const FEATURES: usize = 8;
@@ -25,8 +28,11 @@ const TRAIN: usize = 256;
 const VAL: usize = 128;
 const STEPS: usize = 200;
 const LR: f64 = 0.05;
-/// The fault's first step (mid-run).
-const AT: usize = 100;
+/// The mid-run faults, at step 100.
+const LR_BURST: &str = "lr-burst@100";
+const NAN_BATCH: &str = "nan-batch@100";
+const POISON_LABELS: &str = "poison-labels@100";
+const HUGE_LR: &str = "huge-lr";
 
 /// Final val loss of a guarded run: at most `LOSS_RTOL` relative (or `LOSS_ATOL` absolute)
 /// above the clean run's.
@@ -34,15 +40,6 @@ const LOSS_RTOL: f64 = 0.5;
 const LOSS_ATOL: f64 = 0.05;
 /// Final val mIoU of a guarded run: at most this far below the clean run's.
 const MIOU_TOL: f64 = 0.05;
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fault {
-    None,
-    LrBurst,
-    NanInputs,
-    PoisonedLabels,
-    HugeLr,
-}
 
 /// Features `(n, 8)` and one-hot targets `(n, 4)`: class `c` is a blob around `2.5 * e_c`.
 fn blobs(n: usize, noise: &mut Noise) -> candle::Result<(Tensor, Tensor)> {
@@ -108,10 +105,12 @@ struct Outcome {
     val_loss: f64,
     miou: f64,
     report: HealthReport,
+    monitor: MonitorSummary,
     stopped: bool,
 }
 
-fn run(fault: Fault, policy: GuardPolicy, seed: u64) -> anyhow::Result<Outcome> {
+fn run(fault: &str, policy: GuardPolicy, seed: u64) -> anyhow::Result<Outcome> {
+    let plan: FaultPlan = fault.parse()?;
     let mut noise = Noise(seed);
     let (xs, ts) = blobs(TRAIN, &mut noise)?;
     let (xv, tv) = blobs(VAL, &mut noise)?;
@@ -144,16 +143,9 @@ fn run(fault: Fault, policy: GuardPolicy, seed: u64) -> anyhow::Result<Outcome> 
     while state.step < STEPS {
         let step = state.step;
         let b = step % batches;
-        let mut x = xs.narrow(0, b * BATCH, BATCH)?;
-        let mut t = ts.narrow(0, b * BATCH, BATCH)?;
-        let mut lr = schedule.lr(step);
-        match fault {
-            Fault::LrBurst if (AT..AT + 5).contains(&step) => lr *= 1000.0,
-            Fault::HugeLr => lr *= 1000.0,
-            Fault::NanInputs if step == AT => x = (x * f64::NAN)?,
-            Fault::PoisonedLabels if step == AT => t = (t * 1e4)?,
-            _ => {}
-        }
+        let x = plan.poison_inputs(step, &xs.narrow(0, b * BATCH, BATCH)?)?;
+        let t = (ts.narrow(0, b * BATCH, BATCH)? * plan.label_scale(step))?;
+        let lr = schedule.lr(step) * plan.lr_factor(step);
         let out = state.step(guard.lr(lr), None, |_| {
             cross_entropy(&model.forward(&x)?, &t)
         })?;
@@ -178,6 +170,7 @@ fn run(fault: Fault, policy: GuardPolicy, seed: u64) -> anyhow::Result<Outcome> 
         val_loss,
         miou: cm.miou(),
         report: state.monitor.report(&ctx).with_guard(&guard.summary()),
+        monitor: state.monitor.summary(),
         stopped: guard.stopped(),
     })
 }
@@ -185,9 +178,9 @@ fn run(fault: Fault, policy: GuardPolicy, seed: u64) -> anyhow::Result<Outcome> 
 /// The rollback run is within tolerance of the clean run, lists its interventions (at least
 /// `min_interventions`) and is never Healthy when it intervened; the off run ends far from
 /// the clean one.
-fn check(fault: Fault, min_interventions: usize) -> anyhow::Result<()> {
+fn check(fault: &str, min_interventions: usize) -> anyhow::Result<Outcome> {
     let seed = 7;
-    let clean = run(Fault::None, GuardPolicy::Rollback, seed)?;
+    let clean = run("none", GuardPolicy::Rollback, seed)?;
     assert!(
         clean
             .report
@@ -208,29 +201,29 @@ fn check(fault: Fault, min_interventions: usize) -> anyhow::Result<()> {
     let text = guarded.report.to_text();
     let g = guarded.report.guard.as_ref().unwrap();
     eprintln!(
-        "{fault:?}: clean loss {:.4} mIoU {:.4}; rollback loss {:.4} mIoU {:.4}\n{text}",
+        "{fault}: clean loss {:.4} mIoU {:.4}; rollback loss {:.4} mIoU {:.4}\n{text}",
         clean.val_loss, clean.miou, guarded.val_loss, guarded.miou
     );
     assert!(
         !guarded.stopped,
-        "{fault:?}: the guard stopped the run\n{text}"
+        "{fault}: the guard stopped the run\n{text}"
     );
     let loss_tol = (LOSS_RTOL * clean.val_loss).max(LOSS_ATOL);
     assert!(
         guarded.val_loss.is_finite() && guarded.val_loss <= clean.val_loss + loss_tol,
-        "{fault:?}: val loss {} vs clean {} (+{loss_tol})\n{text}",
+        "{fault}: val loss {} vs clean {} (+{loss_tol})\n{text}",
         guarded.val_loss,
         clean.val_loss
     );
     assert!(
         guarded.miou >= clean.miou - MIOU_TOL,
-        "{fault:?}: val mIoU {} vs clean {}\n{text}",
+        "{fault}: val mIoU {} vs clean {}\n{text}",
         guarded.miou,
         clean.miou
     );
     assert!(
         g.interventions.len() >= min_interventions,
-        "{fault:?}: {} interventions, expected at least {min_interventions}\n{text}",
+        "{fault}: {} interventions, expected at least {min_interventions}\n{text}",
         g.interventions.len()
     );
     assert!(g
@@ -238,10 +231,7 @@ fn check(fault: Fault, min_interventions: usize) -> anyhow::Result<()> {
         .iter()
         .all(|i| i.action == InterventionKind::RolledBack));
     for i in &g.interventions {
-        assert!(
-            text.contains(&i.to_string()),
-            "{fault:?}: {i} not in\n{text}"
-        );
+        assert!(text.contains(&i.to_string()), "{fault}: {i} not in\n{text}");
     }
     if min_interventions > 0 {
         assert_ne!(guarded.report.verdict, Verdict::Healthy, "{text}");
@@ -249,44 +239,78 @@ fn check(fault: Fault, min_interventions: usize) -> anyhow::Result<()> {
     }
     let off = run(fault, GuardPolicy::Off, seed)?;
     eprintln!(
-        "{fault:?}: off loss {:.4} mIoU {:.4} verdict {}",
+        "{fault}: off loss {:.4} mIoU {:.4} verdict {}",
         off.val_loss, off.miou, off.report.verdict
     );
     assert!(
         off.val_loss.is_nan()
             || off.val_loss > clean.val_loss + loss_tol
             || off.miou < clean.miou - MIOU_TOL,
-        "{fault:?}: without the guard the run did not diverge (loss {}, mIoU {}): the fault is too weak to prove anything",
+        "{fault}: without the guard the run did not diverge (loss {}, mIoU {}): the fault is too weak to prove anything",
         off.val_loss,
         off.miou
     );
-    Ok(())
+    Ok(guarded)
 }
 
 #[test]
 fn lr_burst_mid_run_is_rolled_back() -> anyhow::Result<()> {
-    check(Fault::LrBurst, 1)
+    check(LR_BURST, 1).map(drop)
 }
 
 #[test]
 fn nan_input_batch_is_skipped() -> anyhow::Result<()> {
     // Skipping the one non-finite step is enough: no rollback needed, the weights stay finite.
-    check(Fault::NanInputs, 0)
+    check(NAN_BATCH, 0).map(drop)
 }
 
 #[test]
 fn poisoned_label_batch_is_rolled_back() -> anyhow::Result<()> {
-    check(Fault::PoisonedLabels, 1)
+    check(POISON_LABELS, 1).map(drop)
 }
 
-/// An LR 1000x too large for the whole run cannot be healed by halving it three times: the
-/// guard rolls back three times, then stops loudly (DIVERGED) with the last good weights.
+/// An LR 1000x too large from step 0: the run never gets below its initial loss, so the
+/// first rollback goes back to the start and cuts the LR by `early_lr_factor` (0.1), not by
+/// 0.5, and so does every later one (the LR is the cause); the run recovers within the
+/// tolerances of the clean run.
 #[test]
-fn huge_lr_from_step_0_stops_loudly_with_finite_weights() -> anyhow::Result<()> {
-    let guarded = run(Fault::HugeLr, GuardPolicy::Rollback, 7)?;
+fn huge_lr_from_step_0_is_rolled_back_to_the_start_with_the_early_cut() -> anyhow::Result<()> {
+    let guarded = check(HUGE_LR, 1)?;
+    let g = guarded.report.guard.as_ref().unwrap();
+    let text = guarded.report.to_text();
+    assert_eq!(g.interventions[0].restored_step, 0, "{text}");
+    for i in &g.interventions {
+        assert!((i.lr_after / i.lr_before - 0.1).abs() < 1e-9, "{i}\n{text}");
+    }
+    assert!(
+        (g.lr_scale - 0.1f64.powi(g.interventions.len() as i32)).abs() < 1e-12,
+        "{text}"
+    );
+    Ok(())
+}
+
+/// A mid-run burst after healthy progress keeps the gentle cut (0.5), not the early one.
+#[test]
+fn lr_burst_after_progress_keeps_the_gentle_cut() -> anyhow::Result<()> {
+    let guarded = run(LR_BURST, GuardPolicy::Rollback, 7)?;
+    let g = guarded.report.guard.as_ref().unwrap();
+    let text = guarded.report.to_text();
+    assert!(!g.interventions.is_empty(), "{text}");
+    for i in &g.interventions {
+        assert!(i.restored_step > 0, "{i}\n{text}");
+        assert!((i.lr_after / i.lr_before - 0.5).abs() < 1e-9, "{i}\n{text}");
+    }
+    Ok(())
+}
+
+/// An LR 1e20 too large cannot be healed by three cuts of 10x: the guard rolls back three
+/// times, then stops loudly (DIVERGED) with the weights of the start; off ends non-finite.
+#[test]
+fn absurd_lr_from_step_0_stops_loudly_with_finite_weights() -> anyhow::Result<()> {
+    let guarded = run("huge-lr*1e20", GuardPolicy::Rollback, 7)?;
     let text = guarded.report.to_text();
     eprintln!(
-        "HugeLr: rollback loss {:.4} mIoU {:.4}\n{text}",
+        "huge-lr*1e20: rollback loss {:.4} mIoU {:.4}\n{text}",
         guarded.val_loss, guarded.miou
     );
     let g = guarded.report.guard.as_ref().unwrap();
@@ -296,16 +320,16 @@ fn huge_lr_from_step_0_stops_loudly_with_finite_weights() -> anyhow::Result<()> 
     let mut expected = vec![InterventionKind::RolledBack; 3];
     expected.push(InterventionKind::Stopped);
     assert_eq!(kinds, expected, "{text}");
-    assert!((g.lr_scale - 0.125).abs() < 1e-12, "{text}");
+    assert!((g.lr_scale - 1e-3).abs() < 1e-15, "{text}");
     assert!(text.contains("stopped the run"), "{text}");
-    // The weights are those of a good snapshot: finite, the loss near a uniform prediction's.
+    // The weights are those of the start: finite, the loss near a uniform prediction's.
     assert!(
         guarded.val_loss.is_finite() && guarded.val_loss < 2.0 * (CLASSES as f64).ln(),
         "{text}"
     );
-    let off = run(Fault::HugeLr, GuardPolicy::Off, 7)?;
+    let off = run("huge-lr*1e20", GuardPolicy::Off, 7)?;
     eprintln!(
-        "HugeLr: off loss {:.4} mIoU {:.4} verdict {}",
+        "huge-lr*1e20: off loss {:.4} mIoU {:.4} verdict {}",
         off.val_loss, off.miou, off.report.verdict
     );
     assert!(
@@ -314,6 +338,29 @@ fn huge_lr_from_step_0_stops_loudly_with_finite_weights() -> anyhow::Result<()> 
         off.val_loss
     );
     assert_ne!(off.report.verdict, Verdict::Healthy);
+    Ok(())
+}
+
+/// The monitor's history survives the rollbacks: the report of a rolled-back burst still
+/// counts every step run and the spikes and divergences that caused the rollback.
+#[test]
+fn monitor_history_survives_a_rollback() -> anyhow::Result<()> {
+    let guarded = run(LR_BURST, GuardPolicy::Rollback, 7)?;
+    let s = &guarded.monitor;
+    let g = guarded.report.guard.as_ref().unwrap();
+    let text = guarded.report.to_text();
+    assert!(!g.interventions.is_empty(), "{text}");
+    assert_eq!(s.stats.steps, STEPS, "every step run is counted\n{text}");
+    assert!(s.stats.divergences >= g.interventions.len(), "{text}");
+    let first = &g.interventions[0];
+    assert!(
+        s.events
+            .loss_spikes
+            .iter()
+            .chain(&s.events.grad_explosions)
+            .any(|&st| st > first.restored_step && st <= first.step),
+        "the events between the snapshot and the rollback are kept\n{text}"
+    );
     Ok(())
 }
 
@@ -456,17 +503,11 @@ fn off_policy_applies_non_finite_steps() -> anyhow::Result<()> {
 #[test]
 #[ignore]
 fn fault_table() -> anyhow::Result<()> {
-    let faults = [
-        Fault::None,
-        Fault::LrBurst,
-        Fault::NanInputs,
-        Fault::PoisonedLabels,
-        Fault::HugeLr,
-    ];
+    let faults = ["none", LR_BURST, NAN_BATCH, POISON_LABELS, HUGE_LR];
     println!("| fault | guard off | guard skip | guard rollback |");
     println!("|---|---|---|---|");
     for fault in faults {
-        let mut row = format!("| {fault:?} |");
+        let mut row = format!("| {fault} |");
         for policy in GuardPolicy::ALL {
             let mut cells = Vec::new();
             let mut sum = 0.0;
