@@ -9,6 +9,7 @@ use keel_optim::Precision;
 use serde::{Deserialize, Serialize};
 
 use crate::advice::{Advice, Bf16Cause, LrCause};
+use crate::config::GuardPolicy;
 use crate::stats::lossless_f64;
 use crate::summary::{GuardSummary, MonitorSummary, ReportStats};
 
@@ -110,6 +111,10 @@ pub struct HealthReport {
     /// What the [`crate::Guard`] did, when the run had one ([`HealthReport::with_guard`]).
     #[serde(default)]
     pub guard: Option<GuardSummary>,
+    /// The run's end is diverged (non-finite trailing losses, or a loss blown up far above
+    /// its start), as opposed to a divergence alarm that a guard rollback answered.
+    #[serde(default)]
+    pub diverged_at_end: bool,
 }
 
 /// What the report concludes from a summary before it writes anything down.
@@ -237,13 +242,15 @@ impl HealthReport {
             advice,
             context: ctx.clone(),
             guard: None,
+            diverged_at_end: j.nonfinite_end || j.blown_up,
         }
     }
 
     /// The report with what a [`crate::Guard`] did: its interventions are listed, a run the
     /// guard stopped is Diverged (with advice to restart at a tenth of the last LR tried), a
-    /// run it rolled back is at least a Warning (never Healthy), and the findings say whether
-    /// the run recovered.
+    /// run it rolled back is at least a Warning (never Healthy) and a Warning rather than
+    /// Diverged when the rollbacks answered its divergence alarms and its end is not diverged
+    /// (it healed), and the findings say whether the run recovered.
     ///
     /// ```
     /// use keel_norm::NormKind;
@@ -262,8 +269,16 @@ impl HealthReport {
     /// assert_eq!(report.verdict, Verdict::Warning);
     /// assert!(report.to_text().contains("step 57: 3 non-finite losses in a row; rolled back to step 40"));
     /// assert!(report.findings.iter().any(|f| f.contains("recovered")));
-    /// let stopped = GuardSummary { stopped: true, ..g };
-    /// assert_eq!(healthy.with_guard(&stopped).verdict, Verdict::Diverged);
+    /// let stopped = GuardSummary { stopped: true, ..g.clone() };
+    /// assert_eq!(healthy.clone().with_guard(&stopped).verdict, Verdict::Diverged);
+    /// // A divergence alarm answered by a rollback (the run's end is fine) is a Warning...
+    /// let alarmed = HealthReport { verdict: Verdict::Diverged, ..healthy.clone() };
+    /// assert_eq!(alarmed.clone().with_guard(&g).verdict, Verdict::Warning);
+    /// // ...but not when the run's end is diverged, or when the guard only skipped steps.
+    /// let ended = HealthReport { diverged_at_end: true, ..alarmed.clone() };
+    /// assert_eq!(ended.with_guard(&g).verdict, Verdict::Diverged);
+    /// let skip = GuardSummary { policy: GuardPolicy::Skip, ..g.clone() };
+    /// assert_eq!(alarmed.with_guard(&skip).verdict, Verdict::Diverged);
     /// ```
     pub fn with_guard(mut self, g: &GuardSummary) -> Self {
         if let Some(last) = g.interventions.last() {
@@ -286,6 +301,13 @@ impl HealthReport {
                     });
                 }
             } else {
+                // Every divergence alarm of a rollback guard that did not stop was answered by
+                // a rollback, so unless the end itself is diverged the run healed: a Warning
+                // (the findings list the divergences and the interventions), not DIVERGED.
+                let healed = g.policy == GuardPolicy::Rollback && !self.diverged_at_end;
+                if healed && self.verdict == Verdict::Diverged {
+                    self.verdict = Verdict::Warning;
+                }
                 self.verdict = self.verdict.max(Verdict::Warning);
                 self.findings.push(format!(
                     "the guard ({}) intervened {n} times and the run recovered: no divergence after step {}; it ran on at {} x the scheduled LR",
