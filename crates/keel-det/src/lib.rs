@@ -9,7 +9,9 @@
 //! - [`losses`]: [`losses::sigmoid_focal_loss`] and [`losses::generalized_box_iou_loss`]
 //!   with backward (composed candle ops: CPU and CUDA), f16/bf16 computed in f32;
 //! - [`nms`]: [`nms::nms`] and class-aware [`nms::batched_nms`] whose kept indices are
-//!   identical to torchvision's, ties included.
+//!   identical to torchvision's, ties included;
+//! - [`fcos`]: the FCOS detector's head, FPN, target assignment, loss and inference
+//!   (see its module docs for an end-to-end example).
 //!
 //! ```
 //! use candle::{Device, Tensor, Var};
@@ -33,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod boxes;
+pub mod fcos;
 pub mod losses;
 pub mod nms;
 mod sort;
