@@ -28,11 +28,11 @@
 //! assert!(dets[0].boxes.len() <= 100);
 //! # Ok(()) }
 //! ```
-mod fpn;
-mod head;
-mod inference;
-mod loss;
-mod targets;
+pub mod fpn;
+pub mod head;
+pub mod inference;
+pub mod loss;
+pub mod targets;
 
 pub use fpn::{fpn, Fpn, FpnConfig};
 pub use head::{fcos_head, FcosHead, FcosHeadConfig, FcosOutputs, Scale};
