@@ -609,3 +609,61 @@ fn sizes_of_interest_follow_the_paper() {
         [(-1., 16.), (16., 32.), (32., INF)]
     );
 }
+
+#[test]
+fn head_and_loss_fit_one_image_and_inference_finds_its_box() -> Result<()> {
+    use candle_nn::Optimizer;
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let cfg = FcosHeadConfig {
+        num_convs: 1,
+        num_levels: 2,
+        ..FcosHeadConfig::new(2, 16)
+    };
+    let head = fcos_head(cfg, vb)?;
+    let feats = [
+        Tensor::randn(0f32, 1., (1, 16, 4, 4), &dev)?,
+        Tensor::randn(0f32, 1., (1, 16, 2, 2), &dev)?,
+    ];
+    let gt = GtBoxes {
+        boxes: vec![[4., 6., 22., 26.]],
+        classes: vec![1],
+    };
+    let tcfg = FcosTargetConfig::with_base(&[8, 16], 16.0);
+    let t = prepare_targets(&[(4, 4), (2, 2)], &[gt], &tcfg, &dev)?;
+    let mut opt = candle_nn::AdamW::new_lr(vm.all_vars(), 0.05)?;
+    let mut first = None;
+    let mut last = 0.0;
+    for _ in 0..60 {
+        let loss = fcos_loss(
+            &head.forward_t(&feats, true)?,
+            &t,
+            &FcosLossConfig::default(),
+        )?
+        .total()?;
+        last = loss.to_scalar::<f32>()?;
+        first.get_or_insert(last);
+        opt.backward_step(&loss)?;
+    }
+    let first = first.unwrap_or_default();
+    assert!(last < 0.5 * first, "loss {first} -> {last}");
+    let det = fcos_detections(
+        &head.forward_t(&feats, false)?,
+        &[8, 16],
+        &[(32., 32.)],
+        &FcosInferenceConfig::default(),
+    )?;
+    assert_eq!(det[0].classes.first(), Some(&1));
+    let b = det[0].boxes[0];
+    let iou = {
+        let (ix, iy) = (
+            (b[2].min(22.) - b[0].max(4.)).max(0.),
+            (b[3].min(26.) - b[1].max(6.)).max(0.),
+        );
+        let inter = ix * iy;
+        inter / ((b[2] - b[0]) * (b[3] - b[1]) + 18. * 20. - inter)
+    };
+    assert!(iou > 0.5, "top box {b:?} IoU {iou}");
+    Ok(())
+}
