@@ -14,7 +14,9 @@
 //!   AR@1/10/100, per-class AP) that agrees with pycocotools' `COCOeval`
 //!   (`tests/fixtures/gen_coco_eval.py`);
 //! - [`coco_json`]: COCO `instances_*.json` ground truth and results-file detections,
-//!   validated with errors that name the file and the annotation.
+//!   validated with errors that name the file and the annotation;
+//! - [`fcos`]: the FCOS detector's head, FPN, target assignment, loss and inference
+//!   (see its module docs for an end-to-end example).
 //!
 //! ```
 //! use candle::{Device, Tensor, Var};
@@ -71,6 +73,7 @@ pub mod coco_eval;
 pub mod coco_json;
 mod coco_stats;
 mod coco_types;
+pub mod fcos;
 pub mod losses;
 pub mod nms;
 mod sort;
