@@ -43,7 +43,7 @@ impl DetShapes {
         let mut owner = vec![usize::MAX; size * size];
         let mut area = vec![0usize; count];
         let mut classes = Vec::with_capacity(count);
-        for k in 0..count {
+        for (k, a) in area.iter_mut().enumerate() {
             let radius = if rng.random_bool(1.0 / 3.0) {
                 0.03..0.08
             } else {
@@ -53,7 +53,7 @@ impl DetShapes {
             classes.push(shape.class() as u32 - 1);
             canvas.paint(&shape, rng, |i| {
                 owner[i] = k;
-                area[k] += 1;
+                *a += 1;
             });
         }
         // Visible extent of each object: (x0, y0, x1, y1, pixels).
@@ -77,11 +77,10 @@ impl DetShapes {
             classes: Vec::new(),
             ignore: Vec::new(),
         };
-        for k in 0..count {
-            let (x0, y0, x1, y1, vis) = ext[k];
-            if vis >= 4 && vis * 4 >= area[k] {
+        for ((&(x0, y0, x1, y1, vis), &a), &class) in ext.iter().zip(&area).zip(&classes) {
+            if vis >= 4 && vis * 4 >= a {
                 out.boxes.push([x0 as f32, y0 as f32, x1 as f32, y1 as f32]);
-                out.classes.push(classes[k]);
+                out.classes.push(class);
                 out.ignore.push(false);
             }
         }
