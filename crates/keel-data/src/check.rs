@@ -64,25 +64,39 @@ pub fn validate(sets: &[&Voc], progress: Option<&(dyn Fn() + Sync)>) -> candle::
     if bad.is_empty() {
         return Ok(());
     }
-    let mut msg = format!(
-        "Voc validation: {} of {} samples are bad; fix them or remove them from the split lists:",
+    let reasons: Vec<&str> = bad.iter().map(|b| b.reason.as_str()).collect();
+    Err(listed_error(
+        "Voc validation",
         bad.len(),
-        checked.into_inner()
+        &reasons,
+        checked.into_inner(),
+    ))
+}
+
+/// One error for `n_bad` bad samples out of `checked`, listing the `bad` reasons (the first
+/// [`MAX_LISTED`], then a count of the rest), without a backtrace: the list is the message.
+pub(crate) fn listed_error(
+    what: &str,
+    n_bad: usize,
+    bad: &[&str],
+    checked: usize,
+) -> candle::Error {
+    let mut msg = format!(
+        "{what}: {n_bad} of {checked} samples are bad; fix them or remove them from the split lists:"
     );
     for b in bad.iter().take(MAX_LISTED) {
         msg.push_str("\n  ");
-        msg.push_str(&b.reason);
+        msg.push_str(b);
     }
     if bad.len() > MAX_LISTED {
         msg.push_str(&format!("\n  ... and {} more", bad.len() - MAX_LISTED));
     }
-    // No backtrace (`bail!` adds one under RUST_BACKTRACE): the list is the message.
-    Err(candle::Error::Msg(msg))
+    candle::Error::Msg(msg)
 }
 
 /// The error without the backtrace `candle::bail!` attaches under `RUST_BACKTRACE`: a list
 /// of bad files stays one line per file.
-fn without_backtrace(e: candle::Error) -> candle::Error {
+pub(crate) fn without_backtrace(e: candle::Error) -> candle::Error {
     match e {
         candle::Error::WithBacktrace { inner, .. } => *inner,
         e => e,

@@ -21,7 +21,10 @@
 //! whatever the number of workers.
 //!
 //! Masks hold class ids; [`IGNORE`] (255) marks pixels the loss and the metrics skip.
-//! Detection sets (boxes instead of masks) will get a source trait of their own here.
+//! Detection sets (boxes instead of masks) implement [`DetSource`]: [`DetShapes`] (synthetic,
+//! the default), [`VocDet`] (Pascal VOC XML) and [`CocoDet`] (COCO JSON), checked up front by
+//! [`validate_det`], transformed with their boxes by [`DetAugment`] and batched by
+//! [`DetHostBatch::collate`].
 //!
 //! ```
 //! use std::sync::Arc;
@@ -45,15 +48,25 @@
 #![warn(missing_docs)]
 
 mod check;
+mod coco_det;
+mod det;
+mod det_shapes;
 mod loader;
 mod sample;
 mod shapes;
 mod sources;
 mod voc;
+mod voc_det;
 
 pub use check::{validate, BadSample, MAX_LISTED};
+pub use coco_det::CocoDet;
+pub use det::{
+    validate_det, DetAugment, DetBatch, DetHostBatch, DetSample, DetSource, Pad, Resize,
+};
+pub use det_shapes::{DetShapes, DET_SHAPE_CLASSES};
 pub use loader::{draw, eval_batches, Loader, LoaderConfig};
 pub use sample::{mix, HostBatch, Sample, Source, IGNORE};
 pub use shapes::{Shapes, SHAPES_TRAIN_SEED, SHAPES_VAL_SEED, SHAPE_CLASSES};
 pub use sources::Sources;
 pub use voc::Voc;
+pub use voc_det::{VocDet, VOC_CLASSES};

@@ -8,8 +8,8 @@ use rand_chacha::ChaCha8Rng;
 pub const IGNORE: u8 = 255;
 
 /// Per-channel normalization applied to images in [0, 1] (ImageNet statistics).
-const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const STD: [f32; 3] = [0.229, 0.224, 0.225];
+pub(crate) const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub(crate) const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// One image (RGB, row-major HWC) and its mask (class ids, 255 = ignore).
 #[derive(Clone, Debug)]

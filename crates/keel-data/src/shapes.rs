@@ -69,8 +69,9 @@ impl Source for Shapes {
     }
 }
 
+/// One geometric shape (shared with the detection set in `det_shapes`).
 #[derive(Clone, Copy)]
-enum Shape {
+pub(crate) enum Shape {
     Circle {
         cx: f32,
         cy: f32,
@@ -96,7 +97,8 @@ enum Shape {
 }
 
 impl Shape {
-    fn class(&self) -> u8 {
+    /// The segmentation class id (1-4; 0 is background).
+    pub(crate) fn class(&self) -> u8 {
         match self {
             Shape::Circle { .. } => 1,
             Shape::Rect { .. } => 2,
@@ -148,9 +150,10 @@ fn random_colour(rng: &mut ChaCha8Rng) -> [f32; 3] {
     [rng.random(), rng.random(), rng.random()]
 }
 
-/// One random shape (centre, size, kind, orientation) in an image of side `s`.
-fn random_shape(rng: &mut ChaCha8Rng, s: f32) -> Shape {
-    let r = rng.random_range(0.10..0.25) * s;
+/// One random shape (centre, size, kind, orientation) in an image of side `s`, with a
+/// radius drawn uniformly from `radius` (a fraction of `s`).
+pub(crate) fn random_shape(rng: &mut ChaCha8Rng, s: f32, radius: std::ops::Range<f32>) -> Shape {
+    let r = rng.random_range(radius) * s;
     let (cx, cy) = (
         rng.random_range(0.1..0.9) * s,
         rng.random_range(0.1..0.9) * s,
@@ -189,41 +192,75 @@ fn random_shape(rng: &mut ChaCha8Rng, s: f32) -> Shape {
 
 fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
     let s = size as f32;
-    // Background: two-colour linear gradient in a random direction, plus clutter strokes.
-    let (c0, c1) = (random_colour(rng), random_colour(rng));
-    let ang: f32 = rng.random_range(0.0..std::f32::consts::TAU);
-    let (gc, gs) = (ang.cos(), ang.sin());
-    let mut img = vec![[0f32; 3]; size * size];
-    for y in 0..size {
-        for x in 0..size {
-            let t = (((x as f32 / s - 0.5) * gc + (y as f32 / s - 0.5) * gs) + 0.7) / 1.4;
-            let t = t.clamp(0.0, 1.0);
-            for c in 0..3 {
-                img[y * size + x][c] = c0[c] * (1.0 - t) + c1[c] * t;
-            }
-        }
+    let mut canvas = Canvas::background(size, rng);
+    let mut mask = vec![0u8; size * size];
+    for _ in 0..rng.random_range(1..=3) {
+        let shape = random_shape(rng, s, 0.10..0.25);
+        canvas.paint(&shape, rng, |i| mask[i] = shape.class());
     }
-    for _ in 0..rng.random_range(0..4) {
-        // A thin unlabeled stroke: an edge that is background.
-        let col = random_colour(rng);
-        let (x0, y0) = (rng.random_range(0.0..s), rng.random_range(0.0..s));
-        let a: f32 = rng.random_range(0.0..std::f32::consts::PI);
-        let half = rng.random_range(0.5..1.2) * s / 96.0;
-        let (nx, ny) = (-a.sin(), a.cos());
+    Sample {
+        image: canvas.finish(rng),
+        mask: GrayImage::from_raw(size as u32, size as u32, mask).expect("size x size mask"),
+    }
+}
+
+/// An image being rendered: linear RGB in [0, 1], row-major, `size x size`.
+pub(crate) struct Canvas {
+    size: usize,
+    img: Vec<[f32; 3]>,
+    /// The background's mean colour (shape colours keep away from it).
+    bg: [f32; 3],
+}
+
+impl Canvas {
+    /// A two-colour linear gradient in a random direction, plus 0-3 unlabeled clutter
+    /// strokes.
+    pub(crate) fn background(size: usize, rng: &mut ChaCha8Rng) -> Self {
+        let s = size as f32;
+        let (c0, c1) = (random_colour(rng), random_colour(rng));
+        let ang: f32 = rng.random_range(0.0..std::f32::consts::TAU);
+        let (gc, gs) = (ang.cos(), ang.sin());
+        let mut img = vec![[0f32; 3]; size * size];
         for y in 0..size {
             for x in 0..size {
-                if ((x as f32 + 0.5 - x0) * nx + (y as f32 + 0.5 - y0) * ny).abs() <= half {
-                    img[y * size + x] = col;
+                let t = (((x as f32 / s - 0.5) * gc + (y as f32 / s - 0.5) * gs) + 0.7) / 1.4;
+                let t = t.clamp(0.0, 1.0);
+                for c in 0..3 {
+                    img[y * size + x][c] = c0[c] * (1.0 - t) + c1[c] * t;
                 }
             }
         }
+        for _ in 0..rng.random_range(0..4) {
+            // A thin unlabeled stroke: an edge that is background.
+            let col = random_colour(rng);
+            let (x0, y0) = (rng.random_range(0.0..s), rng.random_range(0.0..s));
+            let a: f32 = rng.random_range(0.0..std::f32::consts::PI);
+            let half = rng.random_range(0.5..1.2) * s / 96.0;
+            let (nx, ny) = (-a.sin(), a.cos());
+            for y in 0..size {
+                for x in 0..size {
+                    if ((x as f32 + 0.5 - x0) * nx + (y as f32 + 0.5 - y0) * ny).abs() <= half {
+                        img[y * size + x] = col;
+                    }
+                }
+            }
+        }
+        let bg = std::array::from_fn(|c| (c0[c] + c1[c]) / 2.0);
+        Self { size, img, bg }
     }
-    let mut mask = vec![0u8; size * size];
-    for _ in 0..rng.random_range(1..=3) {
-        let shape = random_shape(rng, s);
+
+    /// Paints `shape` with random colours and texture over every pixel whose centre it
+    /// contains, calling `covered(pixel index)` for each.
+    pub(crate) fn paint(
+        &mut self,
+        shape: &Shape,
+        rng: &mut ChaCha8Rng,
+        mut covered: impl FnMut(usize),
+    ) {
+        let (size, s) = (self.size, self.size as f32);
         // Shape colours differ from the background's mean colour by at least 0.3 (L1 over
         // RGB in [0, 1]): a shape may be faint, never invisible.
-        let bg: [f32; 3] = std::array::from_fn(|c| (c0[c] + c1[c]) / 2.0);
+        let bg = self.bg;
         let far = |rng: &mut ChaCha8Rng| loop {
             let c = random_colour(rng);
             if c.iter().zip(&bg).map(|(a, b)| (a - b).abs()).sum::<f32>() >= 0.3 {
@@ -264,25 +301,25 @@ fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
                     }
                     Texture::Speckle { amount } => rng.random::<f32>() < amount,
                 };
-                img[y * size + x] = if second { fb } else { fa };
-                mask[y * size + x] = shape.class();
+                self.img[y * size + x] = if second { fb } else { fa };
+                covered(y * size + x);
             }
         }
     }
-    // Sensor noise over everything.
-    let sigma: f32 = rng.random_range(0.02..0.08);
-    let mut image = RgbImage::new(size as u32, size as u32);
-    for (i, px) in image.pixels_mut().enumerate() {
-        for (v, &base) in px.0.iter_mut().zip(img[i].iter()) {
-            // Sum of 3 uniforms: roughly Gaussian with std sigma.
-            let n = (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5)
-                * 2.0
-                * sigma;
-            *v = ((base + n).clamp(0.0, 1.0) * 255.0).round() as u8;
+
+    /// Adds sensor noise over everything and quantizes to 8-bit RGB.
+    pub(crate) fn finish(self, rng: &mut ChaCha8Rng) -> RgbImage {
+        let sigma: f32 = rng.random_range(0.02..0.08);
+        let mut image = RgbImage::new(self.size as u32, self.size as u32);
+        for (i, px) in image.pixels_mut().enumerate() {
+            for (v, &base) in px.0.iter_mut().zip(self.img[i].iter()) {
+                // Sum of 3 uniforms: roughly Gaussian with std sigma.
+                let n = (rng.random::<f32>() + rng.random::<f32>() + rng.random::<f32>() - 1.5)
+                    * 2.0
+                    * sigma;
+                *v = ((base + n).clamp(0.0, 1.0) * 255.0).round() as u8;
+            }
         }
-    }
-    Sample {
-        image,
-        mask: GrayImage::from_raw(size as u32, size as u32, mask).expect("size x size mask"),
+        image
     }
 }
