@@ -106,6 +106,14 @@ fn targets_losses_and_gradients_match_the_reference() -> Result<()> {
             fx.i64s(&format!("{case}.labels"))?,
             "case {case}: labels"
         );
+        // Image 1's 20x1 and 5x5 boxes both hold (12, 4) of P3 (index H0 * W0 + 1): the
+        // reference's BoxList.area() (+1 per side, 42 vs 36) gives it to the square, class 0.
+        let (h0, w0) = sizes[0];
+        assert_eq!(
+            labels[h0 * w0 + 1],
+            1,
+            "case {case}: area tie-break at (12, 4)"
+        );
         let pos: Vec<i64> = t.pos_inds.iter().map(|&i| i64::from(i)).collect();
         assert_eq!(
             pos,

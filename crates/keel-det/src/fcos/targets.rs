@@ -11,7 +11,9 @@
 //!   (`center +- radius * stride`, clipped to the box; the whole box when the radius is 0),
 //!   and the box's largest regression distance `max(l, t, r, b)` lies in the level's size of
 //!   interest `[lo, hi]` (both inclusive). Among several such boxes the smallest area wins
-//!   (the first on ties, as `torch.min`).
+//!   (the first on ties, as `torch.min`), the area being the reference's `BoxList.area()`
+//!   `(x2 - x1 + 1) * (y2 - y1 + 1)` (`bounding_box.py`, `TO_REMOVE = 1`): a 20x1 box
+//!   (area 42) loses to a 5x5 one (area 36), though `20 * 1 < 5 * 5`.
 //! - Outputs are flattened level-first, then image, then row-major location, exactly as the
 //!   reference's `labels_flatten`: index `offset(level) + image * H_l * W_l + y * W_l + x`.
 //! - Labels follow FCOS: `0` is background, `k + 1` is class `k`.
@@ -192,7 +194,8 @@ fn assign(p: [f32; 2], level: usize, gt: &GtBoxes, cfg: &FcosTargetConfig) -> Op
         if !inside || max_reg < lo || max_reg > hi {
             continue;
         }
-        let area = (b[2] - b[0]) * (b[3] - b[1]);
+        // The reference's `BoxList.area()` (`TO_REMOVE = 1`): pixel-inclusive sides.
+        let area = (b[2] - b[0] + 1.0) * (b[3] - b[1] + 1.0);
         if best.is_none_or(|(_, a)| area < a) {
             best = Some((j, area));
         }
