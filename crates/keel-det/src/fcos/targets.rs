@@ -43,15 +43,18 @@ pub struct FcosTargetConfig {
     pub strides: Vec<usize>,
     /// The `[lo, hi]` range of `max(l, t, r, b)` each level is responsible for.
     pub sizes_of_interest: Vec<(f32, f32)>,
-    /// `center_sampling_radius` in strides (FCOS: 1.5); 0 samples the whole box.
+    /// `center_sampling_radius` in strides; 0 samples the whole box. The reference's default
+    /// (`CENTER_SAMPLING_RADIUS = 0.0`, the ICCV paper) is 0; 1.5 comes from FCOS_PLUS and
+    /// the reference's "imprv" configs.
     pub center_sampling_radius: f32,
     /// Divide each level's regression targets by its stride (`norm_reg_targets`).
     pub norm_reg_targets: bool,
 }
 
 impl FcosTargetConfig {
-    /// The paper's assignment for `strides`, sizes of interest from [`sizes_of_interest`]
-    /// with `base = 64`, center sampling radius 1.5, targets in pixels.
+    /// The paper's sizes of interest for `strides` (from [`sizes_of_interest`] with
+    /// `base = 64`), targets in pixels, and center sampling radius 1.5: the "imprv" /
+    /// FCOS_PLUS improvement, not the ICCV paper's (nor the reference default's) 0.
     pub fn new(strides: &[usize]) -> Self {
         Self::with_base(strides, 64.0)
     }
@@ -80,7 +83,7 @@ impl FcosTargetConfig {
         }
         if !(self.center_sampling_radius >= 0.0 && self.center_sampling_radius.is_finite()) {
             bail!(
-                "{op}: center_sampling_radius ({}) must be finite and >= 0; FCOS uses 1.5",
+                "{op}: center_sampling_radius ({}) must be finite and >= 0; FCOS uses 0 (ICCV paper) or 1.5 (FCOS_PLUS / imprv)",
                 self.center_sampling_radius
             )
         }
