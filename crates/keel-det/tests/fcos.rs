@@ -106,6 +106,14 @@ fn targets_losses_and_gradients_match_the_reference() -> Result<()> {
             fx.i64s(&format!("{case}.labels"))?,
             "case {case}: labels"
         );
+        // Image 1's 20x1 and 5x5 boxes both hold (12, 4) of P3 (index H0 * W0 + 1): the
+        // reference's BoxList.area() (+1 per side, 42 vs 36) gives it to the square, class 0.
+        let (h0, w0) = sizes[0];
+        assert_eq!(
+            labels[h0 * w0 + 1],
+            1,
+            "case {case}: area tie-break at (12, 4)"
+        );
         let pos: Vec<i64> = t.pos_inds.iter().map(|&i| i64::from(i)).collect();
         assert_eq!(
             pos,
@@ -683,5 +691,104 @@ fn head_and_loss_fit_one_image_and_inference_finds_its_box() -> Result<()> {
         inter / ((b[2] - b[0]) * (b[3] - b[1]) + 18. * 20. - inter)
     };
     assert!(iou > 0.5, "top box {b:?} IoU {iou}");
+    Ok(())
+}
+
+/// Perturbs every `{tower}.*` variable so its output changes.
+fn perturb_tower(vm: &VarMap, tower: &str) -> Result<()> {
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        if name.starts_with(tower) && name.ends_with("weight") && name.contains(".0.") {
+            var.set(&(var.as_tensor() * 3.0)?.affine(1.0, 0.05)?)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn centerness_follows_the_cls_tower_by_default_and_the_reg_tower_on_request() -> Result<()> {
+    // The reference's CENTERNESS_ON_REG = False (defaults.py): centerness from cls_tower.
+    assert!(!FcosHeadConfig::new(2, 16).centerness_on_reg);
+    let feats = [Tensor::randn(0f32, 1., (1, 16, 4, 4), &Device::Cpu)?];
+    for on_reg in [false, true] {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let cfg = FcosHeadConfig {
+            num_convs: 1,
+            num_levels: 1,
+            centerness_on_reg: on_reg,
+            ..FcosHeadConfig::new(2, 16)
+        };
+        let head = fcos_head(cfg, vb)?;
+        let before = head.forward_t(&feats, false)?;
+        perturb_tower(&vm, "bbox_tower")?;
+        let after_reg = head.forward_t(&feats, false)?;
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        assert!(diff(&before.bbox_reg[0], &after_reg.bbox_reg[0])? > 0.0);
+        let ctr_moved = diff(&before.centerness[0], &after_reg.centerness[0])? > 0.0;
+        assert_eq!(ctr_moved, on_reg, "centerness_on_reg = {on_reg}");
+        perturb_tower(&vm, "cls_tower")?;
+        let after_cls = head.forward_t(&feats, false)?;
+        let ctr_moved = diff(&after_reg.centerness[0], &after_cls.centerness[0])? > 0.0;
+        assert_eq!(ctr_moved, !on_reg, "centerness_on_reg = {on_reg}");
+        assert!(diff(&after_reg.cls_logits[0], &after_cls.cls_logits[0])? > 0.0);
+    }
+    Ok(())
+}
+
+#[test]
+fn fpn_init_is_kaiming_uniform_a1_with_zero_bias() -> Result<()> {
+    // make_layers.py conv_with_kaiming_uniform / fpn.py LastLevelP6P7:
+    // kaiming_uniform_(w, a=1) = U(-b, b), b = sqrt(3 / fan_in); bias 0.
+    for norm in [None, Some("gn:4".parse()?)] {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let cfg = FpnConfig {
+            in_channels: [4, 8, 16],
+            out_channels: 8,
+            norm,
+            extra_levels: 2,
+        };
+        fpn(&cfg, vb)?;
+        let data = vm.data().lock().unwrap();
+        let mut convs = 0;
+        for (name, var) in data.iter() {
+            let t = var.as_tensor();
+            if t.rank() == 4 {
+                convs += 1;
+                let (cin, k) = (t.dim(1)?, t.dim(2)?);
+                let b = (3.0 / (cin * k * k) as f64).sqrt() as f32;
+                let max = t.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(max <= b, "{name}: max |w| {max} > {b}");
+                // 32+ draws from U(-b, b) reach well past b / 2.
+                assert!(
+                    max > 0.5 * b,
+                    "{name}: max |w| {max} too small for U(-{b}, {b})"
+                );
+                let std = t
+                    .flatten_all()?
+                    .sqr()?
+                    .mean_all()?
+                    .sqrt()?
+                    .to_scalar::<f32>()?;
+                // U(-b, b) has std b / sqrt(3) = 0.577 b; candle_nn::conv2d's default
+                // (kaiming normal, std sqrt(2 / fan_in)) would give 0.816 b.
+                assert!(
+                    (std - b / 3f32.sqrt()).abs() < 0.12 * b,
+                    "{name}: std {std}, want about {}",
+                    b / 3f32.sqrt()
+                );
+            } else if name.ends_with("bias") && !name.contains(".1.") {
+                // conv biases (norm biases are `.1.bias`, also zero-initialized)
+                assert_eq!(t.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{name}");
+            }
+        }
+        assert_eq!(convs, 8, "6 lateral/output convs + P6 + P7");
+        if norm.is_none() {
+            assert!(data.contains_key("top_blocks.p6.bias"));
+            assert!(data.contains_key("fpn_inner3.bias"));
+        }
+    }
     Ok(())
 }

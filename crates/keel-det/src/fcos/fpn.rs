@@ -6,10 +6,19 @@
 //! With a norm (FCOS's `USE_GN`), each lateral/output conv is bias-free and followed by it:
 //! keys `fpn_inner2.0.weight` (conv) and `fpn_inner2.1.*` (norm), as the reference's
 //! `nn.Sequential(conv, GroupNorm)`; without, `fpn_inner2.weight/bias`. The top-down path
-//! upsamples by 2 (nearest, the reference's `scale_factor = 2`) and crops to the lateral's
-//! size, so odd sizes (`ceil(H / 2)` backbones) work. P7 is `p7(relu(P6))`.
+//! upsamples by 2 (nearest) and crops to the lateral's size, so odd sizes (`ceil(H / 2)`
+//! backbones) work. The reference instead interpolates (nearest) straight to the lateral's
+//! size (`F.interpolate(..., size=inner_lateral.shape[-2:])`, its `scale_factor=2` line is
+//! commented out); for a lateral of size `H <= 2 h` both pick source pixel `floor(i / 2)`
+//! (`floor(i * h / H)` is `floor(i / 2)` when `H` is `2h` or `2h - 1`), so the results
+//! agree. P7 is `p7(relu(P6))`.
+//!
+//! Init as the reference (`conv_with_kaiming_uniform` of `make_layers.py`, `LastLevelP6P7`
+//! of `fpn.py`): every lateral/output/P6/P7 conv weight is `kaiming_uniform_(a=1)`, i.e.
+//! `U(-b, b)` with `b = sqrt(3 / fan_in)` (`fan_in = cin * k * k`, gain 1), and biases are
+//! zero. Weight-Standardized convs (`gn+ws`) keep keel-norm's init.
 use candle::{bail, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::{init::Init, Conv2dConfig, VarBuilder};
 use keel_norm::{conv_for, norm, Activation, Conv, Norm, NormKind};
 
 /// The configuration of an [`Fpn`].
@@ -23,6 +32,31 @@ pub struct FpnConfig {
     pub norm: Option<NormKind>,
     /// Extra levels from P5: 0 (P3-P5), 1 (P6) or 2 (P6, P7).
     pub extra_levels: usize,
+}
+
+/// The reference's `kaiming_uniform_(a=1)` bound for a conv of `fan_in = cin * k * k`:
+/// `sqrt(3) * gain / sqrt(fan_in)` with `gain = sqrt(2 / (1 + a^2)) = 1`.
+fn kaiming_uniform_a1_bound(fan_in: usize) -> f64 {
+    (3.0 / fan_in as f64).sqrt()
+}
+
+/// A `k x k` conv with `kaiming_uniform_(a=1)` weights and (when `bias`) zero bias.
+fn kaiming_conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    cfg: Conv2dConfig,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<Conv> {
+    let b = kaiming_uniform_a1_bound(cin * k * k);
+    let w = vb.get_with_hints((cout, cin, k, k), "weight", Init::Uniform { lo: -b, up: b })?;
+    let bias = if bias {
+        Some(vb.get_with_hints(cout, "bias", Init::Const(0.0))?)
+    } else {
+        None
+    };
+    Ok(Conv::Plain(candle_nn::Conv2d::new(w, bias, cfg)))
 }
 
 /// A conv with an optional norm after it (no activation).
@@ -48,11 +82,15 @@ impl ConvNorm {
         };
         match kind {
             Some(kind) => Ok(Self {
-                conv: conv_for(kind, cin, cout, k, cfg, vb.pp(0))?,
+                conv: if kind.uses_weight_standardization() {
+                    conv_for(kind, cin, cout, k, cfg, vb.pp(0))?
+                } else {
+                    kaiming_conv(cin, cout, k, cfg, false, vb.pp(0))?
+                },
                 norm: Some(norm(kind, cout, vb.pp(1))?),
             }),
             None => Ok(Self {
-                conv: Conv::Plain(candle_nn::conv2d(cin, cout, k, cfg, vb)?),
+                conv: kaiming_conv(cin, cout, k, cfg, true, vb)?,
                 norm: None,
             }),
         }
@@ -130,15 +168,7 @@ pub fn fpn(cfg: &FpnConfig, vb: VarBuilder) -> Result<Fpn> {
     };
     let top = ["p6", "p7"][..cfg.extra_levels]
         .iter()
-        .map(|name| {
-            Ok(Conv::Plain(candle_nn::conv2d(
-                out,
-                out,
-                3,
-                s2,
-                vb.pp("top_blocks").pp(name),
-            )?))
-        })
+        .map(|name| kaiming_conv(out, out, 3, s2, true, vb.pp("top_blocks").pp(name)))
         .collect::<Result<_>>()?;
     Ok(Fpn { inner, layer, top })
 }

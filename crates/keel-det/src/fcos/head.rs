@@ -4,15 +4,31 @@
 //! Two towers of `num_convs` blocks (3x3 conv with bias + norm + activation; keys
 //! `cls_tower.{3i}.weight/bias` for the conv and `cls_tower.{3i+1}.*` for the norm, as the
 //! reference's `nn.Sequential(conv, GroupNorm, ReLU, ...)`), shared by all levels, then
-//! `cls_logits` (bias `-log((1 - p) / p)`), `bbox_pred` and `centerness` (on the
-//! regression tower: `centerness_on_reg`). Convs are initialised N(0, 0.01) with zero bias.
+//! `cls_logits` (bias `-log((1 - p) / p)`), `bbox_pred` and `centerness`. Convs are
+//! initialised N(0, 0.01) with zero bias.
+//!
+//! Centerness runs on the classification tower by default, as the reference's
+//! `MODEL.FCOS.CENTERNESS_ON_REG = False` (`fcos_core/config/defaults.py`, the ICCV paper);
+//! [`FcosHeadConfig::centerness_on_reg`] moves it to the regression tower, as the
+//! reference's "imprv" configs (`fcos_imprv_*`) do.
 //!
 //! Box regression: `exp(scale_l * bbox_pred)` with a learnable per-level `scales.{l}.scale`
 //! (init 1), the reference's default (`NORM_REG_TARGETS = False`); its outputs are
 //! `(l, t, r, b)` distances in input pixels, matching [`FcosTargetConfig`] with
 //! `norm_reg_targets = false`.
 //!
+//! The reference's `NORM_REG_TARGETS = True` branch (used by the "imprv" configs together
+//! with `CENTERNESS_ON_REG = True`) is **not** implemented: there the head outputs
+//! `relu(scale_l * bbox_pred)` in strides while training and multiplies it by the stride at
+//! test time. This head always outputs pixels, so with
+//! [`FcosTargetConfig::norm_reg_targets`] `= true` the caller must divide each level's
+//! `bbox_reg` by its stride before [`fcos_loss`] (as `tests/fcos.rs` does), and hand
+//! [`fcos_detections`] pixel distances (i.e. not divide, or multiply back by the stride).
+//!
 //! [`FcosTargetConfig`]: super::FcosTargetConfig
+//! [`FcosTargetConfig::norm_reg_targets`]: super::FcosTargetConfig::norm_reg_targets
+//! [`fcos_loss`]: super::fcos_loss
+//! [`fcos_detections`]: super::fcos_detections
 use candle::{bail, Module, Result, Tensor};
 use candle_nn::{init::Init, Conv2dConfig, VarBuilder};
 use keel_norm::{conv_for, norm, Activation, Conv, Norm, NormKind};
@@ -55,10 +71,16 @@ pub struct FcosHeadConfig {
     pub act: Activation,
     /// Prior probability of the classification bias (FCOS: 0.01).
     pub prior_prob: f64,
+    /// Predict centerness from the regression tower instead of the classification tower
+    /// (the reference's `CENTERNESS_ON_REG`, default `false`; `true` in its "imprv"
+    /// configs, which also set `NORM_REG_TARGETS`, not implemented here: see the
+    /// [module docs](self)).
+    pub centerness_on_reg: bool,
 }
 
 impl FcosHeadConfig {
-    /// FCOS's defaults: 4 GN(32)+ReLU convs per tower, 5 levels, prior 0.01.
+    /// FCOS's defaults: 4 GN(32)+ReLU convs per tower, 5 levels, prior 0.01, centerness on
+    /// the classification tower.
     pub fn new(num_classes: usize, channels: usize) -> Self {
         Self {
             num_classes,
@@ -68,6 +90,7 @@ impl FcosHeadConfig {
             norm: NormKind::GroupNorm { groups: None },
             act: Activation::Relu,
             prior_prob: 0.01,
+            centerness_on_reg: false,
         }
     }
 }
@@ -252,7 +275,12 @@ impl FcosHead {
             let cls = self.run_tower(&self.cls_tower, x, train)?;
             let reg = self.run_tower(&self.bbox_tower, x, train)?;
             out.cls_logits.push(self.cls_logits.forward(&cls)?);
-            out.centerness.push(self.centerness.forward(&reg)?);
+            let ctr_in = if self.cfg.centerness_on_reg {
+                &reg
+            } else {
+                &cls
+            };
+            out.centerness.push(self.centerness.forward(ctr_in)?);
             out.bbox_reg
                 .push(scale.forward(&self.bbox_pred.forward(&reg)?)?.exp()?);
         }

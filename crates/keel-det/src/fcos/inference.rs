@@ -8,6 +8,18 @@
 //! Clipping is to `[0, W] x [0, H]` (torchvision's `clip_boxes_to_image`), not the
 //! reference's `W - 1`, since keel's boxes are continuous coordinates. The reference's
 //! `min_size` is 0, so no box is removed for its size. Classes are 0-based here.
+//!
+//! NMS computes IoU on continuous coordinates, areas `(x2 - x1) * (y2 - y1)`
+//! (torchvision's `batched_nms`), without the `+ 1` pixel convention of the reference's
+//! `ml_nms` (`fcos_core/csrc/cuda/ml_nms.cu`); small boxes overlap slightly less here.
+//!
+//! Units: `out.bbox_reg` must be `(l, t, r, b)` in input pixels, what [`FcosHead`]
+//! outputs. A head trained with [`FcosTargetConfig::norm_reg_targets`] `= true` on
+//! stride-divided outputs must be multiplied back by each level's stride (the reference's
+//! test-time `bbox_pred * stride`) before decoding.
+//!
+//! [`FcosHead`]: super::FcosHead
+//! [`FcosTargetConfig::norm_reg_targets`]: super::FcosTargetConfig::norm_reg_targets
 use candle::{bail, DType, Result, Tensor};
 
 use super::head::FcosOutputs;

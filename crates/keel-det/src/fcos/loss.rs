@@ -13,7 +13,17 @@
 //! `norm_reg_targets`); keel uses torchvision's [`generalized_box_iou_loss`] (eps 1e-7) on
 //! the boxes `(-l, -t, r, b)` around each location, which is the same GIoU without the
 //! smoothing. Without positives the regression and centerness losses are `sum(pred) * 0`,
-//! zero with zero gradients (the reference returns `sum(pred[empty])`).
+//! zero with zero gradients (the reference returns `sum(pred[empty])`). The reference's
+//! default box loss is `IOU_LOSS_TYPE = "iou"` (`-log(IoU)`); GIoU is its "imprv" configs'.
+//!
+//! Units: `out.bbox_reg` must be in the units of `targets.reg_targets`. [`FcosHead`]
+//! always outputs pixels (`exp(scale * x)`; the reference's `NORM_REG_TARGETS` head branch,
+//! `relu(scale * x)` in strides, is not implemented), so with
+//! [`FcosTargetConfig::norm_reg_targets`] `= true` divide each level's `bbox_reg` by its
+//! stride before calling [`fcos_loss`].
+//!
+//! [`FcosHead`]: super::FcosHead
+//! [`FcosTargetConfig::norm_reg_targets`]: super::FcosTargetConfig::norm_reg_targets
 use candle::{bail, DType, Result, Tensor};
 
 use super::head::FcosOutputs;

@@ -11,7 +11,9 @@
 //!   (`center +- radius * stride`, clipped to the box; the whole box when the radius is 0),
 //!   and the box's largest regression distance `max(l, t, r, b)` lies in the level's size of
 //!   interest `[lo, hi]` (both inclusive). Among several such boxes the smallest area wins
-//!   (the first on ties, as `torch.min`).
+//!   (the first on ties, as `torch.min`), the area being the reference's `BoxList.area()`
+//!   `(x2 - x1 + 1) * (y2 - y1 + 1)` (`bounding_box.py`, `TO_REMOVE = 1`): a 20x1 box
+//!   (area 42) loses to a 5x5 one (area 36), though `20 * 1 < 5 * 5`.
 //! - Outputs are flattened level-first, then image, then row-major location, exactly as the
 //!   reference's `labels_flatten`: index `offset(level) + image * H_l * W_l + y * W_l + x`.
 //! - Labels follow FCOS: `0` is background, `k + 1` is class `k`.
@@ -41,15 +43,18 @@ pub struct FcosTargetConfig {
     pub strides: Vec<usize>,
     /// The `[lo, hi]` range of `max(l, t, r, b)` each level is responsible for.
     pub sizes_of_interest: Vec<(f32, f32)>,
-    /// `center_sampling_radius` in strides (FCOS: 1.5); 0 samples the whole box.
+    /// `center_sampling_radius` in strides; 0 samples the whole box. The reference's default
+    /// (`CENTER_SAMPLING_RADIUS = 0.0`, the ICCV paper) is 0; 1.5 comes from FCOS_PLUS and
+    /// the reference's "imprv" configs.
     pub center_sampling_radius: f32,
     /// Divide each level's regression targets by its stride (`norm_reg_targets`).
     pub norm_reg_targets: bool,
 }
 
 impl FcosTargetConfig {
-    /// The paper's assignment for `strides`, sizes of interest from [`sizes_of_interest`]
-    /// with `base = 64`, center sampling radius 1.5, targets in pixels.
+    /// The paper's sizes of interest for `strides` (from [`sizes_of_interest`] with
+    /// `base = 64`), targets in pixels, and center sampling radius 1.5: the "imprv" /
+    /// FCOS_PLUS improvement, not the ICCV paper's (nor the reference default's) 0.
     pub fn new(strides: &[usize]) -> Self {
         Self::with_base(strides, 64.0)
     }
@@ -78,7 +83,7 @@ impl FcosTargetConfig {
         }
         if !(self.center_sampling_radius >= 0.0 && self.center_sampling_radius.is_finite()) {
             bail!(
-                "{op}: center_sampling_radius ({}) must be finite and >= 0; FCOS uses 1.5",
+                "{op}: center_sampling_radius ({}) must be finite and >= 0; FCOS uses 0 (ICCV paper) or 1.5 (FCOS_PLUS / imprv)",
                 self.center_sampling_radius
             )
         }
@@ -192,7 +197,8 @@ fn assign(p: [f32; 2], level: usize, gt: &GtBoxes, cfg: &FcosTargetConfig) -> Op
         if !inside || max_reg < lo || max_reg > hi {
             continue;
         }
-        let area = (b[2] - b[0]) * (b[3] - b[1]);
+        // The reference's `BoxList.area()` (`TO_REMOVE = 1`): pixel-inclusive sides.
+        let area = (b[2] - b[0] + 1.0) * (b[3] - b[1] + 1.0);
         if best.is_none_or(|(_, a)| area < a) {
             best = Some((j, area));
         }
