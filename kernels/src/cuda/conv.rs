@@ -282,82 +282,50 @@ fn ranked(h: &Handle, d: &Descs, kind: Kind, math: Math) -> Result<Vec<Candidate
     // (a valid bit pattern: algo 0, status success, non-deterministic, default math) and
     // cuDNN writes at most `count` of them, reporting how many in `n`.
     unsafe {
+        // The directions differ only in the perf struct, the query, its descriptor order
+        // and the algorithm's wrapper.
+        macro_rules! query {
+            ($count:expr, $perf:ty, $get:path, ($a:expr, $b:expr, $c:expr), $wrap:path) => {{
+                let count = $count as usize;
+                let mut perf: Vec<$perf> = vec![std::mem::zeroed(); count];
+                $get(
+                    h.0,
+                    $a,
+                    $b,
+                    d.conv,
+                    $c,
+                    count as i32,
+                    &mut n,
+                    perf.as_mut_ptr(),
+                )?;
+                let got = (n.max(0) as usize).min(count);
+                out.extend(perf[..got].iter().filter_map(|p| {
+                    candidate($wrap(p.algo), p.status, p.memory, p.determinism, p.mathType)
+                }));
+            }};
+        }
         match kind {
-            Kind::Forward => {
-                let count = FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
-                let mut perf: Vec<sys::cudnnConvolutionFwdAlgoPerf_t> =
-                    vec![std::mem::zeroed(); count];
-                cr::get_convolution_forward_algorithm(
-                    h.0,
-                    d.x,
-                    d.w,
-                    d.conv,
-                    d.y,
-                    count as i32,
-                    &mut n,
-                    perf.as_mut_ptr(),
-                )?;
-                let got = (n.max(0) as usize).min(count);
-                out.extend(perf[..got].iter().filter_map(|p| {
-                    candidate(
-                        Algo::Fwd(p.algo),
-                        p.status,
-                        p.memory,
-                        p.determinism,
-                        p.mathType,
-                    )
-                }));
-            }
-            Kind::BackwardData => {
-                let count = DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as usize;
-                let mut perf: Vec<sys::cudnnConvolutionBwdDataAlgoPerf_t> =
-                    vec![std::mem::zeroed(); count];
-                cr::get_convolution_backward_data_algorithm(
-                    h.0,
-                    d.w,
-                    d.y,
-                    d.conv,
-                    d.x,
-                    count as i32,
-                    &mut n,
-                    perf.as_mut_ptr(),
-                )?;
-                let got = (n.max(0) as usize).min(count);
-                out.extend(perf[..got].iter().filter_map(|p| {
-                    candidate(
-                        Algo::Data(p.algo),
-                        p.status,
-                        p.memory,
-                        p.determinism,
-                        p.mathType,
-                    )
-                }));
-            }
-            Kind::BackwardFilter => {
-                let count = FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as usize;
-                let mut perf: Vec<sys::cudnnConvolutionBwdFilterAlgoPerf_t> =
-                    vec![std::mem::zeroed(); count];
-                cr::get_convolution_backward_filter_algorithm(
-                    h.0,
-                    d.x,
-                    d.y,
-                    d.conv,
-                    d.w,
-                    count as i32,
-                    &mut n,
-                    perf.as_mut_ptr(),
-                )?;
-                let got = (n.max(0) as usize).min(count);
-                out.extend(perf[..got].iter().filter_map(|p| {
-                    candidate(
-                        Algo::Filter(p.algo),
-                        p.status,
-                        p.memory,
-                        p.determinism,
-                        p.mathType,
-                    )
-                }));
-            }
+            Kind::Forward => query!(
+                FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_COUNT,
+                sys::cudnnConvolutionFwdAlgoPerf_t,
+                cr::get_convolution_forward_algorithm,
+                (d.x, d.w, d.y),
+                Algo::Fwd
+            ),
+            Kind::BackwardData => query!(
+                DataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT,
+                sys::cudnnConvolutionBwdDataAlgoPerf_t,
+                cr::get_convolution_backward_data_algorithm,
+                (d.w, d.y, d.x),
+                Algo::Data
+            ),
+            Kind::BackwardFilter => query!(
+                FilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT,
+                sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+                cr::get_convolution_backward_filter_algorithm,
+                (d.x, d.y, d.w),
+                Algo::Filter
+            ),
         }
     }
     for (algo, deterministic) in fallbacks(kind) {
