@@ -61,8 +61,11 @@ pub fn cuda_pool_release_threshold(dev: &candle::Device) -> candle::Result<Optio
     }
 }
 
-/// The most bytes of a CUDA device's default memory pool (where candle's allocations come
-/// from) in use at once since the last [`reset_cuda_pool_peak`]; `None` for other devices.
+/// The most bytes of a CUDA device's default memory pool in use at once since the last
+/// [`reset_cuda_pool_peak`]; `None` for other devices. candle's allocations come from that
+/// pool when the device supports stream-ordered allocation (cudarc then uses
+/// `cuMemAllocAsync`; Hopper and every recent GPU do) and nobody replaced the device's
+/// current pool; otherwise this reads about 0.
 /// The GPU counterpart of PyTorch's `torch.cuda.max_memory_allocated`.
 pub fn cuda_pool_peak(dev: &candle::Device) -> candle::Result<Option<u64>> {
     match dev {

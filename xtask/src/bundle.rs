@@ -1,7 +1,8 @@
 //! `cargo xtask gpu-bundle`: everything one device call needs, in `.bundle/` (git-ignored):
-//! the stripped, xz-compressed `--features cuda` (CUDA + cuDNN) release build of `keel-gpu-suite` (built
-//! with the pinned toolchain, CARGO_TARGET_DIR=target/cuda) and the GPU machine's scripts
-//! from `crates/keel-gpu-suite/scripts/` (see [`SCRIPTS_DIR`]). Prints the exact device command.
+//! the stripped, xz-compressed `--features cuda` (CUDA + cuDNN) release builds of
+//! `keel-gpu-suite` and the `seg_train` example (see [`BINS`]; built with the pinned
+//! toolchain, CARGO_TARGET_DIR=target/cuda) and the GPU machine's scripts from
+//! `crates/keel-gpu-suite/scripts/` (see [`SCRIPTS`]). Prints the exact device command.
 
 use crate::{cuda_env, root, run_cmd, step};
 use anyhow::{Context, Result};

@@ -37,7 +37,11 @@ impl DetSample {
     /// The sample at `w x h`: the image resized bilinearly (triangle filter), each box
     /// scaled by `(w / width, h / height)` exactly, then clipped (see
     /// [`DetSample::clip_and_drop`]).
-    pub fn resized(&self, w: u32, h: u32) -> DetSample {
+    ///
+    /// # Errors
+    /// `boxes`, `classes` and `ignore` of different lengths (see [`DetSample::check`]).
+    pub fn resized(&self, w: u32, h: u32) -> candle::Result<DetSample> {
+        self.check("DetSample::resized")?;
         let (ow, oh) = self.image.dimensions();
         let (fx, fy) = (w as f32 / ow as f32, h as f32 / oh as f32);
         let mut out = DetSample {
@@ -50,8 +54,18 @@ impl DetSample {
             classes: self.classes.clone(),
             ignore: self.ignore.clone(),
         };
-        out.clip_and_drop();
-        out
+        out.clip_and_drop()?;
+        Ok(out)
+    }
+
+    /// Checks that every box has a class and an ignore flag (the fields are public, so a
+    /// caller can build a sample whose lists disagree); the error names `op` and the lengths.
+    pub fn check(&self, op: &str) -> candle::Result<()> {
+        let (b, c, i) = (self.boxes.len(), self.classes.len(), self.ignore.len());
+        if b != c || b != i {
+            candle::bail!("{op}: a sample needs one class and one ignore flag per box, got {b} boxes, {c} classes and {i} ignore flags")
+        }
+        Ok(())
     }
 
     /// Mirrors the image left-right; a box `[x1, y1, x2, y2]` becomes
@@ -66,7 +80,11 @@ impl DetSample {
 
     /// Clips every box to the image and drops the boxes left with no area (with their
     /// class and ignore flag).
-    pub fn clip_and_drop(&mut self) {
+    ///
+    /// # Errors
+    /// `boxes`, `classes` and `ignore` of different lengths (see [`DetSample::check`]).
+    pub fn clip_and_drop(&mut self) -> candle::Result<()> {
+        self.check("DetSample::clip_and_drop")?;
         let (w, h) = (self.image.width() as f32, self.image.height() as f32);
         let mut keep = 0;
         for k in 0..self.boxes.len() {
@@ -87,6 +105,7 @@ impl DetSample {
         self.boxes.truncate(keep);
         self.classes.truncate(keep);
         self.ignore.truncate(keep);
+        Ok(())
     }
 }
 
@@ -162,10 +181,10 @@ impl DetAugment {
         let (nw, nh) = self.resize.target(w, h)?;
         let mut out = if (nw, nh) == (w, h) {
             let mut s = sample.clone();
-            s.clip_and_drop();
+            s.clip_and_drop()?;
             s
         } else {
-            sample.resized(nw, nh)
+            sample.resized(nw, nh)?
         };
         if let Some(rng) = aug {
             if self.flip && rng.random_bool(0.5) {
@@ -410,6 +429,20 @@ impl DetHostBatch {
 
     /// The batch as tensors on `dev`.
     pub fn to_tensors(&self, dev: &Device) -> candle::Result<DetBatch> {
+        let lists = [self.boxes.len(), self.classes.len(), self.ignore.len()];
+        if lists.iter().any(|&l| l != self.n) {
+            candle::bail!("DetHostBatch::to_tensors: n is {} but there are {} box lists, {} class lists and {} ignore lists; build the batch with DetHostBatch::collate", self.n, lists[0], lists[1], lists[2])
+        }
+        for k in 0..self.n {
+            let (b, c, i) = (
+                self.boxes[k].len(),
+                self.classes[k].len(),
+                self.ignore[k].len(),
+            );
+            if b != c || b != i {
+                candle::bail!("DetHostBatch::to_tensors: image {k} has {b} boxes, {c} classes and {i} ignore flags; one of each per box")
+            }
+        }
         let images = Tensor::from_slice(&self.images, (self.n, 3, self.height, self.width), dev)?;
         let mut out = DetBatch {
             images,

@@ -83,7 +83,7 @@ fn synthetic_set_is_deterministic_varied_and_valid() -> anyhow::Result<()> {
 #[test]
 fn resize_and_flip_move_boxes_exactly() -> anyhow::Result<()> {
     let s = sample(40, 20, vec![[4.0, 2.0, 14.0, 12.0]]);
-    let r = s.resized(80, 10);
+    let r = s.resized(80, 10)?;
     assert_eq!(r.image.dimensions(), (80, 10));
     assert_eq!(r.boxes, vec![[8.0, 1.0, 28.0, 6.0]]);
     let mut f = r.clone();
@@ -131,7 +131,7 @@ fn resize_and_flip_move_boxes_exactly() -> anyhow::Result<()> {
 }
 
 #[test]
-fn boxes_are_clipped_and_empty_ones_dropped() {
+fn boxes_are_clipped_and_empty_ones_dropped() -> anyhow::Result<()> {
     let mut s = sample(
         40,
         20,
@@ -141,9 +141,18 @@ fn boxes_are_clipped_and_empty_ones_dropped() {
             [-3.0, -1.0, 2.0, 4.0],
         ],
     );
-    s.clip_and_drop();
+    s.clip_and_drop()?;
     assert_eq!(s.boxes, vec![[30.0, 5.0, 40.0, 15.0], [0.0, 0.0, 2.0, 4.0]]);
+    // Lists that disagree are an error naming the op, not an index panic.
+    let mut bad = s.clone();
+    bad.classes.pop();
+    let err = bad.clip_and_drop().unwrap_err().to_string();
+    assert!(
+        err.contains("DetSample::clip_and_drop") && err.contains("2 boxes, 1 classes"),
+        "{err}"
+    );
     assert_eq!(s.classes, vec![0, 2]);
+    Ok(())
 }
 
 #[test]
@@ -175,6 +184,14 @@ fn collate_pads_and_keeps_per_image_boxes() -> anyhow::Result<()> {
         }
     )
     .is_err());
+    // A batch whose per-image lists disagree is an error, not an index panic.
+    let mut bad = hb.clone();
+    bad.classes[0].pop();
+    let err = bad.to_tensors(&Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("image 0 has 2 boxes, 1 classes"), "{err}");
+    let mut short = hb;
+    short.boxes.pop();
+    assert!(short.to_tensors(&Device::Cpu).is_err());
     Ok(())
 }
 

@@ -398,7 +398,24 @@ fn bad_inputs_are_reported() -> Result<()> {
     };
     assert!(prepare_targets(&[(2, 2)], &[unlabeled], &cfg, &dev).is_err());
     assert!(prepare_targets(&[(2, 2), (1, 1)], &[], &cfg, &dev).is_err());
+    let overflow = GtBoxes {
+        boxes: vec![[0., 0., 2., 4.]],
+        classes: vec![u32::MAX],
+    };
+    assert!(prepare_targets(&[(2, 2)], &[overflow], &cfg, &dev).is_err());
     let (_, out) = tiny_outputs(1, 2, &[(2, 2)])?;
+    // Inference: bad image sizes and per-level shapes are errors, not panics.
+    let icfg = FcosInferenceConfig::default();
+    let e = fcos_detections(&out, &[8], &[(f32::NAN, 16.0)], &icfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("image 0's size"), "{e}");
+    let mut cut = out.clone();
+    cut.centerness[0] = cut.centerness[0].narrow(3, 0, 1)?;
+    let e = fcos_detections(&cut, &[8], &[(16.0, 16.0)], &icfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("level 0"), "{e}");
     let gt = GtBoxes {
         boxes: vec![[0., 0., 16., 16.]],
         classes: vec![5],

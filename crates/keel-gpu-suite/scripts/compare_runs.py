@@ -27,7 +27,7 @@ def main(a, b):
     missing = sorted(set(la) ^ set(lb))
     same_miou = sa["final_miou"] == sb["final_miou"]
     print(f"uninterrupted: {len(la)} steps, final val mIoU {sa['final_miou']}, "
-          f"{sa.get('seconds_per_step', float('nan')) * 1e3:.2f} ms/step, verdict {sa.get('verdict')}")
+          f"{(sa.get('seconds_per_step') or float('nan')) * 1e3:.2f} ms/step, verdict {sa.get('verdict')}")
     print(f"killed+resumed: {len(lb)} steps, final val mIoU {sb['final_miou']}")
     if diff or missing or not same_miou:
         first = diff[0] if diff else None

@@ -16,7 +16,8 @@
 #      losses and final mIoU.
 # It prints ONE ratio table last (keel / PyTorch for every benchmark row, keel vs candle
 # where candle runs it). Every phase has a timeout; the whole call stays under 8 minutes
-# (T_TEST 100 + T_BENCH 100 + T_TORCH 2x40 + T_STEP 110 + T_RUN 90 s = 480 s).
+# (T_TEST 90 + T_BENCH 90 + T_TORCH 2x35 + 8 step configs x T_CFG 18 + the run's three
+# processes, each under T_RUN 45 but together about a minute = about 470 s).
 # SUITES="gn conv step run" (any subset) restricts the phases; empty = all.
 # Results go to $OUT (at most 8 files: test.log, keel_bench.jsonl, torch_bench.jsonl,
 # torch_conv_bench.jsonl, step_bench.jsonl, seg_run.log, stderr.log, report.txt).
@@ -29,14 +30,17 @@ OUT="${OUT:-/tmp/keel-gpu-out}"
 mkdir -p "$OUT"
 BIN=/tmp/keel-gpu-suite
 SEG=/tmp/seg_train
-T_TEST="${T_TEST:-100}" T_BENCH="${T_BENCH:-100}" T_TORCH="${T_TORCH:-40}"
-T_STEP="${T_STEP:-110}" T_RUN="${T_RUN:-90}"
+T_TEST="${T_TEST:-90}" T_BENCH="${T_BENCH:-90}" T_TORCH="${T_TORCH:-35}"
+T_CFG="${T_CFG:-18}" T_RUN="${T_RUN:-45}"
 RUN_STEPS="${RUN_STEPS:-900}"
+if [ "$RUN_STEPS" -lt 3 ]; then echo "RUN_STEPS must be at least 3 (got $RUN_STEPS)"; exit 2; fi
 SUITES="${SUITES:-}"
 want() { [ -z "$SUITES" ] || [[ " $SUITES " == *" $1 "* ]]; }
 DRY_RUN="${DRY_RUN:-0}" # 1: no GPU binaries; still run the PyTorch scripts on CPU and the reports
 ERR="$OUT/stderr.log"
-: >"$ERR"
+# A reused $OUT must not mix in an earlier call's rows.
+for f in test.log keel_bench.jsonl torch_bench.jsonl torch_conv_bench.jsonl step_bench.jsonl \
+  seg_run.log stderr.log report.txt; do : >"$OUT/$f"; done
 
 say() { echo "== $(date -u +%H:%M:%S) $*"; }
 cat "$B/MANIFEST" 2>/dev/null
@@ -97,61 +101,67 @@ if want conv; then
 fi
 
 # 3. The training step, keel and the PyTorch twin side by side (seg_train bench --vs-torch).
+# Each config under its own `timeout` (coreutils signals the whole process group, so the
+# twin's python goes too); a config that times out is recorded as such.
 if want step && [ "$DRY_RUN" != 1 ]; then
-  say "seg_train step at the twin configuration vs PyTorch (timeout ${T_STEP}s)"
-  : >"$OUT/step_bench.jsonl"
-  step_all() {
-    local rc=0
-    for norm in gn bn; do
-      for mode in f32 tf32 f16 bf16; do
-        case $mode in
-          f32) amp=(--amp off) ;;
-          tf32) amp=(--amp off --tf32) ;;
-          *) amp=(--amp "$mode") ;;
-        esac
-        keel "$SEG" bench --device cuda --norm "$norm" "${amp[@]}" --width 64 --fpn 128 \
-          --num-classes 21 --batch-size 8 --image-size 256 --warmup 5 --steps 20 --clip-grad 0 \
-          --vs-torch --python "$PY" --twin-script "$R/examples/seg_train/torch_twin.py" \
-          --json /tmp/step.json >>"$ERR" 2>&1 || { echo "step $norm $mode failed (see stderr.log)"; rc=3; continue; }
+  say "seg_train step at the twin configuration vs PyTorch (timeout ${T_CFG}s per config)"
+  for norm in gn bn; do
+    for mode in f32 tf32 f16 bf16; do
+      case $mode in
+        f32) amp=(--amp off) ;;
+        tf32) amp=(--amp off --tf32) ;;
+        *) amp=(--amp "$mode") ;;
+      esac
+      rm -f /tmp/step.json
+      timeout -s KILL "$T_CFG" env LD_LIBRARY_PATH="$KEEL_LD" "$SEG" bench --device cuda --norm "$norm" \
+        "${amp[@]}" --width 64 --fpn 128 --num-classes 21 --batch-size 8 --image-size 256 \
+        --warmup 5 --steps 20 --clip-grad 0 --vs-torch --python "$PY" \
+        --twin-script "$R/examples/seg_train/torch_twin.py" --json /tmp/step.json >>"$ERR" 2>&1
+      rc=$?
+      if [ $rc = 0 ] && [ -f /tmp/step.json ]; then
         "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['mode']=sys.argv[2]; r['norm']=sys.argv[3]; print(json.dumps(r))" \
           /tmp/step.json "$mode" "$norm" >>"$OUT/step_bench.jsonl"
         tail -1 "$OUT/step_bench.jsonl" | cut -c1-160
-      done
+      else
+        [ $rc = 137 ] && why="timed out after ${T_CFG}s" || why="failed (rc $rc, see stderr.log)"
+        echo "step $norm $mode $why"
+        echo "{\"norm\": \"$norm\", \"mode\": \"$mode\", \"error\": \"$why\"}" >>"$OUT/step_bench.jsonl"
+        step_rc=3
+      fi
     done
-    return $rc
-  }
-  step_all &
-  spid=$!
-  ( sleep "$T_STEP"; kill -9 $spid 2>/dev/null; pkill -9 -f "$SEG bench" 2>/dev/null ) &
-  wpid=$!
-  wait $spid || step_rc=3
-  kill $wpid 2>/dev/null
+  done
 fi
 
 # 4. A short real run, killed once and resumed, against an uninterrupted one.
 if want run && [ "$DRY_RUN" != 1 ]; then
-  say "seg_train run: uninterrupted vs SIGKILL + --resume (deterministic, timeout ${T_RUN}s)"
-  (
-    set -x
+  say "seg_train run: uninterrupted vs SIGKILL + --resume (deterministic, timeout ${T_RUN}s each)"
+  {
     common=(--device cuda --deterministic --batch-size 8 --image-size 128 --steps "$RUN_STEPS"
       --eval-every $((RUN_STEPS / 3)) --seed 0 --quiet)
     rm -rf /tmp/runA /tmp/runB
-    keel "$SEG" "${common[@]}" --out /tmp/runA || exit 1
-    keel "$SEG" "${common[@]}" --out /tmp/runB &
+    tk() { timeout -s KILL "$T_RUN" env LD_LIBRARY_PATH="$KEEL_LD" "$SEG" "$@"; }
+    if ! tk "${common[@]}" --out /tmp/runA; then
+      echo "RESUME: uninterrupted run failed or timed out"; exit 1
+    fi
+    # seg_train itself in the background (not a shell function: $! must be its pid).
+    LD_LIBRARY_PATH="$KEEL_LD" "$SEG" "${common[@]}" --out /tmp/runB &
     pid=$!
-    # Kill it once it has written its first checkpoint (a third of the run).
-    while kill -0 $pid 2>/dev/null && ! ls /tmp/runB/checkpoints/ckpt-*.safetensors >/dev/null 2>&1; do sleep 0.2; done
-    kill -9 $pid; wait $pid
+    t0=$SECONDS
+    while kill -0 $pid 2>/dev/null && ! ls /tmp/runB/checkpoints/ckpt-*.safetensors >/dev/null 2>&1; do
+      sleep 0.2
+      if [ $((SECONDS - t0)) -gt "$T_RUN" ]; then break; fi
+    done
+    if ! kill -0 $pid 2>/dev/null; then
+      echo "RESUME: FAIL (the run to kill ended before its first checkpoint was seen)"; exit 1
+    fi
+    kill -9 $pid; wait $pid 2>/dev/null
     echo "killed after: $(ls /tmp/runB/checkpoints)"
-    keel "$SEG" --resume /tmp/runB --device cuda --deterministic --quiet || exit 1
+    if ! tk --resume /tmp/runB --device cuda --deterministic --quiet; then
+      echo "RESUME: resumed run failed or timed out"; exit 1
+    fi
     "$PY" "$B/compare_runs.py" /tmp/runA /tmp/runB
-  ) >"$OUT/seg_run.log" 2>&1 &
-  rpid=$!
-  ( sleep "$T_RUN"; kill -9 $rpid 2>/dev/null; pkill -9 -f "$SEG" 2>/dev/null ) &
-  wpid=$!
-  wait $rpid
+  } >"$OUT/seg_run.log" 2>&1
   run_rc=$?
-  kill $wpid 2>/dev/null
   tail -6 "$OUT/seg_run.log"
 fi
 

@@ -89,8 +89,8 @@ pub struct BenchReport {
     pub config: String,
     /// Trainable parameters of keel's model (the twin's count must match).
     pub params: usize,
-    /// keel: the heap bytes allocated above the level before the timed steps (CPU), or
-    /// NaN on CUDA (the device pool's peak is not read yet).
+    /// keel's timing; its peak memory is the heap bytes allocated above the level before the
+    /// timed steps (CPU) or the CUDA memory pool's high watermark (see [`time_steps`]).
     pub keel: Timing,
     /// Images per second of keel's median step.
     pub keel_images_per_s: f64,

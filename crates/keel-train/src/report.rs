@@ -309,10 +309,17 @@ impl HealthReport {
                     self.verdict = Verdict::Warning;
                 }
                 self.verdict = self.verdict.max(Verdict::Warning);
-                self.findings.push(format!(
-                    "the guard ({}) intervened {n} times and the run recovered: no divergence after step {}; it ran on at {} x the scheduled LR",
-                    g.policy, last.step, g.lr_scale
-                ));
+                self.findings.push(if self.diverged_at_end {
+                    format!(
+                        "the guard ({}) intervened {n} times (the last at step {}) but the run's end is diverged; it ran on at {} x the scheduled LR",
+                        g.policy, last.step, g.lr_scale
+                    )
+                } else {
+                    format!(
+                        "the guard ({}) intervened {n} times and the run recovered: no divergence after step {}; it ran on at {} x the scheduled LR",
+                        g.policy, last.step, g.lr_scale
+                    )
+                });
             }
         }
         self.guard = Some(g.clone());

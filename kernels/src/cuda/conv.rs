@@ -167,7 +167,8 @@ fn math_from_sys(m: cudnnMathType_t) -> Math {
 
 /// Builds the descriptors for data type `T` of geometry `g`, with math type `math`.
 fn descs<T: CudnnDataType>(op: &str, g: &Geom, math: Math) -> Result<Descs> {
-    let i = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+    // Padding, stride, dilation and groups as cuDNN's ints; too large is an error, not a clamp.
+    let [pad, stride, dil, groups] = dims_i32(op, [g.padding, g.stride, g.dilation, g.groups])?;
     let mut d = Descs {
         conv: std::ptr::null_mut(),
         x: std::ptr::null_mut(),
@@ -183,16 +184,16 @@ fn descs<T: CudnnDataType>(op: &str, g: &Geom, math: Math) -> Result<Descs> {
     unsafe {
         cr::set_convolution2d_descriptor(
             d.conv,
-            i(g.padding),
-            i(g.padding),
-            i(g.stride),
-            i(g.stride),
-            i(g.dilation),
-            i(g.dilation),
+            pad,
+            pad,
+            stride,
+            stride,
+            dil,
+            dil,
             sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
             sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
         )?;
-        cr::set_convolution_group_count(d.conv, i(g.groups))?;
+        cr::set_convolution_group_count(d.conv, groups)?;
         cr::set_convolution_math_type(d.conv, math_to_sys(math))?;
         cr::set_tensor4d_descriptor(d.x, nchw, T::DATA_TYPE, dims_i32(op, g.x_dims())?)?;
         cr::set_filter4d_descriptor(d.w, T::DATA_TYPE, nchw, dims_i32(op, g.w_dims())?)?;
@@ -278,6 +279,10 @@ fn candidate(
 fn ranked(h: &Handle, d: &Descs, kind: Kind, math: Math) -> Result<Vec<Candidate<Algo>>> {
     let mut n = 0i32;
     let mut out = Vec::new();
+    // A failed cached candidate may have left its own math type on the descriptor: rank
+    // (and size the fallbacks' workspaces) with the base one.
+    // SAFETY: a live descriptor.
+    unsafe { cr::set_convolution_math_type(d.conv, math_to_sys(math)) }?;
     // SAFETY: a live handle and descriptors; each perf array holds `count` zeroed entries
     // (a valid bit pattern: algo 0, status success, non-deterministic, default math) and
     // cuDNN writes at most `count` of them, reporting how many in `n`.
@@ -474,7 +479,12 @@ where
         deterministic,
         fma_only: math == Math::Fma,
     };
-    let cached = cache().lock().ok().and_then(|c| c.get(&key).copied());
+    // A poisoned lock only means another thread panicked mid-insert; the map is still valid.
+    let cached = cache()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .copied();
     let stream = dev.cuda_stream();
     let (ran, failures) = algo::run(
         direction(kind),
@@ -514,9 +524,10 @@ where
         );
     }
     if cached != Some(ran) {
-        if let Ok(mut c) = cache().lock() {
-            c.insert(key, ran);
-        }
+        cache()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, ran);
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }

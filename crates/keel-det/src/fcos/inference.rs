@@ -119,7 +119,8 @@ fn level_candidates(
 /// `image_sizes[i]` is image `i`'s `(width, height)` in input pixels; `strides` one per level.
 ///
 /// # Errors
-/// Level counts that disagree, a batch size other than `image_sizes.len()`.
+/// Level counts that disagree, a batch size other than `image_sizes.len()`, an image size
+/// that is negative or not finite, per-level shapes of the three outputs that disagree.
 pub fn fcos_detections(
     out: &FcosOutputs,
     strides: &[usize],
@@ -136,6 +137,27 @@ pub fn fcos_detections(
             "fcos_detections: batch of {n} images but {} image sizes",
             image_sizes.len()
         )
+    }
+    for (i, &(w, h)) in image_sizes.iter().enumerate() {
+        if !(w.is_finite() && h.is_finite() && w >= 0.0 && h >= 0.0) {
+            bail!("fcos_detections: image {i}'s size ({w}, {h}) must be finite and >= 0 (width, height in input pixels)")
+        }
+    }
+    for level in 0..levels {
+        let (c, r, t) = (
+            &out.cls_logits[level],
+            &out.bbox_reg[level],
+            &out.centerness[level],
+        );
+        let &[cn, _, h, w] = c.dims() else {
+            bail!(
+                "fcos_detections: level {level}'s cls logits must be (N, C, H, W), got {:?}",
+                c.dims()
+            )
+        };
+        if r.dims() != [cn, 4, h, w] || t.dims() != [cn, 1, h, w] {
+            bail!("fcos_detections: level {level}: cls logits {:?} need bbox_reg ({cn}, 4, {h}, {w}) and centerness ({cn}, 1, {h}, {w}), got {:?} and {:?}", c.dims(), r.dims(), t.dims())
+        }
     }
     let mut result = vec![];
     for (image, &size) in image_sizes.iter().enumerate() {

@@ -226,6 +226,9 @@ fn check_gt(op: &str, gts: &[GtBoxes]) -> Result<()> {
                 gt.classes.len()
             )
         }
+        if let Some(j) = gt.classes.iter().position(|&c| c == u32::MAX) {
+            bail!("{op}: image {i} box {j} has class id u32::MAX; class ids are 0-based (the label is id + 1, 0 = background)")
+        }
         for (j, b) in gt.boxes.iter().enumerate() {
             if !b.iter().all(|v| v.is_finite()) || b[2] < b[0] || b[3] < b[1] {
                 bail!(
