@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle::bail;
 use serde::Deserialize;
 
-use crate::det::{check_objects, problems_error, read_image, RawObject};
+use crate::det::{check_objects, read_image, RawObject};
 use crate::{DetSample, DetSource};
 
 #[derive(Deserialize)]
@@ -114,7 +114,7 @@ impl CocoDet {
     }
 
     /// Reads image `idx`: the sample when nothing is wrong, and every problem found.
-    fn read(&self, idx: usize) -> (Option<DetSample>, Vec<String>) {
+    fn read_sample(&self, idx: usize) -> (Option<DetSample>, Vec<String>) {
         let Some((path, size, anns)) = self.images.get(idx) else {
             let n = self.images.len();
             return (
@@ -193,14 +193,7 @@ impl DetSource for CocoDet {
         &self.names
     }
 
-    fn decode(&self, idx: usize) -> candle::Result<DetSample> {
-        match self.read(idx) {
-            (Some(s), _) => Ok(s),
-            (None, p) => Err(problems_error(p)),
-        }
-    }
-
-    fn problems(&self, idx: usize) -> Vec<String> {
-        self.read(idx).1
+    fn read(&self, idx: usize) -> (Option<DetSample>, Vec<String>) {
+        self.read_sample(idx)
     }
 }

@@ -205,13 +205,24 @@ pub trait DetSource: Send + Sync {
     }
     /// Class names, index = contiguous class id.
     fn class_names(&self) -> &[String];
+    /// Reads sample `idx` once: the sample at its original size when it is good, and
+    /// everything wrong with it, one line each, naming the file and the annotation
+    /// (malformed annotation files, missing or undecodable images, boxes outside the image or
+    /// without area, unknown classes). The one method a source implements for
+    /// [`DetSource::decode`] and [`DetSource::problems`].
+    fn read(&self, idx: usize) -> (Option<DetSample>, Vec<String>);
     /// Sample `idx` at its original size; fails (naming the file and the annotation) where
     /// [`DetSource::problems`] reports anything.
-    fn decode(&self, idx: usize) -> candle::Result<DetSample>;
-    /// Everything wrong with sample `idx`, one line each, naming the file and the
-    /// annotation: malformed annotation files, missing or undecodable images, boxes outside
-    /// the image or without area, unknown classes. Empty when the sample is good.
-    fn problems(&self, idx: usize) -> Vec<String>;
+    fn decode(&self, idx: usize) -> candle::Result<DetSample> {
+        match self.read(idx) {
+            (Some(s), _) => Ok(s),
+            (None, p) => Err(problems_error(p)),
+        }
+    }
+    /// Everything wrong with sample `idx` (see [`DetSource::read`]); empty when it is good.
+    fn problems(&self, idx: usize) -> Vec<String> {
+        self.read(idx).1
+    }
     /// Sample `idx` decoded and transformed by `augment` (see [`DetAugment::apply`]).
     fn load(
         &self,

@@ -112,11 +112,10 @@ impl DetSource for DetShapes {
         }
     }
 
-    fn problems(&self, idx: usize) -> Vec<String> {
-        self.decode(idx)
-            .err()
-            .map(|e| e.to_string())
-            .into_iter()
-            .collect()
+    fn read(&self, idx: usize) -> (Option<DetSample>, Vec<String>) {
+        match self.decode(idx) {
+            Ok(s) => (Some(s), vec![]),
+            Err(e) => (None, vec![e.to_string()]),
+        }
     }
 }

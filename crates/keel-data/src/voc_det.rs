@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle::bail;
 
-use crate::det::{check_objects, problems_error, read_image, RawObject};
+use crate::det::{check_objects, read_image, RawObject};
 use crate::{DetSample, DetSource};
 
 /// The 20 Pascal VOC classes, index = class id.
@@ -87,7 +87,7 @@ impl VocDet {
     }
 
     /// Reads sample `idx`: the sample when nothing is wrong, and every problem found.
-    fn read(&self, idx: usize) -> (Option<DetSample>, Vec<String>) {
+    fn read_sample(&self, idx: usize) -> (Option<DetSample>, Vec<String>) {
         let Some((img_path, xml_path)) = self.items.get(idx) else {
             let n = self.items.len();
             return (
@@ -225,14 +225,7 @@ impl DetSource for VocDet {
         &self.names
     }
 
-    fn decode(&self, idx: usize) -> candle::Result<DetSample> {
-        match self.read(idx) {
-            (Some(s), _) => Ok(s),
-            (None, p) => Err(problems_error(p)),
-        }
-    }
-
-    fn problems(&self, idx: usize) -> Vec<String> {
-        self.read(idx).1
+    fn read(&self, idx: usize) -> (Option<DetSample>, Vec<String>) {
+        self.read_sample(idx)
     }
 }
