@@ -12,9 +12,10 @@ use keel::train::bench::{run_twin, time_steps, Timing};
 use keel::train::mem::CountingAlloc;
 use serde::Deserialize;
 
-use super::cli::{parse_norm, pick_device, setup_device, CommonArgs};
+use super::cli::{parse_norm, setup_device, CommonArgs};
 use super::data::{eval_batches, Shapes, SHAPES_TRAIN_SEED};
 use super::train::{amp_label, micro_loss, Net};
+use candle::Device;
 
 /// `seg_train bench` flags: the model/batch flags of a run plus the timing ones.
 #[derive(Args, Debug, Clone)]
@@ -68,22 +69,21 @@ pub use keel::train::bench::BenchReport;
 pub static ALLOC: CountingAlloc = CountingAlloc::new();
 
 /// Times keel's step: `warmup` untimed steps, then `steps` timed ones.
-fn time_keel(args: &BenchArgs) -> anyhow::Result<(Timing, String, usize)> {
+fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, usize)> {
     let c = &args.common;
-    let dev = setup_device(c.device, c.deterministic, c.tf32)?;
     let mut cfg = args
         .common
         .config(args.norm, args.batch_size, args.warmup + args.steps, 0);
     cfg.warmup_steps = 0;
     cfg.validate()?;
-    let (mut net, _) = Net::build(&cfg, &dev)?;
+    let (mut net, _) = Net::build(&cfg, dev)?;
     let schedule = cfg.recipe().schedule()?;
     let shapes = Shapes::generate(cfg.batch_size, cfg.image_size, SHAPES_TRAIN_SEED);
     let batch = eval_batches(&shapes, cfg.batch_size, cfg.image_size)
         .next()
         .context("bench: the synthetic batch is empty")??;
-    let (x, t) = batch.to_tensors(&dev)?;
-    let timing = time_steps(&dev, args.warmup, args.steps, Some(&ALLOC), |i| {
+    let (x, t) = batch.to_tensors(dev)?;
+    let timing = time_steps(dev, args.warmup, args.steps, Some(&ALLOC), |i| {
         let lr = schedule.lr(net.state.step);
         let (vm, master) = (&net.vm, &net.master);
         let out = net.state.step(lr, cfg.clip_grad, &mut |_| {
@@ -116,7 +116,7 @@ fn time_keel(args: &BenchArgs) -> anyhow::Result<(Timing, String, usize)> {
 }
 
 /// The twin's settings for this config; an error names what the twin cannot mirror.
-fn twin_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
+fn twin_args(args: &BenchArgs, cuda: bool) -> anyhow::Result<Vec<String>> {
     let c = &args.common;
     let norm = match args.norm {
         NormKind::GroupNorm { groups: None } => "gn",
@@ -129,7 +129,6 @@ fn twin_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
     if c.accum_steps != 1 || c.ema_decay != 0.0 {
         bail!("--vs-torch: the twin has no accumulation or EMA; use --accum-steps 1 --ema-decay 0")
     }
-    let cuda = pick_device(c.device)?.is_cuda();
     let amp = match c.amp {
         Precision::F32 if c.tf32 && cuda => "tf32",
         Precision::F32 => "off",
@@ -186,8 +185,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         bail!("bench --steps must be at least 1 (got 0)")
     }
     // Check the twin can mirror the config before spending time on keel's side.
-    let twin = args.vs_torch.then(|| twin_args(args)).transpose()?;
-    let (keel, config, params) = time_keel(args)?;
+    // The device once, for both sides (a CUDA device is a context: not made twice).
+    let c = &args.common;
+    let dev = setup_device(c.device, c.deterministic, c.tf32)?;
+    let twin = args
+        .vs_torch
+        .then(|| twin_args(args, dev.is_cuda()))
+        .transpose()?;
+    let (keel, config, params) = time_keel(args, &dev)?;
     let torch = twin
         .map(|t| time_torch(&args.python, &twin_script(args), &t, params))
         .transpose()?;
