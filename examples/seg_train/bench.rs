@@ -12,10 +12,11 @@ use keel::train::bench::{run_twin, time_steps, Timing};
 use keel::train::mem::CountingAlloc;
 use serde::Deserialize;
 
-use super::cli::{parse_norm, setup_device, CommonArgs};
+use super::cli::{parse_norm, CommonArgs};
 use super::data::{eval_batches, Shapes, SHAPES_TRAIN_SEED};
 use super::train::{amp_label, micro_loss, Net};
 use candle::Device;
+use keel::train::cli::setup_device;
 
 /// `seg_train bench` flags: the model/batch flags of a run plus the timing ones.
 #[derive(Args, Debug, Clone)]
@@ -187,7 +188,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     // Check the twin can mirror the config before spending time on keel's side.
     // The device once, for both sides (a CUDA device is a context: not made twice).
     let c = &args.common;
-    let dev = setup_device(c.device, c.deterministic, c.tf32)?;
+    let dev = setup_device("seg_train", c.device, c.deterministic, c.tf32)?;
     let twin = args
         .vs_torch
         .then(|| twin_args(args, dev.is_cuda()))

@@ -3,19 +3,19 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use candle::Device;
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use anyhow::bail;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use keel::models::seg::ModelConfig;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
-use keel::train::{Advice, GuardPolicy, OptimRecipe};
+use keel::train::cli::{setup_device, DeviceChoice, ResumableConfig, ResumeArgs};
+use keel::train::{GuardPolicy, OptimRecipe};
 use serde::{Deserialize, Serialize};
 
 use super::bench::{self, BenchArgs};
 use super::compare::{self, CompareArgs};
 use super::data::SHAPE_CLASSES;
-use super::resume::{resume_dir, resume_plan};
+use super::resume::resume_plan;
 use super::train::{self, RunOpts};
 
 #[derive(Parser, Debug)]
@@ -161,19 +161,8 @@ pub struct TrainArgs {
     /// Output directory (logs, checkpoints, health report).
     #[arg(long, default_value = "runs/seg_train")]
     pub out: PathBuf,
-    /// Continue the run in DIR from its newest valid checkpoint (a corrupt newer one is
-    /// skipped with a warning), with the run's saved config. Other flags must match that
-    /// config (an error names each one that differs), except --steps, which sets a new
-    /// length: `--resume DIR --steps 40` extends a finished 20-step run to 40 steps. The LR
-    /// schedule is then recomputed for the new length (warmup unchanged; the LR at step s is
-    /// the new schedule's, so it rises again after the old schedule's end, like a warm
-    /// restart). A missing config.json is recovered from the checkpoint.
-    #[arg(long, value_name = "DIR")]
-    pub resume: Option<PathBuf>,
-    /// Resume from this checkpoint file instead of the newest one (with --resume DIR, or
-    /// alone for a file in a run's checkpoints/ folder).
-    #[arg(long, value_name = "FILE")]
-    pub resume_from: Option<PathBuf>,
+    #[command(flatten)]
+    pub resume: ResumeArgs,
     /// Pretrained weights (safetensors, twin names); BatchNorms are converted to --norm.
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -400,91 +389,19 @@ impl RunConfig {
     }
 }
 
-/// `--device`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DeviceChoice {
-    Cpu,
-    Cuda,
-}
-
-/// `--device`: cpu, cuda (an error without a usable CUDA device), or the default: cuda when
-/// compiled in and usable, else cpu — saying why on stderr when CUDA is compiled in but fails.
-pub fn pick_device(want: Option<DeviceChoice>) -> anyhow::Result<Device> {
-    match want {
-        Some(DeviceChoice::Cpu) => Ok(Device::Cpu),
-        Some(DeviceChoice::Cuda) => {
-            if !candle::utils::cuda_is_available() {
-                bail!("--device cuda: this binary was built without CUDA; rebuild with --features cuda")
-            }
-            Device::new_cuda(0).context("--device cuda: no usable CUDA device")
-        }
-        None if candle::utils::cuda_is_available() => match Device::new_cuda(0) {
-            Ok(d) => Ok(d),
-            Err(e) => {
-                eprintln!("warning: CUDA is compiled in but device 0 failed to initialise ({e}); training on the CPU (--device cpu silences this, --device cuda makes it an error)");
-                Ok(Device::Cpu)
-            }
-        },
-        None => Ok(Device::Cpu),
-    }
-}
-
-/// [`pick_device`], prepared for training (keel keeps freed CUDA memory in the device's
-/// pool), with `--deterministic` and `--tf32` set process-wide (they change CUDA
-/// convolutions and matmuls only; a note says so on the CPU).
-pub fn setup_device(
-    want: Option<DeviceChoice>,
-    deterministic: bool,
-    tf32: bool,
-) -> anyhow::Result<Device> {
-    let dev = pick_device(want)?;
-    keel::kernels::set_conv_deterministic(deterministic);
-    keel::kernels::set_conv_tf32(tf32);
-    candle::cuda::set_gemm_reduced_precision_f32(tf32);
-    if (deterministic || tf32) && !dev.is_cuda() {
-        eprintln!("seg_train: note: --deterministic and --tf32 change CUDA only; a CPU run is deterministic and true f32 already");
-    }
-    keel::kernels::prepare_device(&dev)?;
-    Ok(dev)
-}
-
-/// The seg_train flags that carry out `advice`, when flags can (keeping the best checkpoint
-/// is a choice of file, not of flags).
-pub fn advice_flags(advice: &Advice) -> Option<String> {
-    let clip = |at: f64| format!("--clip-grad {at:.3}");
-    match advice {
-        Advice::SwitchNorm { to, .. } => Some(format!("--norm {to}")),
-        Advice::RestartWithLowerLr { to } => Some(format!("--init <best checkpoint> --lr {to}")),
-        Advice::RestartBeforeDivergence { step, to, .. } => Some(format!(
-            "--init <a checkpoint from before step {step}> --lr {to} --warmup-steps <a few hundred>"
-        )),
-        Advice::LowerLr { to, .. } => Some(format!("--lr {to}")),
-        Advice::ClipGrad { at, .. } => Some(clip(*at)),
-        Advice::GuardAgainstNan {
-            clip_at, try_bf16, ..
-        } => {
-            let mut f: Vec<String> = clip_at.map(clip).into_iter().collect();
-            if *try_bf16 {
-                f.push("--amp bf16".into());
-            }
-            (!f.is_empty()).then(|| f.join(" "))
-        }
-        Advice::UseBf16 { .. } => Some("--amp bf16".into()),
-        Advice::FixNonFiniteGrads { clip_at, .. } => clip_at.map(clip),
-        Advice::KeepBestCheckpoint { .. } => None,
-    }
-}
-
 /// Reads a saved RunConfig (`config.json` of a run, or a compare job's file).
 pub fn read_config(path: &std::path::Path) -> anyhow::Result<RunConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "no {} (is this a seg_train --out directory?)",
-            path.display()
-        )
-    })?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a seg_train config", path.display()))
+    Ok(keel::train::cli::read_config(path, "seg_train")?)
+}
+
+impl ResumableConfig for RunConfig {
+    fn steps(&self) -> usize {
+        self.steps
+    }
+
+    fn set_steps(&mut self, steps: usize) {
+        self.steps = steps;
+    }
 }
 
 /// Parses `args` (program name first) and runs.
@@ -510,7 +427,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         }) => {
             let cfg = read_config(&config)?;
             let opts = RunOpts {
-                device: setup_device(device, deterministic, tf32)?,
+                device: setup_device("seg_train", device, deterministic, tf32)?,
                 progress: false,
                 verbose: false,
                 step_delay: None,
@@ -522,13 +439,13 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
             let t = cli.train;
             let c = &t.common;
             let opts = RunOpts {
-                device: setup_device(c.device, c.deterministic, c.tf32)?,
+                device: setup_device("seg_train", c.device, c.deterministic, c.tf32)?,
                 progress: !t.quiet,
                 verbose: true,
                 step_delay: t.step_delay_ms.map(Duration::from_millis),
                 fault: t.fault.unwrap_or_default(),
             };
-            let (cfg, out, resume) = match resume_dir(&t)? {
+            let (cfg, out, resume) = match t.resume.run_dir()? {
                 Some(dir) => {
                     let (cfg, found) = resume_plan(&t, &dir, &matches, &opts.device)?;
                     (cfg, dir, Some(found))

@@ -10,8 +10,9 @@ use keel::norm::NormKind;
 use keel::train::{grid, write_atomic, RunSummary};
 
 use super::cli::RunConfig;
-use super::cli::{parse_norm, pick_device, CommonArgs};
+use super::cli::{parse_norm, CommonArgs};
 use super::train;
+use keel::train::cli::pick_device;
 
 #[derive(Args, Debug, Clone)]
 pub struct CompareArgs {

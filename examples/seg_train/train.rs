@@ -20,9 +20,10 @@ use keel::train::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::cli::{advice_flags, RunConfig};
+use super::cli::RunConfig;
 use super::data::{self, Loader, LoaderConfig, Sources, IGNORE};
 use super::output;
+use keel::train::cli::advice_flags;
 
 /// How a run is driven (not part of its identity).
 pub struct RunOpts {

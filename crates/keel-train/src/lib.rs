@@ -112,6 +112,8 @@ mod advice;
 pub mod bench;
 mod checkpoint;
 mod ckpt_file;
+#[cfg(feature = "clap")]
+pub mod cli;
 mod config;
 mod diff;
 mod divergence;

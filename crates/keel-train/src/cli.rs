@@ -1,0 +1,372 @@
+//! Command-line parts that every keel trainer shares (feature `clap`): the device choice, the
+//! rendering of [`Advice`] as keel's standard trainer flags, and `--resume`.
+//!
+//! seg_train and det_train use the same flag names for the same things, so a user who knows
+//! one knows the other. This module is for programs that build such a command line; the
+//! rest of keel-train never names a flag.
+//!
+//! `--resume` works the same in every trainer: a run directory holds `config.json` and
+//! `checkpoints/`, and each checkpoint's meta holds the run's config at `user.config` (put it
+//! there with [`crate::TrainState::snapshot`]'s `user` argument). [`plan_resume`] finds the
+//! checkpoint (the newest that verifies, or the named file), checks `config.json` against
+//! the checkpoint's config (or recovers it from the checkpoint), checks the flags given on
+//! the command line against it (only `--steps` may change, to extend a run) and returns the
+//! config to continue with. Every check happens before anything is built or written.
+use std::path::{Path, PathBuf};
+
+use candle::Device;
+use clap::parser::ValueSource;
+use clap::ArgMatches;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{changed_fields, load_latest_checkpoint, Advice, FieldChange, Resume};
+
+/// `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// The CPU.
+    Cpu,
+    /// CUDA device 0 (an error when the binary has no CUDA or no device is usable).
+    Cuda,
+}
+
+/// `--device`: cpu, cuda (an error without a usable CUDA device), or the default (`None`):
+/// cuda when compiled in and usable, else cpu, saying why on stderr when CUDA is compiled in
+/// but fails to initialise.
+pub fn pick_device(want: Option<DeviceChoice>) -> candle::Result<Device> {
+    match want {
+        Some(DeviceChoice::Cpu) => Ok(Device::Cpu),
+        Some(DeviceChoice::Cuda) => {
+            if !candle::utils::cuda_is_available() {
+                candle::bail!(
+                    "--device cuda: this binary was built without CUDA; rebuild with --features cuda"
+                )
+            }
+            Device::new_cuda(0).map_err(|e| {
+                candle::Error::Msg(format!("--device cuda: no usable CUDA device: {e}"))
+            })
+        }
+        None if candle::utils::cuda_is_available() => match Device::new_cuda(0) {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                eprintln!("warning: CUDA is compiled in but device 0 failed to initialise ({e}); training on the CPU (--device cpu silences this, --device cuda makes it an error)");
+                Ok(Device::Cpu)
+            }
+        },
+        None => Ok(Device::Cpu),
+    }
+}
+
+/// [`pick_device`], prepared for training ([`keel_kernels::prepare_device`]: freed CUDA
+/// memory stays in the device's pool), with `--deterministic` and `--tf32` set process-wide
+/// (they change CUDA convolutions and matmuls only; `tool` prints a note saying so on the CPU).
+pub fn setup_device(
+    tool: &str,
+    want: Option<DeviceChoice>,
+    deterministic: bool,
+    tf32: bool,
+) -> candle::Result<Device> {
+    let dev = pick_device(want)?;
+    keel_kernels::set_conv_deterministic(deterministic);
+    keel_kernels::set_conv_tf32(tf32);
+    candle::cuda::set_gemm_reduced_precision_f32(tf32);
+    if (deterministic || tf32) && !dev.is_cuda() {
+        eprintln!("{tool}: note: --deterministic and --tf32 change CUDA only; a CPU run is deterministic and true f32 already");
+    }
+    keel_kernels::prepare_device(&dev)?;
+    Ok(dev)
+}
+
+/// The trainer flags that carry out `advice` (`--clip-grad`, `--lr`, `--norm`, `--amp`,
+/// `--init`, `--warmup-steps`), when flags can (keeping the best checkpoint is a choice of
+/// file, not of flags).
+///
+/// ```
+/// use keel_train::{cli::advice_flags, Advice};
+/// let a = Advice::ClipGrad { at: 2.0, current: None, lr: 0.02 };
+/// assert_eq!(advice_flags(&a).as_deref(), Some("--clip-grad 2.000"));
+/// ```
+pub fn advice_flags(advice: &Advice) -> Option<String> {
+    let clip = |at: f64| format!("--clip-grad {at:.3}");
+    match advice {
+        Advice::SwitchNorm { to, .. } => Some(format!("--norm {to}")),
+        Advice::RestartWithLowerLr { to } => Some(format!("--init <best checkpoint> --lr {to}")),
+        Advice::RestartBeforeDivergence { step, to, .. } => Some(format!(
+            "--init <a checkpoint from before step {step}> --lr {to} --warmup-steps <a few hundred>"
+        )),
+        Advice::LowerLr { to, .. } => Some(format!("--lr {to}")),
+        Advice::ClipGrad { at, .. } => Some(clip(*at)),
+        Advice::GuardAgainstNan {
+            clip_at, try_bf16, ..
+        } => {
+            let mut f: Vec<String> = clip_at.map(clip).into_iter().collect();
+            if *try_bf16 {
+                f.push("--amp bf16".into());
+            }
+            (!f.is_empty()).then(|| f.join(" "))
+        }
+        Advice::UseBf16 { .. } => Some("--amp bf16".into()),
+        Advice::FixNonFiniteGrads { clip_at, .. } => clip_at.map(clip),
+        Advice::KeepBestCheckpoint { .. } => None,
+    }
+}
+
+/// `--resume DIR` and `--resume-from FILE`: which run a command continues.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq)]
+pub struct ResumeArgs {
+    /// Continue the run in DIR from its newest valid checkpoint (a corrupt newer one is
+    /// skipped with a warning), with the run's saved config. Other flags must match that
+    /// config (an error names each one that differs), except --steps, which sets a new
+    /// length: `--resume DIR --steps 40` extends a finished 20-step run to 40 steps. The LR
+    /// schedule is then recomputed for the new length (warmup unchanged; the LR at step s is
+    /// the new schedule's, so it rises again after the old schedule's end, like a warm
+    /// restart). A missing config.json is recovered from the checkpoint.
+    #[arg(long = "resume", id = "resume", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Resume from this checkpoint file instead of the newest one (with --resume DIR, or
+    /// alone for a file in a run's checkpoints/ folder).
+    #[arg(long = "resume-from", id = "resume_from", value_name = "FILE")]
+    pub from: Option<PathBuf>,
+}
+
+impl ResumeArgs {
+    /// The run directory to resume: `--resume DIR`, or the run that `--resume-from FILE`'s
+    /// `checkpoints/` folder belongs to; `None` for a fresh run.
+    pub fn run_dir(&self) -> candle::Result<Option<PathBuf>> {
+        match (&self.dir, &self.from) {
+            (Some(dir), _) => Ok(Some(dir.clone())),
+            (None, Some(file)) => {
+                let run = file
+                    .parent()
+                    .filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"))
+                    .and_then(Path::parent);
+                match run {
+                    Some(run) => Ok(Some(run.to_path_buf())),
+                    None => candle::bail!(
+                        "--resume-from {}: the file is not in a run's checkpoints/ folder; name \
+                         the run too: --resume DIR --resume-from {}",
+                        file.display(),
+                        file.display()
+                    ),
+                }
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The checkpoint to continue `dir` from: `--resume-from`'s file, or the newest in
+    /// `dir/checkpoints` that verifies (the newer ones skipped are in [`Resume::skipped`]).
+    pub fn find_checkpoint(&self, dir: &Path, device: &Device) -> candle::Result<Resume> {
+        if let Some(file) = &self.from {
+            return Resume::from_file(file, device)
+                .map_err(|e| msg(format!("--resume-from {}: {e}", file.display())));
+        }
+        let shown = dir.display();
+        let ckpts = dir.join("checkpoints");
+        load_latest_checkpoint(&ckpts, device)
+            .map_err(|e| msg(format!("--resume {shown}: {e}")))?
+            .ok_or_else(|| {
+                msg(format!(
+                    "--resume {shown}: no checkpoint in {}",
+                    ckpts.display()
+                ))
+            })
+    }
+}
+
+/// A trainer's run config as `--resume` handles it: saved as `config.json` and in every
+/// checkpoint's meta at `user.config`; its serde field names are its flags' names with `_`
+/// for `-` (`batch_size` is `--batch-size`).
+pub trait ResumableConfig: Serialize + DeserializeOwned + Clone {
+    /// Optimizer steps of the run.
+    fn steps(&self) -> usize;
+    /// Sets the run's length (`--steps` on `--resume` extends a run).
+    fn set_steps(&mut self, steps: usize);
+}
+
+/// What [`plan_resume`] needs to know about the command line.
+pub struct ResumeRequest<'a, C> {
+    /// The program's name, in messages ("not a seg_train checkpoint?").
+    pub tool: &'a str,
+    /// The run directory ([`ResumeArgs::run_dir`]).
+    pub dir: &'a Path,
+    /// `--resume` / `--resume-from`.
+    pub args: &'a ResumeArgs,
+    /// The config the command line's flags would define for a fresh run.
+    pub given: C,
+    /// `--out` as given (checked against `dir` when given explicitly).
+    pub out: &'a Path,
+    /// The parsed command line: which flags the user gave explicitly.
+    pub matches: &'a ArgMatches,
+    /// Flags that are not part of the config (`--device`, `--quiet`, ...): never compared.
+    pub not_config: &'a [&'a str],
+}
+
+/// What `--resume` continues with: the config (the run's, with `--steps` applied) and the
+/// checkpoint; `warnings` are for stderr (a missing `config.json` recovered, newer
+/// checkpoints skipped).
+pub struct ResumePlan<C> {
+    /// The config to continue with.
+    pub config: C,
+    /// The checkpoint to restore.
+    pub found: Resume,
+    /// Lines to print as warnings.
+    pub warnings: Vec<String>,
+}
+
+/// Plans a resumed run; see the module docs. Errors name the directory, the file and every
+/// flag that differs from the run's config, with the fix.
+pub fn plan_resume<C: ResumableConfig>(
+    req: ResumeRequest<'_, C>,
+    device: &Device,
+) -> candle::Result<ResumePlan<C>> {
+    let (dir, tool) = (req.dir, req.tool);
+    let shown = dir.display();
+    let found = req.args.find_checkpoint(dir, device)?;
+    let mut warnings: Vec<String> = found
+        .skipped
+        .iter()
+        .zip(&found.skip_reasons)
+        .map(|(bad, why)| {
+            format!(
+                "skipping {} ({why}); resuming from {}",
+                bad.display(),
+                found.path.display()
+            )
+        })
+        .collect();
+    let stored: C = serde_json::from_value(found.checkpoint.meta["user"]["config"].clone())
+        .map_err(|e| {
+            msg(format!(
+                "--resume {shown}: {} holds no {tool} config in its meta (not a {tool} \
+                 checkpoint?): {e}",
+                found.path.display()
+            ))
+        })?;
+    let config_path = dir.join("config.json");
+    let mut cfg = if config_path.exists() {
+        let file: C =
+            read_config(&config_path, tool).map_err(|e| msg(format!("--resume {shown}: {e}")))?;
+        check_config_file(&file, &stored, &found.path)
+            .map_err(|e| msg(format!("--resume {shown}: {e}")))?;
+        file
+    } else {
+        warnings.push(format!(
+            "--resume {shown}: no config.json; recovered the run's config from {}",
+            found.path.display()
+        ));
+        stored
+    };
+    let differ = flags_that_differ(&req, &cfg)?;
+    if !differ.is_empty() {
+        let one = differ.len() == 1;
+        candle::bail!(
+            "--resume {shown}: {} differ{} from the run's config; a resumed run keeps its \
+             settings (only --steps may change, to extend it): drop {}, or start a new run \
+             with another --out",
+            differ.join(", "),
+            if one { "s" } else { "" },
+            if one { "it" } else { "them" }
+        )
+    }
+    let at = found.checkpoint.step;
+    let steps = req.given.steps();
+    if explicit(req.matches, "steps") && steps != cfg.steps() {
+        if steps <= at {
+            candle::bail!(
+                "--resume {shown} --steps {steps}: the checkpoint is at step {at}; pass a larger \
+                 --steps to continue"
+            )
+        }
+        cfg.set_steps(steps);
+    }
+    if at >= cfg.steps() {
+        candle::bail!(
+            "--resume {shown}: the run already finished its {} steps ({} is at step {at}); \
+             extend it with --steps N (N > {at})",
+            cfg.steps(),
+            found.path.display()
+        )
+    }
+    Ok(ResumePlan {
+        config: cfg,
+        found,
+        warnings,
+    })
+}
+
+/// Reads a saved config (`config.json` of a run, or a job file).
+pub fn read_config<C: DeserializeOwned>(path: &Path, tool: &str) -> candle::Result<C> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        msg(format!(
+            "no {} (is this a {tool} --out directory?): {e}",
+            path.display()
+        ))
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| msg(format!("{}: not a {tool} config: {e}", path.display())))
+}
+
+/// `config.json` must be the config the checkpoint was trained with; only a larger `steps`
+/// (an extension whose first checkpoint was not written yet) may differ.
+fn check_config_file<C: ResumableConfig>(file: &C, stored: &C, ckpt: &Path) -> candle::Result<()> {
+    let differ: Vec<String> = changed_fields(file, stored)?
+        .into_iter()
+        .filter(|c| !(c.key == "steps" && file.steps() > stored.steps()))
+        .map(|c| {
+            let (key, a, b) = (c.key, FieldChange::show(&c.a), FieldChange::show(&c.b));
+            format!("{key} (config.json {a}, checkpoint {b})")
+        })
+        .collect();
+    if !differ.is_empty() {
+        candle::bail!(
+            "config.json differs from the config stored in {} in: {}; the checkpoint is what \
+             the run trained with: restore config.json (or delete it, and it is recovered from \
+             the checkpoint)",
+            ckpt.display(),
+            differ.join(", ")
+        )
+    }
+    Ok(())
+}
+
+/// The flags the user gave whose value differs from `cfg` (`--steps` aside), as
+/// `--flag value (the run has value)`.
+fn flags_that_differ<C: ResumableConfig>(
+    req: &ResumeRequest<'_, C>,
+    cfg: &C,
+) -> candle::Result<Vec<String>> {
+    let mut differ = Vec::new();
+    if explicit(req.matches, "out") && req.out != req.dir {
+        differ.push(format!(
+            "--out {} (the run is in {})",
+            req.out.display(),
+            req.dir.display()
+        ));
+    }
+    // Sorted by name; a config field that is no flag of this command is not checked.
+    for c in changed_fields(&req.given, cfg)? {
+        let id = c.key.as_str();
+        if req.not_config.contains(&id) || id == "steps" || !explicit(req.matches, id) {
+            continue;
+        }
+        let flag = c.key.replace('_', "-");
+        differ.push(format!(
+            "--{flag} {} (the run has {})",
+            FieldChange::show(&c.a),
+            FieldChange::show(&c.b)
+        ));
+    }
+    Ok(differ)
+}
+
+/// Whether the user gave flag `id` on the command line (not its default).
+fn explicit(matches: &ArgMatches, id: &str) -> bool {
+    matches.ids().any(|i| i.as_str() == id)
+        && matches.value_source(id) == Some(ValueSource::CommandLine)
+}
+
+fn msg(s: String) -> candle::Error {
+    candle::Error::Msg(s)
+}
