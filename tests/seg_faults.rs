@@ -224,7 +224,7 @@ fn values_that_break_training_are_cli_errors() -> anyhow::Result<()> {
     set(&mut args, "--warmup-steps", "50");
     run_cli(&args)?;
     let cfg = seg_train::cli::read_config(&out.join("config.json"))?;
-    assert_eq!(cfg.warmup_steps, 2);
+    assert_eq!(cfg.train.warmup_steps, 2);
     let _ = std::fs::remove_dir_all(out);
     Ok(())
 }

@@ -75,7 +75,7 @@ fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, 
     let mut cfg = args
         .common
         .config(args.norm, args.batch_size, args.warmup + args.steps, 0);
-    cfg.warmup_steps = 0;
+    cfg.train.warmup_steps = 0;
     cfg.validate()?;
     let (mut net, _) = Net::build(&cfg, dev)?;
     let schedule = cfg.recipe().schedule()?;
@@ -87,7 +87,7 @@ fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, 
     let timing = time_steps(dev, args.warmup, args.steps, Some(&ALLOC), |i| {
         let lr = schedule.lr(net.state.step);
         let (vm, master) = (&net.vm, &net.master);
-        let out = net.state.step(lr, cfg.clip_grad, &mut |_| {
+        let out = net.state.step(lr, cfg.train.clip_grad, &mut |_| {
             micro_loss(&cfg, vm, master, &x, &t)
         })?;
         if !out.loss.is_finite() {
@@ -107,9 +107,13 @@ fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, 
         cfg.batch_size,
         cfg.image_size,
         cfg.image_size,
-        amp_label(cfg.amp),
-        if c.tf32 && dev.is_cuda() { " tf32" } else { "" },
-        cfg.optimizer,
+        amp_label(cfg.train.amp),
+        if c.dev.tf32 && dev.is_cuda() {
+            " tf32"
+        } else {
+            ""
+        },
+        cfg.train.optimizer,
         dev.location(),
         candle::utils::get_num_threads(),
     );
@@ -124,14 +128,14 @@ fn twin_args(args: &BenchArgs, cuda: bool) -> anyhow::Result<Vec<String>> {
         NormKind::BatchNorm => "bn",
         other => bail!("--vs-torch: the PyTorch twin has GroupNorm(min(32, C)) and BatchNorm only, not --norm {other}"),
     };
-    if c.optimizer != OptimizerKind::Sgd {
+    if c.train.optimizer != OptimizerKind::Sgd {
         bail!("--vs-torch: the twin steps SGD (momentum 0.9); use --optimizer sgd")
     }
-    if c.accum_steps != 1 || c.ema_decay != 0.0 {
+    if c.train.accum_steps != 1 || c.train.ema_decay != 0.0 {
         bail!("--vs-torch: the twin has no accumulation or EMA; use --accum-steps 1 --ema-decay 0")
     }
-    let amp = match c.amp {
-        Precision::F32 if c.tf32 && cuda => "tf32",
+    let amp = match c.train.amp {
+        Precision::F32 if c.dev.tf32 && cuda => "tf32",
         Precision::F32 => "off",
         Precision::F16 if cuda => "f16",
         Precision::Bf16 if cuda => "bf16",
@@ -188,7 +192,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     // Check the twin can mirror the config before spending time on keel's side.
     // The device once, for both sides (a CUDA device is a context: not made twice).
     let c = &args.common;
-    let dev = setup_device("seg_train", c.device, c.deterministic, c.tf32)?;
+    let dev = setup_device("seg_train", c.dev.device, c.dev.deterministic, c.dev.tf32)?;
     let twin = args
         .vs_torch
         .then(|| twin_args(args, dev.is_cuda()))

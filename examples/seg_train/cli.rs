@@ -7,9 +7,8 @@ use anyhow::bail;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use keel::models::seg::ModelConfig;
 use keel::norm::NormKind;
-use keel::optim::{OptimizerKind, Precision};
-use keel::train::cli::{setup_device, DeviceChoice, ResumableConfig, ResumeArgs};
-use keel::train::{GuardPolicy, OptimRecipe};
+use keel::train::cli::{DeviceArgs, LoopArgs, ResumableConfig, ResumeArgs};
+use keel::train::{LoopConfig, OptimRecipe};
 use serde::{Deserialize, Serialize};
 
 use super::bench::{self, BenchArgs};
@@ -45,12 +44,8 @@ pub enum Command {
         config: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum)]
-        device: Option<DeviceChoice>,
-        #[arg(long)]
-        deterministic: bool,
-        #[arg(long)]
-        tf32: bool,
+        #[command(flatten)]
+        dev: DeviceArgs,
     },
 }
 
@@ -59,33 +54,14 @@ pub fn parse_norm(s: &str) -> Result<NormKind, String> {
     s.parse().map_err(|e: candle::Error| e.to_string())
 }
 
-/// Settings shared by a single run and the compare grid.
+/// Settings shared by a single run and the compare grid: keel's loop and device flags
+/// (keel::train::cli) and seg_train's model and data flags.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// Optimizer: sgd (momentum 0.9, poly 0.9) or adamw (cosine).
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
-    pub optimizer: OptimizerKind,
-    /// Base learning rate (default: sgd 0.05, adamw 1e-3).
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Weight decay on conv weights (default: sgd 1e-4, adamw 0.05); norms and biases get none.
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Linear warmup steps (0 = off). At least one step short of --steps: a larger value is
-    /// lowered to --steps - 1 with a warning, and config.json records the value used.
-    #[arg(long, default_value_t = 200)]
-    pub warmup_steps: usize,
-    /// Clip gradients to this global L2 norm (0 = off). The default 2.0 is about the p99 of
-    /// the healthy grad norms of the default run, where the monitor saw batch-2 grad norms
-    /// spike above 10x their median.
-    #[arg(long, default_value_t = 2.0)]
-    pub clip_grad: f64,
-    /// Mixed precision: off (f32), f16 (with a GradScaler) or bf16 (CUDA only).
-    #[arg(long, value_enum, default_value = "off")]
-    pub amp: Precision,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    pub accum_steps: usize,
+    #[command(flatten)]
+    pub train: LoopArgs,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
     /// Base width w of the encoder (stages w, 2w, 4w, 8w; the twin is 64).
     #[arg(long, default_value_t = 16)]
     pub width: usize,
@@ -113,35 +89,6 @@ pub struct CommonArgs {
     /// Batches queued per loader thread.
     #[arg(long, default_value_t = 4)]
     pub prefetch: usize,
-    /// Evaluate every N steps (and at the end).
-    #[arg(long, default_value_t = 2000)]
-    pub eval_every: usize,
-    /// Checkpoint every N steps (default: --eval-every; and at the end).
-    #[arg(long)]
-    pub ckpt_every: Option<usize>,
-    /// Checkpoints kept (plus the best).
-    #[arg(long, default_value_t = 2)]
-    pub keep_last: usize,
-    /// EMA of the weights with this decay, evaluated at the end (0 = off).
-    #[arg(long, default_value_t = 0.0)]
-    pub ema_decay: f64,
-    /// cpu or cuda (default: cuda when compiled in and usable, else cpu).
-    #[arg(long, value_enum)]
-    pub device: Option<DeviceChoice>,
-    /// CUDA: deterministic cuDNN convolution algorithms only, so one seed gives identical
-    /// weights on the GPU too (slower backward; keel::kernels::set_conv_deterministic). The
-    /// CPU is always deterministic. Not part of the run's config: pass it again on --resume.
-    #[arg(long)]
-    pub deterministic: bool,
-    /// CUDA: TF32 tensor cores for f32 convolutions and matmuls (10-bit mantissa products;
-    /// PyTorch's default for cuDNN convolutions, not keel's). Not part of the run's config.
-    #[arg(long)]
-    pub tf32: bool,
-    /// On divergence: off (nothing, NaN steps applied too), skip (skip NaN/Inf steps only),
-    /// rollback (restore the last good in-memory snapshot, skip the batches that led there,
-    /// halve the LR; stop with an error after 3 interventions).
-    #[arg(long, default_value_t = GuardPolicy::Rollback)]
-    pub guard: GuardPolicy,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -189,17 +136,9 @@ pub struct RunConfig {
     pub batch_size: usize,
     pub steps: usize,
     pub seed: u64,
-    pub optimizer: OptimizerKind,
-    /// Base LR; `None` = the optimizer's default (SGD 0.05, AdamW 1e-3).
-    pub lr: Option<f64>,
-    pub weight_decay: Option<f64>,
-    pub warmup_steps: usize,
-    pub clip_grad: Option<f64>,
-    pub amp: Precision,
-    pub accum_steps: usize,
-    pub eval_every: usize,
-    pub ckpt_every: usize,
-    pub keep_last: usize,
+    /// The loop settings (flattened: config.json stays one flat object).
+    #[serde(flatten)]
+    pub train: LoopConfig,
     pub width: usize,
     pub fpn: usize,
     pub image_size: usize,
@@ -209,43 +148,19 @@ pub struct RunConfig {
     pub val_size: usize,
     pub workers: usize,
     pub prefetch: usize,
-    pub ema_decay: f64,
     pub init: Option<PathBuf>,
-    /// `--guard`; configs saved before it existed read as rollback.
-    #[serde(default)]
-    pub guard: GuardPolicy,
 }
 
 impl CommonArgs {
-    /// The warning for a --warmup-steps that [`CommonArgs::config`] lowers to fit `steps`.
-    pub fn warmup_warning(&self, steps: usize) -> Option<String> {
-        let used = self.warmup_steps.min(steps.saturating_sub(1));
-        (used != self.warmup_steps && steps > 0).then(|| {
-            format!(
-                "--warmup-steps {} does not fit --steps {steps}: warming up for {used} steps instead (config.json records {used})",
-                self.warmup_steps
-            )
-        })
-    }
-
     /// A run config with these settings and the run-specific ones. A --warmup-steps that
-    /// does not fit `steps` is lowered to `steps - 1` (see [`CommonArgs::warmup_warning`]).
+    /// does not fit `steps` is lowered to `steps - 1` (see [`LoopArgs::warmup_warning`]).
     pub fn config(&self, norm: NormKind, batch_size: usize, steps: usize, seed: u64) -> RunConfig {
         RunConfig {
             norm,
             batch_size,
             steps,
             seed,
-            optimizer: self.optimizer,
-            lr: self.lr,
-            weight_decay: self.weight_decay,
-            warmup_steps: self.warmup_steps.min(steps.saturating_sub(1)),
-            clip_grad: (self.clip_grad != 0.0).then_some(self.clip_grad),
-            amp: self.amp,
-            accum_steps: self.accum_steps,
-            eval_every: self.eval_every,
-            ckpt_every: self.ckpt_every.unwrap_or(self.eval_every),
-            keep_last: self.keep_last,
+            train: self.train.config(steps),
             width: self.width,
             fpn: self.fpn,
             image_size: self.image_size,
@@ -255,9 +170,7 @@ impl CommonArgs {
             val_size: self.val_size,
             workers: self.workers,
             prefetch: self.prefetch,
-            ema_decay: self.ema_decay,
             init: None,
-            guard: self.guard,
         }
     }
 }
@@ -265,12 +178,7 @@ impl CommonArgs {
 impl RunConfig {
     /// The optimizer and schedule: the kind's defaults unless --lr / --weight-decay.
     pub fn recipe(&self) -> OptimRecipe {
-        let r = OptimRecipe::new(self.optimizer, self.steps).with_warmup(self.warmup_steps);
-        OptimRecipe {
-            lr: self.lr.unwrap_or(r.lr),
-            weight_decay: self.weight_decay.unwrap_or(r.weight_decay),
-            ..r
-        }
+        self.train.recipe(self.steps)
     }
 
     pub fn num_classes(&self) -> usize {
@@ -296,10 +204,6 @@ impl RunConfig {
         let at_least_1 = [
             ("--batch-size", self.batch_size),
             ("--steps", self.steps),
-            ("--accum-steps", self.accum_steps),
-            ("--eval-every", self.eval_every),
-            ("--ckpt-every", self.ckpt_every),
-            ("--keep-last", self.keep_last),
             ("--workers", self.workers),
         ];
         for (flag, v) in at_least_1 {
@@ -313,25 +217,7 @@ impl RunConfig {
                 self.image_size
             )
         }
-        self.validate_optimizer()?;
-        if let Some(c) = self.clip_grad {
-            if !(c.is_finite() && c > 0.0) {
-                bail!("--clip-grad {c}: must be a positive number")
-            }
-        }
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            bail!(
-                "--ema-decay {}: must lie in [0, 1) (0 = off)",
-                self.ema_decay
-            )
-        }
-        if self.warmup_steps >= self.steps {
-            bail!(
-                "--warmup-steps {} must be smaller than --steps {}",
-                self.warmup_steps,
-                self.steps
-            )
-        }
+        self.train.validate(self.steps)?;
         if self.data_dir.is_none() {
             if let Some(n) = self.num_classes.filter(|&n| n != SHAPE_CLASSES.len()) {
                 bail!("--num-classes {n}: the synthetic shapes set has {} classes ({}); --num-classes is for --data-dir", SHAPE_CLASSES.len(), SHAPE_CLASSES.join(", "))
@@ -354,36 +240,6 @@ impl RunConfig {
                     self.image_size
                 )
             }
-        }
-        Ok(())
-    }
-}
-
-impl RunConfig {
-    /// --lr and --weight-decay: finite and positive (non-negative) in f32, the precision
-    /// the optimizer computes in (1e39 is a finite f64 but an infinite f32: every weight
-    /// would become NaN at the first step).
-    fn validate_optimizer(&self) -> anyhow::Result<()> {
-        let r = self.recipe();
-        let fits_f32 = |x: f64| (x as f32).is_finite();
-        // 1e39, not 1000000000000000000000000000000000000000.
-        let show = |x: f64| match x.abs() {
-            a if a != 0.0 && !(1e-4..1e6).contains(&a) => format!("{x:e}"),
-            _ => x.to_string(),
-        };
-        if !(r.lr > 0.0 && fits_f32(r.lr)) {
-            bail!(
-                "--lr {}: must be a positive number below {:e} (the largest f32; the optimizer computes in f32)",
-                show(r.lr),
-                f32::MAX
-            )
-        }
-        if !(r.weight_decay >= 0.0 && fits_f32(r.weight_decay)) {
-            bail!(
-                "--weight-decay {}: must be a non-negative number below {:e} (the largest f32)",
-                show(r.weight_decay),
-                f32::MAX
-            )
         }
         Ok(())
     }
@@ -418,16 +274,10 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Compare(c)) => compare::run(&c),
         Some(Command::Bench(b)) => bench::run(&b).map(drop),
-        Some(Command::RunConfig {
-            config,
-            out,
-            device,
-            deterministic,
-            tf32,
-        }) => {
+        Some(Command::RunConfig { config, out, dev }) => {
             let cfg = read_config(&config)?;
             let opts = RunOpts {
-                device: setup_device("seg_train", device, deterministic, tf32)?,
+                device: dev.setup("seg_train")?,
                 progress: false,
                 verbose: false,
                 step_delay: None,
@@ -439,7 +289,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
             let t = cli.train;
             let c = &t.common;
             let opts = RunOpts {
-                device: setup_device("seg_train", c.device, c.deterministic, c.tf32)?,
+                device: c.dev.setup("seg_train")?,
                 progress: !t.quiet,
                 verbose: true,
                 step_delay: t.step_delay_ms.map(Duration::from_millis),
@@ -451,7 +301,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                     (cfg, dir, Some(found))
                 }
                 None => {
-                    if let Some(w) = t.common.warmup_warning(t.steps) {
+                    if let Some(w) = t.common.train.warmup_warning(t.steps) {
                         eprintln!("seg_train: warning: {w}");
                     }
                     let cfg = t.common.config(t.norm, t.batch_size, t.steps, t.seed);

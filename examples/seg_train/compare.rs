@@ -52,7 +52,7 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
             args.common.config(n, b, args.steps, 0).validate()?;
         }
     }
-    let device = pick_device(args.common.device)?; // the children set up their own
+    let device = pick_device(args.common.dev.device)?; // the children set up their own
     super::output::writable(&args.out)?;
     let total = norms.len() * batches.len() * args.seeds as usize;
     let pb = indicatif::ProgressBar::new(total as u64);
@@ -92,8 +92,8 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
     ];
     let c = &args.common;
-    device_args.extend(c.deterministic.then(|| "--deterministic".to_string()));
-    device_args.extend(c.tf32.then(|| "--tf32".to_string()));
+    device_args.extend(c.dev.deterministic.then(|| "--deterministic".to_string()));
+    device_args.extend(c.dev.tf32.then(|| "--tf32".to_string()));
     let summaries = run_jobs(&queue, args.jobs, &device_args, &pb)?;
     let runs = queue.iter().zip(summaries);
     let cells = Cell::group(runs.map(|(j, s)| (j.norm.clone(), j.batch, s)));
@@ -218,9 +218,9 @@ pub fn results_md(
     let _ = writeln!(
         md,
         "Synthetic shapes ({} train / {} val images, {}x{}), width {}, fpn {}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s.\n",
-        c.train_size, c.val_size, c.image_size, c.image_size, c.width, c.fpn, c.optimizer,
-        recipe.decay_name(), recipe.lr, c.warmup_steps,
-        if c.clip_grad == 0.0 { "off".to_string() } else { c.clip_grad.to_string() }, train::amp_label(c.amp), args.steps, args.seeds, device.location(), seconds
+        c.train_size, c.val_size, c.image_size, c.image_size, c.width, c.fpn, c.train.optimizer,
+        recipe.decay_name(), recipe.lr, c.train.warmup_steps,
+        if c.train.clip_grad == 0.0 { "off".to_string() } else { c.train.clip_grad.to_string() }, train::amp_label(c.train.amp), args.steps, args.seeds, device.location(), seconds
     );
     md.push_str(&grid::table_md(cells));
     md

@@ -10,13 +10,13 @@ use candle_nn::{VarBuilder, VarMap};
 use keel::kernels::{cross_entropy, CrossEntropyConfig};
 use keel::models::seg::{count_params, init_weights, load_pretrained, SegNet};
 use keel::norm::NormKind;
-use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
+use keel::optim::{split_no_decay, LrSchedule, Precision};
 use keel::train::run_dir::RunDir;
 use keel::train::{
     named_vars, progress_bar, write_atomic, CheckpointManager, EvalLog, EvalRecord, Guard,
     GuardAction, GuardConfig, GuardLog, GuardSummary, HealthReport, Interrupt, Intervention,
     JsonlLogger, MonitorConfig, Resume, RunContext, SegEval, StepLog, StepOutcome, StopSignal,
-    TrainConfig, TrainState,
+    TrainState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -156,13 +156,13 @@ impl<'a> Run<'a> {
         if !self.state.weights_finite()? {
             return Ok(SegEval::nan(cfg.num_classes()));
         }
-        let cast = SegNet::cast_copy(&cfg.model(), &self.vm, cfg.amp.compute_dtype(), dev)?;
+        let cast = SegNet::cast_copy(&cfg.model(), &self.vm, cfg.train.amp.compute_dtype(), dev)?;
         let model = cast.as_ref().unwrap_or(&self.master);
         let val = self.data.val.as_ref();
         let batches = data::eval_batches(val, cfg.batch_size.max(8), cfg.image_size)
             .map(|b| b?.to_tensors(dev));
         SegEval::evaluate(batches, cfg.num_classes(), Some(IGNORE as u32), |x| {
-            model.forward(&x.to_dtype(cfg.amp.compute_dtype())?, false)
+            model.forward(&x.to_dtype(cfg.train.amp.compute_dtype())?, false)
         })
     }
 
@@ -185,7 +185,8 @@ impl<'a> Run<'a> {
         resume: Option<Resume>,
     ) -> anyhow::Result<(CheckpointManager, JsonlLogger, RunDir)> {
         let lock = output::claim(out, resume.is_some())?;
-        let mut manager = CheckpointManager::new(out.join("checkpoints"), self.cfg.keep_last)?;
+        let mut manager =
+            CheckpointManager::new(out.join("checkpoints"), self.cfg.train.keep_last)?;
         manager.set_write_pause(output::save_pause()?);
         let log_path = out.join("log.jsonl");
         lock.write_config(self.cfg)?;
@@ -213,8 +214,8 @@ impl<'a> Run<'a> {
         let p = count_params(&self.vm);
         eprintln!(
             "seg_train: norm {}, width {}, fpn {}, {:.2} M params, {} classes, batch {} x accum {}, {} steps, {} {} lr {}, amp {}, device {:?}",
-            cfg.norm, cfg.width, cfg.fpn, p as f64 / 1e6, cfg.num_classes(), cfg.batch_size, cfg.accum_steps, cfg.steps, cfg.optimizer,
-            r.decay_name(), r.lr, amp_label(cfg.amp), self.opts.device.location()
+            cfg.norm, cfg.width, cfg.fpn, p as f64 / 1e6, cfg.num_classes(), cfg.batch_size, cfg.train.accum_steps, cfg.steps, cfg.train.optimizer,
+            r.decay_name(), r.lr, amp_label(cfg.train.amp), self.opts.device.location()
         );
         if let Some(m) = &self.init_msg {
             eprintln!("{m}");
@@ -234,7 +235,7 @@ impl<'a> Run<'a> {
             let x = fault.poison_inputs(step, &x)?;
             fault.poison_loss(step, &micro_loss(cfg, vm, master, &x, &t)?)
         };
-        Ok(self.state.step(lr, cfg.clip_grad, &mut micro)?)
+        Ok(self.state.step(lr, cfg.train.clip_grad, &mut micro)?)
     }
 }
 
@@ -259,7 +260,7 @@ impl Net {
     /// Builds the model (seeded init, then `--init` weights if any) and its train state;
     /// returns the `--init` message to print.
     pub fn build(cfg: &RunConfig, dev: &Device) -> anyhow::Result<(Self, Option<String>)> {
-        if cfg.amp == Precision::Bf16 && dev.is_cpu() {
+        if cfg.train.amp == Precision::Bf16 && dev.is_cpu() {
             bail!("--amp bf16 needs --device cuda: candle 0.11's CPU backend has no bf16 matmul/conv (use --amp f16 or off on CPU)")
         }
         let vm = VarMap::new();
@@ -269,20 +270,11 @@ impl Net {
             Some(p) => Some(load_init(&vm, p, cfg.norm, dev)?),
             None => None,
         };
-        let train_cfg = TrainConfig {
-            precision: cfg.amp,
-            accum_steps: cfg.accum_steps,
-            ema: (cfg.ema_decay > 0.0).then_some(EmaConfig {
-                decay: cfg.ema_decay,
-                warmup: EmaWarmup::Tf,
-            }),
-            // A uniform prediction's cross-entropy: the monitor's reference for divergence.
-            monitor: MonitorConfig {
-                reference_loss: Some((cfg.num_classes() as f64).ln()),
-                ..Default::default()
-            },
+        // A uniform prediction's cross-entropy: the monitor's reference for divergence.
+        let train_cfg = cfg.train.train_config(MonitorConfig {
+            reference_loss: Some((cfg.num_classes() as f64).ln()),
             ..Default::default()
-        };
+        });
         let optimizer = cfg.recipe().optimizer(split_no_decay(&vm))?;
         let state = TrainState::new(named_vars(&vm), optimizer, &train_cfg)?;
         Ok((Self { vm, master, state }, init_msg))
@@ -298,7 +290,7 @@ pub fn micro_loss(
     x: &Tensor,
     t: &Tensor,
 ) -> candle::Result<Tensor> {
-    let logits = master.forward_in(&cfg.model(), vm, x, cfg.amp.compute_dtype(), true)?;
+    let logits = master.forward_in(&cfg.model(), vm, x, cfg.train.amp.compute_dtype(), true)?;
     let ignore = CrossEntropyConfig {
         ignore_index: Some(IGNORE as i64),
         weight: None,
@@ -335,8 +327,8 @@ pub fn run(
             batch: cfg.batch_size,
             size: cfg.image_size,
             seed: cfg.seed,
-            start: start * cfg.accum_steps,
-            end: cfg.steps * cfg.accum_steps,
+            start: start * cfg.train.accum_steps,
+            end: cfg.steps * cfg.train.accum_steps,
             workers: cfg.workers,
             prefetch: cfg.prefetch,
         },
@@ -349,7 +341,7 @@ pub fn run(
     // From here a first SIGINT/SIGTERM stops after the current step (a second exits at once).
     let (stop, out_dir) = (Interrupt::install()?, out);
     let guard_cfg = GuardConfig {
-        policy: cfg.guard,
+        policy: cfg.train.guard,
         ..GuardConfig::for_run(cfg.steps)
     };
     let mut guard = Guard::new(guard_cfg, &mut run.state)?;
@@ -385,8 +377,8 @@ pub fn run(
         pb.inc(1);
         let last = step + 1 == cfg.steps;
         let signal = stop.requested();
-        let eval_due = (step + 1) % cfg.eval_every == 0 || last;
-        let ckpt_due = (step + 1) % cfg.ckpt_every == 0 || last || signal.is_some();
+        let eval_due = (step + 1) % cfg.train.eval_every == 0 || last;
+        let ckpt_due = (step + 1) % cfg.train.ckpt_every == 0 || last || signal.is_some();
         let mut metric = None;
         if eval_due || ckpt_due {
             run.check_weights(step, &say)?;
@@ -470,8 +462,8 @@ impl Run<'_> {
             batch_size: cfg.batch_size,
             pretrained: cfg.init.is_some(),
             lr: cfg.recipe().lr,
-            clip_grad: cfg.clip_grad,
-            precision: cfg.amp,
+            clip_grad: cfg.train.clip_grad,
+            precision: cfg.train.amp,
             steps: cfg.steps,
         };
         let report = self.state.monitor.report(&ctx).with_guard(guard);
@@ -569,7 +561,7 @@ impl Run<'_> {
             GuardAction::RolledBack(i) | GuardAction::Stop(i) => i,
         };
         logger.log(&GuardLog::new(i))?;
-        pb.suspend(|| eprintln!("guard ({}): {i}", self.cfg.guard));
+        pb.suspend(|| eprintln!("guard ({}): {i}", self.cfg.train.guard));
         Ok(Some(i))
     }
 }

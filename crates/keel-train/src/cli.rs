@@ -1,5 +1,6 @@
-//! Command-line parts that every keel trainer shares (feature `clap`): the device choice, the
-//! rendering of [`Advice`] as keel's standard trainer flags, and `--resume`.
+//! Command-line parts that every keel trainer shares (feature `clap`): the loop flags
+//! ([`LoopArgs`] -> [`LoopConfig`]), the device flags ([`DeviceArgs`]), `--resume`
+//! ([`ResumeArgs`], [`plan_resume`]) and the rendering of [`Advice`] as those flags.
 //!
 //! seg_train and det_train use the same flag names for the same things, so a user who knows
 //! one knows the other. This module is for programs that build such a command line; the
@@ -20,7 +21,11 @@ use clap::ArgMatches;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{changed_fields, load_latest_checkpoint, Advice, FieldChange, Resume};
+use keel_optim::{OptimizerKind, Precision};
+
+use crate::{
+    changed_fields, load_latest_checkpoint, Advice, FieldChange, GuardPolicy, LoopConfig, Resume,
+};
 
 /// `--device`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -369,4 +374,111 @@ fn explicit(matches: &ArgMatches, id: &str) -> bool {
 
 fn msg(s: String) -> candle::Error {
     candle::Error::Msg(s)
+}
+
+/// The loop flags every keel trainer shares, as a clap group to `#[command(flatten)]`;
+/// [`LoopArgs::config`] turns them into a [`LoopConfig`]. A trainer that wants other
+/// defaults changes them on its `clap::Command` (`mut_arg("eval_every", |a|
+/// a.default_value("500"))`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoopArgs {
+    /// Optimizer: sgd (momentum 0.9, poly 0.9) or adamw (cosine).
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    pub optimizer: OptimizerKind,
+    /// Base learning rate (default: sgd 0.05, adamw 1e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Weight decay on conv weights (default: sgd 1e-4, adamw 0.05); norms and biases get none.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Linear warmup steps (0 = off). At least one step short of --steps: a larger value is
+    /// lowered to --steps - 1 with a warning, and config.json records the value used.
+    #[arg(long, default_value_t = 200)]
+    pub warmup_steps: usize,
+    /// Clip gradients to this global L2 norm (0 = off). The default 2.0 is about the p99 of
+    /// the healthy grad norms of seg_train's default run, where the monitor saw batch-2 grad
+    /// norms spike above 10x their median.
+    #[arg(long, default_value_t = 2.0)]
+    pub clip_grad: f64,
+    /// Mixed precision: off (f32), f16 (with a GradScaler) or bf16 (CUDA only).
+    #[arg(long, value_enum, default_value = "off")]
+    pub amp: Precision,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub accum_steps: usize,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long, default_value_t = 2000)]
+    pub eval_every: usize,
+    /// Checkpoint every N steps (default: --eval-every; and at the end).
+    #[arg(long)]
+    pub ckpt_every: Option<usize>,
+    /// Checkpoints kept (plus the best).
+    #[arg(long, default_value_t = 2)]
+    pub keep_last: usize,
+    /// EMA of the weights with this decay, evaluated at the end (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub ema_decay: f64,
+    /// On divergence: off (nothing, NaN steps applied too), skip (skip NaN/Inf steps only),
+    /// rollback (restore the last good in-memory snapshot, skip the batches that led there,
+    /// halve the LR; stop with an error after 3 interventions).
+    #[arg(long, default_value_t = GuardPolicy::Rollback)]
+    pub guard: GuardPolicy,
+}
+
+impl LoopArgs {
+    /// The loop config for a run of `steps` steps: `--clip-grad 0` is off, `--ckpt-every`
+    /// defaults to `--eval-every`, and a `--warmup-steps` that does not fit is lowered to
+    /// `steps - 1` (see [`LoopArgs::warmup_warning`]).
+    pub fn config(&self, steps: usize) -> LoopConfig {
+        LoopConfig {
+            optimizer: self.optimizer,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup_steps: self.warmup_steps.min(steps.saturating_sub(1)),
+            clip_grad: (self.clip_grad != 0.0).then_some(self.clip_grad),
+            amp: self.amp,
+            accum_steps: self.accum_steps,
+            eval_every: self.eval_every,
+            ckpt_every: self.ckpt_every.unwrap_or(self.eval_every),
+            keep_last: self.keep_last,
+            ema_decay: self.ema_decay,
+            guard: self.guard,
+        }
+    }
+
+    /// The warning for a `--warmup-steps` that [`LoopArgs::config`] lowers to fit `steps`.
+    pub fn warmup_warning(&self, steps: usize) -> Option<String> {
+        let used = self.warmup_steps.min(steps.saturating_sub(1));
+        (used != self.warmup_steps && steps > 0).then(|| {
+            format!(
+                "--warmup-steps {} does not fit --steps {steps}: warming up for {used} steps instead (config.json records {used})",
+                self.warmup_steps
+            )
+        })
+    }
+}
+
+/// `--device`, `--deterministic` and `--tf32`: where a run computes, not part of its config
+/// (a resumed run takes them again).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DeviceArgs {
+    /// cpu or cuda (default: cuda when compiled in and usable, else cpu).
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
+    /// CUDA: deterministic cuDNN convolution algorithms only, so one seed gives identical
+    /// weights on the GPU too (slower backward; keel::kernels::set_conv_deterministic). The
+    /// CPU is always deterministic. Not part of the run's config: pass it again on --resume.
+    #[arg(long)]
+    pub deterministic: bool,
+    /// CUDA: TF32 tensor cores for f32 convolutions and matmuls (10-bit mantissa products;
+    /// PyTorch's default for cuDNN convolutions, not keel's). Not part of the run's config.
+    #[arg(long)]
+    pub tf32: bool,
+}
+
+impl DeviceArgs {
+    /// [`setup_device`] with these flags; `tool` names the program in notes.
+    pub fn setup(&self, tool: &str) -> candle::Result<Device> {
+        setup_device(tool, self.device, self.deterministic, self.tf32)
+    }
 }

@@ -5,7 +5,13 @@
 //!   update and monitor record, in one call; [`TrainState::snapshot`] and
 //!   [`TrainState::restore`] to and from keel checkpoints, bit-exact on resume.
 //! - [`OptimRecipe`]: the optimizer and LR schedule of an [`keel_optim::OptimizerKind`]
-//!   (SGD + poly, AdamW + cosine, linear warmup).
+//!   (SGD + poly, AdamW + cosine, linear warmup); [`LoopConfig`]: a run's loop settings
+//!   (recipe, precision, accumulation, clipping, EMA, cadence, guard), checked in one place,
+//!   for a trainer's config to embed.
+//! - `cli` (feature `clap`): the command-line parts every keel trainer shares: the loop
+//!   flags (`LoopArgs` -> [`LoopConfig`]), `--device`/`--deterministic`/`--tf32`,
+//!   `--resume DIR`/`--resume-from FILE` planned and checked against the run's config
+//!   (`plan_resume`), and [`Advice`] rendered as those flags.
 //! - [`StabilityMonitor`]: "is my training going haywire?" Robust loss-spike detection,
 //!   gradient-norm explosions, NaN/Inf, skipped steps, loss-scale collapses, eval regressions
 //!   and the train-vs-eval gap. [`StabilityMonitor::summary`] returns what it saw as data
@@ -124,6 +130,7 @@ mod guard;
 mod interrupt;
 mod lock;
 mod log;
+mod loop_config;
 pub mod mem;
 mod metrics;
 mod monitor;
@@ -150,6 +157,7 @@ pub use guard::{Guard, GuardAction};
 pub use interrupt::{Interrupt, StopSignal};
 pub use lock::{RunLock, LOCK_FILE};
 pub use log::{EvalLog, GuardLog, JsonlLogger, StepLog};
+pub use loop_config::LoopConfig;
 pub use metrics::{ConfusionMatrix, SegEval};
 pub use monitor::{Alarm, EvalRecord, StabilityMonitor, StepRecord};
 pub use progress::progress_bar;
