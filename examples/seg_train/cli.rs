@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::bench::{self, BenchArgs};
 use super::compare::{self, CompareArgs};
 use super::data::SHAPE_CLASSES;
+use super::model::BackboneArgs;
 use super::resume::{resume_dir, resume_plan};
 use super::train::{self, RunOpts};
 
@@ -142,6 +143,8 @@ pub struct CommonArgs {
     /// halve the LR; stop with an error after 3 interventions).
     #[arg(long, default_value_t = GuardPolicy::Rollback)]
     pub guard: GuardPolicy,
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -174,7 +177,10 @@ pub struct TrainArgs {
     /// alone for a file in a run's checkpoints/ folder).
     #[arg(long, value_name = "FILE")]
     pub resume_from: Option<PathBuf>,
-    /// Pretrained weights (safetensors, twin names); BatchNorms are converted to --norm.
+    /// Pretrained weights (safetensors): twin names for the twin (BatchNorms converted to
+    /// --norm), a torchvision checkpoint written by scripts/torchvision_to_safetensors.py for
+    /// --backbone resnet* (BatchNorms kept, frozen or converted to --backbone-norm; the
+    /// first missing, misshapen or unexpected key is an error before anything is written).
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// No progress bar.
@@ -225,6 +231,10 @@ pub struct RunConfig {
     /// `--guard`; configs saved before it existed read as rollback.
     #[serde(default)]
     pub guard: GuardPolicy,
+    /// `--backbone` and its flags (absent from configs saved before them, and from a twin
+    /// run's: the twin).
+    #[serde(flatten)]
+    pub backbone: BackboneArgs,
 }
 
 impl CommonArgs {
@@ -269,6 +279,7 @@ impl CommonArgs {
             ema_decay: self.ema_decay,
             init: None,
             guard: self.guard,
+            backbone: self.backbone.clone(),
         }
     }
 }
@@ -354,18 +365,7 @@ impl RunConfig {
         if let Some(p) = self.init.as_ref().filter(|p| !p.is_file()) {
             bail!("--init {}: no such file", p.display())
         }
-        self.model().validate()?;
-        if self.norm == NormKind::BatchNorm {
-            // The smallest BN input is the last stage's: 5 stride-2 convs, each ceil(n / 2).
-            let side = (0..5).fold(self.image_size, |n, _| n.div_ceil(2));
-            if self.batch_size * side * side < 2 {
-                bail!(
-                    "--norm bn cannot train at --batch-size {} with --image-size {}: the last stage is {side}x{side}, one value per channel; use --norm gn or frozen-bn, a larger batch or image",
-                    self.batch_size,
-                    self.image_size
-                )
-            }
-        }
+        self.validate_model()?;
         Ok(())
     }
 }
@@ -454,6 +454,7 @@ pub fn advice_flags(advice: &Advice) -> Option<String> {
     let clip = |at: f64| format!("--clip-grad {at:.3}");
     match advice {
         Advice::SwitchNorm { to, .. } => Some(format!("--norm {to}")),
+        Advice::SwitchBackboneNorm { to, .. } => Some(format!("--backbone-norm {to}")),
         Advice::RestartWithLowerLr { to } => Some(format!("--init <best checkpoint> --lr {to}")),
         Advice::RestartBeforeDivergence { step, to, .. } => Some(format!(
             "--init <a checkpoint from before step {step}> --lr {to} --warmup-steps <a few hundred>"
@@ -542,7 +543,8 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                         RunConfig {
                             init: t.init.clone(),
                             ..cfg
-                        },
+                        }
+                        .with_backbone_defaults(),
                         t.out.clone(),
                         None,
                     )

@@ -137,7 +137,7 @@ fn find_checkpoint(t: &TrainArgs, dir: &Path, device: &Device) -> anyhow::Result
 /// `config.json` must be the config the checkpoint was trained with; only a larger `steps`
 /// (an extension whose first checkpoint was not written yet) may differ.
 fn check_config_file(file: &RunConfig, stored: &RunConfig, ckpt: &Path) -> anyhow::Result<()> {
-    let differ: Vec<String> = changed_fields(file, stored)?
+    let differ: Vec<String> = changed_either(file, stored)?
         .into_iter()
         .filter(|c| !(c.key == "steps" && file.steps > stored.steps))
         .map(|c| {
@@ -168,7 +168,8 @@ fn flags_that_differ(
     let given = RunConfig {
         init: t.init.clone(),
         ..t.common.config(t.norm, t.batch_size, t.steps, t.seed)
-    };
+    }
+    .with_backbone_defaults();
     let explicit = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     let mut differ = Vec::new();
     if explicit("out") && t.out != dir {
@@ -180,7 +181,7 @@ fn flags_that_differ(
     }
     // Sorted by name; a config field that is no flag of this command is not checked.
     let ids: Vec<&str> = matches.ids().map(|id| id.as_str()).collect();
-    for c in changed_fields(&given, cfg)? {
+    for c in changed_either(&given, cfg)? {
         let id = c.key.as_str();
         if NOT_CONFIG.contains(&id) || id == "steps" || !ids.contains(&id) || !explicit(id) {
             continue;
@@ -193,4 +194,21 @@ fn flags_that_differ(
         ));
     }
     Ok(differ)
+}
+
+/// The fields that differ between `a` and `b`, including those only `b` serializes (a
+/// twin's config leaves the backbone flags out, a ResNet run's lists them), by key.
+fn changed_either(a: &RunConfig, b: &RunConfig) -> anyhow::Result<Vec<FieldChange>> {
+    let mut changes = changed_fields(a, b)?;
+    for c in changed_fields(b, a)? {
+        if !changes.iter().any(|x| x.key == c.key) {
+            changes.push(FieldChange {
+                key: c.key,
+                a: c.b,
+                b: c.a,
+            });
+        }
+    }
+    changes.sort_by(|x, y| x.key.cmp(&y.key));
+    Ok(changes)
 }
