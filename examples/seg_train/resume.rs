@@ -12,6 +12,7 @@ use keel::train::FieldChange;
 use keel::train::{changed_fields, load_latest_checkpoint, Resume};
 
 use super::cli::{read_config, RunConfig, TrainArgs};
+use super::model::BackboneChoice;
 
 /// Flags that drive a run without being part of its config, so `--resume` takes them.
 const NOT_CONFIG: [&str; 8] = [
@@ -197,18 +198,30 @@ fn flags_that_differ(
 }
 
 /// The fields that differ between `a` and `b`, including those only `b` serializes (a
-/// twin's config leaves the backbone flags out, a ResNet run's lists them), by key.
+/// twin's config leaves the backbone flags out, a ResNet run's lists them), by key. A field
+/// one side leaves out reads as its default (`backbone`: twin; the others: none).
 fn changed_either(a: &RunConfig, b: &RunConfig) -> anyhow::Result<Vec<FieldChange>> {
+    let absent = |key: &str, v: serde_json::Value| match (key, v) {
+        ("backbone", serde_json::Value::Null) => {
+            serde_json::to_value(BackboneChoice::default()).unwrap_or_default()
+        }
+        (_, v) => v,
+    };
     let mut changes = changed_fields(a, b)?;
     for c in changed_fields(b, a)? {
         if !changes.iter().any(|x| x.key == c.key) {
             changes.push(FieldChange {
-                key: c.key,
                 a: c.b,
                 b: c.a,
+                key: c.key,
             });
         }
     }
+    for c in &mut changes {
+        c.a = absent(&c.key, std::mem::take(&mut c.a));
+        c.b = absent(&c.key, std::mem::take(&mut c.b));
+    }
+    changes.retain(|c| c.a != c.b);
     changes.sort_by(|x, y| x.key.cmp(&y.key));
     Ok(changes)
 }
