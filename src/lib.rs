@@ -16,7 +16,9 @@
 //! - [`optim`]: LR schedules with warmup, global-norm clipping, SGD and AdamW with PyTorch
 //!   semantics, f16/bf16 mixed precision with dynamic loss scaling, accumulation, EMA.
 //! - [`models`]: networks with PyTorch parameter names: `SegNet` (ResNet-18-style
-//!   encoder, FPN-lite decoder) shaped by a serde-able `ModelConfig`.
+//!   encoder, FPN-lite decoder) shaped by a serde-able `ModelConfig`; torchvision's
+//!   ResNet-18/34/50/101 (`resnet`); `seg_model::SegModel`, the twin or a ResNet backbone
+//!   under the FPN-lite decoder, with a lower-LR param group for the backbone.
 //! - [`data`]: deterministic data: the synthetic shapes set, Pascal VOC folders validated
 //!   in full before training, a prefetching batch loader whose batches depend only on
 //!   `(seed, position)` (exact resume).

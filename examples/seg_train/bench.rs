@@ -14,8 +14,10 @@ use serde::Deserialize;
 
 use super::cli::{parse_norm, CommonArgs};
 use super::data::{eval_batches, Shapes, SHAPES_TRAIN_SEED};
+use super::model::BackboneChoice;
 use super::train::{amp_label, micro_loss, Net};
 use candle::Device;
+use keel::models::seg_model::SegModelConfig;
 use keel::train::cli::setup_device;
 
 /// `seg_train bench` flags: the model/batch flags of a run plus the timing ones.
@@ -99,7 +101,14 @@ fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, 
         Ok(())
     })?;
     let label = format!(
-        "{} width {} fpn {} classes {} batch {} {}x{} amp {}{} {} device {:?} threads {}",
+        "{}{} width {} fpn {} classes {} batch {} {}x{} amp {}{} {} device {:?} threads {}",
+        match cfg.seg_model() {
+            SegModelConfig::Twin(_) => String::new(),
+            SegModelConfig::ResNet(m) => format!(
+                "{} backbone {} freeze_at {}, head ",
+                m.depth, m.backbone_norm, m.freeze_at
+            ),
+        },
         cfg.norm,
         cfg.width,
         cfg.fpn,
@@ -123,6 +132,12 @@ fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, 
 /// The twin's settings for this config; an error names what the twin cannot mirror.
 fn twin_args(args: &BenchArgs, cuda: bool) -> anyhow::Result<Vec<String>> {
     let c = &args.common;
+    if c.backbone.backbone != BackboneChoice::Twin {
+        bail!(
+            "--vs-torch: the PyTorch twin mirrors keel's twin network only, not --backbone {}",
+            c.backbone.backbone
+        )
+    }
     let norm = match args.norm {
         NormKind::GroupNorm { groups: None } => "gn",
         NormKind::BatchNorm => "bn",

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::bench::{self, BenchArgs};
 use super::compare::{self, CompareArgs};
 use super::data::SHAPE_CLASSES;
+use super::model::BackboneArgs;
 use super::resume::resume_plan;
 use super::train::{self, RunOpts};
 
@@ -89,6 +90,8 @@ pub struct CommonArgs {
     /// Batches queued per loader thread.
     #[arg(long, default_value_t = 4)]
     pub prefetch: usize,
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -110,7 +113,10 @@ pub struct TrainArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub resume: ResumeArgs,
-    /// Pretrained weights (safetensors, twin names); BatchNorms are converted to --norm.
+    /// Pretrained weights (safetensors): twin names for the twin (BatchNorms converted to
+    /// --norm), a torchvision checkpoint written by scripts/torchvision_to_safetensors.py for
+    /// --backbone resnet* (BatchNorms kept, frozen or converted to --backbone-norm; the
+    /// first missing, misshapen or unexpected key is an error before anything is written).
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// No progress bar.
@@ -149,6 +155,10 @@ pub struct RunConfig {
     pub workers: usize,
     pub prefetch: usize,
     pub init: Option<PathBuf>,
+    /// `--backbone` and its flags (absent from configs saved before them, and from a twin
+    /// run's: the twin).
+    #[serde(flatten)]
+    pub backbone: BackboneArgs,
 }
 
 impl CommonArgs {
@@ -171,6 +181,7 @@ impl CommonArgs {
             workers: self.workers,
             prefetch: self.prefetch,
             init: None,
+            backbone: self.backbone.clone(),
         }
     }
 }
@@ -229,18 +240,7 @@ impl RunConfig {
         if let Some(p) = self.init.as_ref().filter(|p| !p.is_file()) {
             bail!("--init {}: no such file", p.display())
         }
-        self.model().validate()?;
-        if self.norm == NormKind::BatchNorm {
-            // The smallest BN input is the last stage's: 5 stride-2 convs, each ceil(n / 2).
-            let side = (0..5).fold(self.image_size, |n, _| n.div_ceil(2));
-            if self.batch_size * side * side < 2 {
-                bail!(
-                    "--norm bn cannot train at --batch-size {} with --image-size {}: the last stage is {side}x{side}, one value per channel; use --norm gn or frozen-bn, a larger batch or image",
-                    self.batch_size,
-                    self.image_size
-                )
-            }
-        }
+        self.validate_model()?;
         Ok(())
     }
 }
@@ -257,6 +257,10 @@ impl ResumableConfig for RunConfig {
 
     fn set_steps(&mut self, steps: usize) {
         self.steps = steps;
+    }
+
+    fn absent(key: &str) -> Option<serde_json::Value> {
+        (key == "backbone").then(|| serde_json::json!("twin"))
     }
 }
 
@@ -309,7 +313,8 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                         RunConfig {
                             init: t.init.clone(),
                             ..cfg
-                        },
+                        }
+                        .with_backbone_defaults(),
                         t.out.clone(),
                         None,
                     )

@@ -24,6 +24,7 @@ pub(crate) mod bench;
 pub(crate) mod cli;
 pub(crate) mod compare;
 pub(crate) use keel::data;
+pub(crate) mod model;
 pub(crate) mod output;
 pub(crate) mod resume;
 pub(crate) mod train;

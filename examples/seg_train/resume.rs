@@ -33,7 +33,8 @@ pub fn resume_plan(
     let given = RunConfig {
         init: t.init.clone(),
         ..t.common.config(t.norm, t.batch_size, t.steps, t.seed)
-    };
+    }
+    .with_backbone_defaults();
     let req = ResumeRequest {
         tool: "seg_train",
         dir,

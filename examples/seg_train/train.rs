@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use candle::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle::{Device, Tensor};
+use candle_nn::VarMap;
 use keel::kernels::{cross_entropy, CrossEntropyConfig};
-use keel::models::seg::{count_params, init_weights, load_pretrained, SegNet};
-use keel::norm::NormKind;
-use keel::optim::{split_no_decay, LrSchedule, Precision};
+use keel::models::seg::count_params;
+use keel::models::seg_model::SegModel;
+use keel::optim::{LrSchedule, Precision};
 use keel::train::run_dir::RunDir;
 use keel::train::{
     named_vars, progress_bar, write_atomic, CheckpointManager, EvalLog, EvalRecord, Guard,
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cli::RunConfig;
 use super::data::{self, Loader, LoaderConfig, Sources, IGNORE};
+use super::model;
 use super::output;
 use keel::train::cli::advice_flags;
 
@@ -111,7 +112,7 @@ struct Run<'a> {
     opts: &'a RunOpts,
     data: Sources,
     vm: VarMap,
-    master: SegNet,
+    master: SegModel,
     state: TrainState,
     schedule: Box<dyn LrSchedule + Send + Sync>,
     summary: RunSummary,
@@ -156,7 +157,12 @@ impl<'a> Run<'a> {
         if !self.state.weights_finite()? {
             return Ok(SegEval::nan(cfg.num_classes()));
         }
-        let cast = SegNet::cast_copy(&cfg.model(), &self.vm, cfg.train.amp.compute_dtype(), dev)?;
+        let cast = SegModel::cast_copy(
+            &cfg.seg_model(),
+            &self.vm,
+            cfg.train.amp.compute_dtype(),
+            dev,
+        )?;
         let model = cast.as_ref().unwrap_or(&self.master);
         let val = self.data.val.as_ref();
         let batches = data::eval_batches(val, cfg.batch_size.max(8), cfg.image_size)
@@ -243,17 +249,8 @@ impl<'a> Run<'a> {
 /// A run and `seg_train bench` build them the same way.
 pub struct Net {
     pub vm: VarMap,
-    pub master: SegNet,
+    pub master: SegModel,
     pub state: TrainState,
-}
-
-/// Loads `--init` weights with keel's [`load_pretrained`]; returns the line to print.
-fn load_init(vm: &VarMap, path: &Path, kind: NormKind, device: &Device) -> anyhow::Result<String> {
-    let shown = path.display();
-    let sd = candle::safetensors::load(path, device)
-        .with_context(|| format!("--init {shown}: cannot read safetensors"))?;
-    let report = load_pretrained(vm, sd, kind).with_context(|| format!("--init {shown}"))?;
-    Ok(format!("--init: {report}"))
 }
 
 impl Net {
@@ -264,18 +261,14 @@ impl Net {
             bail!("--amp bf16 needs --device cuda: candle 0.11's CPU backend has no bf16 matmul/conv (use --amp f16 or off on CPU)")
         }
         let vm = VarMap::new();
-        let master = SegNet::new(&cfg.model(), VarBuilder::from_varmap(&vm, DType::F32, dev))?;
-        init_weights(&vm, cfg.seed)?;
-        let init_msg = match &cfg.init {
-            Some(p) => Some(load_init(&vm, p, cfg.norm, dev)?),
-            None => None,
-        };
+        let (master, init_msg) = model::build(cfg, &vm, dev)?;
         // A uniform prediction's cross-entropy: the monitor's reference for divergence.
         let train_cfg = cfg.train.train_config(MonitorConfig {
             reference_loss: Some((cfg.num_classes() as f64).ln()),
             ..Default::default()
         });
-        let optimizer = cfg.recipe().optimizer(split_no_decay(&vm))?;
+        let groups = master.param_groups(&vm, cfg.backbone_lr_mult())?;
+        let optimizer = cfg.recipe().optimizer(groups)?;
         let state = TrainState::new(named_vars(&vm), optimizer, &train_cfg)?;
         Ok((Self { vm, master, state }, init_msg))
     }
@@ -286,11 +279,11 @@ impl Net {
 pub fn micro_loss(
     cfg: &RunConfig,
     vm: &VarMap,
-    master: &SegNet,
+    master: &SegModel,
     x: &Tensor,
     t: &Tensor,
 ) -> candle::Result<Tensor> {
-    let logits = master.forward_in(&cfg.model(), vm, x, cfg.train.amp.compute_dtype(), true)?;
+    let logits = master.forward_in(&cfg.seg_model(), vm, x, cfg.train.amp.compute_dtype(), true)?;
     let ignore = CrossEntropyConfig {
         ignore_index: Some(IGNORE as i64),
         weight: None,
@@ -465,6 +458,7 @@ impl Run<'_> {
             clip_grad: cfg.train.clip_grad,
             precision: cfg.train.amp,
             steps: cfg.steps,
+            backbone_norm: cfg.backbone_norm(),
         };
         let report = self.state.monitor.report(&ctx).with_guard(guard);
         write_atomic(

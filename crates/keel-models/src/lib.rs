@@ -8,7 +8,12 @@
 //!   names, C2-C5 outputs for an FPN, a [`NormKind`](keel_norm::NormKind) switch and
 //!   detectron2's `freeze_at`, loaded from converted torchvision checkpoints by
 //!   [`resnet::ResNet::from_state_dict`].
+//! - [`seg_model`]: [`seg_model::SegModel`], the network a training loop builds from a
+//!   [`seg_model::SegModelConfig`]: the twin, or [`seg_model::ResNetSeg`] (a ResNet backbone
+//!   under `backbone.` with SegNet's FPN-lite decoder and head) for fine-tuning a pretrained
+//!   torchvision backbone.
 #![warn(missing_docs)]
 
 pub mod resnet;
 pub mod seg;
+pub mod seg_model;

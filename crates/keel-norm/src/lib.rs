@@ -9,7 +9,7 @@
 //! - [`WsConv2d`], Weight Standardization in the mmcv and timm conventions;
 //! - [`NormKind`], one switch for a whole model, with the [`conv_norm_act`] block builder;
 //! - [`convert`], BatchNorm -> FrozenBatchNorm / GroupNorm conversion of state dicts;
-//! - [`recommend`], keel's decision table as code.
+//! - [`recommend`] and [`recommend_plan`] (backbone + head), keel's decision table as code.
 //!
 //! Trainable BatchNorm stays candle-nn's `BatchNorm`, whose train step matches PyTorch's
 //! (output, momentum 0.1, unbiased running variance: see this crate's parity tests).
@@ -29,5 +29,5 @@ pub use norm_kind::{
     conv_for, conv_norm_act, norm, Activation, Conv, ConvNormAct, Norm, NormKind, DEFAULT_GROUPS,
     NORM_EPS,
 };
-pub use recommend::{recommend, BN_MIN_BATCH};
+pub use recommend::{recommend, recommend_plan, NormPlan, BN_MIN_BATCH};
 pub use ws_conv::{ws_conv2d, ws_conv2d_no_bias, WsConfig, WsConv2d, WsConvention};

@@ -61,6 +61,24 @@ pub enum Advice {
         /// Whether eval regressed while the train loss held: BatchNorm's train/eval mismatch.
         train_eval_mismatch: bool,
     },
+    /// Normalize a model's separate backbone with `to` instead of `from` (keel's decision
+    /// table for a backbone + head model, [`keel_norm::recommend_plan`]): a pretrained
+    /// backbone below [`BN_MIN_BATCH`] images per device keeps its BatchNorm statistics frozen
+    /// (`frozen-bn`) with a GroupNorm head (`head`); from scratch, GroupNorm. Advised for
+    /// trainable BatchNorm at a small batch always, for another norm off the table when the
+    /// run was unhealthy.
+    SwitchBackboneNorm {
+        /// The backbone's normalization in the run.
+        from: NormKind,
+        /// The decision table's pick for the backbone.
+        to: NormKind,
+        /// The decision table's pick for the head, the pairing `to` is meant with.
+        head: NormKind,
+        /// Images per optimizer step per device.
+        batch_size: usize,
+        /// Whether the backbone started from pretrained weights.
+        pretrained: bool,
+    },
     /// The run diverged: restart from the best (or an earlier healthy) checkpoint with the
     /// learning rate lowered to `to` and a warmup.
     RestartWithLowerLr {
@@ -202,6 +220,44 @@ fn fmt_switch_norm(
     Ok(())
 }
 
+fn fmt_switch_backbone_norm(
+    f: &mut fmt::Formatter<'_>,
+    from: &NormKind,
+    to: &NormKind,
+    head: &NormKind,
+    b: usize,
+    pretrained: bool,
+) -> fmt::Result {
+    let (to_name, head_name) = (norm_name(to), norm_name(head));
+    match (from, pretrained) {
+        (NormKind::BatchNorm, true) => write!(
+            f,
+            "the pretrained backbone's BatchNorm at batch {b}: freeze it ({}: the pretrained \
+             statistics stay, its batch statistics would be noise) or convert it to {}; keel's \
+             decision table picks {to_name} for a pretrained backbone below {BN_MIN_BATCH} \
+             images per device, with a {head_name} head",
+            NormKind::FrozenBatchNorm,
+            norm_name(&NormKind::GroupNorm { groups: None })
+        ),
+        (NormKind::BatchNorm, false) => write!(
+            f,
+            "the backbone's BatchNorm at batch {b} from scratch: switch it to {to_name}; \
+             BatchNorm needs about {BN_MIN_BATCH} images per device for its batch statistics"
+        ),
+        _ => write!(
+            f,
+            "keel's decision table recommends {to_name} for the backbone at batch {b} {} \
+             (this run used {}), with a {head_name} head",
+            if pretrained {
+                "with pretrained weights"
+            } else {
+                "from scratch"
+            },
+            norm_name(from)
+        ),
+    }
+}
+
 impl fmt::Display for Advice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -212,6 +268,13 @@ impl fmt::Display for Advice {
                 pretrained,
                 train_eval_mismatch,
             } => fmt_switch_norm(f, from, to, *batch_size, *pretrained, *train_eval_mismatch),
+            Advice::SwitchBackboneNorm {
+                from,
+                to,
+                head,
+                batch_size,
+                pretrained,
+            } => fmt_switch_backbone_norm(f, from, to, head, *batch_size, *pretrained),
             Advice::RestartWithLowerLr { to } => write!(
                 f,
                 "the run diverged: restart from the best checkpoint or an earlier healthy one \

@@ -83,7 +83,8 @@ pub fn setup_device(
     Ok(dev)
 }
 
-/// The trainer flags that carry out `advice` (`--clip-grad`, `--lr`, `--norm`, `--amp`,
+/// The trainer flags that carry out `advice` (`--clip-grad`, `--lr`, `--norm`,
+/// `--backbone-norm`, `--amp`,
 /// `--init`, `--warmup-steps`), when flags can (keeping the best checkpoint is a choice of
 /// file, not of flags).
 ///
@@ -96,6 +97,7 @@ pub fn advice_flags(advice: &Advice) -> Option<String> {
     let clip = |at: f64| format!("--clip-grad {at:.3}");
     match advice {
         Advice::SwitchNorm { to, .. } => Some(format!("--norm {to}")),
+        Advice::SwitchBackboneNorm { to, .. } => Some(format!("--backbone-norm {to}")),
         Advice::RestartWithLowerLr { to } => Some(format!("--init <best checkpoint> --lr {to}")),
         Advice::RestartBeforeDivergence { step, to, .. } => Some(format!(
             "--init <a checkpoint from before step {step}> --lr {to} --warmup-steps <a few hundred>"
@@ -188,6 +190,37 @@ pub trait ResumableConfig: Serialize + DeserializeOwned + Clone {
     fn steps(&self) -> usize;
     /// Sets the run's length (`--steps` on `--resume` extends a run).
     fn set_steps(&mut self, steps: usize);
+    /// The value a field that this config leaves out of its serialization stands for (a
+    /// field skipped when it has its default, e.g. `backbone` for the default network), so
+    /// messages show it; `None` shows "the default".
+    fn absent(_key: &str) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+/// The fields that differ between `a` and `b`, by key, in either direction: a field only one
+/// side serializes counts, and reads as [`ResumableConfig::absent`] on the other side.
+fn changed_either<C: ResumableConfig>(a: &C, b: &C) -> candle::Result<Vec<FieldChange>> {
+    let mut changes = changed_fields(a, b)?;
+    for c in changed_fields(b, a)? {
+        if !changes.iter().any(|x| x.key == c.key) {
+            changes.push(FieldChange {
+                a: c.b,
+                b: c.a,
+                key: c.key,
+            });
+        }
+    }
+    for c in &mut changes {
+        for v in [&mut c.a, &mut c.b] {
+            if v.is_null() {
+                *v = C::absent(&c.key).unwrap_or(serde_json::Value::Null);
+            }
+        }
+    }
+    changes.retain(|c| c.a != c.b);
+    changes.sort_by(|x, y| x.key.cmp(&y.key));
+    Ok(changes)
 }
 
 /// What [`plan_resume`] needs to know about the command line.
@@ -316,7 +349,7 @@ pub fn read_config<C: DeserializeOwned>(path: &Path, tool: &str) -> candle::Resu
 /// `config.json` must be the config the checkpoint was trained with; only a larger `steps`
 /// (an extension whose first checkpoint was not written yet) may differ.
 fn check_config_file<C: ResumableConfig>(file: &C, stored: &C, ckpt: &Path) -> candle::Result<()> {
-    let differ: Vec<String> = changed_fields(file, stored)?
+    let differ: Vec<String> = changed_either(file, stored)?
         .into_iter()
         .filter(|c| !(c.key == "steps" && file.steps() > stored.steps()))
         .map(|c| {
@@ -351,7 +384,7 @@ fn flags_that_differ<C: ResumableConfig>(
         ));
     }
     // Sorted by name; a config field that is no flag of this command is not checked.
-    for c in changed_fields(&req.given, cfg)? {
+    for c in changed_either(&req.given, cfg)? {
         let id = c.key.as_str();
         if req.not_config.contains(&id) || id == "steps" || !explicit(req.matches, id) {
             continue;

@@ -103,7 +103,7 @@
 //! }
 //! let ctx = RunContext { norm: NormKind::GroupNorm { groups: None }, batch_size: 2,
 //!                        pretrained: false, lr: 0.02, clip_grad: None,
-//!                        precision: Precision::F32, steps: 100 };
+//!                        precision: Precision::F32, steps: 100, backbone_norm: None };
 //! let report = mon.report(&ctx);
 //! assert_eq!(report.verdict, Verdict::Warning);
 //! assert!(matches!(report.advice[..], [Advice::LowerLr { to: 0.01, .. }]));

@@ -277,7 +277,8 @@ struct EvalPoint {
 ///     assert!(alarms.is_empty(), "{alarms:?}");
 /// }
 /// let ctx = RunContext { norm: NormKind::BatchNorm, batch_size: 2, pretrained: false,
-///                        lr: 0.01, clip_grad: None, precision: Precision::F32, steps: 200 };
+///                        lr: 0.01, clip_grad: None, precision: Precision::F32, steps: 200,
+///                        backbone_norm: None };
 /// let report = mon.report(&ctx);
 /// // Clean dynamics, but BatchNorm at batch 2 is a risk on its own: a Warning, advised
 /// // against with the norm keel's table picks.

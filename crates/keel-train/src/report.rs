@@ -21,18 +21,20 @@ use crate::summary::{GuardSummary, MonitorSummary, ReportStats};
 /// use keel_train::RunContext;
 /// let ctx = RunContext { norm: NormKind::GroupNorm { groups: None }, batch_size: 2,
 ///                        pretrained: false, lr: 0.01, clip_grad: Some(1.0),
-///                        precision: Precision::Bf16, steps: 1000 };
+///                        precision: Precision::Bf16, steps: 1000, backbone_norm: None };
 /// let json = serde_json::to_string(&ctx).unwrap();
 /// assert!(json.contains(r#""norm":"gn""#) && json.contains(r#""precision":"bf16""#));
 /// assert_eq!(serde_json::from_str::<RunContext>(&json).unwrap(), ctx);
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunContext {
-    /// The normalization the model uses.
+    /// The normalization the model uses (its head's, when it has a separate
+    /// [`RunContext::backbone_norm`]).
     pub norm: NormKind,
     /// Images per optimizer step per device.
     pub batch_size: usize,
-    /// Whether training started from pretrained weights.
+    /// Whether training started from pretrained weights (the backbone's, when the model has
+    /// a separate backbone).
     pub pretrained: bool,
     /// The peak learning rate.
     #[serde(with = "lossless_f64")]
@@ -44,6 +46,13 @@ pub struct RunContext {
     pub precision: Precision,
     /// The planned number of steps.
     pub steps: usize,
+    /// The norm of a separate backbone (a backbone + new head model, e.g. a pretrained ResNet
+    /// under a decoder), `None` when one norm covers the model. With a backbone, the norm
+    /// advice follows [`keel_norm::recommend_plan`]: the head is judged as trained from
+    /// scratch, the backbone by `pretrained` ([`Advice::SwitchBackboneNorm`]). Reports saved
+    /// before this field existed read as `None`.
+    #[serde(default)]
+    pub backbone_norm: Option<NormKind>,
 }
 
 /// The overall judgement, from best to worst.
@@ -90,7 +99,7 @@ impl std::fmt::Display for Verdict {
 /// }
 /// let ctx = RunContext { norm: NormKind::GroupNorm { groups: None }, batch_size: 4,
 ///                        pretrained: false, lr: 0.1, clip_grad: None,
-///                        precision: Precision::F32, steps: 100 };
+///                        precision: Precision::F32, steps: 100, backbone_norm: None };
 /// let report = mon.report(&ctx);
 /// assert_eq!(report.verdict, Verdict::Diverged);
 /// assert!(report.advice.iter().any(|a| matches!(a, Advice::GuardAgainstNan { .. })));
@@ -136,7 +145,8 @@ struct Judgement {
     clip_bounds_explosions: bool,
     /// The healthy grad-norm p99 (or the p50): the basis of a clip suggestion.
     healthy_p99: Option<f64>,
-    /// BatchNorm below [`BN_MIN_BATCH`] images per device.
+    /// BatchNorm (the model's, the head's or the backbone's) below [`BN_MIN_BATCH`] images
+    /// per device.
     small_batch_bn: bool,
 }
 
@@ -172,7 +182,9 @@ impl Judgement {
             gap: s.train_eval_gap.filter(|&g| g > cfg.eval_regression_margin),
             clip_bounds_explosions,
             healthy_p99,
-            small_batch_bn: ctx.norm == NormKind::BatchNorm && ctx.batch_size < BN_MIN_BATCH,
+            small_batch_bn: (ctx.norm == NormKind::BatchNorm
+                || ctx.backbone_norm == Some(NormKind::BatchNorm))
+                && ctx.batch_size < BN_MIN_BATCH,
         }
     }
 
@@ -221,7 +233,8 @@ impl HealthReport {
     /// use keel_train::{HealthReport, MonitorConfig, RunContext, StabilityMonitor, Verdict};
     /// let summary = StabilityMonitor::new(MonitorConfig::default()).summary();
     /// let ctx = RunContext { norm: NormKind::BatchNorm, batch_size: 64, pretrained: false,
-    ///                        lr: 0.1, clip_grad: None, precision: Precision::F32, steps: 0 };
+    ///                        lr: 0.1, clip_grad: None, precision: Precision::F32, steps: 0,
+    ///                        backbone_norm: None };
     /// let report = HealthReport::from_summary(&summary, &ctx);
     /// assert_eq!(report.verdict, Verdict::Healthy);
     /// assert!(report.advice.is_empty());
@@ -258,7 +271,7 @@ impl HealthReport {
     /// use keel_train::*;
     /// let ctx = RunContext { norm: NormKind::GroupNorm { groups: None }, batch_size: 2,
     ///                        pretrained: false, lr: 0.1, clip_grad: None,
-    ///                        precision: Precision::F32, steps: 100 };
+    ///                        precision: Precision::F32, steps: 100, backbone_norm: None };
     /// let healthy = StabilityMonitor::new(MonitorConfig::default()).report(&ctx);
     /// let rollback = Intervention { step: 57, cause: InterventionCause::NonFiniteLosses(3),
     ///     action: InterventionKind::RolledBack, restored_step: 40, skipped_batches: 18,
@@ -567,26 +580,58 @@ fn eval_findings(m: &MonitorSummary, j: &Judgement) -> Vec<String> {
 }
 
 /// The normalization advice: BatchNorm at a small batch always, another norm off keel's
-/// decision table when the run was not healthy.
+/// decision table when the run was not healthy. A model with a separate backbone is judged
+/// part by part ([`keel_norm::recommend_plan`]): the head as trained from scratch
+/// ([`Advice::SwitchNorm`] with `pretrained: false`), the backbone by its starting point
+/// ([`Advice::SwitchBackboneNorm`]).
 fn norm_advice(
     m: &MonitorSummary,
     j: &Judgement,
     ctx: &RunContext,
     verdict: Verdict,
-) -> Option<Advice> {
-    let recommended = keel_norm::recommend(ctx.batch_size, ctx.pretrained);
-    let off_table = std::mem::discriminant(&ctx.norm) != std::mem::discriminant(&recommended);
-    let unhealthy_off_table = verdict > Verdict::Healthy && off_table;
-    if !(j.small_batch_bn || unhealthy_off_table) {
-        return None;
+) -> Vec<Advice> {
+    let small = ctx.batch_size < BN_MIN_BATCH;
+    let mismatch = j.gap.is_some() || m.gap_regressions > 0;
+    // Whether `used` needs changing to `pick`: BatchNorm at a small batch always, another
+    // norm off the table when the run was not healthy.
+    let needs = |used: NormKind, pick: NormKind| {
+        let off_table = std::mem::discriminant(&used) != std::mem::discriminant(&pick);
+        (small && used == NormKind::BatchNorm) || (verdict > Verdict::Healthy && off_table)
+    };
+    let Some(backbone) = ctx.backbone_norm else {
+        let recommended = keel_norm::recommend(ctx.batch_size, ctx.pretrained);
+        return needs(ctx.norm, recommended)
+            .then_some(Advice::SwitchNorm {
+                from: ctx.norm,
+                to: recommended,
+                batch_size: ctx.batch_size,
+                pretrained: ctx.pretrained,
+                train_eval_mismatch: j.small_batch_bn && mismatch,
+            })
+            .into_iter()
+            .collect();
+    };
+    let plan = keel_norm::recommend_plan(ctx.batch_size, ctx.pretrained);
+    let mut advice = Vec::new();
+    if needs(backbone, plan.backbone) {
+        advice.push(Advice::SwitchBackboneNorm {
+            from: backbone,
+            to: plan.backbone,
+            head: plan.head,
+            batch_size: ctx.batch_size,
+            pretrained: ctx.pretrained,
+        });
     }
-    Some(Advice::SwitchNorm {
-        from: ctx.norm,
-        to: recommended,
-        batch_size: ctx.batch_size,
-        pretrained: ctx.pretrained,
-        train_eval_mismatch: j.small_batch_bn && (j.gap.is_some() || m.gap_regressions > 0),
-    })
+    if needs(ctx.norm, plan.head) {
+        advice.push(Advice::SwitchNorm {
+            from: ctx.norm,
+            to: plan.head,
+            batch_size: ctx.batch_size,
+            pretrained: false,
+            train_eval_mismatch: ctx.norm == NormKind::BatchNorm && small && mismatch,
+        });
+    }
+    advice
 }
 
 /// The advice for the training dynamics: divergence, spikes, NaN, loss scaling, skipped

@@ -28,6 +28,7 @@ fn ctx(steps: usize) -> RunContext {
         clip_grad: Some(1.0),
         precision: Precision::F32,
         steps,
+        backbone_norm: None,
     }
 }
 

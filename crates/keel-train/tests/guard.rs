@@ -165,6 +165,7 @@ fn run(fault: &str, policy: GuardPolicy, seed: u64) -> anyhow::Result<Outcome> {
         clip_grad: None,
         precision: Precision::F32,
         steps: STEPS,
+        backbone_norm: None,
     };
     Ok(Outcome {
         val_loss,

@@ -42,6 +42,7 @@ fn ctx(norm: &str, batch_size: usize) -> RunContext {
         clip_grad: None,
         precision: Precision::F32,
         steps: 1000,
+        backbone_norm: None,
     }
 }
 

@@ -13,7 +13,9 @@
 //! copy cast from its f32 weights ([`SegNet::cast_copy`]).
 
 mod config;
+pub(crate) mod decoder;
 mod init;
+mod layers;
 mod load;
 mod mixed;
 mod net;

@@ -1,45 +1,11 @@
 //! [`SegNet`]: the blocks and the network.
 
+use super::decoder::FpnDecoder;
+use super::layers::{ConvNorm, ConvSpec};
 use super::ModelConfig;
-use candle::{Module, Result, Tensor};
-use candle_nn::{BatchNorm, Conv2dConfig, VarBuilder};
-use keel_kernels::nn::{conv2d, Conv2d};
-use keel_kernels::{resize_bilinear, resize_nearest};
-use keel_norm::{conv_for, norm, Activation, Conv, Norm, NormKind};
-
-/// A square convolution's geometry (padding `k / 2`).
-#[derive(Clone, Copy, Debug)]
-struct ConvSpec {
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-}
-
-/// conv (no bias) + norm, the pair every block is made of.
-struct ConvNorm {
-    conv: Conv,
-    norm: Norm,
-}
-
-impl ConvNorm {
-    fn new(kind: NormKind, s: ConvSpec, conv_vb: VarBuilder, norm_vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            padding: s.k / 2,
-            stride: s.stride,
-            ..Default::default()
-        };
-        Ok(Self {
-            conv: conv_for(kind, s.cin, s.cout, s.k, cfg, conv_vb)?,
-            norm: norm(kind, s.cout, norm_vb)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
-        // GN + SiLU runs as keel's fused kernel here.
-        self.norm.forward_act(&self.conv.forward(x)?, train, act)
-    }
-}
+use candle::{Result, Tensor};
+use candle_nn::{BatchNorm, VarBuilder};
+use keel_norm::{Activation, Norm, NormKind};
 
 /// ResNet basic block: conv3x3-norm-SiLU-conv3x3-norm, + skip, then SiLU.
 struct Block {
@@ -113,9 +79,7 @@ impl Block {
 pub struct SegNet {
     stem: [ConvNorm; 2],
     stages: Vec<[Block; 2]>,
-    lat: Vec<Conv2d>,
-    smooth: ConvNorm,
-    head: Conv2d,
+    decoder: FpnDecoder,
     batch_norms: Vec<(String, BatchNorm)>,
 }
 
@@ -161,39 +125,11 @@ impl SegNet {
             ]);
             cin = wi;
         }
-        let lat = w
-            .iter()
-            .enumerate()
-            .map(|(i, &wi)| {
-                conv2d(
-                    wi,
-                    cfg.fpn,
-                    1,
-                    Default::default(),
-                    vb.pp(format!("lat.{i}")),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let s = ConvSpec {
-            cin: cfg.fpn,
-            cout: cfg.fpn,
-            k: 3,
-            stride: 1,
-        };
-        let smooth = ConvNorm::new(kind, s, vb.pp("smooth.0"), vb.pp("smooth.1"))?;
-        let head = conv2d(
-            cfg.fpn,
-            cfg.num_classes,
-            1,
-            Default::default(),
-            vb.pp("head"),
-        )?;
+        let decoder = FpnDecoder::new(w, cfg.fpn, cfg.num_classes, kind, &vb)?;
         let mut net = Self {
             stem,
             stages,
-            lat,
-            smooth,
-            head,
+            decoder,
             batch_norms: Vec::new(),
         };
         net.batch_norms = net.collect_batch_norms();
@@ -218,7 +154,9 @@ impl SegNet {
                 }
             }
         }
-        push("smooth.1".into(), &self.smooth);
+        if let Some(bn) = self.decoder.batch_norm() {
+            out.push(("smooth.1".into(), bn.clone()));
+        }
         out
     }
 
@@ -261,12 +199,9 @@ impl SegNet {
             y = stage[1].forward(&y, train)?;
             feats.push(y.clone());
         }
-        let mut p = self.lat[3].forward(&feats[3])?;
-        for i in (0..3).rev() {
-            let (_, _, fh, fw) = feats[i].dims4()?;
-            p = (self.lat[i].forward(&feats[i])? + resize_nearest(&p, (fh, fw))?)?;
-        }
-        let p = self.smooth.forward(&p, train, Activation::Silu)?;
-        resize_bilinear(&self.head.forward(&p)?, (h, w))
+        let feats: [Tensor; 4] = feats
+            .try_into()
+            .map_err(|_| candle::Error::Msg("SegNet: expected 4 stages".into()))?;
+        self.decoder.forward(&feats, (h, w), train)
     }
 }
