@@ -4,7 +4,8 @@
 # Unpacks keel-gpu-suite and seg_train (python lzma: no xz needed), sets LD_LIBRARY_PATH
 # for keel's binaries only (the PyTorch baselines load their own CUDA libraries), checks
 # ldd, and runs in one call:
-#   1. the GN and conv correctness suites (f32/f16/bf16, NaN-poisoned outputs), and the
+#   1. the GN, conv and det correctness suites (f32/f16/bf16, NaN-poisoned outputs; det:
+#      keel-det's box IoU/GIoU, focal and GIoU losses with gradients, NMS indices), and the
 #      memory-pool setting;
 #   2. the GN+SiLU and conv benchmarks against candle and PyTorch eager;
 #   3. seg_train's training step at the twin's configuration (width 64, fpn 128, 21 classes,
@@ -18,7 +19,7 @@
 # where candle runs it). Every phase has a timeout; the whole call stays under 8 minutes
 # (T_TEST 90 + T_BENCH 90 + T_TORCH 2x35 + 8 step configs x T_CFG 18 + the run's three
 # processes, each under T_RUN 45 but together about a minute = about 470 s).
-# SUITES="gn conv step run" (any subset) restricts the phases; empty = all.
+# SUITES="gn conv det step run" (any subset) restricts the phases; empty = all.
 # Results go to $OUT (at most 8 files: test.log, keel_bench.jsonl, torch_bench.jsonl,
 # torch_conv_bench.jsonl, step_bench.jsonl, seg_run.log, stderr.log, report.txt).
 # Exit code: 0 all passed, 1 correctness or exact resume failed, 2 setup failed,
@@ -74,10 +75,11 @@ if [ "$DRY_RUN" != 1 ]; then
     fi
   done
 
-  if want gn || want conv; then
+  if want gn || want conv || want det; then
     SUITE_ARGS=()
     want gn && SUITE_ARGS+=(gn)
     want conv && SUITE_ARGS+=(conv)
+    want det && SUITE_ARGS+=(det)
     say "correctness suite (timeout ${T_TEST}s)"
     timeout "$T_TEST" env LD_LIBRARY_PATH="$KEEL_LD" "$BIN" test "${SUITE_ARGS[@]}" 2>&1 | tee "$OUT/test.log"
     test_rc=${PIPESTATUS[0]}

@@ -6,7 +6,7 @@
 //! keel-gpu-suite bench [SUITE..]   GPU benchmarks as JSON lines on stdout
 //! keel-gpu-suite list              the suites
 //! ```
-//! Suites: `gn` (fused GroupNorm(+SiLU), issue 3). A new suite (e.g. conv2d) is one module
+//! Suites: `gn` (fused GroupNorm(+SiLU)), `conv` (conv2d on cuDNN), `det` (keel-det's ops). A new suite (e.g. conv2d) is one module
 //! with a `test` and a `bench` function and one entry in [`SUITES`].
 //!
 //! `test` sets `KEEL_CUDA_POISON_OUTPUTS=1` (read by keel-kernels' CUDA launch code) so that
@@ -14,6 +14,7 @@
 //! not write fails the comparison.
 
 mod conv;
+mod det;
 mod gn;
 mod util;
 
@@ -40,6 +41,12 @@ const SUITES: &[Suite] = &[
         about: "conv2d forward/dx/dw/dbias vs CPU (cuDNN), keel vs candle bench",
         test: conv::test,
         bench: conv::bench,
+    },
+    Suite {
+        name: "det",
+        about: "keel-det box IoU/GIoU, focal/GIoU losses (values, grads) and NMS vs CPU",
+        test: det::test,
+        bench: det::bench,
     },
 ];
 
