@@ -12,6 +12,7 @@ use keel::train::FieldChange;
 use keel::train::{changed_fields, load_latest_checkpoint, Resume};
 
 use super::cli::{read_config, RunConfig, TrainArgs};
+use super::model::BackboneChoice;
 
 /// Flags that drive a run without being part of its config, so `--resume` takes them.
 const NOT_CONFIG: [&str; 8] = [
@@ -137,7 +138,7 @@ fn find_checkpoint(t: &TrainArgs, dir: &Path, device: &Device) -> anyhow::Result
 /// `config.json` must be the config the checkpoint was trained with; only a larger `steps`
 /// (an extension whose first checkpoint was not written yet) may differ.
 fn check_config_file(file: &RunConfig, stored: &RunConfig, ckpt: &Path) -> anyhow::Result<()> {
-    let differ: Vec<String> = changed_fields(file, stored)?
+    let differ: Vec<String> = changed_either(file, stored)?
         .into_iter()
         .filter(|c| !(c.key == "steps" && file.steps > stored.steps))
         .map(|c| {
@@ -181,7 +182,7 @@ fn flags_that_differ(
     }
     // Sorted by name; a config field that is no flag of this command is not checked.
     let ids: Vec<&str> = matches.ids().map(|id| id.as_str()).collect();
-    for c in changed_fields(&given, cfg)? {
+    for c in changed_either(&given, cfg)? {
         let id = c.key.as_str();
         if NOT_CONFIG.contains(&id) || id == "steps" || !ids.contains(&id) || !explicit(id) {
             continue;
@@ -194,4 +195,33 @@ fn flags_that_differ(
         ));
     }
     Ok(differ)
+}
+
+/// The fields that differ between `a` and `b`, including those only `b` serializes (a
+/// twin's config leaves the backbone flags out, a ResNet run's lists them), by key. A field
+/// one side leaves out reads as its default (`backbone`: twin; the others: none).
+fn changed_either(a: &RunConfig, b: &RunConfig) -> anyhow::Result<Vec<FieldChange>> {
+    let absent = |key: &str, v: serde_json::Value| match (key, v) {
+        ("backbone", serde_json::Value::Null) => {
+            serde_json::to_value(BackboneChoice::default()).unwrap_or_default()
+        }
+        (_, v) => v,
+    };
+    let mut changes = changed_fields(a, b)?;
+    for c in changed_fields(b, a)? {
+        if !changes.iter().any(|x| x.key == c.key) {
+            changes.push(FieldChange {
+                a: c.b,
+                b: c.a,
+                key: c.key,
+            });
+        }
+    }
+    for c in &mut changes {
+        c.a = absent(&c.key, std::mem::take(&mut c.a));
+        c.b = absent(&c.key, std::mem::take(&mut c.b));
+    }
+    changes.retain(|c| c.a != c.b);
+    changes.sort_by(|x, y| x.key.cmp(&y.key));
+    Ok(changes)
 }
