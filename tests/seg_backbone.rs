@@ -227,12 +227,9 @@ fn bad_checkpoints_are_refused_naming_the_first_bad_key_before_anything_is_writt
         &twin,
         VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
     )?;
-    let sd: HashMap<String, Tensor> = vm
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+    let sd: HashMap<String, Tensor> = keel::train::named_vars(&vm)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
         .collect();
     let f = dir.join("twin.safetensors");
     save(&sd, &f)?;

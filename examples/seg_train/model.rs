@@ -183,9 +183,7 @@ impl RunConfig {
             bail!("--backbone-lr-mult {m}: must be a finite number >= 0 (1 = the head's LR)")
         }
         let model = self.seg_model();
-        model
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{e}").context("the model's flags"))?;
+        model.validate()?;
         model.check_dtype(self.train.amp.compute_dtype())?;
         // The smallest BN input is the last stage's: 5 stride-2 convs, each ceil(n / 2).
         let bn = match model {

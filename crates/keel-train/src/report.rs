@@ -356,8 +356,12 @@ impl HealthReport {
         let _ = writeln!(t, "Training health: {}", self.verdict);
         let _ = writeln!(
             t,
-            "  run: norm {}, batch {}, lr {}, clip {}, precision {}, {} steps recorded, {} evals",
+            "  run: norm {}{}, batch {}, lr {}, clip {}, precision {}, {} steps recorded, {} evals",
             c.norm,
+            c.backbone_norm.map_or(String::new(), |b| format!(
+                " (head), backbone {b}{}",
+                if c.pretrained { " pretrained" } else { "" }
+            )),
             c.batch_size,
             c.lr,
             c.clip_grad.map_or("off".to_string(), |c| c.to_string()),

@@ -46,6 +46,9 @@ fn a_trainable_bn_backbone_at_small_batch_is_advised_frozen_bn_with_a_gn_head() 
     );
     assert!(text.contains("with a GroupNorm (gn) head"), "{text}");
     assert!(r
+        .to_text()
+        .contains("run: norm gn (head), backbone bn pretrained, batch 2"));
+    assert!(r
         .findings
         .iter()
         .any(|f| f.starts_with("BatchNorm below 16 images")));
