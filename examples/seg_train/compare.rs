@@ -7,9 +7,9 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use keel::norm::NormKind;
-use keel::train::{grid, write_atomic, RunSummary};
+use keel::train::grid::{self, ChildRun};
+use keel::train::write_atomic;
 
-use super::cli::RunConfig;
 use super::cli::{parse_norm, CommonArgs};
 use super::train;
 use keel::train::cli::pick_device;
@@ -55,15 +55,9 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let device = pick_device(args.common.dev.device)?; // the children set up their own
     super::output::writable(&args.out)?;
     let total = norms.len() * batches.len() * args.seeds as usize;
-    let pb = indicatif::ProgressBar::new(total as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "compare {elapsed_precise} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
-        )
-        .expect("static template"),
-    );
+    let pb = grid::grid_progress("compare", total);
     let t0 = Instant::now();
-    let mut queue = Vec::new();
+    let (mut queue, mut cells_of) = (Vec::new(), Vec::new());
     for &n in norms {
         for &b in batches {
             for seed in 0..args.seeds {
@@ -72,17 +66,12 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
                     .out
                     .join("runs")
                     .join(format!("{}-b{b}-s{seed}", n.to_string().replace(':', "_")));
-                if dir.exists() {
-                    std::fs::remove_dir_all(&dir)
-                        .with_context(|| format!("clearing {}", dir.display()))?;
-                }
-                queue.push(Job {
-                    norm: n.to_string(),
-                    batch: b,
-                    seed,
-                    cfg,
+                queue.push(ChildRun {
+                    label: format!("{n} batch {b} seed {seed}"),
+                    config: serde_json::to_value(&cfg)?,
                     dir,
                 });
+                cells_of.push((n.to_string(), b));
             }
         }
     }
@@ -94,9 +83,16 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let c = &args.common;
     device_args.extend(c.dev.deterministic.then(|| "--deterministic".to_string()));
     device_args.extend(c.dev.tf32.then(|| "--tf32".to_string()));
-    let summaries = run_jobs(&queue, args.jobs, &device_args, &pb)?;
-    let runs = queue.iter().zip(summaries);
-    let cells = Cell::group(runs.map(|(j, s)| (j.norm.clone(), j.batch, s)));
+    let exe = std::env::current_exe().context("locating the seg_train binary")?;
+    let child = (exe.as_path(), "run-config", &device_args[..]);
+    let summaries = grid::run_children(&queue, args.jobs, child, &pb, |run, s| {
+        eprintln!(
+            "{}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}",
+            run.label, s.final_miou, s.seconds_per_step, s.loss_spikes, s.verdict
+        )
+    })?;
+    let runs = cells_of.into_iter().zip(summaries);
+    let cells = Cell::group(runs.map(|((norm, b), s)| (norm, b, s)));
     pb.finish_and_clear();
     let md = results_md(args, &cells, t0.elapsed().as_secs_f64(), &device);
     write_atomic(args.out.join("results.md"), md.as_bytes())?;
@@ -108,98 +104,6 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         args.out.join("curves.png").display()
     );
     Ok(())
-}
-
-/// One run of the grid.
-struct Job {
-    norm: String,
-    batch: usize,
-    seed: u64,
-    cfg: RunConfig,
-    dir: PathBuf,
-}
-
-impl Job {
-    /// Starts the run as a child process of this binary (`seg_train run-config`).
-    fn spawn(&self, device_args: &[String]) -> anyhow::Result<std::process::Child> {
-        let exe = std::env::current_exe().context("locating the seg_train binary")?;
-        std::fs::create_dir_all(&self.dir)?;
-        let cfg_path = self.dir.with_extension("config.json");
-        write_atomic(
-            &cfg_path,
-            serde_json::to_string_pretty(&self.cfg)?.as_bytes(),
-        )?;
-        let mut cmd = std::process::Command::new(&exe);
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            cmd.env("RAYON_NUM_THREADS", "1");
-        }
-        cmd.arg("run-config")
-            .args(device_args)
-            .arg("--config")
-            .arg(&cfg_path)
-            .arg("--out")
-            .arg(&self.dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(
-                self.dir.with_extension("stderr.txt"),
-            )?)
-            .spawn()
-            .with_context(|| format!("starting {}", exe.display()))
-    }
-
-    /// The summary of the finished run, or its error output.
-    fn summary(&self, status: std::process::ExitStatus) -> anyhow::Result<RunSummary> {
-        let (n, b, seed) = (&self.norm, self.batch, self.seed);
-        if !status.success() {
-            let err =
-                std::fs::read_to_string(self.dir.with_extension("stderr.txt")).unwrap_or_default();
-            bail!(
-                "run {n} batch {b} seed {seed} failed ({status}): {}",
-                err.trim()
-            )
-        }
-        let text = std::fs::read_to_string(self.dir.join("summary.json"))
-            .with_context(|| format!("run {n} batch {b} seed {seed}: no summary.json"))?;
-        Ok(serde_json::from_str(&text)?)
-    }
-}
-
-/// Runs `queue`, `jobs` child processes at a time, each on one rayon thread unless
-/// RAYON_NUM_THREADS says otherwise: candle's CPU ops share one global thread pool per
-/// process, and at this model size one single-threaded process per core beats two
-/// processes fighting over two threads each. Returns the summaries in queue order.
-fn run_jobs(
-    queue: &[Job],
-    jobs: usize,
-    device_args: &[String],
-    pb: &indicatif::ProgressBar,
-) -> anyhow::Result<Vec<RunSummary>> {
-    let start = |i: usize| {
-        let job = &queue[i];
-        pb.set_message(format!(
-            "{} batch {} seed {}",
-            job.norm, job.batch, job.seed
-        ));
-        job.spawn(device_args)
-    };
-    let done = |i: usize, status| {
-        let (job, s) = (&queue[i], queue[i].summary(status)?);
-        pb.suspend(|| {
-            eprintln!(
-                "{:>6} batch {} seed {}: final mIoU {:.4}, {:.3} s/step, {} spikes, verdict {}",
-                job.norm,
-                job.batch,
-                job.seed,
-                s.final_miou,
-                s.seconds_per_step,
-                s.loss_spikes,
-                s.verdict
-            )
-        });
-        pb.inc(1);
-        Ok(s)
-    };
-    grid::run_pool(queue.len(), jobs, start, done)
 }
 
 /// The results table (one row per norm and batch size, statistics across seeds).

@@ -2,9 +2,11 @@
 //! statistics across seeds as a markdown table (final mIoU mean ± std, the grad-norm p99
 //! pooled over every step of every seed, the monitor's counts, the speed, the verdicts),
 //! the curves as a PNG (feature `plot`), and a pool that runs the grid's jobs as child
-//! processes, a few at a time. What a job is and how it starts is the program's.
+//! processes, a few at a time ([`run_pool`]; [`run_children`] for the usual job: the
+//! program itself on one saved config, see [`ChildRun`]).
 use std::fmt::Write as _;
-use std::process::{Child, ExitStatus};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use crate::series::{mean_std, percentile};
@@ -196,6 +198,108 @@ where
         running = still;
     }
     Ok(results.into_iter().flatten().collect())
+}
+
+/// One run of a grid as a child process: `<exe> <subcommand> <args..> --config
+/// <dir>.config.json --out <dir>`, where `<dir>.config.json` holds `config` (written
+/// atomically before the start). The child's stdout is discarded and its stderr goes to
+/// `<dir>.stderr.txt`; when it succeeds, its outcome is `<dir>/summary.json` (a
+/// [`RunSummary`]). Children run on one rayon thread each unless `RAYON_NUM_THREADS` is
+/// set: candle's CPU ops share one thread pool per process, and one single-threaded
+/// process per core beats processes fighting over the same cores.
+#[derive(Clone, Debug)]
+pub struct ChildRun {
+    /// The run's name in messages, e.g. `gn batch 2 seed 0`.
+    pub label: String,
+    /// The run's config, as the child reads it.
+    pub config: serde_json::Value,
+    /// The child's output directory (cleared before the start if it exists).
+    pub dir: PathBuf,
+}
+
+impl ChildRun {
+    /// Starts the child (see the type docs).
+    pub fn spawn(&self, exe: &Path, subcommand: &str, args: &[String]) -> candle::Result<Child> {
+        let err = |what: &str, e: std::io::Error| {
+            candle::Error::Msg(format!("grid run {}: {what}: {e}", self.label))
+        };
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir)
+                .map_err(|e| err(&format!("clearing {}", self.dir.display()), e))?;
+        }
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| err(&format!("creating {}", self.dir.display()), e))?;
+        let cfg_path = self.dir.with_extension("config.json");
+        let text = serde_json::to_string_pretty(&self.config)
+            .map_err(|e| candle::Error::Msg(format!("grid run {}: config: {e}", self.label)))?;
+        crate::write_atomic(&cfg_path, text.as_bytes())?;
+        let stderr = std::fs::File::create(self.dir.with_extension("stderr.txt"))
+            .map_err(|e| err("creating its stderr file", e))?;
+        let mut cmd = Command::new(exe);
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            cmd.env("RAYON_NUM_THREADS", "1");
+        }
+        cmd.arg(subcommand)
+            .args(args)
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("--out")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| err(&format!("starting {}", exe.display()), e))
+    }
+
+    /// The summary of the finished child, or an error with its stderr when it failed.
+    pub fn summary(&self, status: ExitStatus) -> candle::Result<RunSummary> {
+        if !status.success() {
+            let err =
+                std::fs::read_to_string(self.dir.with_extension("stderr.txt")).unwrap_or_default();
+            candle::bail!("run {} failed ({status}): {}", self.label, err.trim())
+        }
+        let path = self.dir.join("summary.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| candle::Error::Msg(format!("run {}: no summary.json: {e}", self.label)))?;
+        serde_json::from_str(&text)
+            .map_err(|e| candle::Error::Msg(format!("run {}: {}: {e}", self.label, path.display())))
+    }
+}
+
+/// Runs `runs` as children of `exe` ([`ChildRun::spawn`] with `subcommand` and `args`),
+/// `parallel` at a time, with `pb` showing the running one and counting the finished;
+/// `done(run, summary)` is called as each finishes (e.g. to print a line). Returns the
+/// summaries in order; the first failure ends the grid with its error.
+pub fn run_children(
+    runs: &[ChildRun],
+    parallel: usize,
+    (exe, subcommand, args): (&Path, &str, &[String]),
+    pb: &indicatif::ProgressBar,
+    mut done: impl FnMut(&ChildRun, &RunSummary),
+) -> candle::Result<Vec<RunSummary>> {
+    let start = |i: usize| {
+        pb.set_message(runs[i].label.clone());
+        runs[i].spawn(exe, subcommand, args)
+    };
+    let finish = |i: usize, status| {
+        let s = runs[i].summary(status)?;
+        pb.suspend(|| done(&runs[i], &s));
+        pb.inc(1);
+        Ok(s)
+    };
+    run_pool(runs.len(), parallel, start, finish)
+}
+
+/// A progress bar for a grid of `total` runs, named `what` (hidden when stderr is not a
+/// terminal, as indicatif's are).
+pub fn grid_progress(what: &str, total: usize) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total as u64);
+    let template =
+        format!("{what} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ETA {{eta}}");
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        pb.set_style(style);
+    }
+    pb
 }
 
 #[cfg(test)]
