@@ -263,3 +263,36 @@ fn bad_checkpoints_are_refused_naming_the_first_bad_key_before_anything_is_writt
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
+
+#[test]
+fn compare_grids_backbone_norms_of_a_resnet_and_checks_the_flags() -> anyhow::Result<()> {
+    use clap::Parser;
+    let args = |s: &str| -> Vec<String> { s.split_whitespace().map(String::from).collect() };
+    let e = run_cli(&args(
+        "seg_train compare --backbone-norms bn --norms gn --out /nonexistent/x",
+    ))
+    .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("--backbone-norms needs a ResNet --backbone"),
+        "{e:#}"
+    );
+    let e = run_cli(&args(
+        "seg_train compare --backbone resnet18 --backbone-norm gn --backbone-norms bn --norms gn --out /nonexistent/x",
+    ))
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("give one of them"), "{e:#}");
+    let cli = seg_train::cli::Cli::try_parse_from(args(
+        "seg_train compare --backbone resnet18 --init /x/r18.safetensors --backbone-norms bn,frozen-bn --norms gn --batch-sizes 2 --seeds 1",
+    ))?;
+    let Some(seg_train::cli::Command::Compare(c)) = cli.command else {
+        panic!("not compare")
+    };
+    let md = seg_train::compare::results_md(&c, &[], 1.0, &Device::Cpu);
+    assert!(
+        md.contains(
+            "resnet18 backbone pretrained from /x/r18.safetensors (freeze-at 2, backbone lr x0.1)"
+        ),
+        "{md}"
+    );
+    Ok(())
+}

@@ -10,7 +10,7 @@ use keel::norm::NormKind;
 use keel::train::grid::{self, ChildRun};
 use keel::train::write_atomic;
 
-use super::cli::{parse_norm, CommonArgs};
+use super::cli::{parse_norm, CommonArgs, RunConfig};
 use super::train;
 use keel::train::cli::pick_device;
 
@@ -34,6 +34,15 @@ pub struct CompareArgs {
     /// Runs in parallel (one single-threaded process each).
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
+    /// Comma-separated backbone norms of a ResNet --backbone (frozen-bn, gn, bn, ws-gn): the
+    /// grid's rows become `<backbone norm>+<head norm>` for every --norms entry (the
+    /// fine-tuning experiment: `--backbone resnet18 --init FILE --backbone-norms
+    /// bn,frozen-bn,gn --norms gn`).
+    #[arg(long, value_parser = parse_norm, value_delimiter = ',')]
+    pub backbone_norms: Vec<NormKind>,
+    /// Pretrained weights for every run (as seg_train's --init).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -46,32 +55,33 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     if norms.is_empty() || batches.is_empty() || args.seeds == 0 {
         bail!("compare needs at least one norm, one batch size and one seed")
     }
+    let rows = rows(args)?;
     // Validate every config up front: a typo fails before hours of training.
-    for &n in norms {
+    for (_, n, bb) in &rows {
         for &b in batches {
-            args.common.config(n, b, args.steps, 0).validate()?;
+            config(args, *n, *bb, b, 0).validate()?;
         }
     }
     let device = pick_device(args.common.dev.device)?; // the children set up their own
     super::output::writable(&args.out)?;
-    let total = norms.len() * batches.len() * args.seeds as usize;
+    let total = rows.len() * batches.len() * args.seeds as usize;
     let pb = grid::grid_progress("compare", total);
     let t0 = Instant::now();
     let (mut queue, mut cells_of) = (Vec::new(), Vec::new());
-    for &n in norms {
+    for (label, n, bb) in &rows {
         for &b in batches {
             for seed in 0..args.seeds {
-                let cfg = args.common.config(n, b, args.steps, seed);
+                let cfg = config(args, *n, *bb, b, seed);
                 let dir = args
                     .out
                     .join("runs")
-                    .join(format!("{}-b{b}-s{seed}", n.to_string().replace(':', "_")));
+                    .join(format!("{}-b{b}-s{seed}", label.replace(':', "_")));
                 queue.push(ChildRun {
-                    label: format!("{n} batch {b} seed {seed}"),
+                    label: format!("{label} batch {b} seed {seed}"),
                     config: serde_json::to_value(&cfg)?,
                     dir,
                 });
-                cells_of.push((n.to_string(), b));
+                cells_of.push((label.clone(), b));
             }
         }
     }
@@ -106,6 +116,52 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The grid's rows: `(label, head norm, backbone norm)`, one per --norms entry, times the
+/// --backbone-norms entries when given.
+fn rows(args: &CompareArgs) -> anyhow::Result<Vec<(String, NormKind, Option<NormKind>)>> {
+    if args.norms.is_empty() {
+        bail!("compare needs at least one norm")
+    }
+    if args.backbone_norms.is_empty() {
+        return Ok(args
+            .norms
+            .iter()
+            .map(|&n| (n.to_string(), n, None))
+            .collect());
+    }
+    if args.common.backbone.backbone.depth().is_none() {
+        bail!(
+            "--backbone-norms needs a ResNet --backbone (resnet18, resnet34, resnet50, resnet101)"
+        )
+    }
+    if args.common.backbone.backbone_norm.is_some() {
+        bail!("--backbone-norm and --backbone-norms: give one of them")
+    }
+    let mut rows = Vec::new();
+    for &bb in &args.backbone_norms {
+        for &n in &args.norms {
+            rows.push((format!("{bb}+{n}"), n, Some(bb)));
+        }
+    }
+    Ok(rows)
+}
+
+/// The config of one run of the grid: the common flags, the row's norms, --init.
+fn config(
+    args: &CompareArgs,
+    norm: NormKind,
+    bb: Option<NormKind>,
+    batch: usize,
+    seed: u64,
+) -> RunConfig {
+    let mut cfg = args.common.config(norm, batch, args.steps, seed);
+    cfg.init = args.init.clone();
+    if bb.is_some() {
+        cfg.backbone.backbone_norm = bb;
+    }
+    cfg.with_backbone_defaults()
+}
+
 /// The results table (one row per norm and batch size, statistics across seeds).
 pub fn results_md(
     args: &CompareArgs,
@@ -119,10 +175,34 @@ pub fn results_md(
         .recipe();
     let mut md = String::new();
     let _ = writeln!(md, "# seg_train compare\n");
+    let model = match c.backbone.backbone.depth() {
+        None => format!("width {}, fpn {}", c.width, c.fpn),
+        Some(_) => {
+            let r = config(
+                args,
+                NormKind::GroupNorm { groups: None },
+                args.backbone_norms.first().copied(),
+                1,
+                0,
+            )
+            .backbone;
+            let from = match &args.init {
+                Some(p) => format!("pretrained from {}", p.display()),
+                None => "from scratch".into(),
+            };
+            format!(
+                "{} backbone {from} (freeze-at {}, backbone lr x{}), fpn {}; rows are <backbone norm>+<head norm> when --backbone-norms is given",
+                c.backbone.backbone,
+                r.freeze_at.unwrap_or(0),
+                r.backbone_lr_mult.unwrap_or(1.0),
+                c.fpn
+            )
+        }
+    };
     let _ = writeln!(
         md,
-        "Synthetic shapes ({} train / {} val images, {}x{}), width {}, fpn {}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s.\n",
-        c.train_size, c.val_size, c.image_size, c.image_size, c.width, c.fpn, c.train.optimizer,
+        "Synthetic shapes ({} train / {} val images, {}x{}), {model}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s.\n",
+        c.train_size, c.val_size, c.image_size, c.image_size, c.train.optimizer,
         recipe.decay_name(), recipe.lr, c.train.warmup_steps,
         if c.train.clip_grad == 0.0 { "off".to_string() } else { c.train.clip_grad.to_string() }, train::amp_label(c.train.amp), args.steps, args.seeds, device.location(), seconds
     );
