@@ -1,0 +1,207 @@
+//! det_train's CLI tests (issue 15): a tiny run writes its log, report, summary and
+//! checkpoints with finite metrics; a run resumed from its middle checkpoint ends with the
+//! same weights, bit for bit, as the uninterrupted run; bad VOC / COCO data is named
+//! (file and annotation) before anything is written; f16 AMP trains on the CPU; a used
+//! `--out` is refused. The example's modules are compiled in (`cli::run` is the binary's
+//! entry point), as tests/seg_train.rs does for seg_train.
+use std::path::{Path, PathBuf};
+
+#[allow(dead_code)] // reason: the binary's `main`
+#[path = "../examples/det_train/main.rs"]
+mod det_train;
+
+/// A fresh temp path for this process and `name`.
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("keel-det-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Tiny, fast settings: 64-pixel images, a 0.05 M-parameter detector.
+fn tiny(out: &Path, steps: usize, extra: &[&str]) -> Vec<String> {
+    let s = format!(
+        "det_train --quiet --device cpu --image-size 64 --width 4 --fpn 8 --head-convs 1 --norm gn:2 \
+         --train-size 12 --val-size 4 --batch-size 2 --steps {steps} --warmup-steps 2 --eval-every 4 \
+         --keep-last 3 --out {}",
+        out.display()
+    );
+    let mut v: Vec<String> = s.split_whitespace().map(String::from).collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    det_train::cli::run(args.to_vec())
+}
+
+/// The records of `kind` ("step", "eval") of a run's log.jsonl.
+fn records(out: &Path, kind: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("log.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == kind)
+        .collect()
+}
+
+fn ckpt(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("checkpoints/ckpt-{step:08}.safetensors"))
+}
+
+#[test]
+fn a_tiny_run_writes_log_report_summary_and_checkpoints() -> anyhow::Result<()> {
+    let d = tmp("smoke");
+    run(&tiny(&d, 8, &[]))?;
+    for f in ["config.json", "log.jsonl", "health.json", "summary.json"] {
+        assert!(d.join(f).is_file(), "{f} missing");
+    }
+    assert!(ckpt(&d, 4).is_file() && ckpt(&d, 8).is_file());
+    let steps = records(&d, "step");
+    assert_eq!(steps.len(), 8);
+    assert!(steps.iter().all(|s| s["loss"].as_f64().is_some_and(f64::is_finite)));
+    let evals = records(&d, "eval");
+    assert_eq!(evals.len(), 2);
+    for e in &evals {
+        for k in ["map", "map50"] {
+            let v = e[k].as_f64().unwrap_or(f64::NAN);
+            assert!((0.0..=1.0).contains(&v), "{k} = {}", e[k]);
+        }
+        assert_eq!(e["per_class"].as_array().map(Vec::len), Some(4));
+        assert_eq!(e["stats"].as_array().map(Vec::len), Some(12));
+    }
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("summary.json"))?)?;
+    assert!(summary["final_map50"].as_f64().is_some_and(f64::is_finite));
+    let health: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("health.json"))?)?;
+    assert!(health["verdict"].is_string());
+    // A fresh run into the used directory is refused and leaves it as it was.
+    let before = std::fs::read_to_string(d.join("log.jsonl"))?;
+    let err = format!("{:#}", run(&tiny(&d, 8, &[])).unwrap_err());
+    assert!(err.contains("already holds a run") && err.contains("--resume"), "{err}");
+    assert_eq!(std::fs::read_to_string(d.join("log.jsonl"))?, before);
+    Ok(())
+}
+
+/// Every tensor of two checkpoints (weights and optimizer state), bit for bit.
+fn assert_same_tensors(a: &Path, b: &Path) -> anyhow::Result<()> {
+    let (ta, tb) = (
+        candle::safetensors::load(a, &candle::Device::Cpu)?,
+        candle::safetensors::load(b, &candle::Device::Cpu)?,
+    );
+    let mut names: Vec<&String> = ta.keys().collect();
+    names.sort();
+    assert_eq!(names.len(), tb.len());
+    assert!(names.iter().any(|n| n.contains("head.cls_logits.weight")), "{names:?}");
+    for n in names {
+        let (x, y) = (&ta[n], &tb[n]);
+        let flat = |t: &candle::Tensor| -> anyhow::Result<Vec<u32>> {
+            let v = t.to_dtype(candle::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(v.iter().map(|f| f.to_bits()).collect())
+        };
+        assert_eq!(flat(x)?, flat(y)?, "tensor {n} differs");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_run_resumed_from_its_middle_checkpoint_ends_with_identical_weights() -> anyhow::Result<()> {
+    let (full, half) = (tmp("full"), tmp("half"));
+    let args = ["--ema-decay", "0.9", "--optimizer", "sgd", "--lr", "0.02"];
+    run(&tiny(&full, 8, &args))?;
+    run(&tiny(&half, 8, &args))?;
+    // Lose the second half of one run: resume it from step 4.
+    std::fs::remove_file(ckpt(&half, 8))?;
+    let resume = format!("det_train --quiet --device cpu --resume {}", half.display());
+    run(&resume.split_whitespace().map(String::from).collect::<Vec<_>>())?;
+    assert_same_tensors(&ckpt(&full, 8), &ckpt(&half, 8))?;
+    let losses = |d: &Path| -> Vec<u64> {
+        records(d, "step").iter().map(|s| s["loss"].as_f64().unwrap().to_bits()).collect()
+    };
+    assert_eq!(losses(&full), losses(&half));
+    // A flag that differs from the run's config is named.
+    let mut other: Vec<String> = resume.split_whitespace().map(String::from).collect();
+    other.extend(["--width".into(), "8".into(), "--steps".into(), "12".into()]);
+    let err = format!("{:#}", run(&other).unwrap_err());
+    assert!(err.contains("--width 8 (the run has 4)"), "{err}");
+    Ok(())
+}
+
+/// A VOC folder of three 48x40 images; `bad` = (image index, object XML) added to one.
+fn write_voc(root: &Path, bad: Option<(usize, &str)>) -> anyhow::Result<()> {
+    for d in ["JPEGImages", "Annotations", "ImageSets/Main"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    for k in 0..3 {
+        let img = image::RgbImage::from_fn(48, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, 90]));
+        img.save(root.join(format!("JPEGImages/im{k}.jpg")))?;
+        let extra = bad.filter(|b| b.0 == k).map_or("", |b| b.1);
+        let xml = format!(
+            "<annotation><size><width>48</width><height>40</height><depth>3</depth></size>\
+             <object><name>dog</name><difficult>0</difficult><bndbox><xmin>5</xmin><ymin>6</ymin><xmax>30</xmax><ymax>28</ymax></bndbox></object>{extra}</annotation>"
+        );
+        std::fs::write(root.join(format!("Annotations/im{k}.xml")), xml)?;
+    }
+    std::fs::write(root.join("ImageSets/Main/train.txt"), "im0\nim1\n")?;
+    std::fs::write(root.join("ImageSets/Main/val.txt"), "im2\n")?;
+    Ok(())
+}
+
+#[test]
+fn bad_voc_and_coco_data_is_named_before_anything_is_written() -> anyhow::Result<()> {
+    // A good VOC folder trains.
+    let voc = tmp("voc-good");
+    write_voc(&voc, None)?;
+    let out = tmp("voc-good-out");
+    let data = ["--data-dir", voc.to_str().unwrap(), "--format", "voc"];
+    run(&tiny(&out, 3, &data))?;
+    let per_class = records(&out, "eval")[0]["per_class"].as_array().map(Vec::len);
+    assert_eq!(per_class, Some(20));
+
+    // An out-of-range box: the file and the object are named, nothing is written.
+    let voc = tmp("voc-box");
+    let outside = "<object><name>cat</name><bndbox><xmin>10</xmin><ymin>10</ymin><xmax>60</xmax><ymax>20</ymax></bndbox></object>";
+    write_voc(&voc, Some((1, outside)))?;
+    let out = tmp("voc-box-out");
+    let data = ["--data-dir", voc.to_str().unwrap(), "--format", "voc"];
+    let err = format!("{:#}", run(&tiny(&out, 3, &data)).unwrap_err());
+    assert!(err.contains("im1.xml") && err.contains("object 1 'cat'") && err.contains("outside"), "{err}");
+    assert!(!out.exists(), "a failed check wrote {}", out.display());
+
+    // A malformed XML file.
+    let voc = tmp("voc-xml");
+    write_voc(&voc, None)?;
+    std::fs::write(voc.join("Annotations/im2.xml"), "<annotation><size>")?;
+    let data = ["--data-dir", voc.to_str().unwrap(), "--format", "voc"];
+    let err = format!("{:#}", run(&tiny(&out, 3, &data)).unwrap_err());
+    assert!(err.contains("im2.xml"), "{err}");
+    assert!(!out.exists());
+
+    // COCO: a malformed JSON file, then a zero-area box of a good file.
+    let coco = tmp("coco");
+    std::fs::create_dir_all(coco.join("annotations"))?;
+    std::fs::create_dir_all(coco.join("train"))?;
+    std::fs::write(coco.join("annotations/instances_train.json"), "{\"images\": [")?;
+    std::fs::write(coco.join("annotations/instances_val.json"), "{\"images\": [")?;
+    let data = ["--data-dir", coco.to_str().unwrap(), "--format", "coco"];
+    let err = format!("{:#}", run(&tiny(&out, 3, &data)).unwrap_err());
+    assert!(err.contains("instances_train.json") && err.contains("malformed"), "{err}");
+    image::RgbImage::new(32, 32).save(coco.join("train/a.png"))?;
+    let json = r#"{"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
+        "annotations": [{"id": 7, "image_id": 1, "category_id": 3, "bbox": [4, 4, 0, 10]}],
+        "categories": [{"id": 3, "name": "thing"}]}"#;
+    std::fs::write(coco.join("annotations/instances_train.json"), json)?;
+    std::fs::write(coco.join("annotations/instances_val.json"), json.replace("a.png", "../train/a.png"))?;
+    let err = format!("{:#}", run(&tiny(&out, 3, &data)).unwrap_err());
+    assert!(err.contains("annotation id 7") && err.contains("zero or negative area"), "{err}");
+    assert!(!out.exists());
+    Ok(())
+}
+
+#[test]
+fn f16_amp_trains_on_the_cpu() -> anyhow::Result<()> {
+    let d = tmp("f16");
+    run(&tiny(&d, 4, &["--amp", "f16"]))?;
+    let steps = records(&d, "step");
+    assert_eq!(steps.len(), 4);
+    assert!(steps.iter().all(|s| s["loss_scale"].as_f64().is_some()));
+    assert!(records(&d, "eval").iter().all(|e| e["map50"].as_f64().is_some()));
+    Ok(())
+}
