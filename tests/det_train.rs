@@ -57,7 +57,9 @@ fn a_tiny_run_writes_log_report_summary_and_checkpoints() -> anyhow::Result<()> 
     assert!(ckpt(&d, 4).is_file() && ckpt(&d, 8).is_file());
     let steps = records(&d, "step");
     assert_eq!(steps.len(), 8);
-    assert!(steps.iter().all(|s| s["loss"].as_f64().is_some_and(f64::is_finite)));
+    assert!(steps
+        .iter()
+        .all(|s| s["loss"].as_f64().is_some_and(f64::is_finite)));
     let evals = records(&d, "eval");
     assert_eq!(evals.len(), 2);
     for e in &evals {
@@ -68,14 +70,19 @@ fn a_tiny_run_writes_log_report_summary_and_checkpoints() -> anyhow::Result<()> 
         assert_eq!(e["per_class"].as_array().map(Vec::len), Some(4));
         assert_eq!(e["stats"].as_array().map(Vec::len), Some(12));
     }
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("summary.json"))?)?;
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("summary.json"))?)?;
     assert!(summary["final_map50"].as_f64().is_some_and(f64::is_finite));
-    let health: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("health.json"))?)?;
+    let health: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("health.json"))?)?;
     assert!(health["verdict"].is_string());
     // A fresh run into the used directory is refused and leaves it as it was.
     let before = std::fs::read_to_string(d.join("log.jsonl"))?;
     let err = format!("{:#}", run(&tiny(&d, 8, &[])).unwrap_err());
-    assert!(err.contains("already holds a run") && err.contains("--resume"), "{err}");
+    assert!(
+        err.contains("already holds a run") && err.contains("--resume"),
+        "{err}"
+    );
     assert_eq!(std::fs::read_to_string(d.join("log.jsonl"))?, before);
     Ok(())
 }
@@ -89,11 +96,17 @@ fn assert_same_tensors(a: &Path, b: &Path) -> anyhow::Result<()> {
     let mut names: Vec<&String> = ta.keys().collect();
     names.sort();
     assert_eq!(names.len(), tb.len());
-    assert!(names.iter().any(|n| n.contains("head.cls_logits.weight")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.contains("head.cls_logits.weight")),
+        "{names:?}"
+    );
     for n in names {
         let (x, y) = (&ta[n], &tb[n]);
         let flat = |t: &candle::Tensor| -> anyhow::Result<Vec<u32>> {
-            let v = t.to_dtype(candle::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = t
+                .to_dtype(candle::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             Ok(v.iter().map(|f| f.to_bits()).collect())
         };
         assert_eq!(flat(x)?, flat(y)?, "tensor {n} differs");
@@ -110,10 +123,16 @@ fn a_run_resumed_from_its_middle_checkpoint_ends_with_identical_weights() -> any
     // Lose the second half of one run: resume it from step 4.
     std::fs::remove_file(ckpt(&half, 8))?;
     let resume = format!("det_train --quiet --device cpu --resume {}", half.display());
-    run(&resume.split_whitespace().map(String::from).collect::<Vec<_>>())?;
+    run(&resume
+        .split_whitespace()
+        .map(String::from)
+        .collect::<Vec<_>>())?;
     assert_same_tensors(&ckpt(&full, 8), &ckpt(&half, 8))?;
     let losses = |d: &Path| -> Vec<u64> {
-        records(d, "step").iter().map(|s| s["loss"].as_f64().unwrap().to_bits()).collect()
+        records(d, "step")
+            .iter()
+            .map(|s| s["loss"].as_f64().unwrap().to_bits())
+            .collect()
     };
     assert_eq!(losses(&full), losses(&half));
     // A flag that differs from the run's config is named.
@@ -130,7 +149,9 @@ fn write_voc(root: &Path, bad: Option<(usize, &str)>) -> anyhow::Result<()> {
         std::fs::create_dir_all(root.join(d))?;
     }
     for k in 0..3 {
-        let img = image::RgbImage::from_fn(48, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, 90]));
+        let img = image::RgbImage::from_fn(48, 40, |x, y| {
+            image::Rgb([(x * 5) as u8, (y * 6) as u8, 90])
+        });
         img.save(root.join(format!("JPEGImages/im{k}.jpg")))?;
         let extra = bad.filter(|b| b.0 == k).map_or("", |b| b.1);
         let xml = format!(
@@ -152,7 +173,9 @@ fn bad_voc_and_coco_data_is_named_before_anything_is_written() -> anyhow::Result
     let out = tmp("voc-good-out");
     let data = ["--data-dir", voc.to_str().unwrap(), "--format", "voc"];
     run(&tiny(&out, 3, &data))?;
-    let per_class = records(&out, "eval")[0]["per_class"].as_array().map(Vec::len);
+    let per_class = records(&out, "eval")[0]["per_class"]
+        .as_array()
+        .map(Vec::len);
     assert_eq!(per_class, Some(20));
 
     // An out-of-range box: the file and the object are named, nothing is written.
@@ -162,7 +185,10 @@ fn bad_voc_and_coco_data_is_named_before_anything_is_written() -> anyhow::Result
     let out = tmp("voc-box-out");
     let data = ["--data-dir", voc.to_str().unwrap(), "--format", "voc"];
     let err = format!("{:#}", run(&tiny(&out, 3, &data)).unwrap_err());
-    assert!(err.contains("im1.xml") && err.contains("object 1 'cat'") && err.contains("outside"), "{err}");
+    assert!(
+        err.contains("im1.xml") && err.contains("object 1 'cat'") && err.contains("outside"),
+        "{err}"
+    );
     assert!(!out.exists(), "a failed check wrote {}", out.display());
 
     // A malformed XML file.
@@ -178,19 +204,34 @@ fn bad_voc_and_coco_data_is_named_before_anything_is_written() -> anyhow::Result
     let coco = tmp("coco");
     std::fs::create_dir_all(coco.join("annotations"))?;
     std::fs::create_dir_all(coco.join("train"))?;
-    std::fs::write(coco.join("annotations/instances_train.json"), "{\"images\": [")?;
-    std::fs::write(coco.join("annotations/instances_val.json"), "{\"images\": [")?;
+    std::fs::write(
+        coco.join("annotations/instances_train.json"),
+        "{\"images\": [",
+    )?;
+    std::fs::write(
+        coco.join("annotations/instances_val.json"),
+        "{\"images\": [",
+    )?;
     let data = ["--data-dir", coco.to_str().unwrap(), "--format", "coco"];
     let err = format!("{:#}", run(&tiny(&out, 3, &data)).unwrap_err());
-    assert!(err.contains("instances_train.json") && err.contains("malformed"), "{err}");
+    assert!(
+        err.contains("instances_train.json") && err.contains("malformed"),
+        "{err}"
+    );
     image::RgbImage::new(32, 32).save(coco.join("train/a.png"))?;
     let json = r#"{"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
         "annotations": [{"id": 7, "image_id": 1, "category_id": 3, "bbox": [4, 4, 0, 10]}],
         "categories": [{"id": 3, "name": "thing"}]}"#;
     std::fs::write(coco.join("annotations/instances_train.json"), json)?;
-    std::fs::write(coco.join("annotations/instances_val.json"), json.replace("a.png", "../train/a.png"))?;
+    std::fs::write(
+        coco.join("annotations/instances_val.json"),
+        json.replace("a.png", "../train/a.png"),
+    )?;
     let err = format!("{:#}", run(&tiny(&out, 3, &data)).unwrap_err());
-    assert!(err.contains("annotation id 7") && err.contains("zero or negative area"), "{err}");
+    assert!(
+        err.contains("annotation id 7") && err.contains("zero or negative area"),
+        "{err}"
+    );
     assert!(!out.exists());
     Ok(())
 }
@@ -202,6 +243,23 @@ fn f16_amp_trains_on_the_cpu() -> anyhow::Result<()> {
     let steps = records(&d, "step");
     assert_eq!(steps.len(), 4);
     assert!(steps.iter().all(|s| s["loss_scale"].as_f64().is_some()));
-    assert!(records(&d, "eval").iter().all(|e| e["map50"].as_f64().is_some()));
+    assert!(records(&d, "eval")
+        .iter()
+        .all(|e| e["map50"].as_f64().is_some()));
+    Ok(())
+}
+
+#[test]
+fn bench_times_the_step_on_a_fixed_batch() -> anyhow::Result<()> {
+    use clap::Parser;
+    let args =
+        "det_train --device cpu --image-size 64 --width 4 --fpn 8 --head-convs 1 --norm gn:2 \
+                --batch-size 2 --bench-warmup 1 --bench-steps 2";
+    let b = det_train::bench::BenchArgs::try_parse_from(args.split_whitespace())?;
+    let t = det_train::bench::run(&b)?;
+    assert!(t.median_ms > 0.0 && t.min_ms <= t.median_ms, "{t:?}");
+    // The subcommand through the entry point.
+    let cli = format!("det_train bench {}", &args["det_train ".len()..]);
+    run(&cli.split_whitespace().map(String::from).collect::<Vec<_>>())?;
     Ok(())
 }

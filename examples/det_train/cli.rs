@@ -13,6 +13,7 @@ use keel::train::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::bench::{self, BenchArgs};
 use super::model::DetModelConfig;
 use super::train::{self, RunOpts};
 
@@ -36,6 +37,7 @@ pub enum DeviceChoice {
 #[derive(Parser, Debug)]
 #[command(
     name = "det_train",
+    after_help = "det_train bench [flags] [--bench-warmup N] [--bench-steps N]: time the training step on one fixed batch",
     about = "FCOS object detection training with keel (synthetic shapes, Pascal VOC or COCO)"
 )]
 pub struct Cli {
@@ -46,7 +48,7 @@ pub struct Cli {
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 700)]
     pub steps: usize,
     /// Seed of the weights init and the sample order / augmentation.
     #[arg(long, default_value_t = 0)]
@@ -71,7 +73,7 @@ pub struct Cli {
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// Linear warmup steps (0 = off); must be below --steps.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     pub warmup_steps: usize,
     /// Clip gradients to this global L2 norm (0 = off).
     #[arg(long, default_value_t = 5.0)]
@@ -111,13 +113,13 @@ pub struct Cli {
     #[arg(long, default_value = "val")]
     pub val_split: String,
     /// Synthetic training images.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 2000)]
     pub train_size: usize,
     /// Synthetic validation images.
     #[arg(long, default_value_t = 200)]
     pub val_size: usize,
     /// Evaluate every N steps (and at the end).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 350)]
     pub eval_every: usize,
     /// Checkpoint every N steps (default: --eval-every; and at the end).
     #[arg(long)]
@@ -303,7 +305,7 @@ impl DetConfig {
 }
 
 /// `--device`: cpu, cuda, or cuda when compiled in and usable.
-fn pick_device(want: Option<DeviceChoice>) -> anyhow::Result<candle::Device> {
+pub fn pick_device(want: Option<DeviceChoice>) -> anyhow::Result<candle::Device> {
     let dev = match want {
         Some(DeviceChoice::Cpu) => candle::Device::Cpu,
         Some(DeviceChoice::Cuda) => candle::Device::new_cuda(0)
@@ -388,6 +390,11 @@ fn resume_plan(
 
 /// Parses `args` (program name first) and runs.
 pub fn run(args: Vec<String>) -> anyhow::Result<()> {
+    if args.get(1).is_some_and(|a| a == "bench") {
+        let rest = std::iter::once(args[0].clone()).chain(args[2..].iter().cloned());
+        let b = BenchArgs::try_parse_from(rest).map_err(|e| anyhow::anyhow!("{e}"))?;
+        return bench::run(&b).map(drop);
+    }
     let matches = Cli::command().try_get_matches_from(args).map_err(|e| {
         use clap::error::ErrorKind;
         if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {

@@ -6,6 +6,7 @@
 //! cargo run --release --example det_train -- --resume runs/det_train   # continue exactly
 //! cargo run --release --example det_train -- --data-dir VOCdevkit/VOC2007 --format voc --image-size 320
 //! cargo run --release --example det_train -- --data-dir coco --format coco --train-split train2017 --val-split val2017
+//! cargo run --release --example det_train -- bench --batch-size 4 --image-size 128   # the step alone
 //! ```
 //!
 //! The example is wiring: the backbone is keel-models' SegEncoder (the twin encoder), the
@@ -13,7 +14,9 @@
 //! keel-data's (DetShapes / VocDet / CocoDet, validate_det, DetBatches), and the loop
 //! parts (TrainState, OptimRecipe, Guard, checkpoints, JSONL log, health report, progress
 //! bar, RunDir) keel-train's. Modules: cli (flags, DetConfig, resume), data, model (the
-//! detector's composition), eval (inference + COCO mAP), train (one run).
+//! detector's composition), eval (inference + COCO mAP), train (one run), bench (the step
+//! alone).
+pub(crate) mod bench;
 pub(crate) mod cli;
 pub(crate) mod data;
 pub(crate) mod eval;

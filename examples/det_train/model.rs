@@ -8,7 +8,7 @@ use keel::det::fcos::{
     fcos_head, fpn, seeded_init, FcosHead, FcosHeadConfig, FcosOutputs, Fpn, FpnConfig,
 };
 use keel::models::seg::{copy_bn_stats, init_weights, SegEncoder};
-use keel::norm::{Activation, NormKind};
+use keel::norm::{group_count, Activation, NormKind};
 use serde::{Deserialize, Serialize};
 
 /// The strides of P3, P4, P5.
@@ -25,7 +25,8 @@ pub struct DetModelConfig {
     pub head_convs: usize,
     /// Object classes (no background).
     pub num_classes: usize,
-    /// The backbone's norm (the FPN has none and the head always GroupNorm, as FCOS).
+    /// The backbone's norm (the FPN has none and the head always GroupNorm with 8 channels
+    /// per group, as FCOS's GN(32) of 256 channels).
     pub norm: NormKind,
 }
 
@@ -47,8 +48,12 @@ impl FcosNet {
             norm: None,
             extra_levels: 0,
         };
+        // FCOS's GN(32) on 256 channels has 8 channels per group: so does the head here.
         let head_cfg = FcosHeadConfig {
             num_convs: cfg.head_convs,
+            norm: NormKind::GroupNorm {
+                groups: Some(group_count(cfg.fpn, cfg.fpn.div_ceil(8))),
+            },
             num_levels: STRIDES.len(),
             act: Activation::Silu,
             ..FcosHeadConfig::new(cfg.num_classes, cfg.fpn)

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle::{Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use keel::data::DetBatches;
+use keel::data::{DetBatches, DetHostBatch};
 use keel::det::coco_eval::CocoGt;
 use keel::det::fcos::{fcos_loss, prepare_targets, FcosLossConfig, FcosTargetConfig, GtBoxes};
 use keel::models::seg::count_params;
@@ -89,21 +89,7 @@ impl<'a> Run<'a> {
         cfg.validate()?;
         let data = DetData::new(cfg, opts.progress)?;
         let gt = ground_truth(data.val.as_ref(), cfg, &data.classes)?;
-        let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, candle::DType::F32, &opts.device);
-        let net = FcosNet::new(&cfg.model(data.classes.len()), vb)?;
-        FcosNet::init(&vm, cfg.seed)?;
-        let train_cfg = TrainConfig {
-            precision: cfg.amp,
-            accum_steps: cfg.accum_steps,
-            ema: (cfg.ema_decay > 0.0).then_some(EmaConfig {
-                decay: cfg.ema_decay,
-                warmup: EmaWarmup::Tf,
-            }),
-            ..Default::default()
-        };
-        let optimizer = cfg.recipe().optimizer(split_no_decay(&vm))?;
-        let state = TrainState::new(named_vars(&vm), optimizer, &train_cfg)?;
+        let Net { vm, net, state } = Net::build(cfg, data.classes.len(), &opts.device)?;
         Ok(Self {
             cfg,
             opts,
@@ -175,27 +161,12 @@ impl<'a> Run<'a> {
     fn step(&mut self, batches: &mut DetBatches, guard: &Guard) -> anyhow::Result<StepOutcome> {
         let lr = guard.lr(self.schedule.lr(self.state.step));
         let (cfg, dev) = (self.cfg, &self.opts.device);
-        let model = cfg.model(self.data.classes.len());
-        let targets_cfg = FcosTargetConfig::with_base(&STRIDES, cfg.soi_base());
         let (net, vm, next) = (&self.net, &self.vm, &mut self.next_batch);
+        let classes = self.data.classes.len();
         let micro = |_| -> candle::Result<Tensor> {
             let hb = batches.batch(*next)?;
             *next += 1;
-            // Ignored objects (VOC difficult, COCO crowd) are left out of the targets.
-            let gts: Vec<GtBoxes> = (0..hb.n)
-                .map(|k| {
-                    let keep = |i: &usize| !hb.ignore[k][*i];
-                    let idx: Vec<usize> = (0..hb.boxes[k].len()).filter(keep).collect();
-                    GtBoxes {
-                        boxes: idx.iter().map(|&i| hb.boxes[k][i]).collect(),
-                        classes: idx.iter().map(|&i| hb.classes[k][i]).collect(),
-                    }
-                })
-                .collect();
-            let x = Tensor::from_slice(&hb.images, (hb.n, 3, hb.height, hb.width), dev)?;
-            let out = net.forward_in(&model, vm, &x, cfg.amp.compute_dtype(), true)?;
-            let targets = prepare_targets(&out.feature_sizes()?, &gts, &targets_cfg, dev)?;
-            fcos_loss(&out, &targets, &FcosLossConfig::default())?.total()
+            micro_loss(cfg, net, vm, classes, &hb, dev)
         };
         Ok(self.state.step(lr, cfg.clip_grad, micro)?)
     }
@@ -281,6 +252,65 @@ impl<'a> Run<'a> {
             cfg.optimizer, r.decay_name(), r.lr, cfg.amp, self.opts.device.location()
         );
     }
+}
+
+/// The trainable parts of a config: variables, the f32 master model and the train state.
+/// A run and `det_train bench` build them the same way.
+pub struct Net {
+    pub vm: VarMap,
+    pub net: FcosNet,
+    pub state: TrainState,
+}
+
+impl Net {
+    /// The detector for `num_classes` classes (seeded init) and its train state.
+    pub fn build(cfg: &DetConfig, num_classes: usize, dev: &Device) -> anyhow::Result<Self> {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, candle::DType::F32, dev);
+        let net = FcosNet::new(&cfg.model(num_classes), vb)?;
+        FcosNet::init(&vm, cfg.seed)?;
+        let train_cfg = TrainConfig {
+            precision: cfg.amp,
+            accum_steps: cfg.accum_steps,
+            ema: (cfg.ema_decay > 0.0).then_some(EmaConfig {
+                decay: cfg.ema_decay,
+                warmup: EmaWarmup::Tf,
+            }),
+            ..Default::default()
+        };
+        let optimizer = cfg.recipe().optimizer(split_no_decay(&vm))?;
+        let state = TrainState::new(named_vars(&vm), optimizer, &train_cfg)?;
+        Ok(Self { vm, net, state })
+    }
+}
+
+/// The FCOS loss of one micro-batch: forward (in the config's compute dtype), targets
+/// (ignored objects, VOC difficult / COCO crowd, left out), focal + GIoU + centerness.
+pub fn micro_loss(
+    cfg: &DetConfig,
+    net: &FcosNet,
+    vm: &VarMap,
+    num_classes: usize,
+    hb: &DetHostBatch,
+    dev: &Device,
+) -> candle::Result<Tensor> {
+    let gts: Vec<GtBoxes> = (0..hb.n)
+        .map(|k| {
+            let idx: Vec<usize> = (0..hb.boxes[k].len())
+                .filter(|&i| !hb.ignore[k][i])
+                .collect();
+            GtBoxes {
+                boxes: idx.iter().map(|&i| hb.boxes[k][i]).collect(),
+                classes: idx.iter().map(|&i| hb.classes[k][i]).collect(),
+            }
+        })
+        .collect();
+    let x = Tensor::from_slice(&hb.images, (hb.n, 3, hb.height, hb.width), dev)?;
+    let model = cfg.model(num_classes);
+    let out = net.forward_in(&model, vm, &x, cfg.amp.compute_dtype(), true)?;
+    let targets_cfg = FcosTargetConfig::with_base(&STRIDES, cfg.soi_base());
+    let targets = prepare_targets(&out.feature_sizes()?, &gts, &targets_cfg, dev)?;
+    fcos_loss(&out, &targets, &FcosLossConfig::default())?.total()
 }
 
 /// Trains (or resumes) a run in `out`.
