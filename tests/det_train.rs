@@ -263,3 +263,29 @@ fn bench_times_the_step_on_a_fixed_batch() -> anyhow::Result<()> {
     run(&cli.split_whitespace().map(String::from).collect::<Vec<_>>())?;
     Ok(())
 }
+
+#[test]
+fn resume_checks_config_json_against_the_checkpoint_and_recovers_a_missing_one(
+) -> anyhow::Result<()> {
+    let d = tmp("config");
+    run(&tiny(&d, 4, &[]))?;
+    let resume = |steps: &str| -> Vec<String> {
+        let s = format!(
+            "det_train --quiet --device cpu --resume {} --steps {steps}",
+            d.display()
+        );
+        s.split_whitespace().map(String::from).collect()
+    };
+    let config = d.join("config.json");
+    let good = std::fs::read_to_string(&config)?;
+    std::fs::write(&config, good.replace("\"width\": 4", "\"width\": 6"))?;
+    let err = format!("{:#}", run(&resume("6")).unwrap_err());
+    assert!(err.contains("width (config.json 6, checkpoint 4)"), "{err}");
+    std::fs::remove_file(&config)?;
+    run(&resume("6"))?;
+    assert_eq!(records(&d, "step").len(), 6);
+    assert!(std::fs::read_to_string(&config)?.contains("\"steps\": 6"));
+    let err = format!("{:#}", run(&resume("6")).unwrap_err());
+    assert!(err.contains("the checkpoint is at step 6"), "{err}");
+    Ok(())
+}

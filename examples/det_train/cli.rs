@@ -343,25 +343,7 @@ fn resume_plan(
             found.path.display()
         );
     }
-    let stored: DetConfig = serde_json::from_value(found.checkpoint.meta["user"]["config"].clone())
-        .with_context(|| {
-            format!(
-                "--resume {shown}: {} holds no det_train config",
-                found.path.display()
-            )
-        })?;
-    let path = dir.join("config.json");
-    let mut cfg: DetConfig = match std::fs::read_to_string(&path) {
-        Ok(t) => serde_json::from_str(&t)
-            .with_context(|| format!("{}: not a det_train config", path.display()))?,
-        Err(_) => {
-            eprintln!(
-                "warning: --resume {shown}: no config.json; recovered the run's config from {}",
-                found.path.display()
-            );
-            stored.clone()
-        }
-    };
+    let mut cfg = run_config(dir, &found)?;
     let explicit = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
     let differ: Vec<String> = changed_fields(&cli.config(), &cfg)?
         .into_iter()
@@ -386,6 +368,39 @@ fn resume_plan(
         bail!("--resume {shown}: the checkpoint is at step {at} and the run has {} steps; extend it with --steps N (N > {at})", cfg.steps)
     }
     Ok((cfg, found))
+}
+
+/// The config of the run in `dir`: its `config.json`, which must be the config stored in
+/// the checkpoint (a larger `steps`, an extension, aside), or, when missing, the stored one.
+fn run_config(dir: &std::path::Path, found: &Resume) -> anyhow::Result<DetConfig> {
+    let (shown, ckpt) = (dir.display(), found.path.display());
+    let stored: DetConfig = serde_json::from_value(found.checkpoint.meta["user"]["config"].clone())
+        .with_context(|| format!("--resume {shown}: {ckpt} holds no det_train config"))?;
+    let path = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        eprintln!(
+            "warning: --resume {shown}: no config.json; recovered the run's config from {ckpt}"
+        );
+        return Ok(stored);
+    };
+    let file: DetConfig = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a det_train config", path.display()))?;
+    let differ: Vec<String> = changed_fields(&file, &stored)?
+        .into_iter()
+        .filter(|c| !(c.key == "steps" && file.steps > stored.steps))
+        .map(|c| {
+            format!(
+                "{} (config.json {}, checkpoint {})",
+                c.key,
+                FieldChange::show(&c.a),
+                FieldChange::show(&c.b)
+            )
+        })
+        .collect();
+    if !differ.is_empty() {
+        bail!("--resume {shown}: config.json differs from the config stored in {ckpt} in: {}; the checkpoint is what the run trained with: restore config.json (or delete it, and it is recovered from the checkpoint)", differ.join(", "))
+    }
+    Ok(file)
 }
 
 /// Parses `args` (program name first) and runs.
