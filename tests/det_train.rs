@@ -289,3 +289,28 @@ fn resume_checks_config_json_against_the_checkpoint_and_recovers_a_missing_one(
     assert!(err.contains("the checkpoint is at step 6"), "{err}");
     Ok(())
 }
+
+/// `--fault lr-burst@12` (LR x1000 for 5 steps): the guard (rollback, the default) rolls
+/// the run back visibly and it finishes with finite metrics; with `--guard off` nothing
+/// intervenes.
+#[test]
+fn the_guard_rolls_back_an_injected_lr_burst() -> anyhow::Result<()> {
+    let d = tmp("guard");
+    run(&tiny(&d, 30, &["--fault", "lr-burst@12"]))?;
+    let guard = records(&d, "guard");
+    assert!(!guard.is_empty(), "the burst was not caught");
+    assert_eq!(guard[0]["action"], "rolled_back", "{}", guard[0]);
+    assert!(
+        guard[0]["restored_step"].as_u64().unwrap() <= 12,
+        "{}",
+        guard[0]
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("summary.json"))?)?;
+    assert!(summary["final_map50"].as_f64().is_some_and(f64::is_finite));
+    let off = tmp("guard-off");
+    let args = ["--fault", "lr-burst@12", "--guard", "off"];
+    run(&tiny(&off, 30, &args))?;
+    assert!(records(&off, "guard").is_empty());
+    Ok(())
+}

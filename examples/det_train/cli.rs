@@ -136,6 +136,10 @@ pub struct Cli {
     /// cpu or cuda (default: cuda when compiled in and usable, else cpu).
     #[arg(long, value_enum)]
     pub device: Option<DeviceChoice>,
+    /// Inject a fault (the guard's tests): none, lr-burst@STEP[*F], nan-batch@STEP,
+    /// poison-labels@STEP[*F], huge-lr[*F] (keel::train::fault). Not part of the config.
+    #[arg(long, hide = true, value_name = "SPEC")]
+    pub fault: Option<keel::train::fault::FaultPlan>,
 }
 
 /// `--norm`: NormKind's text form.
@@ -422,6 +426,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     let opts = RunOpts {
         device: pick_device(cli.device)?,
         progress: !cli.quiet,
+        fault: cli.fault.unwrap_or_default(),
     };
     let (cfg, out, resume) = match &cli.resume {
         Some(dir) => {

@@ -30,6 +30,8 @@ use super::model::{FcosNet, STRIDES};
 pub struct RunOpts {
     pub device: Device,
     pub progress: bool,
+    /// The fault to inject (`--fault`; none by default).
+    pub fault: keel::train::fault::FaultPlan,
 }
 
 /// The outcome of a run (summary.json): the loop's [`RunSummary`] (losses, grad norms,
@@ -159,14 +161,18 @@ impl<'a> Run<'a> {
 
     /// One optimizer step: forward, FCOS targets and loss per micro-batch.
     fn step(&mut self, batches: &mut DetBatches, guard: &Guard) -> anyhow::Result<StepOutcome> {
-        let lr = guard.lr(self.schedule.lr(self.state.step));
+        let (step, fault) = (self.state.step, self.opts.fault);
+        let lr = guard.lr(self.schedule.lr(step) * fault.lr_factor(step));
         let (cfg, dev) = (self.cfg, &self.opts.device);
         let (net, vm, next) = (&self.net, &self.vm, &mut self.next_batch);
         let classes = self.data.classes.len();
         let micro = |_| -> candle::Result<Tensor> {
             let hb = batches.batch(*next)?;
             *next += 1;
-            micro_loss(cfg, net, vm, classes, &hb, dev)
+            let loss = micro_loss(cfg, net, vm, classes, &hb, dev)?;
+            // A NaN batch poisons the loss it leads to (the FCOS loss is no cross-entropy of
+            // the inputs: NaN inputs and a NaN loss both make every gradient NaN).
+            fault.poison_loss(step, &fault.poison_inputs(step, &loss)?)
         };
         Ok(self.state.step(lr, cfg.clip_grad, micro)?)
     }
@@ -339,6 +345,9 @@ pub fn run(
         ..GuardConfig::for_run(cfg.steps)
     };
     let mut guard = Guard::new(guard_cfg, &mut run.state)?;
+    if opts.fault != Default::default() {
+        say(format!("det_train: injecting fault {}", opts.fault));
+    }
     if let Some(earlier) = &run.summary.run.guard {
         guard.continue_history(earlier)?;
     }
