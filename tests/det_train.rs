@@ -314,3 +314,60 @@ fn the_guard_rolls_back_an_injected_lr_burst() -> anyhow::Result<()> {
     assert!(records(&off, "guard").is_empty());
     Ok(())
 }
+
+/// Entry point of the re-executed test binary: runs det_train with the arguments in
+/// `DET_TRAIN_CHILD_ARGS` and exits like the binary (a no-op in a normal test run).
+#[test]
+fn child_process() {
+    if let Ok(args) = std::env::var("DET_TRAIN_CHILD_ARGS") {
+        let args: Vec<String> = serde_json::from_str(&args).unwrap();
+        let code = match run(&args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("det_train: error: {e:#}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+}
+
+/// SIGINT finishes the current step, writes a checkpoint and health.json and exits 130;
+/// `--resume` then finishes the run.
+#[test]
+fn sigint_checkpoints_and_exits_130_then_resume_finishes() -> anyhow::Result<()> {
+    let d = tmp("sigint");
+    let args = tiny(&d, 400, &["--ckpt-every", "1000"]);
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "child_process", "--nocapture"])
+        .env("DET_TRAIN_CHILD_ARGS", serde_json::to_string(&args)?)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let t0 = std::time::Instant::now();
+    while records(&d, "step").len() < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "the child never stepped");
+        assert!(child.try_wait()?.is_none(), "the child exited early");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(kill.success());
+    let status = child.wait()?;
+    assert_eq!(status.code(), Some(130));
+    let done = records(&d, "step").len();
+    assert!(done < 400, "the run did not stop");
+    assert!(ckpt(&d, done).is_file(), "no checkpoint at step {done}");
+    assert!(d.join("health.json").is_file());
+    let resume = format!(
+        "det_train --quiet --device cpu --resume {} --steps {}",
+        d.display(),
+        done + 2
+    );
+    run(&resume
+        .split_whitespace()
+        .map(String::from)
+        .collect::<Vec<_>>())?;
+    assert_eq!(records(&d, "step").len(), done + 2);
+    Ok(())
+}
