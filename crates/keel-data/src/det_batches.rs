@@ -11,7 +11,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::{draw, DetAugment, DetHostBatch, DetSource, Pad};
 
-/// The training batches of a detection set (see the [module docs](self)).
+/// The training batches of a detection set: micro-batch `m` holds the samples drawn at
+/// positions `m * batch .. (m + 1) * batch` by [`draw`], so batches depend only on
+/// `(seed, position)` and a resumed run draws exactly those of an uninterrupted one.
 ///
 /// ```
 /// use std::sync::Arc;

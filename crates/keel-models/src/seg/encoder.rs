@@ -96,7 +96,9 @@ impl Block {
     }
 }
 
-/// SegNet's encoder (see the [module docs](self)).
+/// SegNet's encoder on its own: a stem of two stride-2 conv blocks and four stages of two
+/// basic blocks (strides 1, 2, 2, 2), so C2-C5 have strides 4, 8, 16, 32; parameter names
+/// are SegNet's (`stem.*`, `stages.*`) under the given VarBuilder.
 ///
 /// # Example
 /// ```
