@@ -246,6 +246,18 @@ fn f16_amp_trains_on_the_cpu() -> anyhow::Result<()> {
     assert!(records(&d, "eval")
         .iter()
         .all(|e| e["map50"].as_f64().is_some()));
+    // BatchNorm has no f16 path on candle's CPU: a clear error before anything is written.
+    let bn = tmp("f16-bn");
+    let args: Vec<String> = tiny(&bn, 4, &["--amp", "f16"])
+        .into_iter()
+        .map(|a| if a == "gn:2" { "bn".into() } else { a })
+        .collect();
+    let err = format!("{:#}", run(&args).unwrap_err());
+    assert!(
+        err.contains("--norm bn --amp f16 needs --device cuda"),
+        "{err}"
+    );
+    assert!(!bn.exists());
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use keel::data::{DetBatches, DetHostBatch};
 use keel::det::coco_eval::CocoGt;
 use keel::det::fcos::{fcos_loss, prepare_targets, FcosLossConfig, FcosTargetConfig, GtBoxes};
 use keel::models::seg::count_params;
-use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule};
+use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
 use keel::train::run_dir::{check_writable, DirState, RunDir};
 use keel::train::{
     named_vars, progress_bar, write_atomic, CheckpointManager, EvalRecord, Guard, GuardAction,
@@ -271,6 +271,10 @@ pub struct Net {
 impl Net {
     /// The detector for `num_classes` classes (seeded init) and its train state.
     pub fn build(cfg: &DetConfig, num_classes: usize, dev: &Device) -> anyhow::Result<Self> {
+        if cfg.norm == keel::norm::NormKind::BatchNorm && cfg.amp == Precision::F16 && dev.is_cpu()
+        {
+            bail!("--norm bn --amp f16 needs --device cuda: candle 0.11's BatchNorm has no f16 path on the CPU (use --norm gn / frozen-bn, or --amp off)")
+        }
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, candle::DType::F32, dev);
         let net = FcosNet::new(&cfg.model(num_classes), vb)?;
