@@ -336,8 +336,8 @@ fn child_process() {
         let code = match run(&args) {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("det_train: error: {e:#}");
-                1
+                eprintln!("det_train: {e:#}");
+                det_train::train::exit_code(&e)
             }
         };
         std::process::exit(code);
@@ -371,6 +371,8 @@ fn sigint_checkpoints_and_exits_130_then_resume_finishes() -> anyhow::Result<()>
     assert!(done < 400, "the run did not stop");
     assert!(ckpt(&d, done).is_file(), "no checkpoint at step {done}");
     assert!(d.join("health.json").is_file());
+    // The lock went with the process (no stale lock for the resume to take over).
+    assert!(!d.join(keel::train::LOCK_FILE).exists());
     let resume = format!(
         "det_train --quiet --device cpu --resume {} --steps {}",
         d.display(),

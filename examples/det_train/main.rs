@@ -26,7 +26,10 @@ pub(crate) mod train;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = cli::run(args) {
-        eprintln!("det_train: error: {e:#}");
-        std::process::exit(1);
+        // A run stopped by SIGINT/SIGTERM exits with 130/143 after its checkpoint.
+        let code = train::exit_code(&e);
+        let what = if code == 1 { "error: " } else { "" };
+        eprintln!("det_train: {what}{e:#}");
+        std::process::exit(code);
     }
 }

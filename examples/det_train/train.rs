@@ -34,6 +34,27 @@ pub struct RunOpts {
     pub fault: keel::train::fault::FaultPlan,
 }
 
+/// A run stopped by SIGINT or SIGTERM after its checkpoint and health report were written;
+/// the process exits with `code` (130 / 143).
+#[derive(Debug)]
+pub struct Interrupted {
+    pub code: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// The process exit code of a run's error: the signal's (130 / 143), else 1.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    err.downcast_ref::<Interrupted>().map_or(1, |i| i.code)
+}
+
 /// The outcome of a run (summary.json): the loop's [`RunSummary`] (losses, grad norms,
 /// alarms, guard; its `evals` and `final_miou` hold mAP@.5, `final_pixel_acc` mAP) and the
 /// final evaluation.
@@ -401,8 +422,11 @@ pub fn run(
             if let Some(signal) = signal {
                 pb.finish_and_clear();
                 run.write_health(out, &guard)?;
-                eprintln!("det_train: stopped by {signal} after step {}: checkpoint {} written; continue with --resume {}", run.state.step, path.display(), out.display());
-                std::process::exit(signal.exit_code());
+                return Err(Interrupted {
+                    code: signal.exit_code(),
+                    message: format!("stopped by {signal} after step {}: checkpoint {} and health.json written; continue with --resume {}", run.state.step, path.display(), out.display()),
+                }
+                .into());
             }
         }
     }
