@@ -24,7 +24,8 @@
 //! Detection sets (boxes instead of masks) implement [`DetSource`]: [`DetShapes`] (synthetic,
 //! the default), [`VocDet`] (Pascal VOC XML) and [`CocoDet`] (COCO JSON), checked up front by
 //! [`validate_det`], transformed with their boxes by [`DetAugment`] and batched by
-//! [`DetHostBatch::collate`].
+//! [`DetHostBatch::collate`]; [`DetBatches`] draws a loop's batches per `(seed, position)`
+//! and [`det_eval_batches`] walks a set in order.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -50,6 +51,7 @@
 mod check;
 mod coco_det;
 mod det;
+mod det_batches;
 mod det_shapes;
 mod loader;
 mod sample;
@@ -63,6 +65,7 @@ pub use coco_det::CocoDet;
 pub use det::{
     validate_det, DetAugment, DetBatch, DetHostBatch, DetSample, DetSource, Pad, Resize,
 };
+pub use det_batches::{det_eval_batches, DetBatches};
 pub use det_shapes::{DetShapes, DET_SHAPE_CLASSES};
 pub use loader::{draw, eval_batches, Loader, LoaderConfig};
 pub use sample::{mix, HostBatch, Sample, Source, IGNORE};

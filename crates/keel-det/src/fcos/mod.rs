@@ -31,12 +31,14 @@
 pub mod fpn;
 pub mod head;
 pub mod inference;
+pub mod init;
 pub mod loss;
 pub mod targets;
 
 pub use fpn::{fpn, Fpn, FpnConfig};
 pub use head::{fcos_head, FcosHead, FcosHeadConfig, FcosOutputs, Scale};
 pub use inference::{fcos_detections, Detections, FcosInferenceConfig};
+pub use init::seeded_init;
 pub use loss::{fcos_loss, FcosLossConfig, FcosLosses};
 pub use targets::{
     compute_locations, prepare_targets, sizes_of_interest, FcosTargetConfig, FcosTargets, GtBoxes,

@@ -9,11 +9,15 @@
 //! a twin checkpoint loads unchanged. `width 64, fpn 128, 21 classes` is the twin exactly
 //! (11.46 M parameters).
 //!
+//! The encoder alone is [`SegEncoder`] (C2-C5 at strides 4-32, the same names), the
+//! backbone of det_train's FCOS.
+//!
 //! Mixed precision: [`SegNet::forward_in`] runs the master model in f16/bf16 through a
 //! copy cast from its f32 weights ([`SegNet::cast_copy`]).
 
 mod config;
 pub(crate) mod decoder;
+mod encoder;
 mod init;
 mod layers;
 mod load;
@@ -21,6 +25,7 @@ mod mixed;
 mod net;
 
 pub use config::ModelConfig;
+pub use encoder::{copy_bn_stats, SegEncoder};
 pub use init::{count_params, init_weights};
 pub use load::{load_pretrained, non_finite_tensors, LoadReport};
 pub use net::SegNet;
