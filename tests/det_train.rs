@@ -298,7 +298,7 @@ fn resume_checks_config_json_against_the_checkpoint_and_recovers_a_missing_one(
     assert_eq!(records(&d, "step").len(), 6);
     assert!(std::fs::read_to_string(&config)?.contains("\"steps\": 6"));
     let err = format!("{:#}", run(&resume("6")).unwrap_err());
-    assert!(err.contains("the checkpoint is at step 6"), "{err}");
+    assert!(err.contains("the run already finished its 6 steps"), "{err}");
     Ok(())
 }
 

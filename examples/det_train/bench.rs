@@ -7,7 +7,7 @@ use clap::Parser;
 use keel::data::{DetHostBatch, DetShapes, DetSource, SHAPES_TRAIN_SEED};
 use keel::train::bench::{time_steps, Timing};
 
-use super::cli::{pick_device, Cli};
+use super::cli::Cli;
 use super::data::{augment, PAD};
 use super::train::{micro_loss, Net};
 
@@ -31,10 +31,10 @@ pub struct BenchArgs {
 
 /// Times the step; prints and returns the timing.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Timing> {
-    let dev = pick_device(args.run.device)?;
+    let dev = args.run.dev.setup("det_train")?;
     let mut cfg = args.run.config();
     cfg.steps = args.bench_warmup + args.bench_steps;
-    cfg.warmup_steps = 0;
+    cfg.train.warmup_steps = 0;
     cfg.data_dir = None;
     cfg.validate()?;
     let set = DetShapes::generate(cfg.batch_size, cfg.image_size, SHAPES_TRAIN_SEED);
@@ -47,11 +47,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Timing> {
     let schedule = cfg.recipe().schedule()?;
     let t = time_steps(&dev, args.bench_warmup, args.bench_steps, None, |i| {
         let loss = |_| micro_loss(&cfg, &net, &vm, classes, &batch, &dev);
-        state.step(schedule.lr(i), cfg.clip_grad, loss).map(drop)
+        state
+            .step(schedule.lr(i), cfg.train.clip_grad, loss)
+            .map(drop)
     })?;
     println!(
         "det_train bench: batch {} x {}px, width {}, fpn {}, head convs {}, amp {}, {:?}: median {:.1} ms/step, min {:.1} ms ({} timed steps after {} warm-up)",
-        cfg.batch_size, cfg.image_size, cfg.width, cfg.fpn, cfg.head_convs, cfg.amp,
+        cfg.batch_size, cfg.image_size, cfg.width, cfg.fpn, cfg.head_convs, cfg.train.amp,
         dev.location(), t.median_ms, t.min_ms, args.bench_steps, args.bench_warmup
     );
     Ok(t)

@@ -86,7 +86,7 @@ pub fn evaluate(
     dev: &Device,
 ) -> candle::Result<DetMetrics> {
     let model = cfg.model(gt.categories.len());
-    let dtype: DType = cfg.amp.compute_dtype();
+    let dtype: DType = cfg.train.amp.compute_dtype();
     let mut dets = vec![];
     for b in det_eval_batches(val, augment(cfg, false), PAD, cfg.batch_size.max(8)) {
         let (first, hb) = b?;

@@ -12,12 +12,12 @@ use keel::data::{DetBatches, DetHostBatch};
 use keel::det::coco_eval::CocoGt;
 use keel::det::fcos::{fcos_loss, prepare_targets, FcosLossConfig, FcosTargetConfig, GtBoxes};
 use keel::models::seg::count_params;
-use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
+use keel::optim::{split_no_decay, LrSchedule, Precision};
 use keel::train::run_dir::{check_writable, DirState, RunDir};
 use keel::train::{
     named_vars, progress_bar, write_atomic, CheckpointManager, EvalRecord, Guard, GuardAction,
     GuardConfig, GuardLog, HealthReport, Interrupt, InterventionKind, JsonlLogger, Resume,
-    RunContext, RunSummary, StepLog, StepOutcome, TrainConfig, TrainState,
+    RunContext, RunSummary, StepLog, StepOutcome, TrainState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -157,7 +157,7 @@ impl<'a> Run<'a> {
             }
         }
         dir.remove_stale_temps()?;
-        let manager = CheckpointManager::new(out.join("checkpoints"), self.cfg.keep_last)?;
+        let manager = CheckpointManager::new(out.join("checkpoints"), self.cfg.train.keep_last)?;
         dir.write_config(self.cfg)?;
         let log_path = out.join("log.jsonl");
         let Some(found) = resume else {
@@ -195,7 +195,7 @@ impl<'a> Run<'a> {
             // the inputs: NaN inputs and a NaN loss both make every gradient NaN).
             fault.poison_loss(step, &fault.poison_inputs(step, &loss)?)
         };
-        Ok(self.state.step(lr, cfg.clip_grad, micro)?)
+        Ok(self.state.step(lr, cfg.train.clip_grad, micro)?)
     }
 
     /// Evaluates the weights on the val split (NaN metrics for non-finite weights).
@@ -258,8 +258,8 @@ impl<'a> Run<'a> {
             batch_size: cfg.batch_size,
             pretrained: false,
             lr: cfg.recipe().lr,
-            clip_grad: cfg.clip_grad,
-            precision: cfg.amp,
+            clip_grad: cfg.train.clip_grad,
+            precision: cfg.train.amp,
             steps: cfg.steps,
             backbone_norm: None,
         };
@@ -276,8 +276,8 @@ impl<'a> Run<'a> {
         eprintln!(
             "det_train: FCOS P3-P5, backbone norm {}, width {}, fpn {}, head convs {}, {:.2} M params, {} classes, {} train / {} val images of {}px, batch {} x accum {}, {} steps, {} {} lr {}, amp {}, device {:?}",
             cfg.norm, cfg.width, cfg.fpn, cfg.head_convs, count_params(&self.vm) as f64 / 1e6, self.data.classes.len(),
-            self.data.train.len(), self.data.val.len(), cfg.image_size, cfg.batch_size, cfg.accum_steps, cfg.steps,
-            cfg.optimizer, r.decay_name(), r.lr, cfg.amp, self.opts.device.location()
+            self.data.train.len(), self.data.val.len(), cfg.image_size, cfg.batch_size, cfg.train.accum_steps, cfg.steps,
+            cfg.train.optimizer, r.decay_name(), r.lr, cfg.train.amp, self.opts.device.location()
         );
     }
 }
@@ -293,7 +293,9 @@ pub struct Net {
 impl Net {
     /// The detector for `num_classes` classes (seeded init) and its train state.
     pub fn build(cfg: &DetConfig, num_classes: usize, dev: &Device) -> anyhow::Result<Self> {
-        if cfg.norm == keel::norm::NormKind::BatchNorm && cfg.amp == Precision::F16 && dev.is_cpu()
+        if cfg.norm == keel::norm::NormKind::BatchNorm
+            && cfg.train.amp == Precision::F16
+            && dev.is_cpu()
         {
             bail!("--norm bn --amp f16 needs --device cuda: candle 0.11's BatchNorm has no f16 path on the CPU (use --norm gn / frozen-bn, or --amp off)")
         }
@@ -301,15 +303,7 @@ impl Net {
         let vb = VarBuilder::from_varmap(&vm, candle::DType::F32, dev);
         let net = FcosNet::new(&cfg.model(num_classes), vb)?;
         FcosNet::init(&vm, cfg.seed)?;
-        let train_cfg = TrainConfig {
-            precision: cfg.amp,
-            accum_steps: cfg.accum_steps,
-            ema: (cfg.ema_decay > 0.0).then_some(EmaConfig {
-                decay: cfg.ema_decay,
-                warmup: EmaWarmup::Tf,
-            }),
-            ..Default::default()
-        };
+        let train_cfg = cfg.train.train_config(Default::default());
         let optimizer = cfg.recipe().optimizer(split_no_decay(&vm))?;
         let state = TrainState::new(named_vars(&vm), optimizer, &train_cfg)?;
         Ok(Self { vm, net, state })
@@ -339,7 +333,7 @@ pub fn micro_loss(
         .collect();
     let x = Tensor::from_slice(&hb.images, (hb.n, 3, hb.height, hb.width), dev)?;
     let model = cfg.model(num_classes);
-    let out = net.forward_in(&model, vm, &x, cfg.amp.compute_dtype(), true)?;
+    let out = net.forward_in(&model, vm, &x, cfg.train.amp.compute_dtype(), true)?;
     let targets_cfg = FcosTargetConfig::with_base(&STRIDES, cfg.soi_base());
     let targets = prepare_targets(&out.feature_sizes()?, &gts, &targets_cfg, dev)?;
     fcos_loss(&out, &targets, &FcosLossConfig::default())?.total()
@@ -367,7 +361,7 @@ pub fn run(
     let say = |msg: String| pb.suspend(|| eprintln!("{msg}"));
     let stop = Interrupt::install()?;
     let guard_cfg = GuardConfig {
-        policy: cfg.guard,
+        policy: cfg.train.guard,
         ..GuardConfig::for_run(cfg.steps)
     };
     let mut guard = Guard::new(guard_cfg, &mut run.state)?;
@@ -385,7 +379,7 @@ pub fn run(
         run.summary.run.guard = Some(guard.summary());
         if let GuardAction::RolledBack(i) | GuardAction::Stop(i) = &action {
             logger.log(&GuardLog::new(i))?;
-            say(format!("guard ({}): {i}", cfg.guard));
+            say(format!("guard ({}): {i}", cfg.train.guard));
             if i.action == InterventionKind::Stopped {
                 break;
             }
@@ -400,8 +394,8 @@ pub fn run(
         pb.inc(1);
         let last = o.step + 1 == cfg.steps;
         let signal = stop.requested();
-        let eval_due = (o.step + 1) % cfg.eval_every == 0 || last;
-        let ckpt_due = (o.step + 1) % cfg.ckpt_every == 0 || last || signal.is_some();
+        let eval_due = (o.step + 1) % cfg.train.eval_every == 0 || last;
+        let ckpt_due = (o.step + 1) % cfg.train.ckpt_every == 0 || last || signal.is_some();
         if eval_due || ckpt_due {
             let finite = run.state.weights_finite()?;
             for alarm in run.state.monitor.record_weights_finite(o.step, finite) {

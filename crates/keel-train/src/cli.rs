@@ -428,9 +428,8 @@ pub struct LoopArgs {
     /// lowered to --steps - 1 with a warning, and config.json records the value used.
     #[arg(long, default_value_t = 200)]
     pub warmup_steps: usize,
-    /// Clip gradients to this global L2 norm (0 = off). The default 2.0 is about the p99 of
-    /// the healthy grad norms of seg_train's default run, where the monitor saw batch-2 grad
-    /// norms spike above 10x their median.
+    /// Clip gradients to this global L2 norm (0 = off); a value near the p99 of a healthy
+    /// run's grad norms bounds the spikes of small batches (the health report suggests one).
     #[arg(long, default_value_t = 2.0)]
     pub clip_grad: f64,
     /// Mixed precision: off (f32), f16 (with a GradScaler) or bf16 (CUDA only).
