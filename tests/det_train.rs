@@ -298,7 +298,10 @@ fn resume_checks_config_json_against_the_checkpoint_and_recovers_a_missing_one(
     assert_eq!(records(&d, "step").len(), 6);
     assert!(std::fs::read_to_string(&config)?.contains("\"steps\": 6"));
     let err = format!("{:#}", run(&resume("6")).unwrap_err());
-    assert!(err.contains("the run already finished its 6 steps"), "{err}");
+    assert!(
+        err.contains("the run already finished its 6 steps"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -383,5 +386,53 @@ fn sigint_checkpoints_and_exits_130_then_resume_finishes() -> anyhow::Result<()>
         .map(String::from)
         .collect::<Vec<_>>())?;
     assert_eq!(records(&d, "step").len(), done + 2);
+    Ok(())
+}
+
+/// `det_train run-config` (compare's child) runs a saved config, and its summary.json reads
+/// as the RunSummary the grid tables (final mAP@.5 as the metric); compare refuses per-run
+/// flags and its table names the metric.
+#[test]
+fn compare_children_write_summaries_the_grid_reads() -> anyhow::Result<()> {
+    use clap::Parser;
+    let d = tmp("cmp-child");
+    std::fs::create_dir_all(&d)?;
+    let cli = det_train::cli::Cli::try_parse_from(tiny(&d.join("unused"), 4, &[]))?;
+    let cfg_path = d.join("job.config.json");
+    std::fs::write(&cfg_path, serde_json::to_string(&cli.config())?)?;
+    let out = d.join("job");
+    let argv = format!(
+        "det_train run-config --config {} --out {} --device cpu",
+        cfg_path.display(),
+        out.display()
+    );
+    run(&argv
+        .split_whitespace()
+        .map(String::from)
+        .collect::<Vec<_>>())?;
+    let text = std::fs::read_to_string(out.join("summary.json"))?;
+    let s: keel::train::RunSummary = serde_json::from_str(&text)?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    assert_eq!(s.losses.len(), 4);
+    assert_eq!(Some(s.final_miou), v["final_map50"].as_f64());
+    let e = run(&[
+        "det_train".into(),
+        "compare".into(),
+        "--batch-size".into(),
+        "4".into(),
+    ])
+    .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("--batch-size is not a grid flag"),
+        "{e:#}"
+    );
+    let args =
+        det_train::compare::CompareArgs::try_parse_from(["det_train compare", "--norms", "gn"])?;
+    let cells = keel::train::grid::Cell::group([("gn".to_string(), 2, s)]);
+    let md = det_train::compare::results_md(&args, &cells, 1.0, &candle::Device::Cpu);
+    assert!(
+        md.contains("final val mAP@.5 (mean ± std)") && md.contains("| gn | 2 |"),
+        "{md}"
+    );
     Ok(())
 }

@@ -14,6 +14,7 @@ use keel::train::{LoopConfig, OptimRecipe, Resume};
 use serde::{Deserialize, Serialize};
 
 use super::bench::{self, BenchArgs};
+use super::compare;
 use super::model::DetModelConfig;
 use super::train::{self, RunOpts};
 
@@ -30,7 +31,7 @@ pub enum DataFormat {
 #[derive(Parser, Debug)]
 #[command(
     name = "det_train",
-    after_help = "det_train bench [flags] [--bench-warmup N] [--bench-steps N]: time the training step on one fixed batch",
+    after_help = "det_train bench [flags] [--bench-warmup N] [--bench-steps N]: time the training step on one fixed batch\ndet_train compare [--norms bn,gn,ws-gn] [--batch-sizes 1,2,8] [--seeds 3] [--jobs 2] [flags]: the norm x batch x seed grid (results.md, curves.png)",
     about = "FCOS object detection training with keel (synthetic shapes, Pascal VOC or COCO)"
 )]
 pub struct Cli {
@@ -99,7 +100,7 @@ pub struct Cli {
 }
 
 /// `--norm`: NormKind's text form.
-fn parse_norm(s: &str) -> Result<NormKind, String> {
+pub fn parse_norm(s: &str) -> Result<NormKind, String> {
     s.parse().map_err(|e: candle::Error| e.to_string())
 }
 
@@ -269,8 +270,23 @@ fn resume_plan(
     Ok((plan.config, plan.found))
 }
 
+/// Reads a saved DetConfig (`config.json` of a run, or a compare job's file).
+pub fn read_config(path: &Path) -> anyhow::Result<DetConfig> {
+    Ok(keel::train::cli::read_config(path, "det_train")?)
+}
+
 /// Parses `args` (program name first) and runs.
 pub fn run(args: Vec<String>) -> anyhow::Result<()> {
+    let sub = |name: &str| args.get(1).is_some_and(|a| a == name);
+    if sub("compare") || sub("run-config") {
+        let rest: Vec<String> = std::iter::once(args[0].clone())
+            .chain(args[2..].iter().cloned())
+            .collect();
+        return match sub("compare") {
+            true => compare::run(rest),
+            false => compare::run_config(rest),
+        };
+    }
     if args.get(1).is_some_and(|a| a == "bench") {
         let rest = std::iter::once(args[0].clone()).chain(args[2..].iter().cloned());
         let m = with_defaults(BenchArgs::command())

@@ -7,6 +7,7 @@
 //! cargo run --release --example det_train -- --data-dir VOCdevkit/VOC2007 --format voc --image-size 320
 //! cargo run --release --example det_train -- --data-dir coco --format coco --train-split train2017 --val-split val2017
 //! cargo run --release --example det_train -- bench --batch-size 4 --image-size 128   # the step alone
+//! cargo run --release --example det_train -- compare --norms bn,gn,ws-gn --batch-sizes 1,2,8 --seeds 3
 //! ```
 //!
 //! The example is wiring: the backbone is keel-models' SegEncoder (the twin encoder), the
@@ -15,9 +16,10 @@
 //! parts (TrainState, OptimRecipe, Guard, checkpoints, JSONL log, health report, progress
 //! bar, RunDir) keel-train's. Modules: cli (flags, DetConfig, resume), data, model (the
 //! detector's composition), eval (inference + COCO mAP), train (one run), bench (the step
-//! alone).
+//! alone), compare (the norm x batch x seed grid on keel::train::grid).
 pub(crate) mod bench;
 pub(crate) mod cli;
+pub(crate) mod compare;
 pub(crate) mod data;
 pub(crate) mod eval;
 pub(crate) mod model;

@@ -60,6 +60,8 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 /// final evaluation.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DetSummary {
+    /// Flattened: summary.json reads as a [`RunSummary`] too (the compare grid's children).
+    #[serde(flatten)]
     pub run: RunSummary,
     /// The last evaluation's mAP @[.5:.95] and mAP @.5.
     #[serde(with = "keel::train::lossless_f64")]

@@ -206,11 +206,11 @@ pub fn results_md(
         recipe.decay_name(), recipe.lr, c.train.warmup_steps,
         if c.train.clip_grad == 0.0 { "off".to_string() } else { c.train.clip_grad.to_string() }, train::amp_label(c.train.amp), args.steps, args.seeds, device.location(), seconds
     );
-    md.push_str(&grid::table_md(cells));
+    md.push_str(&grid::table_md(cells, "mIoU"));
     md
 }
 
 /// curves.png: see [`grid::plot_curves`].
 pub fn plot(path: &Path, cells: &[Cell], steps: usize) -> anyhow::Result<()> {
-    Ok(grid::plot_curves(path, cells, steps)?)
+    Ok(grid::plot_curves(path, cells, steps, "mIoU")?)
 }

@@ -76,33 +76,40 @@ impl Cell {
 }
 
 /// The results table: one row per cell, statistics across its seeds, and a note on how
-/// the columns are computed.
+/// the columns are computed. `metric` names the final validation metric (each run's
+/// [`RunSummary::final_miou`]: mIoU for segmentation, mAP@.5 for detection).
 ///
 /// ```
 /// use keel_train::{grid::{table_md, Cell}, RunSummary};
 /// let run = |m| RunSummary { final_miou: m, grad_norms: vec![1.0, 3.0], verdict: "Healthy".into(), ..Default::default() };
-/// let md = table_md(&[Cell { norm: "gn".into(), batch: 2, runs: vec![run(0.5), run(0.7)] }]);
+/// let md = table_md(&[Cell { norm: "gn".into(), batch: 2, runs: vec![run(0.5), run(0.7)] }], "mIoU");
 /// assert!(md.contains("| gn | 2 | 0.6000 ± 0.1414 | 0.500, 0.700 |"), "{md}");
 /// ```
-pub fn table_md(cells: &[Cell]) -> String {
+pub fn table_md(cells: &[Cell], metric: &str) -> String {
     let mut md = String::new();
-    let _ = writeln!(md, "| norm | batch | final val mIoU (mean ± std) | per seed | loss spikes (total) | grad-norm p99 | NaN/Inf steps | skipped steps | s/step | verdicts |");
+    let _ = writeln!(md, "| norm | batch | final val {metric} (mean ± std) | per seed | loss spikes (total) | grad-norm p99 | NaN/Inf steps | skipped steps | s/step | verdicts |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
     for cell in cells {
         let _ = writeln!(md, "{}", cell.row());
     }
     let _ = writeln!(
         md,
-        "\nLoss spikes, NaN/Inf and skipped steps come from keel::train's StabilityMonitor; the grad-norm p99 pools every step of every seed (pre-clip global L2 norm). Every config runs the same number of optimizer steps, so batch 8 sees 8x the images of batch 1. Curves: curves.png (per batch size: training loss, moving average over 20 steps, and val mIoU, mean over seeds)."
+        "\nLoss spikes, NaN/Inf and skipped steps come from keel::train's StabilityMonitor; the grad-norm p99 pools every step of every seed (pre-clip global L2 norm). Every config runs the same number of optimizer steps, so batch 8 sees 8x the images of batch 1. Curves: curves.png (per batch size: training loss, moving average over 20 steps, and val {metric}, mean over seeds)."
     );
     md
 }
 
 /// The grid's curves as a PNG: one row per batch size; left the training loss (moving
-/// average over 20 steps), right val mIoU; a colour per norm; the mean over seeds; the x
-/// axis `0..steps`.
+/// average over 20 steps), right the validation metric named `metric` (each run's `evals`:
+/// mIoU for segmentation, mAP@.5 for detection); a colour per norm; the mean over seeds;
+/// the x axis `0..steps`.
 #[cfg(feature = "plot")]
-pub fn plot_curves(path: &std::path::Path, cells: &[Cell], steps: usize) -> candle::Result<()> {
+pub fn plot_curves(
+    path: &std::path::Path,
+    cells: &[Cell],
+    steps: usize,
+    metric: &str,
+) -> candle::Result<()> {
     use crate::plot::{plot, Curve, Figure, Panel};
     use crate::series::{mean_series, moving_average};
     let mut batches: Vec<usize> = cells.iter().map(|c| c.batch).collect();
@@ -150,7 +157,7 @@ pub fn plot_curves(path: &std::path::Path, cells: &[Cell], steps: usize) -> cand
             curves: loss,
         });
         panels.push(Panel {
-            title: format!("batch {b}: val mIoU"),
+            title: format!("batch {b}: val {metric}"),
             y: 0.0..1.0,
             curves: miou,
         });

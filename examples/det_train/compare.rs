@@ -1,0 +1,172 @@
+//! `det_train compare`: the norm x batch-size x seed grid of the detector (issue 15's
+//! experiment): every run a child process of this binary (`det_train run-config`, see
+//! keel::train::grid::run_children), then `results.md` (final val mAP@.5 mean ± std per
+//! cell, loss spikes, grad-norm p99, NaN/skipped steps, verdicts) and `curves.png`.
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use keel::norm::NormKind;
+use keel::train::cli::DeviceArgs;
+use keel::train::grid::{self, Cell, ChildRun};
+use keel::train::run_dir::check_writable;
+use keel::train::write_atomic;
+
+use super::cli::{parse_norm, read_config, with_defaults, Cli};
+use super::train::{self, RunOpts};
+
+/// `det_train compare` flags: the grid's axes and every run flag of det_train (the same for
+/// every run; `--norm`, `--batch-size` and `--seed` are the grid's).
+#[derive(Parser, Debug)]
+#[command(
+    name = "det_train compare",
+    about = "Run det_train's norm x batch-size x seed grid and write results.md and curves.png"
+)]
+pub struct CompareArgs {
+    /// Comma-separated backbone norms.
+    #[arg(long, value_parser = parse_norm, value_delimiter = ',', default_value = "bn,gn,ws-gn")]
+    pub norms: Vec<NormKind>,
+    /// Comma-separated batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,8")]
+    pub batch_sizes: Vec<usize>,
+    /// Seeds per config (0..N).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Runs in parallel (one single-threaded process each).
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    #[command(flatten)]
+    pub run: Cli,
+}
+
+/// `det_train run-config`: one saved config into `--out`, quietly (compare's children).
+#[derive(Parser, Debug)]
+#[command(name = "det_train run-config", hide = true)]
+pub struct RunConfigArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub dev: DeviceArgs,
+}
+
+/// Parses `argv` (`det_train compare ...` without `compare`) and runs the grid.
+pub fn run(argv: Vec<String>) -> anyhow::Result<()> {
+    let cmd = with_defaults(CompareArgs::command())
+        .mut_arg("out", |a| a.default_value("runs/det_compare"));
+    let m = cmd
+        .try_get_matches_from(argv)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for id in ["norm", "batch_size", "seed", "resume", "resume_from"] {
+        if m.value_source(id) == Some(ValueSource::CommandLine) {
+            bail!(
+                "det_train compare: --{} is not a grid flag; the grid sets the norm, batch size and seed of each run (--norms, --batch-sizes, --seeds)",
+                id.replace('_', "-")
+            )
+        }
+    }
+    let args = CompareArgs::from_arg_matches(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if args.norms.is_empty() || args.batch_sizes.is_empty() || args.seeds == 0 {
+        bail!("det_train compare needs at least one norm, one batch size and one seed")
+    }
+    let out = &args.run.out;
+    let (mut queue, mut cells_of) = (Vec::new(), Vec::new());
+    for &n in &args.norms {
+        for &b in &args.batch_sizes {
+            for seed in 0..args.seeds {
+                let mut cfg = args.run.config();
+                (cfg.norm, cfg.batch_size, cfg.seed) = (n, b, seed);
+                cfg.validate()?; // a typo fails before hours of training
+                let name = format!("{}-b{b}-s{seed}", n.to_string().replace(':', "_"));
+                queue.push(ChildRun {
+                    label: format!("{n} batch {b} seed {seed}"),
+                    config: serde_json::to_value(&cfg)?,
+                    dir: out.join("runs").join(name),
+                });
+                cells_of.push((n.to_string(), b));
+            }
+        }
+    }
+    check_writable(out).map_err(|e| anyhow::anyhow!("--out {e}"))?;
+    let device = keel::train::cli::pick_device(args.run.dev.device)?; // the children set up their own
+    let mut child_args = vec![
+        "--device".to_string(),
+        if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
+    ];
+    child_args.extend(
+        args.run
+            .dev
+            .deterministic
+            .then(|| "--deterministic".to_string()),
+    );
+    child_args.extend(args.run.dev.tf32.then(|| "--tf32".to_string()));
+    let exe = std::env::current_exe().context("locating the det_train binary")?;
+    let pb = grid::grid_progress("det_train compare", queue.len());
+    let t0 = Instant::now();
+    let child = (exe.as_path(), "run-config", &child_args[..]);
+    let summaries = grid::run_children(&queue, args.jobs, child, &pb, |r, s| {
+        eprintln!(
+            "{}: final mAP@.5 {:.4}, {:.3} s/step, {} spikes, verdict {}",
+            r.label, s.final_miou, s.seconds_per_step, s.loss_spikes, s.verdict
+        )
+    })?;
+    pb.finish_and_clear();
+    let cells = Cell::group(
+        cells_of
+            .into_iter()
+            .zip(summaries)
+            .map(|((n, b), s)| (n, b, s)),
+    );
+    let md = results_md(&args, &cells, t0.elapsed().as_secs_f64(), &device);
+    write_atomic(out.join("results.md"), md.as_bytes())?;
+    grid::plot_curves(&out.join("curves.png"), &cells, args.run.steps, "mAP@.5")?;
+    println!("{md}");
+    println!(
+        "wrote {} and {}",
+        out.join("results.md").display(),
+        out.join("curves.png").display()
+    );
+    Ok(())
+}
+
+/// The results table with a header naming the settings every run shared.
+pub fn results_md(
+    args: &CompareArgs,
+    cells: &[Cell],
+    seconds: f64,
+    device: &candle::Device,
+) -> String {
+    let c = args.run.config();
+    let r = c.recipe();
+    let mut md = String::new();
+    let _ = writeln!(md, "# det_train compare\n");
+    let _ = writeln!(
+        md,
+        "FCOS (P3-P5, GN head) on the twin encoder, synthetic detection shapes ({} train / {} val images, {}px), width {}, fpn {}, head convs {}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s. The metric is COCO mAP@.5 on the val set (pycocotools' definition, keel_det::coco_eval).\n",
+        c.train_size, c.val_size, c.image_size, c.width, c.fpn, c.head_convs, c.train.optimizer,
+        r.decay_name(), r.lr, c.train.warmup_steps,
+        c.train.clip_grad.map_or("off".to_string(), |v| v.to_string()), c.train.amp, c.steps, args.seeds, device.location(), seconds
+    );
+    md.push_str(&grid::table_md(cells, "mAP@.5"));
+    md
+}
+
+/// `det_train run-config`: runs one saved config (compare's child).
+pub fn run_config(argv: Vec<String>) -> anyhow::Result<()> {
+    let a = RunConfigArgs::try_parse_from(argv).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = read_config(&a.config)?;
+    let opts = RunOpts {
+        device: a.dev.setup("det_train")?,
+        progress: false,
+        fault: Default::default(),
+    };
+    let s = train::run(&cfg, &a.out, None, &opts)?;
+    if let Some(step) = s.run.guard_stopped_at {
+        bail!("the guard stopped the run at step {step} (see health.json)")
+    }
+    Ok(())
+}
