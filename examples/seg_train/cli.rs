@@ -142,6 +142,26 @@ pub struct CommonArgs {
     /// halve the LR; stop with an error after 3 interventions).
     #[arg(long, default_value_t = GuardPolicy::Rollback)]
     pub guard: GuardPolicy,
+    /// Read the loss and gradient norm on the host every N steps (default: 1 on the CPU, 20
+    /// on CUDA, where a read per step makes the host wait for the GPU every step). The
+    /// steps of a window are logged (log.jsonl), monitored and judged by the guard when it
+    /// is read, in order; the progress bar shows the last loss read. Also read before every
+    /// evaluation, checkpoint and signal stop. Not part of the run's config.
+    #[arg(long, value_name = "N")]
+    pub log_every: Option<usize>,
+}
+
+impl CommonArgs {
+    /// `--log-every`, or its default for `device` (1 on the CPU, 20 on CUDA).
+    pub fn log_every(&self, device: &Device) -> usize {
+        log_every_default(self.log_every, device)
+    }
+}
+
+/// `--log-every`'s value, or its default for `device`: 1 on the CPU (every step read at
+/// once, as before the flag), 20 on CUDA.
+pub fn log_every_default(flag: Option<usize>, device: &Device) -> usize {
+    flag.unwrap_or(if device.is_cuda() { 20 } else { 1 }).max(1)
 }
 
 #[derive(Args, Debug, Clone)]
@@ -509,8 +529,10 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
             tf32,
         }) => {
             let cfg = read_config(&config)?;
+            let device = setup_device(device, deterministic, tf32)?;
             let opts = RunOpts {
-                device: setup_device(device, deterministic, tf32)?,
+                log_every: log_every_default(None, &device),
+                device,
                 progress: false,
                 verbose: false,
                 step_delay: None,
@@ -521,8 +543,10 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         None => {
             let t = cli.train;
             let c = &t.common;
+            let device = setup_device(c.device, c.deterministic, c.tf32)?;
             let opts = RunOpts {
-                device: setup_device(c.device, c.deterministic, c.tf32)?,
+                log_every: c.log_every(&device),
+                device,
                 progress: !t.quiet,
                 verbose: true,
                 step_delay: t.step_delay_ms.map(Duration::from_millis),

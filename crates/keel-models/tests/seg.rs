@@ -212,3 +212,88 @@ fn forward_and_backward_reach_every_parameter() -> Result<()> {
     }
     Ok(())
 }
+
+/// Accumulating 4 micro-batches in f16: `for_step` casts the weights once for the whole
+/// step, `forward_in` once per micro-batch, and both give the same gradients and the same
+/// BatchNorm running statistics, bit for bit.
+#[test]
+fn for_step_casts_once_per_step_with_the_same_result() -> Result<()> {
+    let cfg = ModelConfig {
+        width: 8,
+        fpn: 8,
+        num_classes: 3,
+        norm: "bn".parse()?,
+    };
+    let dev = Device::Cpu;
+    let xs = (0..4)
+        .map(|i| Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev)?.affine(1.0 + i as f64, 0.0))
+        .collect::<candle::Result<Vec<_>>>()?;
+    let run = |once: bool| -> Result<(u64, Vec<Vec<f32>>)> {
+        let (vm, master) = build(&cfg)?;
+        init_weights(&vm, 3)?;
+        let before = keel_models::seg::cast_copies();
+        let step = once
+            .then(|| master.for_step(&cfg, &vm, DType::F16, &dev))
+            .transpose()?;
+        let mut sums: Option<Vec<Tensor>> = None;
+        let vars = keel_train_order(&vm);
+        for x in &xs {
+            let logits = match &step {
+                Some(net) => net.forward(x, true)?,
+                None => master.forward_in(&cfg, &vm, x, DType::F16, true)?,
+            };
+            let grads = logits.to_dtype(DType::F32)?.sqr()?.mean_all()?.backward()?;
+            let g: Vec<Tensor> = vars
+                .iter()
+                .map(|(_, v)| {
+                    grads
+                        .get(v)
+                        .cloned()
+                        .unwrap_or(v.as_tensor().zeros_like()?)
+                        .to_dtype(DType::F32)
+                })
+                .collect::<candle::Result<_>>()?;
+            sums = Some(match sums {
+                None => g,
+                Some(s) => s
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle::Result<_>>()?,
+            });
+        }
+        let builds = keel_models::seg::cast_copies() - before;
+        let mut out = Vec::new();
+        for t in sums.unwrap_or_default() {
+            out.push(t.flatten_all()?.to_vec1::<f32>()?);
+        }
+        for (name, v) in &vars {
+            if name.ends_with("running_mean") || name.ends_with("running_var") {
+                out.push(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok((builds, out))
+    };
+    let (once_builds, once) = run(true)?;
+    let (per_micro_builds, per_micro) = run(false)?;
+    assert_eq!((once_builds, per_micro_builds), (1, 4));
+    assert_eq!(once.len(), per_micro.len());
+    for (a, b) in once.iter().zip(&per_micro) {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(a), bits(b));
+    }
+    Ok(())
+}
+
+/// The variables sorted by name.
+fn keel_train_order(vm: &VarMap) -> Vec<(String, Var)> {
+    let mut v: Vec<(String, Var)> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

@@ -157,6 +157,19 @@ impl TrainState {
         self.read_every
     }
 
+    /// Sets [`TrainConfig::read_every`] (0 counts as 1); errors while launched steps are
+    /// unread.
+    pub fn set_read_every(&mut self, read_every: usize) -> candle::Result<()> {
+        if !self.pending.is_empty() {
+            candle::bail!(
+                "TrainState::set_read_every: {} launched steps are not read yet; call flush() first",
+                self.pending.len()
+            )
+        }
+        self.read_every = read_every.max(1);
+        Ok(())
+    }
+
     /// Launched steps whose scalars are not read yet.
     pub fn pending(&self) -> usize {
         self.pending.len()

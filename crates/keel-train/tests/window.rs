@@ -336,7 +336,7 @@ fn rollback_in_a_window_equals_per_step_rollback() -> anyhow::Result<()> {
     let ob = windowed(&mut b, &d)?;
     let ia = a.guard.as_ref().unwrap().interventions().to_vec();
     assert!(!ia.is_empty(), "the burst was not rolled back");
-    let ends_window = |s: usize| (s + 1) % 8 == 0 || (s + 1) % 20 == 0;
+    let ends_window = |s: usize| (s + 1).is_multiple_of(8) || (s + 1).is_multiple_of(20);
     assert!(
         !ends_window(ia[0].step),
         "the alarm ends no window: {:?}",

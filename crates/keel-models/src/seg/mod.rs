@@ -10,7 +10,8 @@
 //! (11.46 M parameters).
 //!
 //! Mixed precision: [`SegNet::forward_in`] runs the master model in f16/bf16 through a
-//! copy cast from its f32 weights ([`SegNet::cast_copy`]).
+//! copy cast from its f32 weights ([`SegNet::cast_copy`]); [`SegNet::for_step`] casts once
+//! per optimizer step for all its micro-batches.
 
 mod config;
 mod init;
@@ -21,4 +22,5 @@ mod net;
 pub use config::ModelConfig;
 pub use init::{count_params, init_weights};
 pub use load::{load_pretrained, non_finite_tensors, LoadReport};
+pub use mixed::{cast_copies, StepNet};
 pub use net::SegNet;
