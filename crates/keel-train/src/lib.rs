@@ -4,6 +4,9 @@
 //!   loss unscaling, global-norm clipping, the optimizer step (skipped on inf/NaN), EMA
 //!   update and monitor record, in one call; [`TrainState::snapshot`] and
 //!   [`TrainState::restore`] to and from keel checkpoints, bit-exact on resume.
+//!   [`TrainState::launch`] and [`TrainState::flush`] (with a guard, [`Guard::flush`]) are
+//!   the same step for a GPU: no host read per step, one per window of
+//!   [`TrainConfig::read_every`] steps ([`host_read`] counts them).
 //! - [`OptimRecipe`]: the optimizer and LR schedule of an [`keel_optim::OptimizerKind`]
 //!   (SGD + poly, AdamW + cosine, linear warmup).
 //! - [`StabilityMonitor`]: "is my training going haywire?" Robust loss-spike detection,

@@ -7,6 +7,24 @@
 //! [`TrainState::restore`] turn it into a keel [`Checkpoint`] and back, so a resumed run
 //! continues bit for bit.
 //!
+//! Windowed reads (issue 9): on a GPU, every host read of a tensor (the loss's
+//! `to_scalar`, the gradient norm) waits for all the work queued before it, so a step that
+//! reads its scalars cannot overlap with the next. [`TrainState::step`] reads at once (a
+//! read per micro-batch loss plus one for the gradient norm, and one for the scaler's
+//! overflow check with f16). With [`TrainConfig::read_every`] N, [`TrainState::launch`]
+//! runs a step and keeps its scalars (losses, norm, skip flag, a guard's weights check) on
+//! the device, and [`TrainState::flush`] (or [`crate::Guard::flush`]) reads the whole
+//! window in one transfer and records every step in the monitor in order, so its history,
+//! alarms and the health report stay per step. A loop cannot forget the flush: `launch`
+//! returns true when the window is full and errors on the next call until it is read, and
+//! [`TrainState::snapshot`] refuses unread steps. [`keel_optim::host_read`] counts keel's
+//! reads (f32: `step` reads 2 per step with one micro-batch, a window of 20 reads once; f16
+//! reads once per step, as PyTorch's `GradScaler.step` does). On the CPU a windowed run
+//! equals a per-step run bit for bit (losses, norms, monitor, weights, guard rollbacks),
+//! except after a step skipped on the device with an optimizer that has state (see
+//! [`StepOutcome::skipped_on_device`]) and for a non-finite norm with skipping off
+//! (clipped as PyTorch does, [`keel_optim::clip_grad_norm_device`]).
+//!
 //! Randomness: the state holds no RNG. Derive every random draw from `(seed, step)` (as
 //! seg_train's loader does), and the step restored here is the whole RNG position.
 use std::collections::HashMap;
