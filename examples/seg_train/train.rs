@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use keel::kernels::{cross_entropy, CrossEntropyConfig};
+use keel::kernels::{cross_entropy, CrossEntropyConfig, PinnedUpload};
 use keel::models::seg::{count_params, init_weights, load_pretrained, SegNet, StepNet};
 use keel::norm::NormKind;
 use keel::optim::{split_no_decay, EmaConfig, EmaWarmup, LrSchedule, Precision};
@@ -21,7 +21,7 @@ use keel::train::{
 use serde::{Deserialize, Serialize};
 
 use super::cli::{advice_flags, RunConfig};
-use super::data::{self, Loader, LoaderConfig, Sources, IGNORE};
+use super::data::{self, HostBatch, Loader, LoaderConfig, Sources, IGNORE};
 use super::output;
 
 /// How a run is driven (not part of its identity).
@@ -117,6 +117,24 @@ struct Run<'a> {
     schedule: Box<dyn LrSchedule + Send + Sync>,
     summary: RunSummary,
     init_msg: Option<String>,
+    uploads: Uploads,
+}
+
+/// A run's batch uploads: through page-locked buffers on CUDA ([`PinnedUpload`]).
+#[derive(Default)]
+struct Uploads {
+    images: PinnedUpload<f32>,
+    targets: PinnedUpload<u32>,
+}
+
+impl Uploads {
+    /// `(images (n, 3, s, s) f32, targets (n, s, s) u32)` on `dev`, as
+    /// `HostBatch::to_tensors`.
+    fn batch(&mut self, b: &HostBatch, dev: &Device) -> candle::Result<(Tensor, Tensor)> {
+        let (n, s) = (b.n, b.size);
+        let x = self.images.upload(&b.images, (n, 3, s, s), dev)?;
+        Ok((x, self.targets.upload(&b.targets, (n, s, s), dev)?))
+    }
 }
 
 impl<'a> Run<'a> {
@@ -136,6 +154,7 @@ impl<'a> Run<'a> {
             schedule: cfg.recipe().schedule()?,
             summary: RunSummary::default(),
             init_msg,
+            uploads: Uploads::default(),
         })
     }
 
@@ -237,11 +256,12 @@ impl<'a> Run<'a> {
         let net = self
             .master
             .for_step(&cfg.model(), &self.vm, cfg.amp.compute_dtype(), dev)?;
+        let uploads = &mut self.uploads;
         let mut micro = |_| -> candle::Result<Tensor> {
             let batch = loader
                 .next()
                 .ok_or_else(|| candle::Error::Msg("data loader ended early".into()))?;
-            let (x, t) = batch?.to_tensors(dev)?;
+            let (x, t) = uploads.batch(&batch?, dev)?;
             let x = fault.poison_inputs(step, &x)?;
             fault.poison_loss(step, &micro_loss(&net, &x, &t)?)
         };

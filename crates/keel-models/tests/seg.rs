@@ -200,14 +200,7 @@ fn forward_and_backward_reach_every_parameter() -> Result<()> {
     let y = net.forward(&x, true)?;
     assert_eq!(y.dims(), &[1, 4, 33, 40]);
     let grads = y.sqr()?.mean_all()?.backward()?;
-    let vars: Vec<(String, Var)> = vm
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (name, v) in vars {
+    for (name, v) in sorted_vars(&vm) {
         assert!(grads.get(&v).is_some(), "no gradient for {name}");
     }
     Ok(())
@@ -237,7 +230,7 @@ fn for_step_casts_once_per_step_with_the_same_result() -> Result<()> {
             .then(|| master.for_step(&cfg, &vm, DType::F16, &dev))
             .transpose()?;
         let mut sums: Option<Vec<Tensor>> = None;
-        let vars = keel_train_order(&vm);
+        let vars = sorted_vars(&vm);
         for x in &xs {
             let logits = match &step {
                 Some(net) => net.forward(x, true)?,
@@ -282,7 +275,7 @@ fn for_step_casts_once_per_step_with_the_same_result() -> Result<()> {
 }
 
 /// The variables sorted by name.
-fn keel_train_order(vm: &VarMap) -> Vec<(String, Var)> {
+fn sorted_vars(vm: &VarMap) -> Vec<(String, Var)> {
     let mut v: Vec<(String, Var)> = vm
         .data()
         .lock()
