@@ -17,7 +17,10 @@ use candle::{Device, Shape, Tensor, WithDType};
 /// The element types [`PinnedUpload`] takes: f32 (images) and u32 (class targets).
 #[cfg(feature = "cuda")]
 pub trait PinnedDType:
-    WithDType + candle::cuda_backend::CudaDType + candle::cuda_backend::cudarc::driver::DeviceRepr
+    WithDType
+    + candle::cuda_backend::CudaDType
+    + candle::cuda_backend::cudarc::driver::DeviceRepr
+    + candle::cuda_backend::cudarc::driver::ValidAsZeroBits
 {
 }
 
