@@ -1,7 +1,11 @@
 //! `seg_train bench`: the training step alone, timed on one fixed batch (no data loading,
 //! no logging), optionally side by side with the PyTorch eager twin (`torch_twin.py`, beside
 //! this file). The step is the one a run takes: [`Net::build`] and [`micro_loss`] through
-//! keel-train's `TrainState::step` (forward, loss, backward, unscale, clip, optimizer step).
+//! keel-train's `TrainState::step` (forward, loss, backward, unscale, clip, optimizer step),
+//! or with `--log-every N > 1` (the CUDA default, 20) `TrainState::launch` in windows of N
+//! steps read once: the timing is then of whole windows (synchronized after each), divided
+//! by N. With `--accum-steps k`, the `--amp` copy is cast once per step for its k
+//! micro-batches.
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
@@ -86,20 +90,32 @@ fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, 
         .next()
         .context("bench: the synthetic batch is empty")??;
     let (x, t) = batch.to_tensors(dev)?;
-    let timing = time_steps(dev, args.warmup, args.steps, Some(&ALLOC), |i| {
-        let lr = schedule.lr(net.state.step);
-        let (vm, master) = (&net.vm, &net.master);
-        let out = net.state.step(lr, cfg.train.clip_grad, &mut |_| {
-            micro_loss(&cfg, vm, master, &x, &t)
-        })?;
-        if !out.loss.is_finite() {
-            candle::bail!(
-                "bench: the loss became {} at step {i}; the timing would not be of a training step",
-                out.loss
-            )
-        }
-        Ok(())
-    })?;
+    // --log-every N > 1: time windows of N launched steps and one read (per step: / N).
+    let window = c.log_every(dev);
+    net.state.set_read_every(window)?;
+    let windows = |steps: usize| steps.div_ceil(window);
+    let (model, dtype) = (cfg.seg_model(), cfg.train.amp.compute_dtype());
+    let mut timing = time_steps(
+        dev,
+        windows(args.warmup),
+        windows(args.steps),
+        Some(&ALLOC),
+        |_| {
+            for _ in 0..window {
+                let lr = schedule.lr(net.state.step);
+                let step_net = net.master.for_step(&model, &net.vm, dtype, dev)?;
+                let micro = |_| micro_loss(&step_net, &x, &t);
+                if window == 1 {
+                    check_finite(&[net.state.step(lr, cfg.train.clip_grad, micro)?])?;
+                } else if net.state.launch(lr, cfg.train.clip_grad, micro)? {
+                    check_finite(&net.state.flush()?)?;
+                }
+            }
+            Ok(())
+        },
+    )?;
+    timing.median_ms /= window as f64;
+    timing.min_ms /= window as f64;
     let label = format!(
         "{}{} width {} fpn {} classes {} batch {} {}x{} amp {}{} {} device {:?} threads {}",
         match cfg.seg_model() {
@@ -127,6 +143,19 @@ fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, 
         candle::utils::get_num_threads(),
     );
     Ok((timing, label, keel::models::seg::count_params(&net.vm)))
+}
+
+/// Fails when a step read by the bench has a non-finite loss (its timing would not be of a
+/// training step).
+fn check_finite(outs: &[keel::train::StepOutcome]) -> candle::Result<()> {
+    match outs.iter().find(|o| !o.loss.is_finite()) {
+        Some(o) => candle::bail!(
+            "bench: the loss became {} at step {}; the timing would not be of a training step",
+            o.loss,
+            o.step
+        ),
+        None => Ok(()),
+    }
 }
 
 /// The twin's settings for this config; an error names what the twin cannot mirror.

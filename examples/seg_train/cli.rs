@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
+use candle::Device;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use keel::models::seg::ModelConfig;
 use keel::norm::NormKind;
@@ -92,6 +93,26 @@ pub struct CommonArgs {
     pub prefetch: usize,
     #[command(flatten)]
     pub backbone: BackboneArgs,
+    /// Read the loss and gradient norm on the host every N steps (default: 1 on the CPU, 20
+    /// on CUDA, where a read per step makes the host wait for the GPU every step). The
+    /// steps of a window are logged (log.jsonl), monitored and judged by the guard when it
+    /// is read, in order; the progress bar shows the last loss read. Also read before every
+    /// evaluation, checkpoint and signal stop. Not part of the run's config.
+    #[arg(long, value_name = "N")]
+    pub log_every: Option<usize>,
+}
+
+impl CommonArgs {
+    /// `--log-every`, or its default for `device` (1 on the CPU, 20 on CUDA).
+    pub fn log_every(&self, device: &Device) -> usize {
+        log_every_default(self.log_every, device)
+    }
+}
+
+/// `--log-every`'s value, or its default for `device`: 1 on the CPU (every step read at
+/// once, as before the flag), 20 on CUDA.
+pub fn log_every_default(flag: Option<usize>, device: &Device) -> usize {
+    flag.unwrap_or(if device.is_cuda() { 20 } else { 1 }).max(1)
 }
 
 #[derive(Args, Debug, Clone)]
@@ -280,8 +301,10 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         Some(Command::Bench(b)) => bench::run(&b).map(drop),
         Some(Command::RunConfig { config, out, dev }) => {
             let cfg = read_config(&config)?;
+            let device = dev.setup("seg_train")?;
             let opts = RunOpts {
-                device: dev.setup("seg_train")?,
+                log_every: log_every_default(None, &device),
+                device,
                 progress: false,
                 verbose: false,
                 step_delay: None,
@@ -292,8 +315,10 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         None => {
             let t = cli.train;
             let c = &t.common;
+            let device = c.dev.setup("seg_train")?;
             let opts = RunOpts {
-                device: c.dev.setup("seg_train")?,
+                log_every: c.log_every(&device),
+                device,
                 progress: !t.quiet,
                 verbose: true,
                 step_delay: t.step_delay_ms.map(Duration::from_millis),

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use candle::{Device, Tensor};
 use candle_nn::VarMap;
-use keel::kernels::{cross_entropy, CrossEntropyConfig};
+use keel::kernels::{cross_entropy, CrossEntropyConfig, PinnedUpload};
 use keel::models::seg::count_params;
-use keel::models::seg_model::SegModel;
+use keel::models::seg_model::{SegModel, SegModelStep};
 use keel::optim::{LrSchedule, Precision};
 use keel::train::run_dir::RunDir;
 use keel::train::{
-    named_vars, progress_bar, write_atomic, CheckpointManager, EvalLog, EvalRecord, Guard,
+    named_vars, progress_bar, write_atomic, CheckpointManager, EvalLog, EvalRecord, Flushed, Guard,
     GuardAction, GuardConfig, GuardLog, GuardSummary, HealthReport, Interrupt, Intervention,
     JsonlLogger, MonitorConfig, Resume, RunContext, SegEval, StepLog, StepOutcome, StopSignal,
     TrainState,
@@ -21,7 +21,7 @@ use keel::train::{
 use serde::{Deserialize, Serialize};
 
 use super::cli::RunConfig;
-use super::data::{self, Loader, LoaderConfig, Sources, IGNORE};
+use super::data::{self, HostBatch, Loader, LoaderConfig, Sources, IGNORE};
 use super::model;
 use super::output;
 use keel::train::cli::advice_flags;
@@ -36,6 +36,8 @@ pub struct RunOpts {
     pub step_delay: Option<Duration>,
     /// The fault to inject (`--fault`; none by default).
     pub fault: keel::train::fault::FaultPlan,
+    /// Steps per host read of the loss and grad norm (`--log-every`; 1 reads every step).
+    pub log_every: usize,
 }
 
 /// The outcome of a run (summary.json), for the `compare` grid.
@@ -117,6 +119,24 @@ struct Run<'a> {
     schedule: Box<dyn LrSchedule + Send + Sync>,
     summary: RunSummary,
     init_msg: Option<String>,
+    uploads: Uploads,
+}
+
+/// A run's batch uploads: through page-locked buffers on CUDA ([`PinnedUpload`]).
+#[derive(Default)]
+struct Uploads {
+    images: PinnedUpload<f32>,
+    targets: PinnedUpload<u32>,
+}
+
+impl Uploads {
+    /// `(images (n, 3, s, s) f32, targets (n, s, s) u32)` on `dev`, as
+    /// `HostBatch::to_tensors`.
+    fn batch(&mut self, b: &HostBatch, dev: &Device) -> candle::Result<(Tensor, Tensor)> {
+        let (n, s) = (b.n, b.size);
+        let x = self.images.upload(&b.images, (n, 3, s, s), dev)?;
+        Ok((x, self.targets.upload(&b.targets, (n, s, s), dev)?))
+    }
 }
 
 impl<'a> Run<'a> {
@@ -136,6 +156,7 @@ impl<'a> Run<'a> {
             schedule: cfg.recipe().schedule()?,
             summary: RunSummary::default(),
             init_msg,
+            uploads: Uploads::default(),
         })
     }
 
@@ -228,21 +249,93 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// One optimizer step through the TrainState: the micro-batches come from `loader`.
-    fn step(&mut self, loader: &mut Loader, guard: &Guard) -> anyhow::Result<StepOutcome> {
+    /// One optimizer step through the TrainState: the micro-batches come from `loader`, and
+    /// all of them run one network cast once for the step (`--amp`). Read at once, or
+    /// launched into the window of `--log-every` steps (`launch`).
+    fn step(
+        &mut self,
+        loader: &mut Loader,
+        guard: &Guard,
+        launch: bool,
+    ) -> anyhow::Result<Stepped> {
         let (step, fault) = (self.state.step, self.opts.fault);
         let lr = guard.lr(self.schedule.lr(step) * fault.lr_factor(step));
-        let (vm, master, dev, cfg) = (&self.vm, &self.master, &self.opts.device, self.cfg);
+        let (dev, cfg) = (&self.opts.device, self.cfg);
+        let net = self.master.for_step(
+            &cfg.seg_model(),
+            &self.vm,
+            cfg.train.amp.compute_dtype(),
+            dev,
+        )?;
+        let uploads = &mut self.uploads;
         let mut micro = |_| -> candle::Result<Tensor> {
             let batch = loader
                 .next()
                 .ok_or_else(|| candle::Error::Msg("data loader ended early".into()))?;
-            let (x, t) = batch?.to_tensors(dev)?;
+            let (x, t) = uploads.batch(&batch?, dev)?;
             let x = fault.poison_inputs(step, &x)?;
-            fault.poison_loss(step, &micro_loss(cfg, vm, master, &x, &t)?)
+            fault.poison_loss(step, &micro_loss(&net, &x, &t)?)
         };
-        Ok(self.state.step(lr, cfg.train.clip_grad, &mut micro)?)
+        Ok(match launch {
+            true => Stepped::Launched(self.state.launch(lr, cfg.train.clip_grad, &mut micro)?),
+            false => Stepped::Read(self.state.step(lr, cfg.train.clip_grad, &mut micro)?),
+        })
     }
+
+    /// Runs the next step; returns the steps read and what the guard did with them, `None`
+    /// while a window of `--log-every` steps is open. `due`: the step ends an eval or
+    /// checkpoint interval, the run, or a signal asked to stop: its window is read now.
+    /// After a rollback that discarded launched steps, `loader` moves back to the step
+    /// after the alarm, so every step draws the batches of its position.
+    fn advance(
+        &mut self,
+        loader: &mut Loader,
+        guard: &mut Guard,
+        due: bool,
+    ) -> anyhow::Result<Option<Flushed>> {
+        let full = match self.step(loader, guard, self.state.read_every() > 1)? {
+            Stepped::Read(out) => {
+                let action = guard.after_step(&mut self.state, &out)?;
+                return Ok(Some(Flushed {
+                    outcomes: vec![out],
+                    action,
+                    discarded: 0,
+                }));
+            }
+            Stepped::Launched(full) => full,
+        };
+        if !(full || due) {
+            return Ok(None);
+        }
+        let flushed = guard.flush(&mut self.state)?;
+        if flushed.discarded > 0 {
+            *loader = self.loader_at(self.state.step);
+        }
+        Ok(Some(flushed))
+    }
+
+    /// The training data loader from optimizer step `step` on.
+    fn loader_at(&self, step: usize) -> Loader {
+        let cfg = self.cfg;
+        Loader::new(
+            self.data.train.clone(),
+            LoaderConfig {
+                batch: cfg.batch_size,
+                size: cfg.image_size,
+                seed: cfg.seed,
+                start: step * cfg.train.accum_steps,
+                end: cfg.steps * cfg.train.accum_steps,
+                workers: cfg.workers,
+                prefetch: cfg.prefetch,
+            },
+        )
+    }
+}
+
+/// What [`Run::step`] did: a step read at once, or a launched one (true: its window is full).
+enum Stepped {
+    Read(StepOutcome),
+    Launched(bool),
 }
 
 /// The trainable parts of a config: variables, the f32 master model and the train state.
@@ -274,16 +367,11 @@ impl Net {
     }
 }
 
-/// Forward and loss of one micro-batch: the f32 master model, or for mixed precision a copy
-/// cast from it (whose BatchNorm running statistics are written back to the master).
-pub fn micro_loss(
-    cfg: &RunConfig,
-    vm: &VarMap,
-    master: &SegModel,
-    x: &Tensor,
-    t: &Tensor,
-) -> candle::Result<Tensor> {
-    let logits = master.forward_in(&cfg.seg_model(), vm, x, cfg.train.amp.compute_dtype(), true)?;
+/// Forward and loss of one micro-batch through the step's network ([`SegModel::for_step`]:
+/// the f32 master model, or for mixed precision a copy cast from it once per optimizer
+/// step, whose BatchNorm running statistics are written back to the master).
+pub fn micro_loss(net: &SegModelStep, x: &Tensor, t: &Tensor) -> candle::Result<Tensor> {
+    let logits = net.forward(x, true)?;
     let ignore = CrossEntropyConfig {
         ignore_index: Some(IGNORE as i64),
         weight: None,
@@ -314,18 +402,8 @@ pub fn run(
     }
     let pb = progress_bar(opts.progress, cfg.steps, run.state.step);
     let start = run.state.step;
-    let mut loader = Loader::new(
-        run.data.train.clone(),
-        LoaderConfig {
-            batch: cfg.batch_size,
-            size: cfg.image_size,
-            seed: cfg.seed,
-            start: start * cfg.train.accum_steps,
-            end: cfg.steps * cfg.train.accum_steps,
-            workers: cfg.workers,
-            prefetch: cfg.prefetch,
-        },
-    );
+    run.state.set_read_every(opts.log_every)?;
+    let mut loader = run.loader_at(start);
     let say = |msg: String| {
         if opts.verbose {
             pb.suspend(|| eprintln!("{msg}"));
@@ -346,14 +424,35 @@ pub fn run(
     }
     let t_run = Instant::now();
     let mut window_losses = Vec::new();
-    while run.state.step < cfg.steps {
-        let t0 = Instant::now();
-        let out = run.step(&mut loader, &guard)?;
-        let action = guard.after_step(&mut run.state, &out)?;
+    let mut window_start = None;
+    'steps: while run.state.step < cfg.steps {
+        let t0 = *window_start.get_or_insert_with(Instant::now);
+        let next = run.state.step + 1;
+        let due = next.is_multiple_of(cfg.train.eval_every)
+            || next.is_multiple_of(cfg.train.ckpt_every)
+            || next == cfg.steps
+            || stop.requested().is_some();
+        let Some(flushed) = run.advance(&mut loader, &mut guard, due)? else {
+            pb.inc(1); // a launched step: the bar moves, its loss shows at the read
+            if let Some(d) = opts.step_delay {
+                std::thread::sleep(d);
+            }
+            continue;
+        };
+        window_start = None;
+        // The window's wall time per step (the step's own time when every step is read).
+        let seconds = || t0.elapsed().as_secs_f64() / flushed.outcomes.len().max(1) as f64;
+        let Some(out) = flushed.outcomes.last().cloned() else {
+            continue;
+        };
+        for out in &flushed.outcomes[..flushed.outcomes.len() - 1] {
+            run.record_read_step(out, seconds(), &mut logger, &say)?;
+            window_losses.push(out.loss);
+        }
         run.summary.guard = Some(guard.summary());
-        if let Some(i) = run.log_intervention(&action, &mut logger, &pb)? {
+        if let Some(i) = run.log_intervention(&flushed.action, &mut logger, &pb)? {
             if i.action == keel::train::InterventionKind::Stopped {
-                break;
+                break 'steps;
             }
         }
         run.summary.record_step(&out);
@@ -364,10 +463,10 @@ pub fn run(
             std::thread::sleep(d);
         }
         let step = out.step;
-        logger.log(&StepLog::new(&out, t0.elapsed().as_secs_f64()))?;
+        logger.log(&StepLog::new(&out, seconds()))?;
         window_losses.push(out.loss);
         pb.set_message(format!("loss {:.4} lr {:.2e}", out.loss, out.lr));
-        pb.inc(1);
+        pb.set_position(run.state.step as u64);
         let last = step + 1 == cfg.steps;
         let signal = stop.requested();
         let eval_due = (step + 1) % cfg.train.eval_every == 0 || last;
@@ -543,6 +642,23 @@ impl Run<'_> {
 }
 
 impl Run<'_> {
+    /// A step of a window read before its last one: recorded in the summary, its alarms
+    /// said, its line logged (`seconds`: the window's time per step).
+    fn record_read_step(
+        &mut self,
+        out: &StepOutcome,
+        seconds: f64,
+        logger: &mut JsonlLogger,
+        say: &dyn Fn(String),
+    ) -> anyhow::Result<()> {
+        self.summary.record_step(out);
+        for alarm in &out.alarms {
+            say(format!("monitor: {alarm}"));
+        }
+        logger.log(&StepLog::new(out, seconds))?;
+        Ok(())
+    }
+
     /// Logs a rollback or stop of the guard (log.jsonl and stderr); returns it.
     fn log_intervention<'i>(
         &mut self,

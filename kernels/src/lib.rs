@@ -13,6 +13,7 @@
 //!   `F.interpolate` semantics, CPU kernels with backward, plus the composed `*_slow` twins
 //!   (used on CUDA).
 //! - [`nn`]: layers on these ops ([`nn::Conv2d`], a drop-in for candle_nn's).
+//! - [`PinnedUpload`]: host-to-device uploads from page-locked memory on CUDA.
 
 mod conv;
 mod cpu;
@@ -21,6 +22,7 @@ mod cuda;
 mod group_norm;
 mod loss;
 pub mod nn;
+mod pinned;
 mod resize;
 
 pub use conv::{
@@ -29,6 +31,7 @@ pub use conv::{
 };
 pub use group_norm::{group_norm, group_norm_silu, group_norm_silu_slow, group_norm_slow};
 pub use loss::{cross_entropy, cross_entropy_slow, CrossEntropyConfig};
+pub use pinned::{PinnedDType, PinnedUpload};
 pub use resize::{resize_bilinear, resize_bilinear_slow, resize_nearest, resize_nearest_slow};
 
 /// Prepares `dev` for training. On CUDA: keeps freed memory in the device's default memory

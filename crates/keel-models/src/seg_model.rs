@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::resnet::{ResNet, ResNetConfig, ResNetDepth, ResNetLoadReport};
 use crate::seg::decoder::FpnDecoder;
-use crate::seg::{ModelConfig, SegNet};
+use crate::seg::{ModelConfig, SegNet, StepNet};
 
 /// The VarBuilder prefix of [`ResNetSeg`]'s backbone.
 pub const BACKBONE_PREFIX: &str = "backbone";
@@ -285,9 +285,36 @@ impl SegModel {
         }
     }
 
+    /// The network that one optimizer step runs in `dtype`, built once: the master itself
+    /// for F32, else a [`SegModel::cast_copy`] of `vm`'s current weights, which every
+    /// micro-batch of the step runs (see [`SegNet::for_step`]). Errors as
+    /// [`SegModelConfig::check_dtype`], and when `cfg` is not this model's kind.
+    pub fn for_step<'a>(
+        &'a self,
+        cfg: &SegModelConfig,
+        vm: &'a VarMap,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<SegModelStep<'a>> {
+        cfg.check_dtype(dtype)?;
+        match (self, cfg) {
+            (SegModel::Twin(m), SegModelConfig::Twin(c)) => {
+                Ok(SegModelStep::Twin(m.for_step(c, vm, dtype, device)?))
+            }
+            (SegModel::ResNet(_), SegModelConfig::ResNet(_)) => Ok(SegModelStep::ResNet {
+                master: self,
+                cast: Self::cast_copy(cfg, vm, dtype, device)?,
+                dtype,
+            }),
+            _ => bail!("SegModel::for_step: cfg is not the config this model was built with"),
+        }
+    }
+
     /// The logits of `x` (cast to `dtype`) from this master model (built with `cfg` from
     /// `vm`), run in `dtype`: itself for F32, else a [`SegModel::cast_copy`] (the twin's
     /// BatchNorm running statistics are written back to `vm` after a training forward).
+    /// Builds the copy on every call: a step of several micro-batches uses
+    /// [`SegModel::for_step`] once instead.
     ///
     /// # Shapes
     /// As [`SegModel::forward`]; the logits are in `dtype`.
@@ -299,16 +326,7 @@ impl SegModel {
         dtype: DType,
         train: bool,
     ) -> Result<Tensor> {
-        match (self, cfg) {
-            (SegModel::Twin(m), SegModelConfig::Twin(c)) => m.forward_in(c, vm, x, dtype, train),
-            (SegModel::ResNet(_), SegModelConfig::ResNet(_)) => {
-                let cast = Self::cast_copy(cfg, vm, dtype, x.device())?;
-                cast.as_ref()
-                    .unwrap_or(self)
-                    .forward(&x.to_dtype(dtype)?, train)
-            }
-            _ => bail!("SegModel::forward_in: cfg is not the config this model was built with"),
-        }
+        self.for_step(cfg, vm, dtype, x.device())?.forward(x, train)
     }
 
     /// The optimizer's parameter groups over the variables of `vm` (the VarMap the model was
@@ -356,5 +374,41 @@ impl SegModel {
         let mut groups = split(head, 1.0).to_vec();
         groups.extend(split(backbone, backbone_lr_mult));
         Ok(groups)
+    }
+}
+
+/// The network of one optimizer step ([`SegModel::for_step`]).
+pub enum SegModelStep<'a> {
+    /// The twin's step network (a cast copy writes its BatchNorm statistics back).
+    Twin(StepNet<'a>),
+    /// A ResNet model: the master itself for F32, else its cast copy (no trainable
+    /// BatchNorm under mixed precision: [`SegModelConfig::check_dtype`]).
+    ResNet {
+        /// The f32 master model.
+        master: &'a SegModel,
+        /// The copy in the step's dtype, `None` for F32.
+        cast: Option<SegModel>,
+        /// The step's compute dtype.
+        dtype: DType,
+    },
+}
+
+impl SegModelStep<'_> {
+    /// The logits of `x` (cast to the step's dtype).
+    ///
+    /// # Shapes
+    /// As [`SegModel::forward`]; the logits are in the step's dtype.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            SegModelStep::Twin(n) => n.forward(x, train),
+            SegModelStep::ResNet {
+                master,
+                cast,
+                dtype,
+            } => cast
+                .as_ref()
+                .unwrap_or(master)
+                .forward(&x.to_dtype(*dtype)?, train),
+        }
     }
 }

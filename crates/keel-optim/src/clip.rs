@@ -60,11 +60,83 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> can
     Ok(total as f64)
 }
 
-/// Sums f32 scalars on their device (one transfer to the host when they all share a
-/// device; scalars on other devices are moved to the first one's).
-pub(crate) fn sum_to_host(parts: Vec<Tensor>) -> candle::Result<f32> {
+/// [`clip_grad_norm`] without a host read, for a step that must not wait for the device:
+/// returns the global L2 norm as an f32 scalar tensor on the gradients' device (`None` when
+/// no var has a gradient) and, with `max_norm`, scales every gradient by
+/// `min(1, max_norm / (norm + 1e-6))` computed on the device. `None` for `max_norm`
+/// measures only.
+///
+/// Values: the norm and the coefficient are bit for bit those of [`clip_grad_norm`] (the
+/// same f32 sum of the same per-tensor sums of squares, the same f32 reciprocal and
+/// product), so clipped gradients are equal; a gradient of `-0.0` may come back `+0.0`
+/// from [`clip_grad_norm`] (its `affine` adds 0) and `-0.0` from here. A non-finite norm
+/// follows PyTorch's `clip_grad_norm_` here (not the host version, which leaves the
+/// gradients untouched): an infinite norm gives the coefficient 0, a NaN norm makes every
+/// gradient NaN. Callers skip such a step (keel-train's windowed step replaces its
+/// gradients by zeros on the device).
+///
+/// Kernels: a square and a sum per gradient, one stack, one sum and a square root (candle
+/// has no fused multi-tensor reduction; a fused CUDA kernel is not written), then four on
+/// the scalar and one product per gradient when clipping.
+///
+/// ```
+/// use candle::{Device, Var};
+/// use keel_optim::{clip_grad_norm, clip_grad_norm_device, host_read};
+/// let w = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+/// let b = Var::new(&[0f32], &Device::Cpu)?;
+/// let loss = (w.as_tensor().sum_all()? * 3.0)?.add(&(b.as_tensor().sum_all()? * 4.0)?)?;
+/// let (mut host, mut dev) = (loss.backward()?, loss.backward()?);
+/// let vars = [w.clone(), b.clone()];
+/// let before = host_read::count();
+/// let norm = clip_grad_norm_device(&mut dev, &vars, Some(1.0))?.unwrap();
+/// assert_eq!(host_read::count(), before); // nothing was read
+/// let host_norm = clip_grad_norm(&mut host, &vars, 1.0)?;
+/// assert_eq!(norm.to_scalar::<f32>()? as f64, host_norm);
+/// assert_eq!(dev.get(&w).unwrap().to_vec1::<f32>()?, host.get(&w).unwrap().to_vec1::<f32>()?);
+/// # Ok::<(), candle::Error>(())
+/// ```
+pub fn clip_grad_norm_device(
+    grads: &mut GradStore,
+    vars: &[Var],
+    max_norm: Option<f64>,
+) -> candle::Result<Option<Tensor>> {
+    if let Some(m) = max_norm.filter(|m| !m.is_finite() || *m <= 0.0) {
+        candle::bail!("clip_grad_norm_device: max_norm ({m}) must be finite and positive; recipes use 1.0 to 35.0, or None to measure only")
+    }
+    let mut sums = Vec::with_capacity(vars.len());
+    for var in vars {
+        if let Some(g) = grads.get(var) {
+            sums.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
+        }
+    }
+    let Some(total) = stacked_sum(sums)? else {
+        return Ok(None);
+    };
+    let norm = total.sqrt()?;
+    let Some(max_norm) = max_norm else {
+        return Ok(Some(norm));
+    };
+    // torch: clip_coef = max_norm / (total + 1e-6), clamped to 1, all in f32 on the device.
+    let one = Tensor::ones((), DType::F32, norm.device())?;
+    let coef = norm
+        .affine(1.0, 1e-6)?
+        .recip()?
+        .affine(max_norm, 0.0)?
+        .minimum(&one)?;
+    for var in vars {
+        if let Some(g) = grads.get(var) {
+            let clipped = g.broadcast_mul(&coef.to_dtype(g.dtype())?)?;
+            grads.insert(var.as_tensor(), clipped);
+        }
+    }
+    Ok(Some(norm))
+}
+
+/// The sum of f32 scalars on the first one's device (scalars on other devices are moved
+/// there); `None` for no scalars.
+pub(crate) fn stacked_sum(parts: Vec<Tensor>) -> candle::Result<Option<Tensor>> {
     let Some(first) = parts.first() else {
-        return Ok(0.0);
+        return Ok(None);
     };
     let dev = first.device().clone();
     let parts = parts
@@ -74,7 +146,19 @@ pub(crate) fn sum_to_host(parts: Vec<Tensor>) -> candle::Result<f32> {
             false => t.to_device(&dev),
         })
         .collect::<candle::Result<Vec<_>>>()?;
-    Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f32>()
+    Ok(Some(Tensor::stack(&parts, 0)?.sum_all()?))
+}
+
+/// Sums f32 scalars on their device (one transfer to the host when they all share a
+/// device; scalars on other devices are moved to the first one's).
+pub(crate) fn sum_to_host(parts: Vec<Tensor>) -> candle::Result<f32> {
+    match stacked_sum(parts)? {
+        Some(t) => {
+            crate::host_read::note();
+            t.to_scalar::<f32>()
+        }
+        None => Ok(0.0),
+    }
 }
 
 /// Clamps every gradient of `vars` in `grads` to `[-clip_value, clip_value]`, like

@@ -80,8 +80,9 @@ pub struct GradScaler {
     cfg: GradScalerConfig,
     scale: f32,
     growth_tracker: usize,
-    /// `Some(found_inf)` once this iteration's gradients have been unscaled.
-    unscaled: Option<bool>,
+    /// `Some(found_inf)` once this iteration's gradients have been unscaled; `Some(None)`
+    /// while a deferred unscale waits for its verdict.
+    unscaled: Option<Option<bool>>,
 }
 
 impl GradScaler {
@@ -142,11 +143,34 @@ impl GradScaler {
     /// Divides the gradients of `vars` by the scale in place (torch's
     /// `unscale_`), and returns whether any of them holds an inf or NaN. Call it before
     /// clipping; [`GradScaler::step`] then does not unscale a second time. The
-    /// multiplier is `1 / scale` rounded to f32, as in PyTorch.
+    /// multiplier is `1 / scale` rounded to f32, as in PyTorch. Reads one scalar on the
+    /// host (as PyTorch's `GradScaler.step` reads `found_inf` once per step).
     pub fn unscale(&mut self, grads: &mut GradStore, vars: &[Var]) -> candle::Result<bool> {
+        let probe = self.unscale_deferred(grads, vars)?;
+        let found_inf = match probe {
+            Some(p) => {
+                crate::host_read::note();
+                !p.to_scalar::<f32>()?.is_finite()
+            }
+            None => false,
+        };
+        self.set_found_inf(found_inf)?;
+        Ok(found_inf)
+    }
+
+    /// [`GradScaler::unscale`] without the host read: unscales the gradients and returns
+    /// the finiteness probe, an f32 scalar on the gradients' device that is finite exactly
+    /// when every gradient is (`None` without gradients: nothing can overflow). Read it
+    /// together with the step's other scalars (one transfer) and pass the verdict to
+    /// [`GradScaler::set_found_inf`] before [`GradScaler::step`].
+    pub fn unscale_deferred(
+        &mut self,
+        grads: &mut GradStore,
+        vars: &[Var],
+    ) -> candle::Result<Option<Tensor>> {
         if let Some(found) = self.unscaled {
             candle::bail!(
-                "GradScaler: unscale was already called since the last update (found_inf = {found}); call update() after each step"
+                "GradScaler: unscale was already called since the last update (found_inf = {found:?}); call update() after each step"
             )
         }
         let inv = (1.0f64 / self.scale as f64) as f32 as f64;
@@ -163,9 +187,21 @@ impl GradScaler {
                 grads.insert(var.as_tensor(), unscaled);
             }
         }
-        let found_inf = !crate::clip::sum_to_host(checks)?.is_finite();
-        self.unscaled = Some(found_inf);
-        Ok(found_inf)
+        self.unscaled = Some(None);
+        crate::clip::stacked_sum(checks)
+    }
+
+    /// The verdict on the probe of [`GradScaler::unscale_deferred`]: whether a gradient
+    /// was inf or NaN. Errors unless a deferred unscale is waiting for it.
+    pub fn set_found_inf(&mut self, found_inf: bool) -> candle::Result<()> {
+        if self.unscaled != Some(None) {
+            candle::bail!(
+                "GradScaler::set_found_inf: no unscale_deferred is waiting for its verdict (state {:?}); call unscale_deferred first, once per step",
+                self.unscaled
+            )
+        }
+        self.unscaled = Some(Some(found_inf));
+        Ok(())
     }
 
     /// Unscales (unless [`GradScaler::unscale`] already ran) and calls `opt.step`
@@ -178,7 +214,10 @@ impl GradScaler {
         vars: &[Var],
     ) -> candle::Result<bool> {
         let found_inf = match self.unscaled {
-            Some(found) => found,
+            Some(Some(found)) => found,
+            Some(None) => candle::bail!(
+                "GradScaler::step: the deferred unscale has no verdict; read its probe and call set_found_inf first"
+            ),
             None => self.unscale(grads, vars)?,
         };
         if found_inf {

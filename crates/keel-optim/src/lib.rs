@@ -6,8 +6,9 @@
 //!
 //! - LR schedules as pure functions of the step ([`LrSchedule`]): [`Constant`],
 //!   [`Cosine`], [`Poly`], [`MultiStep`], and [`Warmup`] in front of any of them.
-//! - [`clip_grad_norm`] (one global L2 norm, like `torch.nn.utils.clip_grad_norm_`) and
-//!   [`clip_grad_value`].
+//! - [`clip_grad_norm`] (one global L2 norm, like `torch.nn.utils.clip_grad_norm_`),
+//!   [`clip_grad_norm_device`] (the same without a host read: the norm stays a tensor) and
+//!   [`clip_grad_value`]; [`host_read`] counts keel's tensor-to-host reads.
 //! - [`Sgd`] (momentum, dampening, Nesterov, weight decay) and [`AdamW`], both
 //!   implementing [`candle_nn::Optimizer`], with [`ParamGroup`]s and safetensors state.
 //!   Both are one core, [`Grouped`]: it owns the parameter groups, one lazily created
@@ -37,6 +38,7 @@ pub mod clip;
 pub mod ema;
 pub mod grad_scaler;
 pub mod grouped;
+pub mod host_read;
 pub mod mixed;
 pub mod param_group;
 pub mod schedule;
@@ -47,7 +49,7 @@ pub mod traits;
 pub use accumulate::GradAccumulator;
 pub use adamw::{AdamW, AdamWConfig, AdamWState};
 pub use choice::{OptimizerKind, Precision};
-pub use clip::{clip_grad_norm, clip_grad_value};
+pub use clip::{clip_grad_norm, clip_grad_norm_device, clip_grad_value};
 pub use ema::{Ema, EmaConfig, EmaWarmup};
 pub use grad_scaler::{GradScaler, GradScalerConfig};
 pub use grouped::{GroupHparams, Grouped, ParamState, SavedState, UpdateRule};

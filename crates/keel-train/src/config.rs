@@ -147,6 +147,25 @@ fn default_unstable_rate() -> f64 {
     1e-3
 }
 
+impl MonitorConfig {
+    /// Whether the monitor's gradient checks are on: the explosion test
+    /// (`grad_explosion_factor` finite) or the growth test (`grad_growth_rate` and
+    /// `grad_growth_total` finite). Set `grad_explosion_factor` and `grad_growth_total` to
+    /// `f64::INFINITY` to turn both off: a windowed step then measures the gradient norm
+    /// only for clipping or skipping ([`crate::TrainState::launch`]).
+    ///
+    /// ```
+    /// use keel_train::MonitorConfig;
+    /// assert!(MonitorConfig::default().needs_grad_norm());
+    /// let off = MonitorConfig { grad_explosion_factor: f64::INFINITY, grad_growth_total: f64::INFINITY, ..Default::default() };
+    /// assert!(!off.needs_grad_norm());
+    /// ```
+    pub fn needs_grad_norm(&self) -> bool {
+        self.grad_explosion_factor.is_finite()
+            || (self.grad_growth_rate.is_finite() && self.grad_growth_total.is_finite())
+    }
+}
+
 impl Default for MonitorConfig {
     fn default() -> Self {
         Self {

@@ -120,6 +120,10 @@ impl Guard {
     pub fn new(cfg: GuardConfig, state: &mut TrainState) -> candle::Result<Self> {
         cfg.validate()?;
         state.skip_non_finite = cfg.policy != GuardPolicy::Off;
+        state.check_weights_every(cfg.check_every);
+        if cfg.policy == GuardPolicy::Rollback {
+            state.flush_also_every(cfg.snapshot_every);
+        }
         let mut guard = Self {
             cfg,
             snapshots: VecDeque::new(),
@@ -258,7 +262,10 @@ impl Guard {
         };
         let checked = (out.step + 1).is_multiple_of(self.cfg.check_every);
         let weight_alarms = if checked {
-            let finite = state.weights_finite()?;
+            let finite = match out.weights_finite {
+                Some(f) => f,
+                None => state.weights_finite()?,
+            };
             state.monitor.record_weights_finite(out.step, finite)
         } else {
             Vec::new()
@@ -282,7 +289,9 @@ impl Guard {
         if let Some(cause) = cause {
             return self.intervene(state, out, cause);
         }
-        let due = (out.step + 1).is_multiple_of(self.cfg.snapshot_every);
+        // A windowed state ends its windows at snapshot steps, so the state is at this step.
+        let due =
+            (out.step + 1).is_multiple_of(self.cfg.snapshot_every) && state.step == out.step + 1;
         if due
             && self.nonfinite_run == 0
             && !state.monitor.diverging()
@@ -299,6 +308,30 @@ impl Guard {
         Ok(GuardAction::Continue)
     }
 
+    /// [`Guard::after_step`] for a windowed loop ([`TrainState::launch`]): reads every
+    /// launched step in one transfer ([`TrainState::flush`]) and takes them in order, each
+    /// recorded in the monitor and then judged as [`Guard::after_step`] judges it. The
+    /// weights check of a step is the sum taken right after it and read with the window,
+    /// and windows end at snapshot steps, so the guard sees what it would have seen step
+    /// by step; it acts later in time (at the flush, at most one window late). When it
+    /// rolls back at a step of the window, the later steps are discarded unrecorded, their
+    /// work is lost and [`TrainState::step`] is the step after the alarm, as in a loop that
+    /// reads every step: a loop that draws batches in sequence must move its data back to
+    /// [`TrainState::step`] ([`Flushed::discarded`] steps).
+    pub fn flush(&mut self, state: &mut TrainState) -> candle::Result<Flushed> {
+        let launched = state.pending();
+        let mut action = GuardAction::Continue;
+        let outcomes = state.flush_with(|st, out| {
+            action = self.after_step(st, out)?;
+            Ok(action == GuardAction::Continue)
+        })?;
+        Ok(Flushed {
+            discarded: launched - outcomes.len(),
+            outcomes,
+            action,
+        })
+    }
+
     /// Restores the newest snapshot at least `lookback` steps older than the alarm (or the
     /// oldest), keeps the step counter after the alarm step and the monitor's history,
     /// lowers the LR (by the early factor when no snapshot of progress is held) or stops.
@@ -308,7 +341,9 @@ impl Guard {
         out: &StepOutcome,
         cause: InterventionCause,
     ) -> candle::Result<GuardAction> {
-        let next = state.step;
+        // The step after the alarm (a windowed state may have launched further steps; they
+        // are discarded).
+        let next = out.step + 1;
         let early = self.lr_is_cause || !self.snapshots.iter().any(|s| s.progressed);
         let idx = self
             .snapshots
@@ -360,6 +395,17 @@ impl Guard {
             GuardAction::RolledBack(rec)
         })
     }
+}
+
+/// What [`Guard::flush`] read and did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Flushed {
+    /// The steps read, in order, up to the one the guard acted on.
+    pub outcomes: Vec<StepOutcome>,
+    /// What the guard did at the last of them ([`GuardAction::Continue`] when nothing).
+    pub action: GuardAction,
+    /// Launched steps after a rollback or stop, discarded unrecorded.
+    pub discarded: usize,
 }
 
 /// A held state and whether the run was then no worse than its start (the first snapshot

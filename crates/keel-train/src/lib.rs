@@ -4,6 +4,9 @@
 //!   loss unscaling, global-norm clipping, the optimizer step (skipped on inf/NaN), EMA
 //!   update and monitor record, in one call; [`TrainState::snapshot`] and
 //!   [`TrainState::restore`] to and from keel checkpoints, bit-exact on resume.
+//!   [`TrainState::launch`] and [`TrainState::flush`] (with a guard, [`Guard::flush`]) are
+//!   the same step for a GPU: no host read per step, one per window of
+//!   [`TrainConfig::read_every`] steps ([`host_read`] counts them).
 //! - [`OptimRecipe`]: the optimizer and LR schedule of an [`keel_optim::OptimizerKind`]
 //!   (SGD + poly, AdamW + cosine, linear warmup); [`LoopConfig`]: a run's loop settings
 //!   (recipe, precision, accumulation, clipping, EMA, cadence, guard), checked in one place,
@@ -153,8 +156,9 @@ pub use config::{GuardConfig, GuardPolicy, MonitorConfig};
 pub use diff::{changed_fields, FieldChange};
 pub use divergence::{DivergenceCause, DivergenceEvent};
 pub use fsio::{remove_stale_temps, write_atomic};
-pub use guard::{Guard, GuardAction};
+pub use guard::{Flushed, Guard, GuardAction};
 pub use interrupt::{Interrupt, StopSignal};
+pub use keel_optim::host_read;
 pub use lock::{RunLock, LOCK_FILE};
 pub use log::{EvalLog, GuardLog, JsonlLogger, StepLog};
 pub use loop_config::LoopConfig;

@@ -16,7 +16,8 @@ use crate::{lossless_f64, Alarm, GuardSummary, StepOutcome, Verdict};
 /// use keel_train::{RunSummary, StepOutcome};
 /// let mut s = RunSummary::default();
 /// let out = StepOutcome { step: 0, loss: 1.5, lr: 0.1, grad_norm: 2.0, loss_scale: None,
-///                         skipped: false, alarms: Vec::new() };
+///                         skipped: false, skipped_on_device: false, weights_finite: None,
+///                         alarms: Vec::new() };
 /// s.record_step(&out);
 /// s.record_eval(0, 0.25, 0.5);
 /// assert_eq!((s.losses[0], s.evals[0], s.final_miou), ((0, 1.5), (1, 0.25), 0.25));
@@ -112,6 +113,8 @@ mod tests {
             grad_norm: f64::INFINITY,
             loss_scale: Some(1024.0),
             skipped: true,
+            skipped_on_device: false,
+            weights_finite: None,
             alarms: vec![
                 Alarm::NonFinite {
                     step: 3,

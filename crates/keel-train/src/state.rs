@@ -7,6 +7,24 @@
 //! [`TrainState::restore`] turn it into a keel [`Checkpoint`] and back, so a resumed run
 //! continues bit for bit.
 //!
+//! Windowed reads (issue 9): on a GPU, every host read of a tensor (the loss's
+//! `to_scalar`, the gradient norm) waits for all the work queued before it, so a step that
+//! reads its scalars cannot overlap with the next. [`TrainState::step`] reads at once (a
+//! read per micro-batch loss plus one for the gradient norm, and one for the scaler's
+//! overflow check with f16). With [`TrainConfig::read_every`] N, [`TrainState::launch`]
+//! runs a step and keeps its scalars (losses, norm, skip flag, a guard's weights check) on
+//! the device, and [`TrainState::flush`] (or [`crate::Guard::flush`]) reads the whole
+//! window in one transfer and records every step in the monitor in order, so its history,
+//! alarms and the health report stay per step. A loop cannot forget the flush: `launch`
+//! returns true when the window is full and errors on the next call until it is read, and
+//! [`TrainState::snapshot`] refuses unread steps. [`keel_optim::host_read`] counts keel's
+//! reads (f32: `step` reads 2 per step with one micro-batch, a window of 20 reads once; f16
+//! reads once per step, as PyTorch's `GradScaler.step` does). On the CPU a windowed run
+//! equals a per-step run bit for bit (losses, norms, monitor, weights, guard rollbacks),
+//! except after a step skipped on the device with an optimizer that has state (see
+//! [`StepOutcome::skipped_on_device`]) and for a non-finite norm with skipping off
+//! (clipped as PyTorch does, [`keel_optim::clip_grad_norm_device`]).
+//!
 //! Randomness: the state holds no RNG. Derive every random draw from `(seed, step)` (as
 //! seg_train's loader does), and the step restored here is the whole RNG position.
 use std::collections::HashMap;
@@ -14,13 +32,16 @@ use std::collections::HashMap;
 use candle::backprop::GradStore;
 use candle::{DType, Tensor, Var};
 use keel_optim::{
-    clip_grad_norm, DynOptimizer, Ema, EmaConfig, GradAccumulator, GradScaler, GradScalerConfig,
-    Precision, StateDict,
+    clip_grad_norm, host_read, DynOptimizer, Ema, EmaConfig, GradAccumulator, GradScaler,
+    GradScalerConfig, Precision, StateDict,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::{Alarm, Checkpoint, MonitorConfig, StabilityMonitor, StepRecord};
+
+mod window;
+use window::Pending;
 
 /// The `format` value in the meta of [`TrainState::snapshot`]'s checkpoints.
 pub const TRAIN_STATE_FORMAT: &str = "keel train state v1";
@@ -38,6 +59,10 @@ pub struct TrainConfig {
     pub ema: Option<EmaConfig>,
     /// The stability monitor's settings.
     pub monitor: MonitorConfig,
+    /// Read the step's scalars (loss, gradient norm, skip flag) on the host once per this
+    /// many steps ([`TrainState::launch`] and [`TrainState::flush`]; see the module docs).
+    /// 0 and 1 (the default) read every step: [`TrainState::step`] as before.
+    pub read_every: usize,
 }
 
 /// What one [`TrainState::step`] did.
@@ -49,12 +74,25 @@ pub struct StepOutcome {
     pub loss: f64,
     /// The learning rate of the step.
     pub lr: f64,
-    /// Global L2 norm of the gradients before clipping (after unscaling).
+    /// Global L2 norm of the gradients before clipping (after unscaling). NaN when not
+    /// measured: a windowed step ([`TrainState::launch`]) skips it when clipping,
+    /// [`TrainState::skip_non_finite`] and the monitor's gradient checks
+    /// ([`MonitorConfig::needs_grad_norm`]) are all off.
     pub grad_norm: f64,
     /// The loss scale after the step (f16 only).
     pub loss_scale: Option<f64>,
     /// True when the optimizer did not step (a non-finite gradient, norm or loss).
     pub skipped: bool,
+    /// True when the step was skipped by the device-side gate of a windowed f32/bf16 step
+    /// ([`TrainState::launch`]): the weights are unchanged, but the optimizer ran on zero
+    /// gradients, so its state moved as for a zero gradient (SGD's momentum buffer decayed
+    /// by the momentum and took the weight decay; AdamW's moments decayed and its step
+    /// count advanced), and the EMA, if any, took its update. False for a host-side skip,
+    /// which leaves everything untouched.
+    pub skipped_on_device: bool,
+    /// The weights-finite check run with this step by a windowed step for a
+    /// [`crate::Guard`] (read with the step's scalars); `None` when none ran.
+    pub weights_finite: Option<bool>,
     /// The monitor's alarms for this step.
     pub alarms: Vec<Alarm>,
 }
@@ -84,6 +122,12 @@ pub struct TrainState {
     /// (default true). A [`crate::Guard`] with [`crate::GuardPolicy::Off`] turns it off.
     /// With f16, GradScaler overflows are skipped either way (the scaler's protocol).
     pub skip_non_finite: bool,
+    read_every: usize,
+    pending: Vec<Pending>,
+    /// Windows also end at multiples of these (a guard's snapshot interval).
+    flush_periods: Vec<usize>,
+    /// A windowed step sums the weights every this many steps (a guard's check).
+    weight_check_every: Option<usize>,
 }
 
 impl TrainState {
@@ -119,7 +163,49 @@ impl TrainState {
             precision: cfg.precision,
             step: 0,
             skip_non_finite: true,
+            read_every: cfg.read_every.max(1),
+            pending: Vec::new(),
+            flush_periods: Vec::new(),
+            weight_check_every: None,
         })
+    }
+
+    /// Steps per host read of a windowed loop ([`TrainConfig::read_every`]).
+    pub fn read_every(&self) -> usize {
+        self.read_every
+    }
+
+    /// Sets [`TrainConfig::read_every`] (0 counts as 1); errors while launched steps are
+    /// unread.
+    pub fn set_read_every(&mut self, read_every: usize) -> candle::Result<()> {
+        if !self.pending.is_empty() {
+            candle::bail!(
+                "TrainState::set_read_every: {} launched steps are not read yet; call flush() first",
+                self.pending.len()
+            )
+        }
+        self.read_every = read_every.max(1);
+        Ok(())
+    }
+
+    /// Launched steps whose scalars are not read yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Ends windows also at the steps whose count is a multiple of `period`: a
+    /// [`crate::Guard`] registers its snapshot interval, so its snapshots are of the state
+    /// at their step. 0 is ignored.
+    pub(crate) fn flush_also_every(&mut self, period: usize) {
+        if period > 0 && !self.flush_periods.contains(&period) {
+            self.flush_periods.push(period);
+        }
+    }
+
+    /// Makes windowed steps sum the weights every `every` steps and read the sum with
+    /// their scalars (a [`crate::Guard`]'s check, [`StepOutcome::weights_finite`]).
+    pub(crate) fn check_weights_every(&mut self, every: usize) {
+        self.weight_check_every = Some(every.max(1));
     }
 
     /// The parameters, in their fixed order.
@@ -137,13 +223,18 @@ impl TrainState {
     /// Non-finite weights are not a model: report them with
     /// [`crate::StabilityMonitor::record_weights_finite`].
     pub fn weights_finite(&self) -> candle::Result<bool> {
+        host_read::note();
+        Ok(self.weights_sum()?.to_scalar::<f32>()?.is_finite())
+    }
+
+    /// The f32 sum of every variable, on their device (finite when the weights are).
+    fn weights_sum(&self) -> candle::Result<Tensor> {
         let sums = self
             .vars
             .iter()
             .map(|v| v.as_tensor().to_dtype(DType::F32)?.sum_all())
             .collect::<candle::Result<Vec<_>>>()?;
-        let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
-        Ok(total.is_finite())
+        Tensor::stack(&sums, 0)?.sum_all()
     }
 
     /// Runs `f` with the EMA weights in the variables (evaluate the averaged model), then
@@ -186,32 +277,59 @@ impl TrainState {
         clip: Option<f64>,
         mut micro_batch: impl FnMut(usize) -> candle::Result<Tensor>,
     ) -> candle::Result<StepOutcome> {
+        if !self.pending.is_empty() {
+            candle::bail!(
+                "TrainState::step: {} launched steps are not read yet; call flush() (or Guard::flush) before a step that reads at once",
+                self.pending.len()
+            )
+        }
         self.optimizer.set_learning_rate(lr)?;
-        let (loss, mut grads) = match self.forward_backward(&mut micro_batch) {
-            Ok(r) => r,
-            Err(e) => {
-                self.accumulator.reset(); // no half-accumulated gradients leak into a retry
-                return Err(e);
-            }
-        };
+        let (_, losses, mut grads) = self.forward_backward(&mut micro_batch, true)?;
+        let loss = mean_loss(&losses);
         let found_inf = match self.scaler.as_mut() {
             Some(s) => s.unscale(&mut grads, &self.vars)?,
             None => false,
         };
         let max_norm = clip.unwrap_or(f32::MAX as f64);
         let grad_norm = clip_grad_norm(&mut grads, &self.vars, max_norm)?;
+        let stepped = self.apply(&mut grads, found_inf, loss, grad_norm)?;
+        let loss_scale = self.scaler.as_ref().map(|s| s.current_scale());
+        let out = self.record(Recorded {
+            step: self.step,
+            lr,
+            loss,
+            grad_norm: Some(grad_norm),
+            loss_scale,
+            skipped: !stepped,
+            skipped_on_device: false,
+            weights_finite: None,
+        });
+        self.step += 1;
+        Ok(out)
+    }
+
+    /// The host-side decision and update of a step whose scalars are known: the optimizer
+    /// steps unless the scaler found an overflow or (with [`TrainState::skip_non_finite`])
+    /// the loss or the norm is not finite; the scaler updates; the EMA follows a real step.
+    /// Returns whether the optimizer stepped.
+    fn apply(
+        &mut self,
+        grads: &mut GradStore,
+        found_inf: bool,
+        loss: f64,
+        grad_norm: f64,
+    ) -> candle::Result<bool> {
         let non_finite = !grad_norm.is_finite() || !loss.is_finite();
         let skipped = found_inf || (self.skip_non_finite && non_finite);
         let stepped = match self.scaler.as_mut() {
             Some(s) => {
-                let stepped =
-                    !skipped && s.step(self.optimizer.as_mut(), &mut grads, &self.vars)?;
+                let stepped = !skipped && s.step(self.optimizer.as_mut(), grads, &self.vars)?;
                 s.update(!stepped);
                 stepped
             }
             None => {
                 if !skipped {
-                    self.optimizer.step(&grads)?;
+                    self.optimizer.step(grads)?;
                 }
                 !skipped
             }
@@ -221,38 +339,64 @@ impl TrainState {
                 e.update()?;
             }
         }
-        let loss_scale = self.scaler.as_ref().map(|s| s.current_scale());
-        let rec = StepRecord {
-            step: self.step,
-            loss,
-            grad_norm: Some(grad_norm),
-            loss_scale,
-            skipped: !stepped,
-        };
-        let alarms = self.monitor.record_step(&rec);
-        self.step += 1;
-        Ok(StepOutcome {
-            step: rec.step,
-            loss,
-            lr,
-            grad_norm,
-            loss_scale,
-            skipped: !stepped,
-            alarms,
-        })
+        Ok(stepped)
     }
 
-    /// Runs the micro-batches, returning the mean loss and the summed gradients.
+    /// Records a step whose values are known in the monitor and returns its outcome.
+    fn record(&mut self, r: Recorded) -> StepOutcome {
+        let rec = StepRecord {
+            step: r.step,
+            loss: r.loss,
+            grad_norm: r.grad_norm,
+            loss_scale: r.loss_scale,
+            skipped: r.skipped,
+        };
+        let alarms = self.monitor.record_step(&rec);
+        StepOutcome {
+            step: r.step,
+            loss: r.loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm.unwrap_or(f64::NAN),
+            loss_scale: r.loss_scale,
+            skipped: r.skipped,
+            skipped_on_device: r.skipped_on_device,
+            weights_finite: r.weights_finite,
+            alarms,
+        }
+    }
+
+    /// Runs the micro-batches, returning their losses (f32 scalars on the device), the
+    /// losses read on the host when `read_now` (one read per micro-batch, before its
+    /// backward pass) and the summed gradients. A failure resets the accumulator, so no
+    /// half-accumulated gradients leak into a retry.
     fn forward_backward(
         &mut self,
         micro_batch: &mut impl FnMut(usize) -> candle::Result<Tensor>,
-    ) -> candle::Result<(f64, GradStore)> {
+        read_now: bool,
+    ) -> candle::Result<(Vec<Tensor>, Vec<f32>, GradStore)> {
+        let res = self.forward_backward_inner(micro_batch, read_now);
+        if res.is_err() {
+            self.accumulator.reset();
+        }
+        res
+    }
+
+    fn forward_backward_inner(
+        &mut self,
+        micro_batch: &mut impl FnMut(usize) -> candle::Result<Tensor>,
+        read_now: bool,
+    ) -> candle::Result<(Vec<Tensor>, Vec<f32>, GradStore)> {
         let k = self.accumulator.k();
-        let mut loss_sum = 0.0;
+        let (mut tensors, mut read) = (Vec::with_capacity(k), Vec::new());
         let mut grads = None;
         for i in 0..k {
             let loss = micro_batch(i)?;
-            loss_sum += loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+            let l32 = loss.to_dtype(DType::F32)?.reshape(())?;
+            if read_now {
+                host_read::note();
+                read.push(l32.to_scalar::<f32>()?);
+            }
+            tensors.push(l32);
             let mut l = self.accumulator.scale_loss(&loss)?;
             if let Some(s) = &self.scaler {
                 l = s.scale(&l)?;
@@ -260,7 +404,7 @@ impl TrainState {
             grads = self.accumulator.accumulate(l.backward()?)?;
         }
         match grads {
-            Some(g) => Ok((loss_sum / k as f64, g)),
+            Some(g) => Ok((tensors, read, g)),
             None => candle::bail!(
                 "TrainState::step: gradient accumulation did not complete after {k} micro-batches (the accumulator held a partial sum from elsewhere); call accumulator.reset() first"
             ),
@@ -271,7 +415,16 @@ impl TrainState {
     /// names (a PyTorch twin's `load_state_dict(strict=False)` takes the file as is), the
     /// optimizer under `optim.`, the scaler under `scaler.`, the EMA under `ema.`; the meta
     /// holds the monitor, the precision and `user` (your config, curves...) under `"user"`.
+    /// Errors while launched steps are unread ([`TrainState::flush`] first): their
+    /// outcomes are not in the monitor yet.
     pub fn snapshot(&self, user: &impl Serialize) -> candle::Result<Checkpoint> {
+        if !self.pending.is_empty() {
+            candle::bail!(
+                "TrainState::snapshot: {} launched steps (from step {}) are not read yet, so the monitor misses them; call flush() (or Guard::flush) first",
+                self.pending.len(),
+                self.pending[0].step
+            )
+        }
         let mut ck = Checkpoint::new(self.step);
         ck.extend_prefixed(
             "",
@@ -302,6 +455,7 @@ impl TrainState {
 
     /// Restores a [`TrainState::snapshot`] into this state (built like the one that wrote
     /// it: same parameters, optimizer kind, precision, EMA) and returns the user meta.
+    /// Launched steps not read yet are discarded.
     /// Parameter names and shapes are checked before anything changes; a mismatch is an
     /// error naming the tensor. The optimizer, scaler and EMA states load together: when one
     /// fails, the others are put back as they were and the weights are untouched.
@@ -356,6 +510,7 @@ impl TrainState {
         }
         self.monitor = monitor;
         self.accumulator.reset();
+        self.pending.clear();
         self.step = ck.step;
         Ok(user)
     }
@@ -398,4 +553,21 @@ pub fn named_vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
     let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// What [`TrainState::record`] records.
+struct Recorded {
+    step: usize,
+    lr: f64,
+    loss: f64,
+    grad_norm: Option<f64>,
+    loss_scale: Option<f64>,
+    skipped: bool,
+    skipped_on_device: bool,
+    weights_finite: Option<bool>,
+}
+
+/// The mean of the micro-batch losses, summed in f64 in order from 0.0.
+fn mean_loss(losses: &[f32]) -> f64 {
+    losses.iter().fold(0.0f64, |a, &l| a + l as f64) / losses.len().max(1) as f64
 }

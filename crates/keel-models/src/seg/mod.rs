@@ -13,7 +13,8 @@
 //! backbone of det_train's FCOS.
 //!
 //! Mixed precision: [`SegNet::forward_in`] runs the master model in f16/bf16 through a
-//! copy cast from its f32 weights ([`SegNet::cast_copy`]).
+//! copy cast from its f32 weights ([`SegNet::cast_copy`]); [`SegNet::for_step`] casts once
+//! per optimizer step for all its micro-batches.
 
 mod config;
 pub(crate) mod decoder;
@@ -28,4 +29,5 @@ pub use config::ModelConfig;
 pub use encoder::{copy_bn_stats, SegEncoder};
 pub use init::{count_params, init_weights};
 pub use load::{load_pretrained, non_finite_tensors, LoadReport};
+pub use mixed::{cast_copies, StepNet};
 pub use net::SegNet;
