@@ -24,6 +24,7 @@ use clap::Parser;
 use keel::data::{eval_batches, HostBatch, Loader, LoaderConfig, Shapes, Source};
 use keel::kernels::{cross_entropy, CrossEntropyConfig};
 use keel::models::resnet::{ResNet, ResNetConfig, ResNetDepth};
+use keel::models::seg::init_weights;
 use keel::norm::NormKind;
 use keel::optim::{split_no_decay, LrSchedule, OptimizerKind};
 use keel::train::cli::DeviceArgs;
@@ -107,6 +108,36 @@ fn depth(d: usize) -> anyhow::Result<ResNetDepth> {
     })
 }
 
+/// Seeded init of every variable (candle's own init draws from an unseeded generator): the
+/// convs and norms by keel-models' PyTorch rules (`init_weights`), `fc` as PyTorch's
+/// `nn.Linear` (weight and bias uniform in +-1/sqrt(fan_in)) from the same seed.
+fn seeded_init(vm: &VarMap, seed: u64) -> anyhow::Result<()> {
+    use rand::{Rng, SeedableRng};
+    let params = named_vars(vm);
+    let body = VarMap::new();
+    {
+        let mut data = body.data().lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in params.iter().filter(|(k, _)| !k.starts_with("fc.")) {
+            data.insert(k.clone(), v.clone());
+        }
+    }
+    init_weights(&body, seed)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xfc);
+    let fan_in = params
+        .iter()
+        .find(|(k, _)| k == "fc.weight")
+        .map(|(_, v)| v.dims()[1])
+        .context("the network has no fc.weight")?;
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    for (_, v) in params.iter().filter(|(k, _)| k.starts_with("fc.")) {
+        let values: Vec<f32> = (0..v.elem_count())
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        v.set(&Tensor::from_vec(values, v.dims(), v.device())?)?;
+    }
+    Ok(())
+}
+
 /// Top-1 accuracy of `net` on `val`.
 fn accuracy(net: &ResNet, val: &dyn Source, size: usize, dev: &Device) -> anyhow::Result<f64> {
     let (mut right, mut total) = (0usize, 0usize);
@@ -147,6 +178,7 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<f64> {
     };
     let vm = VarMap::new();
     let net = ResNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    seeded_init(&vm, a.seed)?;
     let recipe = OptimRecipe {
         lr: a.lr,
         ..OptimRecipe::new(OptimizerKind::Sgd, a.steps)

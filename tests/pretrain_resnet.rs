@@ -47,3 +47,39 @@ fn bad_flags_are_errors_that_name_them() {
     let e = pretrain::run(args("pretrain_resnet --steps 0 --out x.safetensors")).unwrap_err();
     assert!(e.to_string().contains("must be at least 1"), "{e}");
 }
+
+#[test]
+fn the_same_seed_gives_the_same_file() -> anyhow::Result<()> {
+    let dir = keel_test_support::TempDir::new("pretrain-seed");
+    let run = |name: &str,
+               seed: u64|
+     -> anyhow::Result<std::collections::HashMap<String, candle::Tensor>> {
+        let out = dir.0.join(name);
+        pretrain::run(args(&format!(
+            "pretrain_resnet --quiet --device cpu --steps 2 --batch-size 2 --image-size 32 --train-size 4 --val-size 2 --seed {seed} --out {}",
+            out.display()
+        )))?;
+        Ok(candle::safetensors::load(&out, &Device::Cpu)?)
+    };
+    let (a, b, c) = (
+        run("a.safetensors", 3)?,
+        run("b.safetensors", 3)?,
+        run("c.safetensors", 4)?,
+    );
+    let same = |x: &candle::Tensor, y: &candle::Tensor| -> anyhow::Result<bool> {
+        Ok(x.flatten_all()?.to_vec1::<f32>()? == y.flatten_all()?.to_vec1::<f32>()?)
+    };
+    for k in [
+        "conv1.weight",
+        "layer4.1.conv2.weight",
+        "fc.weight",
+        "fc.bias",
+    ] {
+        assert!(
+            same(&a[k], &b[k])?,
+            "{k} differs between two runs of seed 3"
+        );
+        assert!(!same(&a[k], &c[k])?, "{k} is the same for seeds 3 and 4");
+    }
+    Ok(())
+}
