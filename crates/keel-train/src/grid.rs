@@ -175,8 +175,8 @@ pub fn plot_curves(
 /// Runs `count` jobs as child processes, at most `parallel` at a time (at least one),
 /// polling every 200 ms: `start(i)` spawns job `i` (in order), `done(i, status)` receives
 /// its exit status when it ends and returns its result. Returns the results in job order;
-/// the first error of `start` or `done` ends the pool (children still running are left
-/// to finish on their own).
+/// the first error of `start` or `done` ends the pool and kills the children still
+/// running.
 pub fn run_pool<T, E>(
     count: usize,
     parallel: usize,
@@ -189,22 +189,46 @@ where
     let mut running: Vec<(Child, usize)> = Vec::new();
     let mut results: Vec<Option<T>> = (0..count).map(|_| None).collect();
     let mut next = 0;
-    while next < count || !running.is_empty() {
-        while next < count && running.len() < parallel.max(1) {
-            running.push((start(next)?, next));
-            next += 1;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        let mut still = Vec::new();
-        for (mut child, i) in running.drain(..) {
-            match child.try_wait()? {
-                Some(status) => results[i] = Some(done(i, status)?),
-                None => still.push((child, i)),
+    let outcome = (|| -> Result<(), E> {
+        while next < count || !running.is_empty() {
+            while next < count && running.len() < parallel.max(1) {
+                running.push((start(next)?, next));
+                next += 1;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let (mut still, mut failed) = (Vec::new(), None);
+            for (mut child, i) in std::mem::take(&mut running) {
+                if failed.is_some() {
+                    still.push((child, i));
+                    continue;
+                }
+                match child.try_wait() {
+                    Ok(Some(status)) => match done(i, status) {
+                        Ok(r) => results[i] = Some(r),
+                        Err(e) => failed = Some(e),
+                    },
+                    Ok(None) => still.push((child, i)),
+                    Err(e) => {
+                        still.push((child, i));
+                        failed = Some(e.into());
+                    }
+                }
+            }
+            running = still;
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
-        running = still;
+        Ok(())
+    })();
+    if outcome.is_err() {
+        // The grid has failed: the children still running would only keep writing.
+        for (mut child, _) in running {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
-    Ok(results.into_iter().flatten().collect())
+    outcome.map(|()| results.into_iter().flatten().collect())
 }
 
 /// One run of a grid as a child process: `<exe> <subcommand> <args..> --config
@@ -236,11 +260,11 @@ impl ChildRun {
         }
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| err(&format!("creating {}", self.dir.display()), e))?;
-        let cfg_path = self.dir.with_extension("config.json");
+        let cfg_path = self.side_file(".config.json");
         let text = serde_json::to_string_pretty(&self.config)
             .map_err(|e| candle::Error::Msg(format!("grid run {}: config: {e}", self.label)))?;
         crate::write_atomic(&cfg_path, text.as_bytes())?;
-        let stderr = std::fs::File::create(self.dir.with_extension("stderr.txt"))
+        let stderr = std::fs::File::create(self.side_file(".stderr.txt"))
             .map_err(|e| err("creating its stderr file", e))?;
         let mut cmd = Command::new(exe);
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -258,11 +282,18 @@ impl ChildRun {
             .map_err(|e| err(&format!("starting {}", exe.display()), e))
     }
 
+    /// `<dir><suffix>`: a file beside the run's directory (appended, not an extension, so
+    /// `lr0.01-b2` and `lr0.02-b2` keep files of their own).
+    pub fn side_file(&self, suffix: &str) -> PathBuf {
+        let mut p = self.dir.clone().into_os_string();
+        p.push(suffix);
+        PathBuf::from(p)
+    }
+
     /// The summary of the finished child, or an error with its stderr when it failed.
     pub fn summary(&self, status: ExitStatus) -> candle::Result<RunSummary> {
         if !status.success() {
-            let err =
-                std::fs::read_to_string(self.dir.with_extension("stderr.txt")).unwrap_or_default();
+            let err = std::fs::read_to_string(self.side_file(".stderr.txt")).unwrap_or_default();
             candle::bail!("run {} failed ({status}): {}", self.label, err.trim())
         }
         let path = self.dir.join("summary.json");
@@ -276,7 +307,9 @@ impl ChildRun {
 /// Runs `runs` as children of `exe` ([`ChildRun::spawn`] with `subcommand` and `args`),
 /// `parallel` at a time, with `pb` showing the running one and counting the finished;
 /// `done(run, summary)` is called as each finishes (e.g. to print a line). Returns the
-/// summaries in order; the first failure ends the grid with its error.
+/// summaries in order; the first failure ends the grid with its error (the children still
+/// running are killed). Two runs with one directory are an error before anything starts
+/// (a value repeated in a grid's lists).
 pub fn run_children(
     runs: &[ChildRun],
     parallel: usize,
@@ -284,6 +317,16 @@ pub fn run_children(
     pb: &indicatif::ProgressBar,
     mut done: impl FnMut(&ChildRun, &RunSummary),
 ) -> candle::Result<Vec<RunSummary>> {
+    for (i, r) in runs.iter().enumerate() {
+        if let Some(other) = runs[..i].iter().find(|o| o.dir == r.dir) {
+            candle::bail!(
+                "grid: runs `{}` and `{}` would share the directory {} (a value repeated in the grid's lists?); give each value once",
+                other.label,
+                r.label,
+                r.dir.display()
+            )
+        }
+    }
     let start = |i: usize| {
         pb.set_message(runs[i].label.clone());
         runs[i].spawn(exe, subcommand, args)

@@ -19,7 +19,10 @@ while [ $# -gt 0 ]; do
   case "$1" in --config) cfg="$2"; shift ;; --out) out="$2"; shift ;; esac
   shift
 done
-case "$(basename "$out")" in bad*) echo "the loss is NaN at step 3" >&2; exit 3 ;; esac
+case "$(basename "$out")" in
+  bad*) sleep 1; echo "the loss is NaN at step 3" >&2; exit 3 ;;
+  slow*) sleep 4; touch "$out/finished"; exit 0 ;;
+esac
 [ -e "$out/stale" ] && { echo "stale file left" >&2; exit 6; }
 cp "$cfg" "$out/summary.json"
 "#;
@@ -49,8 +52,9 @@ fn children_run_in_parallel_and_return_their_summaries_in_order() -> anyhow::Res
     std::env::remove_var("RAYON_NUM_THREADS");
     let tmp = TempDir::new("grid-children");
     let exe = child(&tmp.0);
+    // Names with a dot: each run keeps its own config and stderr files beside its directory.
     let runs: Vec<ChildRun> = (0..5)
-        .map(|i| run(&tmp.0, &format!("r{i}"), i as f64 / 10.0))
+        .map(|i| run(&tmp.0, &format!("lr0.0{i}-b2"), i as f64 / 10.0))
         .collect();
     // A stale directory from an earlier grid is cleared before its run starts.
     std::fs::create_dir_all(runs[2].dir.join("stale"))?;
@@ -66,7 +70,39 @@ fn children_run_in_parallel_and_return_their_summaries_in_order() -> anyhow::Res
     let mious: Vec<f64> = out.iter().map(|s| s.final_miou).collect();
     assert_eq!(mious, [0.0, 0.1, 0.2, 0.3, 0.4]);
     assert_eq!(seen.len(), 5);
-    assert!(runs[0].dir.with_extension("config.json").is_file());
+    for r in &runs {
+        assert!(r.side_file(".config.json").is_file(), "{}", r.dir.display());
+    }
+    assert_eq!(
+        runs[1].side_file(".config.json").file_name().unwrap(),
+        "lr0.01-b2.config.json"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_repeated_directory_is_refused_before_anything_starts() -> anyhow::Result<()> {
+    let tmp = TempDir::new("grid-children-dup");
+    let exe = child(&tmp.0);
+    let runs = [run(&tmp.0, "gn-b2-s0", 0.5), run(&tmp.0, "gn-b2-s0", 0.5)];
+    let pb = grid_progress("test", runs.len());
+    let e = run_children(&runs, 2, (&exe, "run-config", &[]), &pb, |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("would share the directory"), "{e}");
+    assert!(!runs[0].dir.exists());
+    Ok(())
+}
+
+#[test]
+fn a_failure_kills_the_children_still_running() -> anyhow::Result<()> {
+    std::env::remove_var("RAYON_NUM_THREADS");
+    let tmp = TempDir::new("grid-children-kill");
+    let exe = child(&tmp.0);
+    let runs = [run(&tmp.0, "slow", 0.5), run(&tmp.0, "bad", 0.5)];
+    let pb = grid_progress("test", runs.len());
+    assert!(run_children(&runs, 2, (&exe, "run-config", &[]), &pb, |_, _| {}).is_err());
+    // The slow child would have finished 3 s after the failure; it was killed instead.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert!(!runs[0].dir.join("finished").exists());
     Ok(())
 }
 
