@@ -263,10 +263,7 @@ fn resume_plan(
         matches,
         not_config: &NOT_CONFIG,
     };
-    let plan = plan_resume(req, dev)?;
-    for w in &plan.warnings {
-        eprintln!("warning: {w}");
-    }
+    let plan = plan_resume(req, dev, |w| eprintln!("warning: {w}"))?;
     Ok((plan.config, plan.found))
 }
 

@@ -44,9 +44,6 @@ pub fn resume_plan(
         matches,
         not_config: &NOT_CONFIG,
     };
-    let plan = plan_resume(req, device)?;
-    for w in &plan.warnings {
-        eprintln!("warning: {w}");
-    }
+    let plan = plan_resume(req, device, |w| eprintln!("warning: {w}"))?;
     Ok((plan.config, plan.found))
 }

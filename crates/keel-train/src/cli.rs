@@ -242,38 +242,33 @@ pub struct ResumeRequest<'a, C> {
 }
 
 /// What `--resume` continues with: the config (the run's, with `--steps` applied) and the
-/// checkpoint; `warnings` are for stderr (a missing `config.json` recovered, newer
-/// checkpoints skipped).
+/// checkpoint.
 pub struct ResumePlan<C> {
     /// The config to continue with.
     pub config: C,
     /// The checkpoint to restore.
     pub found: Resume,
-    /// Lines to print as warnings.
-    pub warnings: Vec<String>,
 }
 
-/// Plans a resumed run; see the module docs. Errors name the directory, the file and every
-/// flag that differs from the run's config, with the fix.
+/// Plans a resumed run; see the module docs. `warn` receives each warning as soon as it is
+/// known (newer checkpoints skipped, a missing `config.json` recovered), also when a later
+/// check fails. Errors name the directory, the file and every flag that differs from the
+/// run's config, with the fix.
 pub fn plan_resume<C: ResumableConfig>(
     req: ResumeRequest<'_, C>,
     device: &Device,
+    mut warn: impl FnMut(&str),
 ) -> candle::Result<ResumePlan<C>> {
     let (dir, tool) = (req.dir, req.tool);
     let shown = dir.display();
     let found = req.args.find_checkpoint(dir, device)?;
-    let mut warnings: Vec<String> = found
-        .skipped
-        .iter()
-        .zip(&found.skip_reasons)
-        .map(|(bad, why)| {
-            format!(
-                "skipping {} ({why}); resuming from {}",
-                bad.display(),
-                found.path.display()
-            )
-        })
-        .collect();
+    for (bad, why) in found.skipped.iter().zip(&found.skip_reasons) {
+        warn(&format!(
+            "skipping {} ({why}); resuming from {}",
+            bad.display(),
+            found.path.display()
+        ));
+    }
     let stored: C = serde_json::from_value(found.checkpoint.meta["user"]["config"].clone())
         .map_err(|e| {
             msg(format!(
@@ -290,7 +285,7 @@ pub fn plan_resume<C: ResumableConfig>(
             .map_err(|e| msg(format!("--resume {shown}: {e}")))?;
         file
     } else {
-        warnings.push(format!(
+        warn(&format!(
             "--resume {shown}: no config.json; recovered the run's config from {}",
             found.path.display()
         ));
@@ -327,11 +322,7 @@ pub fn plan_resume<C: ResumableConfig>(
             found.path.display()
         )
     }
-    Ok(ResumePlan {
-        config: cfg,
-        found,
-        warnings,
-    })
+    Ok(ResumePlan { config: cfg, found })
 }
 
 /// Reads a saved config (`config.json` of a run, or a job file).

@@ -65,6 +65,13 @@ fn run_dir(
 
 /// Parses `args` and plans the resume of `dir`.
 fn plan(dir: &Path, args: &str) -> candle::Result<(Cfg, usize, Vec<String>)> {
+    let mut warnings = Vec::new();
+    let (cfg, at) = plan_with(dir, args, &mut warnings)?;
+    Ok((cfg, at, warnings))
+}
+
+/// [`plan`], its warnings collected into `warnings` whether it succeeds or not.
+fn plan_with(dir: &Path, args: &str, warnings: &mut Vec<String>) -> candle::Result<(Cfg, usize)> {
     let argv = std::iter::once("trainer".to_string())
         .chain(std::iter::once(format!("--resume={}", dir.display())))
         .chain(args.split_whitespace().map(String::from));
@@ -84,8 +91,8 @@ fn plan(dir: &Path, args: &str) -> candle::Result<(Cfg, usize, Vec<String>)> {
         matches: &matches,
         not_config: &["resume", "resume_from", "quiet", "out"],
     };
-    let p = plan_resume(req, &Device::Cpu)?;
-    Ok((p.config, p.found.checkpoint.step, p.warnings))
+    let p = plan_resume(req, &Device::Cpu, |w| warnings.push(w.to_string()))?;
+    Ok((p.config, p.found.checkpoint.step))
 }
 
 const RUN: Cfg = Cfg {
