@@ -263,11 +263,11 @@ fn f16_amp_trains_on_the_cpu() -> anyhow::Result<()> {
 
 #[test]
 fn bench_times_the_step_on_a_fixed_batch() -> anyhow::Result<()> {
-    use clap::Parser;
     let args =
         "det_train --device cpu --image-size 64 --width 4 --fpn 8 --head-convs 1 --norm gn:2 \
                 --batch-size 2 --bench-warmup 1 --bench-steps 2";
-    let b = det_train::bench::BenchArgs::try_parse_from(args.split_whitespace())?;
+    let argv = args.split_whitespace().map(String::from).collect();
+    let b: det_train::bench::BenchArgs = det_train::cli::parse(argv)?;
     let t = det_train::bench::run(&b)?;
     assert!(t.median_ms > 0.0 && t.min_ms <= t.median_ms, "{t:?}");
     // The subcommand through the entry point.
@@ -394,10 +394,9 @@ fn sigint_checkpoints_and_exits_130_then_resume_finishes() -> anyhow::Result<()>
 /// flags and its table names the metric.
 #[test]
 fn compare_children_write_summaries_the_grid_reads() -> anyhow::Result<()> {
-    use clap::Parser;
     let d = tmp("cmp-child");
     std::fs::create_dir_all(&d)?;
-    let cli = det_train::cli::Cli::try_parse_from(tiny(&d.join("unused"), 4, &[]))?;
+    let cli: det_train::cli::Cli = det_train::cli::parse(tiny(&d.join("unused"), 4, &[]))?;
     let cfg_path = d.join("job.config.json");
     std::fs::write(&cfg_path, serde_json::to_string(&cli.config())?)?;
     let out = d.join("job");
@@ -426,13 +425,43 @@ fn compare_children_write_summaries_the_grid_reads() -> anyhow::Result<()> {
         format!("{e:#}").contains("--batch-size is not a grid flag"),
         "{e:#}"
     );
-    let args =
-        det_train::compare::CompareArgs::try_parse_from(["det_train compare", "--norms", "gn"])?;
+    let argv = ["det_train compare", "--norms", "gn"]
+        .map(String::from)
+        .to_vec();
+    let args: det_train::compare::CompareArgs = det_train::cli::parse(argv)?;
     let cells = keel::train::grid::Cell::group([("gn".to_string(), 2, s)]);
     let md = det_train::compare::results_md(&args, &cells, 1.0, &candle::Device::Cpu);
     assert!(
         md.contains("final val mAP@.5 (mean ± std)") && md.contains("| gn | 2 |"),
         "{md}"
+    );
+    Ok(())
+}
+
+/// det_train's own defaults (AdamW, 50 warmup steps, clip at 5, an evaluation every 350
+/// steps) hold for a run, `bench` and `compare` alike, over keel's shared loop flags.
+#[test]
+fn det_train_defaults_hold_for_run_bench_and_compare() -> anyhow::Result<()> {
+    use det_train::cli::{parse, Cli};
+    let check = |c: &det_train::cli::DetConfig| {
+        let t = &c.train;
+        assert_eq!(t.optimizer, keel::optim::OptimizerKind::AdamW);
+        assert_eq!(
+            (t.warmup_steps, t.clip_grad, t.eval_every, t.ckpt_every),
+            (50, Some(5.0), 350, 350)
+        );
+    };
+    let argv = |s: &str| -> Vec<String> { s.split_whitespace().map(String::from).collect() };
+    check(&parse::<Cli>(argv("det_train"))?.config());
+    check(
+        &parse::<det_train::bench::BenchArgs>(argv("det_train"))?
+            .run
+            .config(),
+    );
+    check(
+        &parse::<det_train::compare::CompareArgs>(argv("det_train"))?
+            .run
+            .config(),
     );
     Ok(())
 }

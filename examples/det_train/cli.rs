@@ -267,6 +267,25 @@ fn resume_plan(
     Ok((plan.config, plan.found))
 }
 
+/// Parses `argv` with `cmd`: `--help` prints and exits 0, an error is an error.
+pub fn matches(cmd: clap::Command, argv: Vec<String>) -> anyhow::Result<ArgMatches> {
+    cmd.try_get_matches_from(argv).map_err(|e| {
+        use clap::error::ErrorKind;
+        if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        anyhow::anyhow!("{e}")
+    })
+}
+
+/// `argv` parsed into `T` (det_train's flags or a command that flattens them) with
+/// det_train's defaults ([`with_defaults`]).
+pub fn parse<T: CommandFactory + FromArgMatches>(argv: Vec<String>) -> anyhow::Result<T> {
+    let m = matches(with_defaults(T::command()), argv)?;
+    T::from_arg_matches(&m).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// Reads a saved DetConfig (`config.json` of a run, or a compare job's file).
 pub fn read_config(path: &Path) -> anyhow::Result<DetConfig> {
     Ok(keel::train::cli::read_config(path, "det_train")?)
@@ -286,20 +305,9 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     }
     if args.get(1).is_some_and(|a| a == "bench") {
         let rest = std::iter::once(args[0].clone()).chain(args[2..].iter().cloned());
-        let m = with_defaults(BenchArgs::command())
-            .try_get_matches_from(rest)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let b = BenchArgs::from_arg_matches(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
-        return bench::run(&b).map(drop);
+        return bench::run(&parse::<BenchArgs>(rest.collect())?).map(drop);
     }
-    let matches = command().try_get_matches_from(args).map_err(|e| {
-        use clap::error::ErrorKind;
-        if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-            let _ = e.print();
-            std::process::exit(0);
-        }
-        anyhow::anyhow!("{e}")
-    })?;
+    let matches = matches(command(), args)?;
     let cli = Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{e}"))?;
     let opts = RunOpts {
         device: cli.dev.setup("det_train")?,

@@ -15,7 +15,7 @@ use keel::train::grid::{self, Cell, ChildRun};
 use keel::train::run_dir::check_writable;
 use keel::train::write_atomic;
 
-use super::cli::{parse_norm, read_config, with_defaults, Cli};
+use super::cli::{matches, parse_norm, read_config, with_defaults, Cli};
 use super::train::{self, RunOpts};
 
 /// `det_train compare` flags: the grid's axes and every run flag of det_train (the same for
@@ -157,7 +157,8 @@ pub fn results_md(
 
 /// `det_train run-config`: runs one saved config (compare's child).
 pub fn run_config(argv: Vec<String>) -> anyhow::Result<()> {
-    let a = RunConfigArgs::try_parse_from(argv).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let m = matches(RunConfigArgs::command(), argv)?;
+    let a = RunConfigArgs::from_arg_matches(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
     let cfg = read_config(&a.config)?;
     let opts = RunOpts {
         device: a.dev.setup("det_train")?,
