@@ -70,6 +70,12 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<()> {
         }
     }
     let args = CompareArgs::from_arg_matches(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if args.run.fault.is_some() {
+        bail!("det_train compare: --fault is for a single run")
+    }
+    if let Some(w) = args.run.train.warmup_warning(args.run.steps) {
+        eprintln!("det_train compare: warning: {w}");
+    }
     if args.norms.is_empty() || args.batch_sizes.is_empty() || args.seeds == 0 {
         bail!("det_train compare needs at least one norm, one batch size and one seed")
     }
@@ -142,12 +148,25 @@ pub fn results_md(
 ) -> String {
     let c = args.run.config();
     let r = c.recipe();
+    let data = match &c.data_dir {
+        Some(d) => format!(
+            "{} ({:?}, splits {} / {})",
+            d.display(),
+            c.format,
+            c.train_split,
+            c.val_split
+        ),
+        None => format!(
+            "synthetic detection shapes ({} train / {} val images)",
+            c.train_size, c.val_size
+        ),
+    };
     let mut md = String::new();
     let _ = writeln!(md, "# det_train compare\n");
     let _ = writeln!(
         md,
-        "FCOS (P3-P5, GN head) on the twin encoder, synthetic detection shapes ({} train / {} val images, {}px), width {}, fpn {}, head convs {}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s. The metric is COCO mAP@.5 on the val set (pycocotools' definition, keel_det::coco_eval).\n",
-        c.train_size, c.val_size, c.image_size, c.width, c.fpn, c.head_convs, c.train.optimizer,
+        "FCOS (P3-P5, GN head) on the twin encoder, {} ({}px images), width {}, fpn {}, head convs {}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s. The metric is COCO mAP@.5 on the val set (pycocotools' definition, keel_det::coco_eval).\n",
+        data, c.image_size, c.width, c.fpn, c.head_convs, c.train.optimizer,
         r.decay_name(), r.lr, c.train.warmup_steps,
         c.train.clip_grad.map_or("off".to_string(), |v| v.to_string()), c.train.amp, c.steps, args.seeds, device.location(), seconds
     );

@@ -78,9 +78,12 @@ pub static ALLOC: CountingAlloc = CountingAlloc::new();
 /// Times keel's step: `warmup` untimed steps, then `steps` timed ones.
 fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, usize)> {
     let c = &args.common;
-    let mut cfg = args
-        .common
-        .config(args.norm, args.batch_size, args.warmup + args.steps, 0);
+    let mut cfg = args.common.config(
+        args.norm,
+        args.batch_size,
+        bench_steps(args, dev).0 + bench_steps(args, dev).1,
+        0,
+    );
     cfg.train.warmup_steps = 0;
     cfg.validate()?;
     let (mut net, _) = Net::build(&cfg, dev)?;
@@ -93,7 +96,7 @@ fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, 
     // --log-every N > 1: time windows of N launched steps and one read (per step: / N).
     let window = c.log_every(dev);
     net.state.set_read_every(window)?;
-    let windows = |steps: usize| steps.div_ceil(window);
+    let windows = |steps: usize| steps.div_ceil(window); // whole windows: bench_steps
     let (model, dtype) = (cfg.seg_model(), cfg.train.amp.compute_dtype());
     let mut timing = time_steps(
         dev,
@@ -143,6 +146,16 @@ fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, 
         candle::utils::get_num_threads(),
     );
     Ok((timing, label, keel::models::seg::count_params(&net.vm)))
+}
+
+/// The (warm-up, timed) steps the bench runs: `--warmup` and `--steps` rounded up to whole
+/// windows of `--log-every` steps (one host read each).
+pub fn bench_steps(args: &BenchArgs, dev: &candle::Device) -> (usize, usize) {
+    let window = args.common.log_every(dev);
+    (
+        args.warmup.div_ceil(window) * window,
+        args.steps.div_ceil(window) * window,
+    )
 }
 
 /// Fails when a step read by the bench has a non-finite loss (its timing would not be of a
@@ -246,7 +259,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         .map(|t| time_torch(&args.python, &twin_script(args), &t, params))
         .transpose()?;
     let report = BenchReport::new(config, params, args.batch_size, keel, torch);
-    println!("{}", report.to_text(args.warmup, args.steps));
+    let (warmup, steps) = bench_steps(args, &dev);
+    println!("{}", report.to_text(warmup, steps));
     if let Some(path) = &args.json {
         keel::train::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }

@@ -48,6 +48,9 @@ pub enum Command {
         out: PathBuf,
         #[command(flatten)]
         dev: DeviceArgs,
+        /// As a run's --log-every (compare passes its own on).
+        #[arg(long, value_name = "N")]
+        log_every: Option<usize>,
     },
 }
 
@@ -299,11 +302,16 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Compare(c)) => compare::run(&c),
         Some(Command::Bench(b)) => bench::run(&b).map(drop),
-        Some(Command::RunConfig { config, out, dev }) => {
+        Some(Command::RunConfig {
+            config,
+            out,
+            dev,
+            log_every,
+        }) => {
             let cfg = read_config(&config)?;
             let device = dev.setup("seg_train")?;
             let opts = RunOpts {
-                log_every: log_every_default(None, &device),
+                log_every: log_every_default(log_every, &device),
                 device,
                 progress: false,
                 verbose: false,

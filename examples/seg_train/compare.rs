@@ -56,6 +56,9 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         bail!("compare needs at least one norm, one batch size and one seed")
     }
     let rows = rows(args)?;
+    if let Some(w) = args.common.train.warmup_warning(args.steps) {
+        eprintln!("seg_train compare: warning: {w}");
+    }
     // Validate every config up front: a typo fails before hours of training.
     for (_, n, bb) in &rows {
         for &b in batches {
@@ -93,6 +96,9 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let c = &args.common;
     device_args.extend(c.dev.deterministic.then(|| "--deterministic".to_string()));
     device_args.extend(c.dev.tf32.then(|| "--tf32".to_string()));
+    if let Some(n) = c.log_every {
+        device_args.extend(["--log-every".to_string(), n.to_string()]);
+    }
     let exe = std::env::current_exe().context("locating the seg_train binary")?;
     let child = (exe.as_path(), "run-config", &device_args[..]);
     let summaries = grid::run_children(&queue, args.jobs, child, &pb, |run, s| {
@@ -176,7 +182,15 @@ pub fn results_md(
     let mut md = String::new();
     let _ = writeln!(md, "# seg_train compare\n");
     let model = match c.backbone.backbone.depth() {
-        None => format!("width {}, fpn {}", c.width, c.fpn),
+        None => match &args.init {
+            Some(p) => format!(
+                "width {}, fpn {}, initialised from {}",
+                c.width,
+                c.fpn,
+                p.display()
+            ),
+            None => format!("width {}, fpn {}", c.width, c.fpn),
+        },
         Some(_) => {
             let r = config(
                 args,
@@ -199,10 +213,17 @@ pub fn results_md(
             )
         }
     };
+    let data = match &c.data_dir {
+        Some(d) => format!("Pascal VOC at {}", d.display()),
+        None => format!(
+            "Synthetic shapes ({} train / {} val images)",
+            c.train_size, c.val_size
+        ),
+    };
     let _ = writeln!(
         md,
-        "Synthetic shapes ({} train / {} val images, {}x{}), {model}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s.\n",
-        c.train_size, c.val_size, c.image_size, c.image_size, c.train.optimizer,
+        "{data} ({}x{} crops), {model}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s.\n",
+        c.image_size, c.image_size, c.train.optimizer,
         recipe.decay_name(), recipe.lr, c.train.warmup_steps,
         if c.train.clip_grad == 0.0 { "off".to_string() } else { c.train.clip_grad.to_string() }, train::amp_label(c.train.amp), args.steps, args.seeds, device.location(), seconds
     );

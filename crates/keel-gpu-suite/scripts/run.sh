@@ -10,7 +10,8 @@
 #   2. the GN+SiLU and conv benchmarks against candle and PyTorch eager;
 #   3. seg_train's training step at the twin's configuration (width 64, fpn 128, 21 classes,
 #      batch 8, 256x256; GN and BN; f32, TF32, f16 AMP with the GradScaler, bf16), median
-#      of 20 steps after 5 warm-up steps and peak device memory, side by side with the
+#      of 4 windows of 5 steps (one host read each, --log-every 5) after 5 warm-up steps
+#      and peak device memory, side by side with the
 #      PyTorch eager twin (examples/seg_train/torch_twin.py) in the same call;
 #   4. a short real seg_train run (synthetic data, batch 8, 128x128, deterministic cuDNN),
 #      killed once (SIGKILL) and resumed, against an uninterrupted run: identical per-step
@@ -117,7 +118,7 @@ if want step && [ "$DRY_RUN" != 1 ]; then
       rm -f /tmp/step.json
       timeout -s KILL "$T_CFG" env LD_LIBRARY_PATH="$KEEL_LD" "$SEG" bench --device cuda --norm "$norm" \
         "${amp[@]}" --width 64 --fpn 128 --num-classes 21 --batch-size 8 --image-size 256 \
-        --warmup 5 --steps 20 --clip-grad 0 --vs-torch --python "$PY" \
+        --warmup 5 --steps 20 --log-every 5 --clip-grad 0 --vs-torch --python "$PY" \
         --twin-script "$R/examples/seg_train/torch_twin.py" --json /tmp/step.json >>"$ERR" 2>&1
       rc=$?
       if [ $rc = 0 ] && [ -f /tmp/step.json ]; then
