@@ -221,17 +221,9 @@ impl ResumableConfig for DetConfig {
     }
 }
 
-/// Flags that drive a run without being part of its config.
-const NOT_CONFIG: [&str; 8] = [
-    "resume",
-    "resume_from",
-    "quiet",
-    "device",
-    "deterministic",
-    "tf32",
-    "out",
-    "fault",
-];
+/// det_train's flags that drive a run without being part of its config (keel::train::cli's
+/// own, `--device` and the like, are never compared).
+const NOT_CONFIG: [&str; 2] = ["quiet", "fault"];
 
 /// det_train's command: keel's shared loop flags with det_train's defaults (AdamW, 50
 /// warmup steps, clip at 5, an evaluation every 350 steps).

@@ -99,17 +99,7 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<()> {
     }
     check_writable(out).map_err(|e| anyhow::anyhow!("--out {e}"))?;
     let device = keel::train::cli::pick_device(args.run.dev.device)?; // the children set up their own
-    let mut child_args = vec![
-        "--device".to_string(),
-        if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
-    ];
-    child_args.extend(
-        args.run
-            .dev
-            .deterministic
-            .then(|| "--deterministic".to_string()),
-    );
-    child_args.extend(args.run.dev.tf32.then(|| "--tf32".to_string()));
+    let child_args = args.run.dev.child_args(&device);
     let exe = std::env::current_exe().context("locating the det_train binary")?;
     let pb = grid::grid_progress("det_train compare", queue.len());
     let t0 = Instant::now();

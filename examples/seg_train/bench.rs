@@ -22,7 +22,6 @@ use super::model::BackboneChoice;
 use super::train::{amp_label, micro_loss, Net};
 use candle::Device;
 use keel::models::seg_model::SegModelConfig;
-use keel::train::cli::setup_device;
 
 /// `seg_train bench` flags: the model/batch flags of a run plus the timing ones.
 #[derive(Args, Debug, Clone)]
@@ -78,12 +77,10 @@ pub static ALLOC: CountingAlloc = CountingAlloc::new();
 /// Times keel's step: `warmup` untimed steps, then `steps` timed ones.
 fn time_keel(args: &BenchArgs, dev: &Device) -> anyhow::Result<(Timing, String, usize)> {
     let c = &args.common;
-    let mut cfg = args.common.config(
-        args.norm,
-        args.batch_size,
-        bench_steps(args, dev).0 + bench_steps(args, dev).1,
-        0,
-    );
+    let (warmup, steps) = bench_steps(args, dev);
+    let mut cfg = args
+        .common
+        .config(args.norm, args.batch_size, warmup + steps, 0);
     cfg.train.warmup_steps = 0;
     cfg.validate()?;
     let (mut net, _) = Net::build(&cfg, dev)?;
@@ -249,7 +246,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     // Check the twin can mirror the config before spending time on keel's side.
     // The device once, for both sides (a CUDA device is a context: not made twice).
     let c = &args.common;
-    let dev = setup_device("seg_train", c.dev.device, c.dev.deterministic, c.dev.tf32)?;
+    let dev = c.dev.setup("seg_train")?;
     let twin = args
         .vs_torch
         .then(|| twin_args(args, dev.is_cuda()))

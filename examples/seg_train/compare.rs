@@ -89,13 +89,8 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         }
     }
     // The children get the device and its modes (`run-config` flags).
-    let mut device_args = vec![
-        "--device".to_string(),
-        if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
-    ];
     let c = &args.common;
-    device_args.extend(c.dev.deterministic.then(|| "--deterministic".to_string()));
-    device_args.extend(c.dev.tf32.then(|| "--tf32".to_string()));
+    let mut device_args = c.dev.child_args(&device);
     if let Some(n) = c.log_every {
         device_args.extend(["--log-every".to_string(), n.to_string()]);
     }

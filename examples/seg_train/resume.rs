@@ -10,17 +10,9 @@ use keel::train::Resume;
 
 use super::cli::{RunConfig, TrainArgs};
 
-/// Flags that drive a run without being part of its config, so `--resume` takes them.
-const NOT_CONFIG: [&str; 8] = [
-    "resume",
-    "resume_from",
-    "quiet",
-    "device",
-    "deterministic",
-    "tf32",
-    "step_delay_ms",
-    "out",
-];
+/// seg_train's flags that drive a run without being part of its config, so `--resume`
+/// takes them (keel::train::cli's own, `--device` and the like, are never compared).
+const NOT_CONFIG: [&str; 2] = ["quiet", "step_delay_ms"];
 
 /// The config a resumed run continues with and the checkpoint it starts from, every check
 /// done before anything is built or written: `matches` tells which flags the user gave.

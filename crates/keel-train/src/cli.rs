@@ -223,6 +223,18 @@ fn changed_either<C: ResumableConfig>(a: &C, b: &C) -> candle::Result<Vec<FieldC
     Ok(changes)
 }
 
+/// The flags of this module that drive a run without being part of its config
+/// ([`ResumeArgs`], [`DeviceArgs`], and `out`, checked on its own): [`plan_resume`] never
+/// compares them with the run's config.
+pub const RUNTIME_FLAGS: [&str; 6] = [
+    "resume",
+    "resume_from",
+    "device",
+    "deterministic",
+    "tf32",
+    "out",
+];
+
 /// What [`plan_resume`] needs to know about the command line.
 pub struct ResumeRequest<'a, C> {
     /// The program's name, in messages ("not a seg_train checkpoint?").
@@ -237,7 +249,8 @@ pub struct ResumeRequest<'a, C> {
     pub out: &'a Path,
     /// The parsed command line: which flags the user gave explicitly.
     pub matches: &'a ArgMatches,
-    /// Flags that are not part of the config (`--device`, `--quiet`, ...): never compared.
+    /// The trainer's own flags that are not part of its config (`quiet`, ...): never
+    /// compared. This module's ([`RUNTIME_FLAGS`]) are never compared either.
     pub not_config: &'a [&'a str],
 }
 
@@ -377,7 +390,8 @@ fn flags_that_differ<C: ResumableConfig>(
     // Sorted by name; a config field that is no flag of this command is not checked.
     for c in changed_either(&req.given, cfg)? {
         let id = c.key.as_str();
-        if req.not_config.contains(&id) || id == "steps" || !explicit(req.matches, id) {
+        let runtime = RUNTIME_FLAGS.contains(&id) || req.not_config.contains(&id);
+        if runtime || id == "steps" || !explicit(req.matches, id) {
             continue;
         }
         let flag = c.key.replace('_', "-");
@@ -503,5 +517,17 @@ impl DeviceArgs {
     /// [`setup_device`] with these flags; `tool` names the program in notes.
     pub fn setup(&self, tool: &str) -> candle::Result<Device> {
         setup_device(tool, self.device, self.deterministic, self.tf32)
+    }
+
+    /// These flags for a child process that is to run on `device` (the one this process
+    /// picked): `--device cpu|cuda`, then `--deterministic` and `--tf32` when set.
+    pub fn child_args(&self, device: &Device) -> Vec<String> {
+        let mut args = vec![
+            "--device".to_string(),
+            if device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
+        ];
+        args.extend(self.deterministic.then(|| "--deterministic".to_string()));
+        args.extend(self.tf32.then(|| "--tf32".to_string()));
+        args
     }
 }
