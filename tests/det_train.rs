@@ -340,7 +340,7 @@ fn child_process() {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("det_train: {e:#}");
-                det_train::train::exit_code(&e)
+                keel::train::driver::exit_code(e.as_ref())
             }
         };
         std::process::exit(code);

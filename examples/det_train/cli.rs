@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use super::bench::{self, BenchArgs};
 use super::compare;
 use super::model::DetModelConfig;
-use super::train::{self, RunOpts};
+use super::train;
+use keel::train::driver::RunOptions;
 
 /// `--format` of a `--data-dir`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -301,14 +302,15 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     }
     let matches = matches(command(), args)?;
     let cli = Cli::from_arg_matches(&matches).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let opts = RunOpts {
-        device: cli.dev.setup("det_train")?,
+    let device = cli.dev.setup("det_train")?;
+    let opts = RunOptions {
         progress: !cli.quiet,
         fault: cli.fault.unwrap_or_default(),
+        ..RunOptions::new("det_train")
     };
     let (cfg, out, resume) = match cli.resume.run_dir()? {
         Some(dir) => {
-            let (cfg, found) = resume_plan(&cli, &dir, &matches, &opts.device)?;
+            let (cfg, found) = resume_plan(&cli, &dir, &matches, &device)?;
             (cfg, dir, Some(found))
         }
         None => {
@@ -318,9 +320,6 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
             (cli.config(), cli.out.clone(), None)
         }
     };
-    let s = train::run(&cfg, &out, resume, &opts)?;
-    if let Some(step) = s.run.guard_stopped_at {
-        bail!("the guard stopped the run at step {step}: it kept diverging (see health.json); lower --lr")
-    }
-    Ok(())
+    let s = train::run(&cfg, &out, resume, &device, opts)?;
+    Ok(s.run.check_not_stopped()?)
 }

@@ -16,7 +16,8 @@ use keel::train::run_dir::check_writable;
 use keel::train::write_atomic;
 
 use super::cli::{matches, parse_norm, read_config, with_defaults, Cli};
-use super::train::{self, RunOpts};
+use super::train;
+use keel::train::driver::RunOptions;
 
 /// `det_train compare` flags: the grid's axes and every run flag of det_train (the same for
 /// every run; `--norm`, `--batch-size` and `--seed` are the grid's).
@@ -169,14 +170,11 @@ pub fn run_config(argv: Vec<String>) -> anyhow::Result<()> {
     let m = matches(RunConfigArgs::command(), argv)?;
     let a = RunConfigArgs::from_arg_matches(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
     let cfg = read_config(&a.config)?;
-    let opts = RunOpts {
-        device: a.dev.setup("det_train")?,
+    let device = a.dev.setup("det_train")?;
+    let opts = RunOptions {
         progress: false,
-        fault: Default::default(),
+        ..RunOptions::new("det_train")
     };
-    let s = train::run(&cfg, &a.out, None, &opts)?;
-    if let Some(step) = s.run.guard_stopped_at {
-        bail!("the guard stopped the run at step {step} (see health.json)")
-    }
-    Ok(())
+    let s = train::run(&cfg, &a.out, None, &device, opts)?;
+    Ok(s.run.check_not_stopped()?)
 }

@@ -29,7 +29,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = cli::run(args) {
         // A run stopped by SIGINT/SIGTERM exits with 130/143 after its checkpoint.
-        let code = train::exit_code(&e);
+        let code = keel::train::driver::exit_code(e.as_ref());
         let what = if code == 1 { "error: " } else { "" };
         eprintln!("det_train: {what}{e:#}");
         std::process::exit(code);

@@ -1,59 +1,30 @@
-//! One training run, wired from keel's parts: the FCOS detector, a [`TrainState`]
-//! (optimizer, f16 scaler, accumulation, EMA, monitor), the [`OptimRecipe`] schedule, the
-//! [`Guard`], [`DetBatches`] (batches per `(seed, position)`), JSONL logs, checkpoints with
-//! exact resume, COCO evaluation and the health report.
+//! One training run: det_train's [`Task`] (the FCOS detector's step on [`DetBatches`],
+//! batches per `(seed, position)`, COCO evaluation) driven by keel-train's run driver
+//! ([`keel::train::driver`]: the step loop with the guard, JSONL logs, evaluation and
+//! checkpoint cadence, exact resume, graceful stop, health report and summary).
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use candle::{Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use keel::data::{DetBatches, DetHostBatch};
 use keel::det::coco_eval::CocoGt;
 use keel::det::fcos::{fcos_loss, prepare_targets, FcosLossConfig, FcosTargetConfig, GtBoxes};
 use keel::models::seg::count_params;
-use keel::optim::{split_no_decay, LrSchedule, Precision};
-use keel::train::run_dir::{check_writable, DirState, RunDir};
-use keel::train::{
-    named_vars, progress_bar, write_atomic, CheckpointManager, EvalRecord, Guard, GuardAction,
-    GuardConfig, GuardLog, HealthReport, Interrupt, InterventionKind, JsonlLogger, Resume,
-    RunContext, RunSummary, StepLog, StepOutcome, TrainState,
+use keel::optim::{split_no_decay, Precision};
+use keel::train::cli::advice_flags;
+use keel::train::driver::{
+    EvalAt, Evaluation, MicroBatches, Run, RunEnd, RunOptions, RunSpec, Task,
 };
+use keel::train::fault::FaultPlan;
+use keel::train::{named_vars, Resume, RunContext, RunSummary, TrainState};
 use serde::{Deserialize, Serialize};
 
 use super::cli::DetConfig;
 use super::data::{augment, DetData, PAD};
 use super::eval::{evaluate, ground_truth, DetMetrics};
 use super::model::{FcosNet, STRIDES};
-
-/// How a run is driven (not part of its identity).
-pub struct RunOpts {
-    pub device: Device,
-    pub progress: bool,
-    /// The fault to inject (`--fault`; none by default).
-    pub fault: keel::train::fault::FaultPlan,
-}
-
-/// A run stopped by SIGINT or SIGTERM after its checkpoint and health report were written;
-/// the process exits with `code` (130 / 143).
-#[derive(Debug)]
-pub struct Interrupted {
-    pub code: i32,
-    pub message: String,
-}
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Interrupted {}
-
-/// The process exit code of a run's error: the signal's (130 / 143), else 1.
-pub fn exit_code(err: &anyhow::Error) -> i32 {
-    err.downcast_ref::<Interrupted>().map_or(1, |i| i.code)
-}
 
 /// The outcome of a run (summary.json): the loop's [`RunSummary`] (losses, grad norms,
 /// alarms, guard; its `evals` and `final_miou` hold mAP@.5, `final_pixel_acc` mAP) and the
@@ -68,16 +39,13 @@ pub struct DetSummary {
     pub final_map: f64,
     #[serde(with = "keel::train::lossless_f64")]
     pub final_map50: f64,
-    /// Wall time of the whole run (this session), seconds.
+    /// Wall time of the whole run (this session, data generation included), seconds.
     pub seconds: f64,
 }
 
-/// The user meta of det_train's checkpoints (beside TrainState's own).
+/// det_train's part of its checkpoints' meta (beside the config, summary and TrainState).
 #[derive(Serialize, Deserialize)]
-struct CkptMeta {
-    format: String,
-    config: DetConfig,
-    summary: DetSummary,
+struct DetExtra {
     /// The next micro-batch to draw: batches depend only on `(seed, position)`, and a
     /// rollback of the guard moves past the batches that led to it, so the position is
     /// saved, not derived from the step.
@@ -94,168 +62,89 @@ struct DetEvalLog<'a> {
     metrics: &'a DetMetrics,
 }
 
-/// Everything a run holds.
-struct Run<'a> {
+/// det_train's [`Task`]: data, detector and COCO evaluation.
+struct DetTask<'a> {
     cfg: &'a DetConfig,
-    opts: &'a RunOpts,
+    device: Device,
     data: DetData,
     gt: CocoGt,
     vm: VarMap,
     net: FcosNet,
-    state: TrainState,
-    schedule: Box<dyn LrSchedule + Send + Sync>,
-    summary: DetSummary,
+    batches: DetBatches,
     next_batch: usize,
+    /// The last evaluation of the training weights (printed at the end).
+    last: Option<DetMetrics>,
+    t_start: Instant,
 }
 
-impl<'a> Run<'a> {
-    /// Builds the parts; bad input fails here, before the first file is written.
-    fn new(cfg: &'a DetConfig, opts: &'a RunOpts) -> anyhow::Result<Self> {
-        cfg.validate()?;
-        let data = DetData::new(cfg, opts.progress)?;
-        let gt = ground_truth(data.val.as_ref(), cfg, &data.classes)?;
-        let Net { vm, net, state } = Net::build(cfg, data.classes.len(), &opts.device)?;
-        Ok(Self {
-            cfg,
-            opts,
-            data,
-            gt,
-            vm,
-            net,
-            state,
-            schedule: cfg.recipe().schedule()?,
-            summary: DetSummary::default(),
-            next_batch: 0,
-        })
-    }
+impl Task for DetTask<'_> {
+    type Extra = DetExtra;
 
-    fn meta(&self) -> CkptMeta {
-        CkptMeta {
-            format: "keel det_train checkpoint v1".into(),
-            config: self.cfg.clone(),
-            summary: self.summary.clone(),
+    fn extra(&self, _: usize) -> DetExtra {
+        DetExtra {
             next_batch: self.next_batch,
         }
     }
 
-    /// Takes `out` (lock; a fresh run refuses a directory holding a run), writes the config,
-    /// and for a resume restores the checkpoint.
-    fn open_output(
-        &mut self,
-        out: &Path,
-        resume: Option<Resume>,
-    ) -> anyhow::Result<(CheckpointManager, JsonlLogger, RunDir)> {
-        let shown = out.display();
-        check_writable(out).map_err(|e| anyhow::anyhow!("--out {e}"))?;
-        let dir = RunDir::lock(out).with_context(|| format!("--out {shown}"))?;
-        if let Some(pid) = dir.taken_over() {
-            eprintln!("warning: {shown} held a stale lock of process {pid}, which no longer runs; taking the directory over");
-        }
-        if resume.is_none() {
-            match dir.state().with_context(|| format!("--out {shown}"))? {
-                DirState::Free | DirState::FailedStart => {}
-                DirState::HoldsRun => bail!("--out {shown} already holds a run; continue it with --resume {shown} or pick another --out"),
-                DirState::LostConfig => bail!("--out {shown} holds checkpoints or a log.jsonl but no config.json; continue it with --resume {shown} or pick another --out"),
-            }
-        }
-        dir.remove_stale_temps()?;
-        let manager = CheckpointManager::new(out.join("checkpoints"), self.cfg.train.keep_last)?;
-        dir.write_config(self.cfg)?;
-        let log_path = out.join("log.jsonl");
-        let Some(found) = resume else {
-            return Ok((manager, JsonlLogger::create(&log_path)?, dir));
-        };
-        let meta: CkptMeta = self
-            .state
-            .restore(&found.checkpoint)
-            .with_context(|| format!("restoring {}", found.path.display()))?;
-        (self.summary, self.next_batch) = (meta.summary, meta.next_batch);
-        eprintln!(
-            "resumed from {} at step {}",
-            found.path.display(),
-            self.state.step
-        );
-        Ok((
-            manager,
-            JsonlLogger::resume(&log_path, self.state.step)?,
-            dir,
-        ))
+    fn restore_extra(&mut self, extra: DetExtra) -> candle::Result<()> {
+        self.next_batch = extra.next_batch;
+        Ok(())
     }
 
-    /// One optimizer step: forward, FCOS targets and loss per micro-batch.
-    fn step(&mut self, batches: &mut DetBatches, guard: &Guard) -> anyhow::Result<StepOutcome> {
-        let (step, fault) = (self.state.step, self.opts.fault);
-        let lr = guard.lr(self.schedule.lr(step) * fault.lr_factor(step));
-        let (cfg, dev) = (self.cfg, &self.opts.device);
-        let (net, vm, next) = (&self.net, &self.vm, &mut self.next_batch);
+    fn seek(&mut self, _: usize) -> candle::Result<()> {
+        Ok(()) // the position is `next_batch`, restored with the checkpoint
+    }
+
+    /// Forward, FCOS targets and loss per micro-batch.
+    fn micro_batches(&mut self, step: usize, fault: FaultPlan) -> candle::Result<MicroBatches<'_>> {
+        let (cfg, dev, net, vm) = (self.cfg, &self.device, &self.net, &self.vm);
+        let (batches, next) = (&mut self.batches, &mut self.next_batch);
         let classes = self.data.classes.len();
-        let micro = |_| -> candle::Result<Tensor> {
+        Ok(Box::new(move |_| {
             let hb = batches.batch(*next)?;
             *next += 1;
             let loss = micro_loss(cfg, net, vm, classes, &hb, dev)?;
             // A NaN batch poisons the loss it leads to (the FCOS loss is no cross-entropy of
             // the inputs: NaN inputs and a NaN loss both make every gradient NaN).
-            fault.poison_loss(step, &fault.poison_inputs(step, &loss)?)
+            fault.poison_inputs(step, &loss)
+        }))
+    }
+
+    /// mAP@.5 is the run's metric (the monitor's regression test, the best checkpoint).
+    fn evaluate(&mut self, at: EvalAt) -> candle::Result<Evaluation> {
+        let m = match at.weights_finite {
+            false => DetMetrics::nan(&self.data.classes),
+            true => evaluate(
+                &self.net,
+                &self.vm,
+                self.cfg,
+                self.data.val.as_ref(),
+                &self.gt,
+                &self.device,
+            )?,
         };
-        Ok(self.state.step(lr, cfg.train.clip_grad, micro)?)
-    }
-
-    /// Evaluates the weights on the val split (NaN metrics for non-finite weights).
-    fn evaluate(&self) -> candle::Result<DetMetrics> {
-        if !self.state.weights_finite()? {
-            return Ok(DetMetrics::nan(&self.data.classes));
-        }
-        let val = self.data.val.as_ref();
-        evaluate(
-            &self.net,
-            &self.vm,
-            self.cfg,
-            val,
-            &self.gt,
-            &self.opts.device,
-        )
-    }
-
-    /// The evaluation after `step`: logged, told to the monitor, recorded; returns mAP@.5.
-    fn eval_and_log(
-        &mut self,
-        step: usize,
-        train_loss: Option<f64>,
-        logger: &mut JsonlLogger,
-        say: &dyn Fn(String),
-    ) -> anyhow::Result<f64> {
-        let m = self.evaluate()?;
-        logger.log(&DetEvalLog {
+        let record = serde_json::value::to_raw_value(&DetEvalLog {
             kind: "eval",
-            step,
-            ema: false,
+            step: at.step,
+            ema: at.ema,
             metrics: &m,
-        })?;
-        // The monitor's eval-regression test reads `miou` as "the metric": mAP@.5 here.
-        let rec = EvalRecord {
-            step,
-            miou: m.map50,
-            pixel_acc: m.map,
-            train_loss,
+        })
+        .map_err(candle::Error::wrap)?;
+        let e = Evaluation {
+            metric: m.map50,
+            secondary: m.map,
+            record,
+            line: format!("val mAP@.5 {:.4}, mAP@[.5:.95] {:.4}", m.map50, m.map),
         };
-        for alarm in self.state.monitor.record_eval(&rec) {
-            say(format!("monitor: {alarm}"));
+        if !at.ema {
+            self.last = Some(m);
         }
-        say(format!(
-            "step {:>6}: val mAP@.5 {:.4}, mAP@[.5:.95] {:.4}",
-            step + 1,
-            m.map50,
-            m.map
-        ));
-        self.summary.run.record_eval(step, m.map50, m.map);
-        (self.summary.final_map, self.summary.final_map50) = (m.map, m.map50);
-        Ok(m.map50)
+        Ok(e)
     }
 
-    /// The health report, written to `out/health.json` and printed.
-    fn write_health(&self, out: &Path, guard: &Guard) -> anyhow::Result<HealthReport> {
+    fn context(&self) -> RunContext {
         let cfg = self.cfg;
-        let ctx = RunContext {
+        RunContext {
             norm: cfg.norm,
             batch_size: cfg.batch_size,
             pretrained: false,
@@ -264,24 +153,34 @@ impl<'a> Run<'a> {
             precision: cfg.train.amp,
             steps: cfg.steps,
             backbone_norm: None,
-        };
-        let report = self.state.monitor.report(&ctx).with_guard(&guard.summary());
-        write_atomic(
-            out.join("health.json"),
-            serde_json::to_string_pretty(&report)?.as_bytes(),
-        )?;
-        Ok(report)
+        }
     }
 
-    fn banner(&self) {
-        let (cfg, r) = (self.cfg, self.cfg.recipe());
-        eprintln!(
-            "det_train: FCOS P3-P5, backbone norm {}, width {}, fpn {}, head convs {}, {:.2} M params, {} classes, {} train / {} val images of {}px, batch {} x accum {}, {} steps, {} {} lr {}, amp {}, device {:?}",
-            cfg.norm, cfg.width, cfg.fpn, cfg.head_convs, count_params(&self.vm) as f64 / 1e6, self.data.classes.len(),
-            self.data.train.len(), self.data.val.len(), cfg.image_size, cfg.batch_size, cfg.train.accum_steps, cfg.steps,
-            cfg.train.optimizer, r.decay_name(), r.lr, cfg.train.amp, self.opts.device.location()
-        );
+    fn summary_record(&self, s: &RunSummary) -> candle::Result<serde_json::Value> {
+        serde_json::to_value(self.det_summary(s)).map_err(candle::Error::wrap)
     }
+}
+
+impl DetTask<'_> {
+    fn det_summary(&self, s: &RunSummary) -> DetSummary {
+        DetSummary {
+            run: s.clone(),
+            final_map: s.final_pixel_acc,
+            final_map50: s.final_miou,
+            seconds: self.t_start.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// The run's banner (stderr).
+fn banner(t: &DetTask, device: &Device) {
+    let (cfg, r) = (t.cfg, t.cfg.recipe());
+    eprintln!(
+        "det_train: FCOS P3-P5, backbone norm {}, width {}, fpn {}, head convs {}, {:.2} M params, {} classes, {} train / {} val images of {}px, batch {} x accum {}, {} steps, {} {} lr {}, amp {}, device {:?}",
+        cfg.norm, cfg.width, cfg.fpn, cfg.head_convs, count_params(&t.vm) as f64 / 1e6, t.data.classes.len(),
+        t.data.train.len(), t.data.val.len(), cfg.image_size, cfg.batch_size, cfg.train.accum_steps, cfg.steps,
+        cfg.train.optimizer, r.decay_name(), r.lr, cfg.train.amp, device.location()
+    );
 }
 
 /// The trainable parts of a config: variables, the f32 master model and the train state.
@@ -341,135 +240,61 @@ pub fn micro_loss(
     fcos_loss(&out, &targets, &FcosLossConfig::default())?.total()
 }
 
-/// Trains (or resumes) a run in `out`.
+/// Trains (or resumes) a run in `out` on `device` and prints its final metrics. A
+/// signal's stop is an error carrying [`keel::train::driver::Interrupted`] (exit 130 / 143).
 pub fn run(
     cfg: &DetConfig,
     out: &Path,
     resume: Option<Resume>,
-    opts: &RunOpts,
+    device: &Device,
+    opts: RunOptions,
 ) -> anyhow::Result<DetSummary> {
-    let t_run = Instant::now();
-    let mut run = Run::new(cfg, opts)?;
-    let (mut manager, mut logger, _lock) = run.open_output(out, resume)?;
-    run.banner();
-    let mut batches = DetBatches::new(
-        run.data.train.clone(),
+    let t_start = Instant::now();
+    cfg.validate()?;
+    let data = DetData::new(cfg, opts.progress)?;
+    let gt = ground_truth(data.val.as_ref(), cfg, &data.classes)?;
+    let Net { vm, net, state } = Net::build(cfg, data.classes.len(), device)?;
+    let batches = DetBatches::new(
+        data.train.clone(),
         augment(cfg, true),
         PAD,
         cfg.seed,
         cfg.batch_size,
     )?;
-    let pb = progress_bar(opts.progress, cfg.steps, run.state.step);
-    let say = |msg: String| pb.suspend(|| eprintln!("{msg}"));
-    let stop = Interrupt::install()?;
-    let guard_cfg = GuardConfig {
-        policy: cfg.train.guard,
-        ..GuardConfig::for_run(cfg.steps)
+    let task = DetTask {
+        cfg,
+        device: device.clone(),
+        data,
+        gt,
+        vm,
+        net,
+        batches,
+        next_batch: 0,
+        last: None,
+        t_start,
     };
-    let mut guard = Guard::new(guard_cfg, &mut run.state)?;
-    if opts.fault != Default::default() {
-        say(format!("det_train: injecting fault {}", opts.fault));
-    }
-    if let Some(earlier) = &run.summary.run.guard {
-        guard.continue_history(earlier)?;
-    }
-    let mut window = Vec::new();
-    while run.state.step < cfg.steps {
-        let t0 = Instant::now();
-        let o = run.step(&mut batches, &guard)?;
-        let action = guard.after_step(&mut run.state, &o)?;
-        run.summary.run.guard = Some(guard.summary());
-        if let GuardAction::RolledBack(i) | GuardAction::Stop(i) = &action {
-            logger.log(&GuardLog::new(i))?;
-            say(format!("guard ({}): {i}", cfg.train.guard));
-            if i.action == InterventionKind::Stopped {
-                break;
-            }
+    let spec = RunSpec {
+        config: cfg,
+        format: "keel det_train checkpoint v1",
+        steps: cfg.steps,
+        train: &cfg.train,
+    };
+    let opts = RunOptions {
+        advice_flags: Some(advice_flags),
+        ..opts
+    };
+    let mut run = Run::open(spec, task, state, out, resume, opts)?;
+    banner(&run.task, device);
+    let s = match run.train()? {
+        RunEnd::Finished(s) => run.task.det_summary(&s),
+        RunEnd::Interrupted(i) => return Err(i.into()),
+    };
+    if let Some(m) = &run.task.last {
+        println!("{}", m.summary);
+        for (name, ap, ap50) in &m.per_class {
+            let show = |v: &Option<f64>| v.map_or("  n/a ".into(), |v| format!("{v:.4}"));
+            println!("  {name:>12}: AP {} AP50 {}", show(ap), show(ap50));
         }
-        run.summary.run.record_step(&o);
-        for alarm in &o.alarms {
-            say(format!("monitor: {alarm}"));
-        }
-        logger.log(&StepLog::new(&o, t0.elapsed().as_secs_f64()))?;
-        window.push(o.loss);
-        pb.set_message(format!("loss {:.4} lr {:.2e}", o.loss, o.lr));
-        pb.inc(1);
-        let last = o.step + 1 == cfg.steps;
-        let signal = stop.requested();
-        let eval_due = (o.step + 1) % cfg.train.eval_every == 0 || last;
-        let ckpt_due = (o.step + 1) % cfg.train.ckpt_every == 0 || last || signal.is_some();
-        if eval_due || ckpt_due {
-            let finite = run.state.weights_finite()?;
-            for alarm in run.state.monitor.record_weights_finite(o.step, finite) {
-                say(format!("monitor: {alarm}"));
-            }
-        }
-        let mut metric = None;
-        if eval_due {
-            let mean =
-                (!window.is_empty()).then(|| window.iter().sum::<f64>() / window.len() as f64);
-            window.clear();
-            metric = Some(run.eval_and_log(o.step, mean, &mut logger, &say)?);
-        }
-        if ckpt_due {
-            let path = manager.save(
-                &run.state.snapshot(&run.meta())?,
-                metric.filter(|m| m.is_finite()),
-            )?;
-            if let Some(signal) = signal {
-                pb.finish_and_clear();
-                run.write_health(out, &guard)?;
-                return Err(Interrupted {
-                    code: signal.exit_code(),
-                    message: format!("stopped by {signal} after step {}: checkpoint {} and health.json written; continue with --resume {}", run.state.step, path.display(), out.display()),
-                }
-                .into());
-            }
-        }
-    }
-    drop(stop);
-    pb.finish_and_clear();
-    finish(&mut run, out, &mut logger, &guard, t_run)
-}
-
-/// After the last step: the EMA weights' evaluation (if any), the report and summary.
-fn finish(
-    run: &mut Run,
-    out: &Path,
-    logger: &mut JsonlLogger,
-    guard: &Guard,
-    t_run: Instant,
-) -> anyhow::Result<DetSummary> {
-    let cfg = run.cfg;
-    if guard.stopped() {
-        run.eval_and_log(run.state.step.saturating_sub(1), None, logger, &|m| {
-            eprintln!("{m}")
-        })?;
-    }
-    let final_eval = run.evaluate()?;
-    if let Some(ev) = run.state.with_ema_weights(|| run.evaluate())? {
-        logger.log(&DetEvalLog {
-            kind: "eval",
-            step: cfg.steps - 1,
-            ema: true,
-            metrics: &ev,
-        })?;
-        eprintln!(
-            "EMA weights: val mAP@.5 {:.4}, mAP@[.5:.95] {:.4}",
-            ev.map50, ev.map
-        );
-    }
-    let report = run.write_health(out, guard)?;
-    println!("{}", report.to_text());
-    let s = &mut run.summary;
-    s.run.finish(report.verdict, &guard.summary());
-    s.seconds = t_run.elapsed().as_secs_f64();
-    let steps = s.run.losses.len().max(1);
-    s.run.seconds_per_step = s.seconds / steps as f64;
-    println!("{}", final_eval.summary);
-    for (name, ap, ap50) in &final_eval.per_class {
-        let show = |v: &Option<f64>| v.map_or("  n/a ".into(), |v| format!("{v:.4}"));
-        println!("  {name:>12}: AP {} AP50 {}", show(ap), show(ap50));
     }
     println!(
         "final val mAP@.5 {:.4}, mAP@[.5:.95] {:.4}; {:.1} s; artifacts in {}",
@@ -478,9 +303,5 @@ fn finish(
         s.seconds,
         out.display()
     );
-    write_atomic(
-        out.join("summary.json"),
-        serde_json::to_string_pretty(s)?.as_bytes(),
-    )?;
-    Ok(s.clone())
+    Ok(s)
 }

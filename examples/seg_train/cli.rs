@@ -17,7 +17,8 @@ use super::compare::{self, CompareArgs};
 use super::data::SHAPE_CLASSES;
 use super::model::BackboneArgs;
 use super::resume::resume_plan;
-use super::train::{self, RunOpts};
+use super::train;
+use keel::train::driver::RunOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -310,31 +311,29 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         }) => {
             let cfg = read_config(&config)?;
             let device = dev.setup("seg_train")?;
-            let opts = RunOpts {
+            let opts = RunOptions {
                 log_every: log_every_default(log_every, &device),
-                device,
                 progress: false,
                 verbose: false,
-                step_delay: None,
-                fault: Default::default(),
+                ..RunOptions::new("seg_train")
             };
-            train::run(&cfg, &out, None, &opts).and_then(fail_if_stopped)
+            let s = train::run(&cfg, &out, None, &device, opts)?;
+            Ok(s.check_not_stopped()?)
         }
         None => {
             let t = cli.train;
             let c = &t.common;
             let device = c.dev.setup("seg_train")?;
-            let opts = RunOpts {
+            let opts = RunOptions {
                 log_every: c.log_every(&device),
-                device,
                 progress: !t.quiet,
-                verbose: true,
                 step_delay: t.step_delay_ms.map(Duration::from_millis),
                 fault: t.fault.unwrap_or_default(),
+                ..RunOptions::new("seg_train")
             };
             let (cfg, out, resume) = match t.resume.run_dir()? {
                 Some(dir) => {
-                    let (cfg, found) = resume_plan(&t, &dir, &matches, &opts.device)?;
+                    let (cfg, found) = resume_plan(&t, &dir, &matches, &device)?;
                     (cfg, dir, Some(found))
                 }
                 None => {
@@ -353,18 +352,8 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                     )
                 }
             };
-            train::run(&cfg, &out, resume, &opts).and_then(fail_if_stopped)
+            let s = train::run(&cfg, &out, resume, &device, opts)?;
+            Ok(s.check_not_stopped()?)
         }
-    }
-}
-
-/// A run the guard stopped is an error (a non-zero exit), after its report was written.
-fn fail_if_stopped(s: train::RunSummary) -> anyhow::Result<()> {
-    match s.guard_stopped_at {
-        Some(step) => bail!(
-            "the guard stopped the run at step {step}: it kept diverging after {} rollbacks (see health.json); lower --lr",
-            s.guard_interventions.saturating_sub(1)
-        ),
-        None => Ok(()),
     }
 }

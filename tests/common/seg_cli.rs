@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::seg_train::{cli, train};
+use crate::seg_train::cli;
 
 /// A fresh temp path for this process and `name` (removed if it exists).
 pub fn tmp(name: &str) -> PathBuf {
@@ -82,7 +82,7 @@ pub fn child_main() {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("seg_train: error: {e:#}");
-                train::exit_code(&e)
+                keel::train::driver::exit_code(e.as_ref())
             }
         };
         std::process::exit(code);

@@ -40,6 +40,11 @@
 //!   runs its twin in another framework, [`bench::BenchReport`] sets them side by side, and
 //!   [`mem::CountingAlloc`] counts the heap for its peak memory; with the `plot` feature,
 //!   `plot` draws training curves as PNG.
+//! - [`driver`]: the parts above in the order a trainer runs them, written once: a trainer
+//!   implements [`driver::Task`] (data position, a step's micro-batch losses, evaluation,
+//!   the report's context) and [`driver::Run`] claims the run directory, resumes exactly,
+//!   steps (windowed, guarded), logs, evaluates and checkpoints on cadence, stops gracefully
+//!   on a signal and writes the report and summary. seg_train and det_train are its tasks.
 //! - [`RunSummary`]: a run's outcome in numbers (losses, evals, alarm counts, speed,
 //!   verdict); [`grid`] groups many runs into a norm x batch table with statistics across
 //!   seeds, their curves (feature `plot`), and runs a grid's jobs as child processes.
@@ -126,6 +131,7 @@ pub mod cli;
 mod config;
 mod diff;
 mod divergence;
+pub mod driver;
 pub mod fault;
 mod fsio;
 pub mod grid;

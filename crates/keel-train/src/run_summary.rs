@@ -93,6 +93,18 @@ impl RunSummary {
             .map(|i| i.step);
     }
 
+    /// An error when the guard stopped the run (it kept diverging after its rollbacks), so
+    /// a trainer exits non-zero after the run's report was written; `Ok` otherwise.
+    pub fn check_not_stopped(&self) -> candle::Result<()> {
+        match self.guard_stopped_at {
+            Some(step) => candle::bail!(
+                "the guard stopped the run at step {step}: it kept diverging after {} rollbacks (see health.json); lower --lr",
+                self.guard_interventions.saturating_sub(1)
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// The mean of the runs' seconds per step.
     pub(crate) fn mean_seconds_per_step(runs: &[RunSummary]) -> f64 {
         runs.iter().map(|r| r.seconds_per_step).sum::<f64>() / runs.len() as f64
