@@ -13,7 +13,6 @@ use keel::det::coco_eval::CocoGt;
 use keel::det::fcos::{fcos_loss, prepare_targets, FcosLossConfig, FcosTargetConfig, GtBoxes};
 use keel::models::seg::count_params;
 use keel::optim::{split_no_decay, Precision};
-use keel::train::cli::advice_flags;
 use keel::train::driver::{
     EvalAt, Evaluation, MicroBatches, Run, RunEnd, RunOptions, RunSpec, Task,
 };
@@ -278,10 +277,6 @@ pub fn run(
         format: "keel det_train checkpoint v1",
         steps: cfg.steps,
         train: &cfg.train,
-    };
-    let opts = RunOptions {
-        advice_flags: Some(advice_flags),
-        ..opts
     };
     let mut run = Run::open(spec, task, state, out, resume, opts)?;
     banner(&run.task, device);

@@ -12,7 +12,6 @@ use keel::kernels::{cross_entropy, CrossEntropyConfig, PinnedUpload};
 use keel::models::seg::count_params;
 use keel::models::seg_model::{SegModel, SegModelStep};
 use keel::optim::Precision;
-use keel::train::cli::advice_flags;
 use keel::train::driver::{
     EvalAt, Evaluation, MicroBatches, Run, RunEnd, RunOptions, RunSpec, Task,
 };
@@ -259,8 +258,8 @@ pub fn amp_label(p: Precision) -> String {
 
 /// Trains (or resumes) a run in `out` on `device`. With `resume` (the checkpoint to continue
 /// from, see `cli::resume_plan`), `cfg` is the run's saved config. `opts` come from the
-/// command line; the checkpoint save pause (a test knob, [`output::SAVE_PAUSE_ENV`]) and
-/// the advice's flags are added here. A signal's stop is an error carrying
+/// command line; the checkpoint save pause (a test knob, [`output::SAVE_PAUSE_ENV`]) is
+/// added here. A signal's stop is an error carrying
 /// [`keel::train::driver::Interrupted`] (exit 130 / 143).
 pub fn run(
     cfg: &RunConfig,
@@ -289,7 +288,6 @@ pub fn run(
     };
     let opts = RunOptions {
         save_pause: output::save_pause()?,
-        advice_flags: Some(advice_flags),
         ..opts
     };
     let verbose = opts.verbose;

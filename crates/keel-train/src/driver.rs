@@ -124,13 +124,19 @@ pub struct RunOptions {
     /// A pause inside every checkpoint save ([`CheckpointManager::set_write_pause`]; tests
     /// kill a process mid-save with it).
     pub save_pause: Option<Duration>,
-    /// Renders an [`Advice`] as the trainer's flags (printed under the report), if given.
+    /// Renders an [`Advice`] as the trainer's flags (printed under the report), if given;
+    /// by default keel's shared flags (`keel_train::cli::advice_flags`, feature `clap`).
     pub advice_flags: Option<fn(&Advice) -> Option<String>>,
 }
 
 impl RunOptions {
-    /// Options for `name`: verbose, a progress bar, every step read, no fault.
+    /// Options for `name`: verbose, a progress bar, every step read, no fault, the advice
+    /// as keel's shared flags (with the `clap` feature).
     pub fn new(name: impl Into<String>) -> Self {
+        #[cfg(feature = "clap")]
+        let advice_flags: Option<fn(&Advice) -> Option<String>> = Some(crate::cli::advice_flags);
+        #[cfg(not(feature = "clap"))]
+        let advice_flags = None;
         Self {
             name: name.into(),
             progress: true,
@@ -139,7 +145,7 @@ impl RunOptions {
             fault: FaultPlan::none(),
             step_delay: None,
             save_pause: None,
-            advice_flags: None,
+            advice_flags,
         }
     }
 }
