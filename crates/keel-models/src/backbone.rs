@@ -260,6 +260,51 @@ pub fn backbone_param_groups(
     Ok(groups)
 }
 
+/// One row of a trainer's compare grid ([`grid_rows`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GridRow {
+    /// The row's name in results.md: the norm, or `<backbone norm>+<norm>`.
+    pub label: String,
+    /// The run's `--norm`.
+    pub norm: NormKind,
+    /// The run's `--backbone-norm`, when the grid sets it.
+    pub backbone_norm: Option<NormKind>,
+}
+
+/// The rows of a compare grid: one per `norms` entry, times the `backbone_norms` entries
+/// when given (labelled `<backbone norm>+<norm>`: the fine-tuning experiment). Errors when
+/// `norms` is empty, and for `backbone_norms` without a ResNet `--backbone` or with a
+/// `--backbone-norm` too.
+pub fn grid_rows(
+    norms: &[NormKind],
+    backbone_norms: &[NormKind],
+    args: &BackboneArgs,
+) -> Result<Vec<GridRow>> {
+    if norms.is_empty() {
+        bail!("compare needs at least one norm")
+    }
+    let row = |norm: NormKind, bb: Option<NormKind>| GridRow {
+        label: bb.map_or(norm.to_string(), |bb| format!("{bb}+{norm}")),
+        norm,
+        backbone_norm: bb,
+    };
+    if backbone_norms.is_empty() {
+        return Ok(norms.iter().map(|&n| row(n, None)).collect());
+    }
+    if args.backbone.is_twin() {
+        bail!(
+            "--backbone-norms needs a ResNet --backbone (resnet18, resnet34, resnet50, resnet101)"
+        )
+    }
+    if args.backbone_norm.is_some() {
+        bail!("--backbone-norm and --backbone-norms: give one of them")
+    }
+    let pairs = backbone_norms
+        .iter()
+        .flat_map(|&bb| norms.iter().map(move |&n| (n, bb)));
+    Ok(pairs.map(|(n, bb)| row(n, Some(bb))).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +406,31 @@ mod tests {
                 "freeze_at": 2, "backbone_lr_mult": 0.1})
         );
         assert_eq!(serde_json::from_value::<BackboneArgs>(v).unwrap(), r);
+    }
+
+    #[test]
+    fn grid_rows_pair_backbone_norms_with_norms() {
+        let (gn, bn) = (NormKind::GroupNorm { groups: None }, NormKind::BatchNorm);
+        let twin = grid_rows(&[bn, gn], &[], &BackboneArgs::default()).unwrap();
+        let labels: Vec<&str> = twin.iter().map(|r| r.label.as_str()).collect();
+        assert_eq!(labels, ["bn", "gn"]);
+        assert!(twin.iter().all(|r| r.backbone_norm.is_none()));
+        let rows = grid_rows(&[gn], &[NormKind::FrozenBatchNorm, bn], &resnet18()).unwrap();
+        let labels: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
+        assert_eq!(labels, ["frozen-bn+gn", "bn+gn"]);
+        assert_eq!(rows[1].backbone_norm, Some(bn));
+        let e = grid_rows(&[gn], &[bn], &BackboneArgs::default()).unwrap_err();
+        assert!(
+            e.to_string().contains("--backbone-norms needs a ResNet"),
+            "{e}"
+        );
+        let both = BackboneArgs {
+            backbone_norm: Some(bn),
+            ..resnet18()
+        };
+        let e = grid_rows(&[gn], &[bn], &both).unwrap_err();
+        assert!(e.to_string().contains("give one of them"), "{e}");
+        assert!(grid_rows(&[], &[], &resnet18()).is_err());
     }
 
     #[test]
