@@ -142,7 +142,7 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<()> {
 
 /// The grid's rows: `--norms` (the twin's), or with `--backbone-norms` one per backbone
 /// norm, labelled `<backbone norm>+gn` (keel::models::backbone::grid_rows).
-fn rows(args: &CompareArgs) -> anyhow::Result<Vec<GridRow>> {
+pub fn rows(args: &CompareArgs) -> anyhow::Result<Vec<GridRow>> {
     let head = NormKind::GroupNorm { groups: None };
     let norms = match args.backbone_norms.is_empty() {
         true => &args.norms[..],
