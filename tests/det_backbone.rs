@@ -18,7 +18,6 @@ mod det_train;
 #[path = "common/det_cli.rs"]
 mod det_cli;
 
-#[allow(dead_code)] // reason: each test crate uses a subset
 #[path = "common/torchvision.rs"]
 mod torchvision;
 

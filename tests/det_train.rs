@@ -4,7 +4,7 @@
 //! (file and annotation) before anything is written; f16 AMP trains on the CPU; a used
 //! `--out` is refused. The example's modules are compiled in (`cli::run` is the binary's
 //! entry point), as tests/seg_train.rs does for seg_train.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[allow(dead_code)] // reason: the binary's `main`
 #[path = "../examples/det_train/main.rs"]

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use keel::models::resnet::{ResNet, ResNetConfig, ResNetDepth};
-use keel::models::seg::{init_weights, ModelConfig, SegNet};
+use keel::models::resnet::ResNetDepth;
+use keel::models::seg::{ModelConfig, SegNet};
 use keel::norm::NormKind;
 
 mod common;
