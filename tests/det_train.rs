@@ -13,7 +13,7 @@ mod det_train;
 #[path = "common/det_cli.rs"]
 mod det_cli;
 
-use det_cli::{assert_same_tensors, ckpt, records, run, tiny, tmp};
+use det_cli::{assert_same_tensors, ckpt, loss_bits, records, run, tiny, tmp};
 
 #[test]
 fn a_tiny_run_writes_log_report_summary_and_checkpoints() -> anyhow::Result<()> {
@@ -69,13 +69,7 @@ fn a_run_resumed_from_its_middle_checkpoint_ends_with_identical_weights() -> any
         .map(String::from)
         .collect::<Vec<_>>())?;
     assert_same_tensors(&ckpt(&full, 8), &ckpt(&half, 8))?;
-    let losses = |d: &Path| -> Vec<u64> {
-        records(d, "step")
-            .iter()
-            .map(|s| s["loss"].as_f64().unwrap().to_bits())
-            .collect()
-    };
-    assert_eq!(losses(&full), losses(&half));
+    assert_eq!(loss_bits(&full), loss_bits(&half));
     // A flag that differs from the run's config is named.
     let mut other: Vec<String> = resume.split_whitespace().map(String::from).collect();
     other.extend(["--width".into(), "8".into(), "--steps".into(), "12".into()]);

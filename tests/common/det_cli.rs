@@ -72,3 +72,18 @@ pub fn assert_same_tensors(a: &Path, b: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The step losses of a run's log.jsonl as bits (an exact resume's check).
+pub fn loss_bits(out: &Path) -> Vec<u64> {
+    records(out, "step")
+        .iter()
+        .map(|s| s["loss"].as_f64().unwrap().to_bits())
+        .collect()
+}
+
+/// `args` with `flag`'s value replaced (clap refuses a flag given twice).
+pub fn set(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    let i = args.iter().position(|a| a == flag).expect("flag in args");
+    args[i + 1] = value.to_string();
+    args
+}
