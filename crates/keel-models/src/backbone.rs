@@ -108,9 +108,9 @@ pub struct BackboneArgs {
     #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = BackboneChoice::Twin))]
     #[serde(default, skip_serializing_if = "BackboneChoice::is_twin")]
     pub backbone: BackboneChoice,
-    /// A ResNet backbone's norm, separate from the head's --norm: frozen-bn, gn, gn:G, bn,
-    /// ws-gn (default: frozen-bn with --init, else --norm). A checkpoint's BatchNorms are
-    /// kept, frozen or converted to it.
+    /// A ResNet backbone's norm, separate from --norm: frozen-bn, gn, gn:G, bn, ws-gn
+    /// (default: frozen-bn with --init, else --norm). A checkpoint's BatchNorms are kept,
+    /// frozen or converted to it.
     #[cfg_attr(feature = "clap", arg(long, value_parser = parse_norm))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backbone_norm: Option<NormKind>,
