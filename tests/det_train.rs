@@ -4,48 +4,16 @@
 //! (file and annotation) before anything is written; f16 AMP trains on the CPU; a used
 //! `--out` is refused. The example's modules are compiled in (`cli::run` is the binary's
 //! entry point), as tests/seg_train.rs does for seg_train.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[allow(dead_code)] // reason: the binary's `main`
 #[path = "../examples/det_train/main.rs"]
 mod det_train;
 
-/// A fresh temp path for this process and `name`.
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-det-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+#[path = "common/det_cli.rs"]
+mod det_cli;
 
-/// Tiny, fast settings: 64-pixel images, a 0.05 M-parameter detector.
-fn tiny(out: &Path, steps: usize, extra: &[&str]) -> Vec<String> {
-    let s = format!(
-        "det_train --quiet --device cpu --image-size 64 --width 4 --fpn 8 --head-convs 1 --norm gn:2 \
-         --train-size 12 --val-size 4 --batch-size 2 --steps {steps} --warmup-steps 2 --eval-every 4 \
-         --keep-last 3 --out {}",
-        out.display()
-    );
-    let mut v: Vec<String> = s.split_whitespace().map(String::from).collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
-fn run(args: &[String]) -> anyhow::Result<()> {
-    det_train::cli::run(args.to_vec())
-}
-
-/// The records of `kind` ("step", "eval") of a run's log.jsonl.
-fn records(out: &Path, kind: &str) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(out.join("log.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == kind)
-        .collect()
-}
-
-fn ckpt(dir: &Path, step: usize) -> PathBuf {
-    dir.join(format!("checkpoints/ckpt-{step:08}.safetensors"))
-}
+use det_cli::{assert_same_tensors, ckpt, loss_bits, records, run, tiny, tmp};
 
 #[test]
 fn a_tiny_run_writes_log_report_summary_and_checkpoints() -> anyhow::Result<()> {
@@ -87,33 +55,6 @@ fn a_tiny_run_writes_log_report_summary_and_checkpoints() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Every tensor of two checkpoints (weights and optimizer state), bit for bit.
-fn assert_same_tensors(a: &Path, b: &Path) -> anyhow::Result<()> {
-    let (ta, tb) = (
-        candle::safetensors::load(a, &candle::Device::Cpu)?,
-        candle::safetensors::load(b, &candle::Device::Cpu)?,
-    );
-    let mut names: Vec<&String> = ta.keys().collect();
-    names.sort();
-    assert_eq!(names.len(), tb.len());
-    assert!(
-        names.iter().any(|n| n.contains("head.cls_logits.weight")),
-        "{names:?}"
-    );
-    for n in names {
-        let (x, y) = (&ta[n], &tb[n]);
-        let flat = |t: &candle::Tensor| -> anyhow::Result<Vec<u32>> {
-            let v = t
-                .to_dtype(candle::DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            Ok(v.iter().map(|f| f.to_bits()).collect())
-        };
-        assert_eq!(flat(x)?, flat(y)?, "tensor {n} differs");
-    }
-    Ok(())
-}
-
 #[test]
 fn a_run_resumed_from_its_middle_checkpoint_ends_with_identical_weights() -> anyhow::Result<()> {
     let (full, half) = (tmp("full"), tmp("half"));
@@ -128,13 +69,7 @@ fn a_run_resumed_from_its_middle_checkpoint_ends_with_identical_weights() -> any
         .map(String::from)
         .collect::<Vec<_>>())?;
     assert_same_tensors(&ckpt(&full, 8), &ckpt(&half, 8))?;
-    let losses = |d: &Path| -> Vec<u64> {
-        records(d, "step")
-            .iter()
-            .map(|s| s["loss"].as_f64().unwrap().to_bits())
-            .collect()
-    };
-    assert_eq!(losses(&full), losses(&half));
+    assert_eq!(loss_bits(&full), loss_bits(&half));
     // A flag that differs from the run's config is named.
     let mut other: Vec<String> = resume.split_whitespace().map(String::from).collect();
     other.extend(["--width".into(), "8".into(), "--steps".into(), "12".into()]);

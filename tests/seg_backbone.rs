@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use keel::models::resnet::{ResNet, ResNetConfig, ResNetDepth};
-use keel::models::seg::{init_weights, ModelConfig, SegNet};
+use keel::models::resnet::ResNetDepth;
+use keel::models::seg::{ModelConfig, SegNet};
 use keel::norm::NormKind;
 
 mod common;
@@ -23,50 +23,12 @@ mod common;
 mod seg_train;
 
 use common::seg_cli::{child_main, run_cli, set, step_losses, tiny, tmp, with};
+use common::torchvision::{save, torchvision_state_dict};
 
 /// Entry point of the re-executed test binary (a no-op in a normal test run).
 #[test]
 fn child_process() {
     child_main();
-}
-
-/// A torchvision-layout state dict of `depth` (BatchNorm, fc with 10 classes), seeded, with
-/// BatchNorm statistics away from their init and `num_batches_tracked`.
-fn torchvision_state_dict(depth: ResNetDepth) -> anyhow::Result<HashMap<String, Tensor>> {
-    let cfg = ResNetConfig::backbone(depth, NormKind::BatchNorm);
-    let vm = VarMap::new();
-    ResNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
-    init_weights(&vm, 11)?;
-    let mut sd = HashMap::new();
-    for (k, v) in vm.data().lock().unwrap().iter() {
-        let t = v.as_tensor();
-        let t = match k.rsplit_once('.').map(|x| x.1) {
-            Some("running_var") => t.affine(0.5, 0.25)?,
-            Some("running_mean") => (t + 0.1)?,
-            _ => t.clone(),
-        };
-        sd.insert(k.clone(), t);
-        if let Some(bn) = k.strip_suffix(".running_mean") {
-            let n = Tensor::new(&[1234i64], &Device::Cpu)?.squeeze(0)?;
-            sd.insert(format!("{bn}.num_batches_tracked"), n);
-        }
-    }
-    let c5 = cfg.out_channels()[3];
-    sd.insert(
-        "fc.weight".into(),
-        Tensor::randn(0f32, 0.01, (10, c5), &Device::Cpu)?,
-    );
-    sd.insert(
-        "fc.bias".into(),
-        Tensor::zeros(10, DType::F32, &Device::Cpu)?,
-    );
-    Ok(sd)
-}
-
-fn save(sd: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(path.parent().unwrap())?;
-    candle::safetensors::save(sd, path)?;
-    Ok(())
 }
 
 /// Tiny fine-tuning settings: ResNet-18 with --init, 32x32 images, batch 2.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use keel::data::DET_SHAPE_CLASSES;
+use keel::models::backbone::BackboneArgs;
 use keel::norm::NormKind;
 use keel::optim::Precision;
 use keel::train::cli::{
@@ -36,7 +37,8 @@ pub enum DataFormat {
     about = "FCOS object detection training with keel (synthetic shapes, Pascal VOC or COCO)"
 )]
 pub struct Cli {
-    /// Backbone norm: bn, frozen-bn, gn, gn:G, ws-gn, ws-gn:G (the FCOS head is always GN).
+    /// Backbone norm: bn, frozen-bn, gn, gn:G, ws-gn, ws-gn:G (the FCOS head is always GN;
+    /// a ResNet --backbone takes --backbone-norm, whose default from scratch this is).
     #[arg(long, value_parser = parse_norm, default_value = "gn")]
     pub norm: NormKind,
     /// Images per micro-batch.
@@ -93,6 +95,14 @@ pub struct Cli {
     #[arg(long, default_value_t = 200)]
     pub val_size: usize,
     #[command(flatten)]
+    pub backbone: BackboneArgs,
+    /// Pretrained backbone weights for --backbone resnet*: a torchvision checkpoint
+    /// (safetensors, as scripts/torchvision_to_safetensors.py and examples/pretrain_resnet.rs
+    /// write it; BatchNorms kept, frozen or converted to --backbone-norm; the first missing,
+    /// misshapen or unexpected key is an error before anything is written).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    #[command(flatten)]
     pub dev: DeviceArgs,
     /// Inject a fault (the guard's tests): none, lr-burst@STEP[*F], nan-batch@STEP,
     /// poison-labels@STEP[*F], huge-lr[*F] (keel::train::fault). Not part of the config.
@@ -101,9 +111,7 @@ pub struct Cli {
 }
 
 /// `--norm`: NormKind's text form.
-pub fn parse_norm(s: &str) -> Result<NormKind, String> {
-    s.parse().map_err(|e: candle::Error| e.to_string())
-}
+pub use keel::models::backbone::parse_norm;
 
 /// Everything that defines a run; saved as `config.json` and in every checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -126,16 +134,44 @@ pub struct DetConfig {
     pub val_split: String,
     pub train_size: usize,
     pub val_size: usize,
+    /// `--init` (absent from a config without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+    /// `--backbone` and its flags, defaults resolved (absent from configs saved before them,
+    /// and from a twin run's: the twin).
+    #[serde(flatten)]
+    pub backbone: BackboneArgs,
 }
 
 impl Cli {
-    /// The run config these flags define.
+    /// The run config these flags define, the backbone defaults resolved.
     pub fn config(&self) -> DetConfig {
+        self.config_for(
+            self.norm,
+            self.backbone.backbone_norm,
+            self.batch_size,
+            self.seed,
+        )
+    }
+
+    /// The run config of these flags with a compare grid's norm, backbone norm, batch size
+    /// and seed, the backbone defaults resolved for them.
+    pub fn config_for(
+        &self,
+        norm: NormKind,
+        backbone_norm: Option<NormKind>,
+        batch_size: usize,
+        seed: u64,
+    ) -> DetConfig {
+        let backbone = BackboneArgs {
+            backbone_norm,
+            ..self.backbone.clone()
+        };
         DetConfig {
-            norm: self.norm,
-            batch_size: self.batch_size,
+            norm,
+            batch_size,
             steps: self.steps,
-            seed: self.seed,
+            seed,
             train: self.train.config(self.steps),
             width: self.width,
             fpn: self.fpn,
@@ -148,6 +184,8 @@ impl Cli {
             val_split: self.val_split.clone(),
             train_size: self.train_size,
             val_size: self.val_size,
+            init: self.init.clone(),
+            backbone: backbone.resolved(self.init.is_some(), norm),
         }
     }
 }
@@ -166,6 +204,7 @@ impl DetConfig {
             head_convs: self.head_convs,
             num_classes,
             norm: self.norm,
+            resnet: self.backbone.resnet(self.norm),
         }
     }
 
@@ -208,7 +247,31 @@ impl DetConfig {
             DET_SHAPE_CLASSES.len()
         };
         self.model(n).norm.groups_for(self.fpn).context("--fpn")?;
-        Ok(())
+        self.validate_backbone(n)
+    }
+
+    /// The backbone flags' checks (keel::models::backbone) and `--init`'s, and the ResNet's
+    /// config and `--amp`.
+    fn validate_backbone(&self, num_classes: usize) -> anyhow::Result<()> {
+        self.backbone.validate()?;
+        if let Some(p) = &self.init {
+            if self.backbone.backbone.is_twin() {
+                bail!("--init {}: det_train loads a torchvision checkpoint into a ResNet backbone (--backbone resnet18|resnet34|resnet50|resnet101); the twin trains from scratch", p.display())
+            }
+            if !p.is_file() {
+                bail!("--init {}: no such file", p.display())
+            }
+        }
+        let model = self.model(num_classes);
+        if let Some(r) = &model.resnet {
+            r.validate().context("--backbone-norm / --freeze-at")?;
+        }
+        Ok(model.check_dtype(self.train.amp.compute_dtype())?)
+    }
+
+    /// The backbone's LR multiplier (1 for the twin).
+    pub fn backbone_lr_mult(&self) -> f64 {
+        self.backbone.lr_mult()
     }
 }
 
@@ -219,6 +282,10 @@ impl ResumableConfig for DetConfig {
 
     fn set_steps(&mut self, steps: usize) {
         self.steps = steps;
+    }
+
+    fn absent(key: &str) -> Option<serde_json::Value> {
+        (key == "backbone").then(|| serde_json::json!("twin"))
     }
 }
 

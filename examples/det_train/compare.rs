@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
+use keel::models::backbone::{grid_rows, GridRow};
 use keel::norm::NormKind;
 use keel::train::cli::DeviceArgs;
 use keel::train::grid::{self, Cell, ChildRun};
@@ -39,6 +40,12 @@ pub struct CompareArgs {
     /// Runs in parallel (one single-threaded process each).
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
+    /// Comma-separated backbone norms of a ResNet --backbone (frozen-bn, gn, bn, ws-gn): the
+    /// grid's rows become `<backbone norm>+gn` (the FCOS head's norm; --norms is the twin's)
+    /// for the fine-tuning experiment: `--backbone resnet18 --init FILE --backbone-norms
+    /// bn,frozen-bn,gn`.
+    #[arg(long, value_parser = parse_norm, value_delimiter = ',')]
+    pub backbone_norms: Vec<NormKind>,
     #[command(flatten)]
     pub run: Cli,
 }
@@ -71,6 +78,10 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<()> {
         }
     }
     let args = CompareArgs::from_arg_matches(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !args.backbone_norms.is_empty() && m.value_source("norms") == Some(ValueSource::CommandLine)
+    {
+        bail!("det_train compare: --norms sets the twin encoder's norm; with --backbone-norms the rows are the ResNet's backbone norms (the FCOS head is always GN)")
+    }
     if args.run.fault.is_some() {
         bail!("det_train compare: --fault is for a single run")
     }
@@ -82,19 +93,18 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<()> {
     }
     let out = &args.run.out;
     let (mut queue, mut cells_of) = (Vec::new(), Vec::new());
-    for &n in &args.norms {
+    for r in rows(&args)? {
         for &b in &args.batch_sizes {
             for seed in 0..args.seeds {
-                let mut cfg = args.run.config();
-                (cfg.norm, cfg.batch_size, cfg.seed) = (n, b, seed);
+                let cfg = args.run.config_for(r.norm, r.backbone_norm, b, seed);
                 cfg.validate()?; // a typo fails before hours of training
-                let name = format!("{}-b{b}-s{seed}", n.to_string().replace(':', "_"));
+                let name = format!("{}-b{b}-s{seed}", r.label.replace(':', "_"));
                 queue.push(ChildRun {
-                    label: format!("{n} batch {b} seed {seed}"),
+                    label: format!("{} batch {b} seed {seed}", r.label),
                     config: serde_json::to_value(&cfg)?,
                     dir: out.join("runs").join(name),
                 });
-                cells_of.push((n.to_string(), b));
+                cells_of.push((r.label.clone(), b));
             }
         }
     }
@@ -130,6 +140,17 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The grid's rows: `--norms` (the twin's), or with `--backbone-norms` one per backbone
+/// norm, labelled `<backbone norm>+gn` (keel::models::backbone::grid_rows).
+pub fn rows(args: &CompareArgs) -> anyhow::Result<Vec<GridRow>> {
+    let head = NormKind::GroupNorm { groups: None };
+    let norms = match args.backbone_norms.is_empty() {
+        true => &args.norms[..],
+        false => std::slice::from_ref(&head),
+    };
+    Ok(grid_rows(norms, &args.backbone_norms, &args.run.backbone)?)
+}
+
 /// The results table with a header naming the settings every run shared.
 pub fn results_md(
     args: &CompareArgs,
@@ -152,12 +173,21 @@ pub fn results_md(
             c.train_size, c.val_size
         ),
     };
+    let backbone = match c.backbone.backbone.depth() {
+        None => format!("the twin encoder (width {})", c.width),
+        Some(d) => format!(
+            "a {d} backbone {} (freeze-at {}, backbone lr x{}; rows are <backbone norm>+<head norm> when --backbone-norms is given)",
+            c.init.as_ref().map_or("from scratch".into(), |p| format!("pretrained from {}", p.display())),
+            c.backbone.freeze_at.unwrap_or(0),
+            c.backbone_lr_mult()
+        ),
+    };
     let mut md = String::new();
     let _ = writeln!(md, "# det_train compare\n");
     let _ = writeln!(
         md,
-        "FCOS (P3-P5, GN head) on the twin encoder, {} ({}px images), width {}, fpn {}, head convs {}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s. The metric is COCO mAP@.5 on the val set (pycocotools' definition, keel_det::coco_eval).\n",
-        data, c.image_size, c.width, c.fpn, c.head_convs, c.train.optimizer,
+        "FCOS (P3-P5, GN head) on {backbone}, {} ({}px images), fpn {}, head convs {}, {} {} (lr {}), warmup {}, clip {}, amp {}, {} steps per run, seeds 0..{}, device {:?}; grid wall time {:.0} s. The metric is COCO mAP@.5 on the val set (pycocotools' definition, keel_det::coco_eval).\n",
+        data, c.image_size, c.fpn, c.head_convs, c.train.optimizer,
         r.decay_name(), r.lr, c.train.warmup_steps,
         c.train.clip_grad.map_or("off".to_string(), |v| v.to_string()), c.train.amp, c.steps, args.seeds, device.location(), seconds
     );

@@ -1,14 +1,19 @@
-//! The detector: keel-models' [`SegEncoder`] (C3-C5 of the twin encoder) + keel-det's FPN
-//! (P3-P5: strides 8, 16, 32, enough levels for images of 128-256 pixels; P6/P7 would be
-//! 4x4 and smaller) + the FCOS head (GroupNorm + SiLU towers, keel's fused GN kernel).
-//! Names: `backbone.*` (SegNet's encoder names), `fpn.*`, `head.*` (FCOS's).
-use candle::{DType, Device, Result, Tensor};
+//! The detector: a backbone's C3-C5, either keel-models' [`SegEncoder`] (the twin encoder,
+//! the default) or a torchvision [`ResNet`] (R18/34: 128/256/512 channels, R50/101:
+//! 512/1024/2048), + keel-det's FPN (P3-P5: strides 8, 16, 32, enough levels for images of
+//! 128-256 pixels; P6/P7 would be 4x4 and smaller) + the FCOS head (GroupNorm + SiLU towers,
+//! keel's fused GN kernel). Names: `backbone.*` (SegNet's encoder names, or torchvision's
+//! ResNet names), `fpn.*`, `head.*` (FCOS's).
+use candle::{bail, DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use keel::det::fcos::{
     fcos_head, fpn, seeded_init, FcosHead, FcosHeadConfig, FcosOutputs, Fpn, FpnConfig,
 };
+use keel::models::backbone::{backbone_param_groups, BACKBONE_PREFIX};
+use keel::models::resnet::{ResNet, ResNetConfig};
 use keel::models::seg::{copy_bn_stats, init_weights, SegEncoder};
 use keel::norm::{group_count, Activation, NormKind};
+use keel::optim::{split_no_decay, ParamGroup};
 use serde::{Deserialize, Serialize};
 
 /// The strides of P3, P4, P5.
@@ -25,14 +30,50 @@ pub struct DetModelConfig {
     pub head_convs: usize,
     /// Object classes (no background).
     pub num_classes: usize,
-    /// The backbone's norm (the FPN has none and the head always GroupNorm with 8 channels
-    /// per group, as FCOS's GN(32) of 256 channels).
+    /// The twin encoder's norm (the FPN has none and the head always GroupNorm with 8
+    /// channels per group, as FCOS's GN(32) of 256 channels).
     pub norm: NormKind,
+    /// A torchvision ResNet backbone instead of the twin encoder (`width` and `norm` unused).
+    pub resnet: Option<ResNetConfig>,
+}
+
+impl DetModelConfig {
+    /// The head towers' norm: FCOS's GN(32) on 256 channels has 8 channels per group, so
+    /// does the head here.
+    pub fn head_norm(&self) -> NormKind {
+        NormKind::GroupNorm {
+            groups: Some(group_count(self.fpn, self.fpn.div_ceil(8))),
+        }
+    }
+
+    /// Whether the detector runs in `dtype`: a ResNet backbone with a trainable BatchNorm
+    /// trains in f32 only (a cast copy's running statistics are not written back to the
+    /// master weights, as in keel-models' SegModel); the twin runs in any dtype.
+    pub fn check_dtype(&self, dtype: DType) -> Result<()> {
+        match self.resnet {
+            Some(r) if dtype != DType::F32 && r.norm == NormKind::BatchNorm && r.freeze_at < 5 => {
+                bail!(
+                    "FcosNet: a ResNet backbone with trainable BatchNorm (backbone norm {}, \
+                     freeze_at {}) trains in f32 only, not {dtype:?}; use frozen-bn or gn (the \
+                     recommended fine-tuning norms), or f32",
+                    r.norm,
+                    r.freeze_at
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The feature extractor: C3-C5 of the twin encoder or of a ResNet.
+enum Backbone {
+    Twin(SegEncoder),
+    ResNet(ResNet),
 }
 
 /// The FCOS detector (see the module docs).
 pub struct FcosNet {
-    encoder: SegEncoder,
+    encoder: Backbone,
     fpn: Fpn,
     head: FcosHead,
 }
@@ -40,20 +81,27 @@ pub struct FcosNet {
 impl FcosNet {
     /// Builds the detector under `vb`.
     pub fn new(cfg: &DetModelConfig, vb: VarBuilder) -> Result<Self> {
-        let encoder = SegEncoder::new(cfg.width, cfg.norm, vb.pp("backbone"))?;
-        let w = encoder.widths();
+        let vbb = vb.pp(BACKBONE_PREFIX);
+        let (encoder, c) = match &cfg.resnet {
+            None => {
+                let e = SegEncoder::new(cfg.width, cfg.norm, vbb)?;
+                let w = e.widths();
+                (Backbone::Twin(e), [w[1], w[2], w[3]])
+            }
+            Some(r) => {
+                let c = r.out_channels();
+                (Backbone::ResNet(ResNet::new(r, vbb)?), [c[1], c[2], c[3]])
+            }
+        };
         let fpn_cfg = FpnConfig {
-            in_channels: [w[1], w[2], w[3]],
+            in_channels: c,
             out_channels: cfg.fpn,
             norm: None,
             extra_levels: 0,
         };
-        // FCOS's GN(32) on 256 channels has 8 channels per group: so does the head here.
         let head_cfg = FcosHeadConfig {
             num_convs: cfg.head_convs,
-            norm: NormKind::GroupNorm {
-                groups: Some(group_count(cfg.fpn, cfg.fpn.div_ceil(8))),
-            },
+            norm: cfg.head_norm(),
             num_levels: STRIDES.len(),
             act: Activation::Silu,
             ..FcosHeadConfig::new(cfg.num_classes, cfg.fpn)
@@ -63,6 +111,17 @@ impl FcosNet {
             fpn: fpn(&fpn_cfg, vb.pp("fpn"))?,
             head: fcos_head(head_cfg, vb.pp("head"))?,
         })
+    }
+
+    /// The optimizer's parameter groups over `vm` (the VarMap the detector was built from):
+    /// the twin's [`split_no_decay`], or with a ResNet the head (FPN and FCOS head) at the
+    /// base LR and the backbone's trainable variables at `lr * backbone_lr_mult` (frozen
+    /// stages and FrozenBatchNorm tensors in no group: [`backbone_param_groups`]).
+    pub fn param_groups(&self, vm: &VarMap, backbone_lr_mult: f64) -> Result<Vec<ParamGroup>> {
+        match &self.encoder {
+            Backbone::Twin(_) => Ok(split_no_decay(vm)),
+            Backbone::ResNet(r) => backbone_param_groups(vm, r, backbone_lr_mult),
+        }
     }
 
     /// Seeded init of every variable of `vm` (built by [`FcosNet::new`]): the backbone by
@@ -85,14 +144,19 @@ impl FcosNet {
     /// # Shapes
     /// x: `(N, 3, H, W)`; outputs P3-P5 as [`FcosOutputs`] (`bbox_reg` in input pixels).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<FcosOutputs> {
-        let c = self.encoder.forward(x, train)?;
-        let p = self.fpn.forward_t(&c[1..], train)?;
+        let p = match &self.encoder {
+            Backbone::Twin(e) => self.fpn.forward_t(&e.forward(x, train)?[1..], train)?,
+            Backbone::ResNet(r) => self
+                .fpn
+                .forward_t(&r.forward(x, train)?.features[1..], train)?,
+        };
         self.head.forward_t(&p, train)
     }
 
     /// [`FcosNet::forward`] in `dtype`: the master model for F32, else a copy cast from the
-    /// f32 master weights of `vm` (the gradients reach them), whose backbone BatchNorm
-    /// statistics are written back after a training forward. Outputs are f32.
+    /// f32 master weights of `vm` (the gradients reach them), whose twin encoder's BatchNorm
+    /// statistics are written back after a training forward (a ResNet with trainable
+    /// BatchNorm is refused: [`DetModelConfig::check_dtype`]). Outputs are f32.
     pub fn forward_in(
         &self,
         cfg: &DetModelConfig,
@@ -104,9 +168,8 @@ impl FcosNet {
         let cast = Self::cast_copy(cfg, vm, dtype, x.device())?;
         let net = cast.as_ref().unwrap_or(self);
         let out = net.forward(&x.to_dtype(dtype)?, train)?;
-        if let Some(c) = cast.as_ref().filter(|_| train) {
-            let bns: Vec<_> = c
-                .encoder
+        if let Some(Backbone::Twin(e)) = cast.as_ref().filter(|_| train).map(|c| &c.encoder) {
+            let bns: Vec<_> = e
                 .batch_norms()
                 .into_iter()
                 .map(|(k, bn)| (format!("backbone.{k}"), bn))
@@ -124,12 +187,14 @@ impl FcosNet {
     }
 
     /// `cfg`'s detector in `dtype` on the f32 master weights of `vm`; `None` for F32.
+    /// Errors as [`DetModelConfig::check_dtype`].
     pub fn cast_copy(
         cfg: &DetModelConfig,
         vm: &VarMap,
         dtype: DType,
         device: &Device,
     ) -> Result<Option<FcosNet>> {
+        cfg.check_dtype(dtype)?;
         if dtype == DType::F32 {
             return Ok(None);
         }

@@ -11,8 +11,9 @@ use candle_nn::{VarBuilder, VarMap};
 use keel::data::{DetBatches, DetHostBatch};
 use keel::det::coco_eval::CocoGt;
 use keel::det::fcos::{fcos_loss, prepare_targets, FcosLossConfig, FcosTargetConfig, GtBoxes};
+use keel::models::backbone::{load_torchvision_init, BACKBONE_PREFIX};
 use keel::models::seg::count_params;
-use keel::optim::{split_no_decay, Precision};
+use keel::optim::Precision;
 use keel::train::driver::{
     EvalAt, Evaluation, MicroBatches, Run, RunEnd, RunOptions, RunSpec, Task,
 };
@@ -141,17 +142,20 @@ impl Task for DetTask<'_> {
         Ok(e)
     }
 
+    /// With a ResNet backbone, `norm` is the head's GroupNorm and `backbone_norm` the
+    /// backbone's (judged by `pretrained`); the twin has one norm.
     fn context(&self) -> RunContext {
         let cfg = self.cfg;
+        let model = cfg.model(self.data.classes.len());
         RunContext {
-            norm: cfg.norm,
+            norm: model.resnet.map_or(cfg.norm, |_| model.head_norm()),
             batch_size: cfg.batch_size,
-            pretrained: false,
+            pretrained: cfg.init.is_some(),
             lr: cfg.recipe().lr,
             clip_grad: cfg.train.clip_grad,
             precision: cfg.train.amp,
             steps: cfg.steps,
-            backbone_norm: None,
+            backbone_norm: model.resnet.map(|r| r.norm),
         }
     }
 
@@ -174,9 +178,23 @@ impl DetTask<'_> {
 /// The run's banner (stderr).
 fn banner(t: &DetTask, device: &Device) {
     let (cfg, r) = (t.cfg, t.cfg.recipe());
+    let model = cfg.model(t.data.classes.len());
+    let backbone = match &model.resnet {
+        None => format!("backbone norm {}, width {}", cfg.norm, cfg.width),
+        Some(m) => format!(
+            "backbone {} ({}; norm {}, freeze_at {}, lr x{})",
+            m.depth,
+            cfg.init
+                .as_ref()
+                .map_or("from scratch".into(), |p| format!("init {}", p.display())),
+            m.norm,
+            m.freeze_at,
+            cfg.backbone_lr_mult()
+        ),
+    };
     eprintln!(
-        "det_train: FCOS P3-P5, backbone norm {}, width {}, fpn {}, head convs {}, {:.2} M params, {} classes, {} train / {} val images of {}px, batch {} x accum {}, {} steps, {} {} lr {}, amp {}, device {:?}",
-        cfg.norm, cfg.width, cfg.fpn, cfg.head_convs, count_params(&t.vm) as f64 / 1e6, t.data.classes.len(),
+        "det_train: FCOS P3-P5, {backbone}, fpn {}, head convs {}, {:.2} M params, {} classes, {} train / {} val images of {}px, batch {} x accum {}, {} steps, {} {} lr {}, amp {}, device {:?}",
+        cfg.fpn, cfg.head_convs, count_params(&t.vm) as f64 / 1e6, t.data.classes.len(),
         t.data.train.len(), t.data.val.len(), cfg.image_size, cfg.batch_size, cfg.train.accum_steps, cfg.steps,
         cfg.train.optimizer, r.decay_name(), r.lr, cfg.train.amp, device.location()
     );
@@ -191,9 +209,12 @@ pub struct Net {
 }
 
 impl Net {
-    /// The detector for `num_classes` classes (seeded init) and its train state.
+    /// The detector for `num_classes` classes (seeded init, then a ResNet backbone's `--init`
+    /// checkpoint, whose report line it prints) and its train state (the backbone's param
+    /// groups at `--backbone-lr-mult`).
     pub fn build(cfg: &DetConfig, num_classes: usize, dev: &Device) -> anyhow::Result<Self> {
-        if cfg.norm == keel::norm::NormKind::BatchNorm
+        if cfg.backbone.backbone.is_twin()
+            && cfg.norm == keel::norm::NormKind::BatchNorm
             && cfg.train.amp == Precision::F16
             && dev.is_cpu()
         {
@@ -201,10 +222,18 @@ impl Net {
         }
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, candle::DType::F32, dev);
-        let net = FcosNet::new(&cfg.model(num_classes), vb)?;
+        let model = cfg.model(num_classes);
+        let net = FcosNet::new(&model, vb.clone())?;
         FcosNet::init(&vm, cfg.seed)?;
+        if let (Some(r), Some(p)) = (&model.resnet, &cfg.init) {
+            eprintln!(
+                "{}",
+                load_torchvision_init(p, r, &vm, vb.pp(BACKBONE_PREFIX), dev)?
+            );
+        }
         let train_cfg = cfg.train.train_config(Default::default());
-        let optimizer = cfg.recipe().optimizer(split_no_decay(&vm))?;
+        let groups = net.param_groups(&vm, cfg.backbone_lr_mult())?;
+        let optimizer = cfg.recipe().optimizer(groups)?;
         let state = TrainState::new(named_vars(&vm), optimizer, &train_cfg)?;
         Ok(Self { vm, net, state })
     }

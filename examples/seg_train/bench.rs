@@ -18,9 +18,9 @@ use serde::Deserialize;
 
 use super::cli::{parse_norm, CommonArgs};
 use super::data::{eval_batches, Shapes, SHAPES_TRAIN_SEED};
-use super::model::BackboneChoice;
 use super::train::{amp_label, micro_loss, Net};
 use candle::Device;
+use keel::models::backbone::BackboneChoice;
 use keel::models::seg_model::SegModelConfig;
 
 /// `seg_train bench` flags: the model/batch flags of a run plus the timing ones.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::bail;
 use candle::Device;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use keel::models::backbone::BackboneArgs;
 use keel::models::seg::ModelConfig;
 use keel::norm::NormKind;
 use keel::train::cli::{DeviceArgs, LoopArgs, ResumableConfig, ResumeArgs};
@@ -15,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use super::bench::{self, BenchArgs};
 use super::compare::{self, CompareArgs};
 use super::data::SHAPE_CLASSES;
-use super::model::BackboneArgs;
 use super::resume::resume_plan;
 use super::train;
 use keel::train::driver::RunOptions;
@@ -56,9 +56,7 @@ pub enum Command {
 }
 
 /// `--norm`: NormKind's text form (bn, frozen-bn, gn, gn:G, ws-gn, ws-gn:G).
-pub fn parse_norm(s: &str) -> Result<NormKind, String> {
-    s.parse().map_err(|e: candle::Error| e.to_string())
-}
+pub use keel::models::backbone::parse_norm;
 
 /// Settings shared by a single run and the compare grid: keel's loop and device flags
 /// (keel::train::cli) and seg_train's model and data flags.

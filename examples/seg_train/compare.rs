@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use keel::models::backbone::grid_rows;
 use keel::norm::NormKind;
 use keel::train::grid::{self, ChildRun};
 use keel::train::write_atomic;
@@ -55,14 +56,14 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     if norms.is_empty() || batches.is_empty() || args.seeds == 0 {
         bail!("compare needs at least one norm, one batch size and one seed")
     }
-    let rows = rows(args)?;
+    let rows = grid_rows(norms, &args.backbone_norms, &args.common.backbone)?;
     if let Some(w) = args.common.train.warmup_warning(args.steps) {
         eprintln!("seg_train compare: warning: {w}");
     }
     // Validate every config up front: a typo fails before hours of training.
-    for (_, n, bb) in &rows {
+    for r in &rows {
         for &b in batches {
-            config(args, *n, *bb, b, 0).validate()?;
+            config(args, r.norm, r.backbone_norm, b, 0).validate()?;
         }
     }
     let device = pick_device(args.common.dev.device)?; // the children set up their own
@@ -71,10 +72,11 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
     let pb = grid::grid_progress("compare", total);
     let t0 = Instant::now();
     let (mut queue, mut cells_of) = (Vec::new(), Vec::new());
-    for (label, n, bb) in &rows {
+    for r in &rows {
+        let label = &r.label;
         for &b in batches {
             for seed in 0..args.seeds {
-                let cfg = config(args, *n, *bb, b, seed);
+                let cfg = config(args, r.norm, r.backbone_norm, b, seed);
                 let dir = args
                     .out
                     .join("runs")
@@ -115,36 +117,6 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
         args.out.join("curves.png").display()
     );
     Ok(())
-}
-
-/// The grid's rows: `(label, head norm, backbone norm)`, one per --norms entry, times the
-/// --backbone-norms entries when given.
-fn rows(args: &CompareArgs) -> anyhow::Result<Vec<(String, NormKind, Option<NormKind>)>> {
-    if args.norms.is_empty() {
-        bail!("compare needs at least one norm")
-    }
-    if args.backbone_norms.is_empty() {
-        return Ok(args
-            .norms
-            .iter()
-            .map(|&n| (n.to_string(), n, None))
-            .collect());
-    }
-    if args.common.backbone.backbone.depth().is_none() {
-        bail!(
-            "--backbone-norms needs a ResNet --backbone (resnet18, resnet34, resnet50, resnet101)"
-        )
-    }
-    if args.common.backbone.backbone_norm.is_some() {
-        bail!("--backbone-norm and --backbone-norms: give one of them")
-    }
-    let mut rows = Vec::new();
-    for &bb in &args.backbone_norms {
-        for &n in &args.norms {
-            rows.push((format!("{bb}+{n}"), n, Some(bb)));
-        }
-    }
-    Ok(rows)
 }
 
 /// The config of one run of the grid: the common flags, the row's norms, --init.

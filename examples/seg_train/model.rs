@@ -1,130 +1,23 @@
-//! `--backbone` and its flags, and building the run's model: keel's twin (the default) or a
-//! torchvision ResNet backbone under the FPN-lite decoder (`keel::models::seg_model`),
-//! seeded, then `--init` weights loaded (twin names for the twin, a torchvision checkpoint
-//! from `scripts/torchvision_to_safetensors.py` for a ResNet), before anything is written.
-//!
-//! Defaults for a ResNet backbone (the flags left out), after detectron2 and torchvision's
-//! detection fine-tuning recipes:
-//!
-//! | flag | with `--init` (pretrained) | from scratch |
-//! |---|---|---|
-//! | `--backbone-norm` | `frozen-bn` (keep the pretrained statistics) | the head's `--norm` |
-//! | `--freeze-at` | 2 (stem + `layer1`, detectron2's default) | 0 (nothing) |
-//! | `--backbone-lr-mult` | 0.1 | 1.0 |
+//! Building seg_train's model from its `--backbone` flags (keel's
+//! [`keel::models::backbone`]: the flags, their defaults and checks): keel's twin (the
+//! default) or a torchvision ResNet backbone under the FPN-lite decoder
+//! (`keel::models::seg_model`), seeded, then `--init` weights loaded (twin names for the
+//! twin, a torchvision checkpoint from `scripts/torchvision_to_safetensors.py` for a ResNet),
+//! before anything is written.
 //!
 //! Inputs are normalized with torchvision's ImageNet mean/std for every model (keel-data
 //! does it), which is what a torchvision backbone expects.
-use std::fmt;
 use std::path::Path;
 
 use anyhow::{bail, Context};
 use candle::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
-use clap::{Args, ValueEnum};
-use keel::models::resnet::ResNetDepth;
+use keel::models::backbone::{load_torchvision_init, BACKBONE_PREFIX};
 use keel::models::seg::{init_weights, load_pretrained};
 use keel::models::seg_model::{ResNetSegConfig, SegModel, SegModelConfig};
 use keel::norm::NormKind;
-use serde::{Deserialize, Serialize};
 
-use super::cli::{parse_norm, RunConfig};
-
-/// `--backbone`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackboneChoice {
-    /// keel's twin network (its own ResNet-18-style encoder; `--width` sets its size).
-    #[default]
-    Twin,
-    /// torchvision ResNet-18.
-    Resnet18,
-    /// torchvision ResNet-34.
-    Resnet34,
-    /// torchvision ResNet-50.
-    Resnet50,
-    /// torchvision ResNet-101.
-    Resnet101,
-}
-
-impl BackboneChoice {
-    /// The ResNet, `None` for the twin.
-    pub fn depth(self) -> Option<ResNetDepth> {
-        match self {
-            BackboneChoice::Twin => None,
-            BackboneChoice::Resnet18 => Some(ResNetDepth::R18),
-            BackboneChoice::Resnet34 => Some(ResNetDepth::R34),
-            BackboneChoice::Resnet50 => Some(ResNetDepth::R50),
-            BackboneChoice::Resnet101 => Some(ResNetDepth::R101),
-        }
-    }
-
-    fn is_twin(&self) -> bool {
-        *self == BackboneChoice::Twin
-    }
-}
-
-impl fmt::Display for BackboneChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.depth() {
-            Some(d) => write!(f, "{d}"),
-            None => f.write_str("twin"),
-        }
-    }
-}
-
-/// The backbone flags, shared by a run, `compare` and `bench`, and part of [`RunConfig`]
-/// (flattened: configs saved before they existed read as the twin; a twin run's config.json
-/// does not list them).
-#[derive(Args, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct BackboneArgs {
-    /// The network: twin (keel's own encoder, the default) or a torchvision ResNet backbone
-    /// with the FPN-lite decoder and head (--init takes a checkpoint that
-    /// scripts/torchvision_to_safetensors.py wrote).
-    #[arg(long, value_enum, default_value_t = BackboneChoice::Twin)]
-    #[serde(default, skip_serializing_if = "BackboneChoice::is_twin")]
-    pub backbone: BackboneChoice,
-    /// A ResNet backbone's norm, separate from the head's --norm: frozen-bn, gn, gn:G, bn,
-    /// ws-gn (default: frozen-bn with --init, else --norm). A checkpoint's BatchNorms are
-    /// kept, frozen or converted to it.
-    #[arg(long, value_parser = parse_norm)]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backbone_norm: Option<NormKind>,
-    /// A ResNet backbone's frozen stages, detectron2's FREEZE_AT: 0 nothing, 1 the stem, 2
-    /// also layer1, ..., 5 the whole backbone (default: 2 with --init, else 0).
-    #[arg(long)]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub freeze_at: Option<usize>,
-    /// A ResNet backbone's learning rate as a multiple of --lr (a second param group;
-    /// default: 0.1 with --init, else 1.0).
-    #[arg(long)]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backbone_lr_mult: Option<f64>,
-}
-
-impl BackboneArgs {
-    /// The flags with a ResNet backbone's defaults filled in (see the module docs); the
-    /// twin's are left as they are.
-    pub fn resolved(&self, pretrained: bool, head_norm: NormKind) -> Self {
-        if self.backbone.is_twin() {
-            return self.clone();
-        }
-        let default_norm = if pretrained {
-            NormKind::FrozenBatchNorm
-        } else {
-            head_norm
-        };
-        Self {
-            backbone: self.backbone,
-            backbone_norm: Some(self.backbone_norm.unwrap_or(default_norm)),
-            freeze_at: Some(self.freeze_at.unwrap_or(if pretrained { 2 } else { 0 })),
-            backbone_lr_mult: Some(self.backbone_lr_mult.unwrap_or(if pretrained {
-                0.1
-            } else {
-                1.0
-            })),
-        }
-    }
-}
+use super::cli::RunConfig;
 
 impl RunConfig {
     /// This config with the backbone defaults resolved for its `--init` (a fresh run's
@@ -153,8 +46,9 @@ impl RunConfig {
 
     /// The backbone's LR multiplier (1 for the twin, whose parameters form one model).
     pub fn backbone_lr_mult(&self) -> f64 {
-        let b = self.backbone.resolved(self.init.is_some(), self.norm);
-        b.backbone_lr_mult.unwrap_or(1.0)
+        self.backbone
+            .resolved(self.init.is_some(), self.norm)
+            .lr_mult()
     }
 
     /// The backbone's norm when the model has a separate backbone (for the health report).
@@ -169,19 +63,7 @@ impl RunConfig {
     /// built.
     pub fn validate_model(&self) -> anyhow::Result<()> {
         let b = &self.backbone;
-        if b.backbone.is_twin() {
-            let given = [
-                ("--backbone-norm", b.backbone_norm.is_some()),
-                ("--freeze-at", b.freeze_at.is_some()),
-                ("--backbone-lr-mult", b.backbone_lr_mult.is_some()),
-            ];
-            if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
-                bail!("{flag} applies to a ResNet backbone (--backbone resnet18|resnet34|resnet50|resnet101); the twin has no separate backbone")
-            }
-        }
-        if let Some(m) = b.backbone_lr_mult.filter(|m| !(m.is_finite() && *m >= 0.0)) {
-            bail!("--backbone-lr-mult {m}: must be a finite number >= 0 (1 = the head's LR)")
-        }
+        b.validate()?;
         let model = self.seg_model();
         model.validate()?;
         model.check_dtype(self.train.amp.compute_dtype())?;
@@ -221,22 +103,13 @@ pub fn build(
     let init = match (&model, &cfg.init) {
         (_, None) => None,
         (SegModel::Twin(_), Some(p)) => Some(load_twin(vm, p, cfg.norm, dev)?),
-        (SegModel::ResNet(m), Some(p)) => {
-            let shown = p.display();
-            let sd = keel::norm::convert::load_state_dict(p, dev)
-                .with_context(|| format!("--init {shown}"))?;
-            let r = m.load_backbone(sd, vm, vb).with_context(|| {
-                format!(
-                    "--init {shown}: not a torchvision {} checkpoint for this backbone",
-                    m.config().depth
-                )
-            })?;
-            let conv = r
-                .converted
-                .first()
-                .map_or(String::new(), |first| format!(" (converted: {first}, ...)"));
-            Some(format!("--init: {r}{conv}"))
-        }
+        (SegModel::ResNet(m), Some(p)) => Some(load_torchvision_init(
+            p,
+            &m.config().backbone(),
+            vm,
+            vb.pp(BACKBONE_PREFIX),
+            dev,
+        )?),
     };
     let msg = match &model_cfg {
         SegModelConfig::Twin(_) => init,

@@ -1,2 +1,3 @@
 //! Helpers shared by the root test crates.
 pub mod seg_cli;
+pub mod torchvision;

@@ -1,6 +1,10 @@
 //! keel-models: networks built on keel's layers and kernels, with PyTorch parameter names so
 //! that PyTorch checkpoints load unchanged.
 //!
+//! - [`backbone`]: the backbone choice keel's trainers share ([`backbone::BackboneArgs`]:
+//!   `--backbone twin|resnet18..101` and its norm, `freeze_at` and LR-multiplier flags, clap
+//!   with the `clap` feature, serde always), their defaults and checks, a torchvision
+//!   checkpoint loaded into the backbone, and the param groups with a lower-LR backbone.
 //! - [`seg`]: [`seg::SegNet`], a ResNet-18-style encoder with an FPN-lite decoder for
 //!   semantic segmentation, shaped by a serde-able [`seg::ModelConfig`], plus the seeded
 //!   PyTorch-rule initialisation [`seg::init_weights`] and [`seg::count_params`].
@@ -14,6 +18,7 @@
 //!   torchvision backbone.
 #![warn(missing_docs)]
 
+pub mod backbone;
 pub mod resnet;
 pub mod seg;
 pub mod seg_model;

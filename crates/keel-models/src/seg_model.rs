@@ -45,19 +45,19 @@
 //! # Ok::<(), candle::Error>(())
 //! ```
 
-use candle::{bail, DType, Device, Result, Tensor, Var};
+use candle::{bail, DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use keel_norm::convert::StateDict;
 use keel_norm::NormKind;
 use keel_optim::{split_no_decay, ParamGroup};
 use serde::{Deserialize, Serialize};
 
+use crate::backbone::backbone_param_groups;
 use crate::resnet::{ResNet, ResNetConfig, ResNetDepth, ResNetLoadReport};
 use crate::seg::decoder::FpnDecoder;
 use crate::seg::{ModelConfig, SegNet, StepNet};
 
-/// The VarBuilder prefix of [`ResNetSeg`]'s backbone.
-pub const BACKBONE_PREFIX: &str = "backbone";
+pub use crate::backbone::BACKBONE_PREFIX;
 
 /// [`ResNetSeg`]'s shape. Serialized with serde (depth as a number, norms as their text
 /// forms).
@@ -347,33 +347,10 @@ impl SegModel {
                  non-negative (1.0 = the base LR)"
             )
         }
-        let m = match self {
-            SegModel::Twin(_) => return Ok(split_no_decay(vm)),
-            SegModel::ResNet(m) => m,
-        };
-        let head: Vec<Var> = {
-            let data = vm.data().lock().unwrap_or_else(|e| e.into_inner());
-            let mut named: Vec<(&String, &Var)> = data
-                .iter()
-                .filter(|(k, _)| !k.starts_with(&format!("{BACKBONE_PREFIX}.")))
-                .collect();
-            named.sort_by(|a, b| a.0.cmp(b.0));
-            named.into_iter().map(|(_, v)| v.clone()).collect()
-        };
-        let backbone = m.backbone.trainable_vars(vm)?;
-        let split = |vars: Vec<Var>, mult: f64| {
-            let (decay, no_decay): (Vec<Var>, Vec<Var>) =
-                vars.into_iter().partition(|v| v.rank() > 1);
-            [
-                ParamGroup::new(decay).with_lr_mult(mult),
-                ParamGroup::new(no_decay)
-                    .with_lr_mult(mult)
-                    .with_weight_decay(0.0),
-            ]
-        };
-        let mut groups = split(head, 1.0).to_vec();
-        groups.extend(split(backbone, backbone_lr_mult));
-        Ok(groups)
+        match self {
+            SegModel::Twin(_) => Ok(split_no_decay(vm)),
+            SegModel::ResNet(m) => backbone_param_groups(vm, &m.backbone, backbone_lr_mult),
+        }
     }
 }
 
