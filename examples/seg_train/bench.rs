@@ -12,9 +12,8 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
-use keel::train::bench::{run_twin, time_steps, Timing};
+use keel::train::bench::{run_twin_checked, time_steps, Timing};
 use keel::train::mem::CountingAlloc;
-use serde::Deserialize;
 
 use super::cli::{parse_norm, CommonArgs};
 use super::data::{eval_batches, Shapes, SHAPES_TRAIN_SEED};
@@ -56,14 +55,6 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,
-}
-
-/// The twin script's JSON line.
-#[derive(Deserialize)]
-struct TwinOut {
-    #[serde(flatten)]
-    timing: Timing,
-    params: usize,
 }
 
 /// What `bench` measured.
@@ -224,10 +215,9 @@ fn time_torch(
     twin: &[String],
     params: usize,
 ) -> anyhow::Result<Timing> {
-    let out: TwinOut = run_twin(python, script, twin).map_err(|e| anyhow!("--vs-torch: {e}"))?;
-    if out.params != params {
-        bail!("--vs-torch: the twin has {} parameters, keel's model {params}: torch_twin.py no longer mirrors keel::models::seg::SegNet", out.params)
-    }
+    let model = "keel::models::seg::SegNet";
+    let out = run_twin_checked(python, script, twin, params, model)
+        .map_err(|e| anyhow!("--vs-torch: {e}"))?;
     Ok(out.timing)
 }
 
