@@ -9,7 +9,8 @@
 # interest from --soi-base, smallest area (x2 - x1 + 1) * (y2 - y1 + 1) wins) computed
 # every step on the device, vectorized as the FCOS reference does; the same loss (torchvision's
 # sigmoid_focal_loss alpha 0.25 gamma 2 / max(num_pos, 1), generalized_box_iou_loss eps 1e-7
-# weighted by the centerness targets / their sum, centerness BCE-with-logits / max(num_pos, 1));
+# weighted by the centerness targets / their sum, centerness BCE-with-logits / max(num_pos, 1);
+# both torchvision.ops functions are copied below, so torchvision is not needed);
 # AdamW (betas 0.9, 0.999, eps 1e-8) with weight decay off for biases and norm weights
 # (keel_optim::split_no_decay) and a global grad-norm clip.
 #
@@ -21,7 +22,6 @@
 # autocast). Prints one JSON line last: median_ms, min_ms, peak_mib, params, first_loss.
 import argparse, json, resource, statistics, struct, time
 import torch, torch.nn as nn, torch.nn.functional as F
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 p = argparse.ArgumentParser()
 p.add_argument("--width", type=int, default=16)
@@ -196,6 +196,29 @@ def prepare_targets(sizes, gts):
             lab, reg = level_targets(loc, boxes, classes, soi[l], 1.5 * s)
             labels.append(lab); regs.append(reg)
     return torch.cat(labels), torch.cat(regs)
+
+def sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction):
+    """torchvision.ops.sigmoid_focal_loss (copied: the GPU machine may lack torchvision)."""
+    p = torch.sigmoid(inputs)
+    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.sum() if reduction == "sum" else loss
+
+def generalized_box_iou_loss(boxes1, boxes2, reduction, eps):
+    """torchvision.ops.generalized_box_iou_loss (copied, as above)."""
+    x1, y1, x2, y2 = boxes1.unbind(-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(-1)
+    xk1, yk1 = torch.max(x1, x1g), torch.max(y1, y1g)
+    xk2, yk2 = torch.min(x2, x2g), torch.min(y2, y2g)
+    inter = torch.where((yk2 > yk1) & (xk2 > xk1), (xk2 - xk1) * (yk2 - yk1), torch.zeros_like(x1))
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    area_c = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    loss = 1 - (iou - (area_c - union) / (area_c + eps))
+    return loss.sum() if reduction == "sum" else loss
 
 def flatten(xs):
     return torch.cat([x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) for x in xs])
