@@ -11,25 +11,30 @@ mod det_train;
 
 use det_train::bench::{self, BenchArgs};
 
-/// A tiny bench: 64-pixel images, a 0.05 M-parameter detector, 1 + 2 steps.
+/// A tiny bench: 64-pixel images, a 0.05 M-parameter detector, one timed step.
 fn bench_args(extra: &str) -> anyhow::Result<BenchArgs> {
     let steps = if extra.contains("--bench-steps") {
         ""
     } else {
-        "--bench-steps 2"
+        "--bench-steps 1"
     };
     let line = format!(
         "det_train --device cpu --image-size 64 --width 4 --fpn 8 --head-convs 1 --batch-size 2 \
-         --bench-warmup 1 {steps} {extra}"
+         --bench-warmup 0 {steps} {extra}"
     );
     det_train::cli::parse(line.split_whitespace().map(String::from).collect())
 }
 
-fn has_torch() -> bool {
-    std::process::Command::new("python3")
+/// Whether python3 with torch is missing (then the twin's tests say so and pass).
+fn torch_missing() -> bool {
+    let found = std::process::Command::new("python3")
         .args(["-c", "import torch"])
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("skipped: python3 with torch not found (pip install torch)");
+    }
+    !found
 }
 
 /// A fresh temp path for this process and `name`.
@@ -43,8 +48,7 @@ fn tmp(name: &str) -> PathBuf {
 /// when the first step's losses differ by more than 1e-4), and the JSON holds both timings.
 #[test]
 fn bench_vs_torch_reports_both_sides_with_equal_params() -> anyhow::Result<()> {
-    if !has_torch() {
-        eprintln!("skipped: python3 with torch not found (pip install torch)");
+    if torch_missing() {
         return Ok(());
     }
     let d = tmp("json");
@@ -98,15 +102,15 @@ fn bench_refuses_what_the_twin_cannot_mirror() -> anyhow::Result<()> {
 /// name keel's init does not have), or cannot run, fails the bench with the reason.
 #[test]
 fn bench_vs_torch_catches_a_twin_that_drifted() -> anyhow::Result<()> {
-    if !has_torch() {
-        eprintln!("skipped: python3 with torch not found (pip install torch)");
+    if torch_missing() {
         return Ok(());
     }
     let d = tmp("drift");
     std::fs::create_dir_all(&d)?;
-    let twin = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/det_train/torch_twin.py"),
-    )?;
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let twin = std::fs::read_to_string(examples.join("det_train/torch_twin.py"))?;
+    // The drifted copy finds the twins' shared module beside itself.
+    std::fs::copy(examples.join("twin_common.py"), d.join("twin_common.py"))?;
     let alpha = "sigmoid_focal_loss(cls, one_hot, 0.25, 2.0";
     let extra_param = "self.scale = nn.Parameter(torch.ones(1))";
     for (from, to, want) in [

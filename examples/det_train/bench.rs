@@ -14,6 +14,7 @@ use keel::data::{DetHostBatch, DetShapes, DetSource, SHAPES_TRAIN_SEED};
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
 use keel::train::bench::{run_twin_checked, time_steps, BenchReport, Timing};
+use keel::train::cli::TwinArgs;
 use keel::train::mem::CountingAlloc;
 
 use super::cli::{Cli, DetConfig};
@@ -36,23 +37,8 @@ pub struct BenchArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 10)]
     pub bench_steps: usize,
-    /// Also time the PyTorch eager twin (python3 with torch) in this run,
-    /// check its first step's loss against keel's, and print the ratio.
-    #[arg(long)]
-    pub vs_torch: bool,
-    /// The Python interpreter for --vs-torch.
-    #[arg(long, default_value = "python3")]
-    pub python: String,
-    /// The PyTorch twin script for --vs-torch (default: examples/det_train/torch_twin.py of
-    /// the source tree this binary was built from; give it where that tree is not present).
-    #[arg(long, value_name = "FILE")]
-    pub twin_script: Option<PathBuf>,
-    /// CPU threads of the PyTorch twin (default: the threads keel's step uses).
-    #[arg(long)]
-    pub torch_threads: Option<usize>,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub twin: TwinArgs,
 }
 
 /// det_train's global allocator: counts heap bytes for `bench`'s peak memory (two relaxed
@@ -190,9 +176,7 @@ fn twin_args(
         p => bail!("--vs-torch: the CPU twin runs f32 only, not --amp {p}; use --amp off"),
     };
     let recipe = cfg.recipe();
-    let threads = args
-        .torch_threads
-        .unwrap_or_else(candle::utils::get_num_threads);
+    let threads = args.twin.threads();
     let v = [
         ("--width", cfg.width.to_string()),
         ("--fpn", cfg.fpn.to_string()),
@@ -245,9 +229,9 @@ fn check_first_loss(keel: f64, torch: Option<f64>, tol: f64) -> anyhow::Result<(
 
 /// `--twin-script`, or `torch_twin.py` beside this example's source.
 fn twin_script(args: &BenchArgs) -> PathBuf {
-    args.twin_script.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/det_train/torch_twin.py")
-    })
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    args.twin
+        .script(&dir.join("examples/det_train/torch_twin.py"))
 }
 
 /// A temp folder for the twin's files, removed on drop.
@@ -293,6 +277,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             .as_nanos()
     )));
     let twin = args
+        .twin
         .vs_torch
         .then(|| twin_args(args, &cfg, cuda, &dir.0))
         .transpose()?;
@@ -303,7 +288,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let torch = match &twin {
         Some(t) => {
             let out = run_twin_checked(
-                &args.python,
+                &args.twin.python,
                 &twin_script(args),
                 t,
                 keel.params,
@@ -327,7 +312,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         torch,
     );
     println!("{}", report.to_text(args.bench_warmup, args.bench_steps));
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.twin.json {
         keel::train::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(report)

@@ -19,9 +19,15 @@
 # (N, 3, H, W) f32, `boxes` (M, 4) f32 xyxy, `box_image` (M) i64, `box_class` (M) i64), so
 # the first step's loss ("first_loss") can be compared with keel's. One fixed batch: nothing
 # is paid for data. CPU (threads given) or CUDA (f32, tf32, f16 AMP with a GradScaler, bf16
-# autocast). Prints one JSON line last: median_ms, min_ms, peak_mib, params, first_loss.
-import argparse, json, resource, statistics, struct, time
+# autocast). Prints one JSON line last: median_ms, min_ms, peak_mib, params, first_loss. The
+# flags, the encoder and the timed loop are examples/twin_common.py's.
+import argparse, json, os, struct, sys
 import torch, torch.nn as nn, torch.nn.functional as F
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_here, os.path.dirname(_here)]
+from twin_common import (add_run_flags, encoder_layers, group_count, norm_layer, run_encoder,  # noqa: E402
+                         setup, time_and_report)
 
 p = argparse.ArgumentParser()
 p.add_argument("--width", type=int, default=16)
@@ -35,20 +41,10 @@ p.add_argument("--batch-file", required=True, help="keel's batch (safetensors)")
 p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--weight-decay", type=float, default=0.05)
 p.add_argument("--clip", type=float, default=0.0, help="global grad-norm clip (0: none)")
-p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-p.add_argument("--amp", choices=["off", "tf32", "f16", "bf16"], default="off")
-p.add_argument("--threads", type=int, default=2)
-p.add_argument("--warmup", type=int, default=3)
-p.add_argument("--steps", type=int, default=10)
+add_run_flags(p, warmup=3, steps=10)
 a = p.parse_args()
-torch.set_num_threads(a.threads)
-dev = torch.device(a.device)
-if a.device == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = a.amp == "tf32"
-    torch.backends.cudnn.allow_tf32 = a.amp == "tf32"
-    torch.backends.cudnn.benchmark = True
-elif a.amp != "off":
-    raise SystemExit(f"--amp {a.amp}: the CPU twin runs f32 only")
+dev = setup(a)
+norm = norm_layer(a.norm)
 
 STRIDES, INF = (8, 16, 32), 100_000_000.0
 
@@ -69,43 +65,13 @@ def load_safetensors(path):
         out[name] = t.reshape(info["shape"])
     return out
 
-def group_count(c, preferred):
-    """keel_norm::group_count: the largest divisor of c that is at most `preferred`."""
-    g = min(preferred, c)
-    while g > 1 and c % g:
-        g -= 1
-    return max(g, 1)
-
-def norm(c):
-    return nn.GroupNorm(group_count(c, 32), c) if a.norm == "gn" else nn.BatchNorm2d(c)
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False); self.n1 = norm(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False); self.n2 = norm(cout)
-        self.skip = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
-    def forward(self, x):
-        y = F.silu(self.n1(self.c1(x)))
-        y = self.n2(self.c2(y))
-        return F.silu(y + (x if self.skip is None else self.skip(x)))
-
 class Encoder(nn.Module):
     """keel::models::seg::SegEncoder: C2-C5 at strides 4-32."""
     def __init__(self, w):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, w // 2, 3, 2, 1, bias=False), norm(w // 2), nn.SiLU(),
-                                  nn.Conv2d(w // 2, w, 3, 2, 1, bias=False), norm(w), nn.SiLU())
-        stages, cin = [], w
-        for i, c in enumerate((w, 2 * w, 4 * w, 8 * w)):
-            stages.append(nn.Sequential(Block(cin, c, 1 if i == 0 else 2), Block(c, c, 1))); cin = c
-        self.stages = nn.ModuleList(stages)
+        self.stem, self.stages = encoder_layers(w, norm)
     def forward(self, x):
-        feats, y = [], self.stem(x)
-        for s in self.stages:
-            y = s(y); feats.append(y)
-        return feats
+        return run_encoder(self.stem, self.stages, x)
 
 class Fpn(nn.Module):
     """keel_det::fcos::Fpn without a norm and without P6/P7."""
@@ -290,30 +256,4 @@ def step():
         opt.step()
     return loss
 
-def sync():
-    if a.device == "cuda":
-        torch.cuda.synchronize()
-
-first_loss = None
-for i in range(a.warmup + a.steps):
-    if i == a.warmup:
-        sync()
-        if a.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        ts = []
-    t0 = time.perf_counter()
-    loss = step()
-    sync()
-    if i == 0:
-        first_loss = loss.item()
-    if i >= a.warmup:
-        ts.append(time.perf_counter() - t0)
-out = {
-    "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
-    "params": sum(q.numel() for q in m.parameters()), "threads": torch.get_num_threads(),
-    "torch": torch.__version__, "first_loss": first_loss,
-    # CUDA: the allocator's peak during the timed steps; CPU: the process's peak RSS.
-    "peak_mib": (torch.cuda.max_memory_allocated() if a.device == "cuda"
-                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
-}
-print(json.dumps(out))
+time_and_report(a, m, step)

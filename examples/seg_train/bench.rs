@@ -13,6 +13,7 @@ use clap::Args;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
 use keel::train::bench::{run_twin_checked, time_steps, Timing};
+use keel::train::cli::TwinArgs;
 use keel::train::mem::CountingAlloc;
 
 use super::cli::{parse_norm, CommonArgs};
@@ -37,22 +38,8 @@ pub struct BenchArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// Also time the PyTorch eager twin (python3 with torch) in this run and print the ratio.
-    #[arg(long)]
-    pub vs_torch: bool,
-    /// The Python interpreter for --vs-torch.
-    #[arg(long, default_value = "python3")]
-    pub python: String,
-    /// The PyTorch twin script for --vs-torch (default: examples/seg_train/torch_twin.py of
-    /// the source tree this binary was built from; give it where that tree is not present).
-    #[arg(long, value_name = "FILE")]
-    pub twin_script: Option<PathBuf>,
-    /// CPU threads of the PyTorch twin (default: the threads keel's step uses).
-    #[arg(long)]
-    pub torch_threads: Option<usize>,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub twin: TwinArgs,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -186,9 +173,7 @@ fn twin_args(args: &BenchArgs, cuda: bool) -> anyhow::Result<Vec<String>> {
         Precision::Bf16 if cuda => "bf16",
         p => bail!("--vs-torch: the CPU twin runs f32 only, not --amp {p}"),
     };
-    let threads = args
-        .torch_threads
-        .unwrap_or_else(candle::utils::get_num_threads);
+    let threads = args.twin.threads();
     let classes = args.common.config(args.norm, 1, 2, 0).num_classes();
     let v = [
         ("--width", c.width.to_string()),
@@ -223,9 +208,9 @@ fn time_torch(
 
 /// `--twin-script`, or `torch_twin.py` beside this example's source.
 fn twin_script(args: &BenchArgs) -> PathBuf {
-    args.twin_script.clone().unwrap_or_else(|| {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/seg_train/torch_twin.py")
-    })
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    args.twin
+        .script(&dir.join("examples/seg_train/torch_twin.py"))
 }
 
 /// `seg_train bench`.
@@ -238,17 +223,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let c = &args.common;
     let dev = c.dev.setup("seg_train")?;
     let twin = args
+        .twin
         .vs_torch
         .then(|| twin_args(args, dev.is_cuda()))
         .transpose()?;
     let (keel, config, params) = time_keel(args, &dev)?;
     let torch = twin
-        .map(|t| time_torch(&args.python, &twin_script(args), &t, params))
+        .map(|t| time_torch(&args.twin.python, &twin_script(args), &t, params))
         .transpose()?;
     let report = BenchReport::new(config, params, args.batch_size, keel, torch);
     let (warmup, steps) = bench_steps(args, &dev);
     println!("{}", report.to_text(warmup, steps));
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.twin.json {
         keel::train::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(report)

@@ -110,6 +110,23 @@ if want conv; then
   timeout "$T_TORCH" "$PY" "$B/torch_conv_bench.py" "${TORCH_ARGS[@]}" >"$OUT/torch_conv_bench.jsonl" 2>>"$ERR" || torch_rc=$?
 fi
 
+# record_step RC LIMIT JSON FILE LABEL MODE NORM: after a step benchmark that exited with RC
+# under `timeout LIMIT`, appends its JSON report (with mode and norm) to FILE, or a row
+# saying why there is none (and sets step_rc=3).
+record_step() {
+  local rc=$1 limit=$2 json=$3 file=$4 label=$5 mode=$6 norm=$7 why
+  if [ "$rc" = 0 ] && [ -f "$json" ]; then
+    "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['mode']=sys.argv[2]; r['norm']=sys.argv[3]; print(json.dumps(r))" \
+      "$json" "$mode" "$norm" >>"$file"
+    tail -1 "$file" | cut -c1-160
+  else
+    [ "$rc" = 137 ] && why="timed out after ${limit}s" || why="failed (rc $rc, see stderr.log)"
+    echo "$label $norm $mode $why"
+    echo "{\"norm\": \"$norm\", \"mode\": \"$mode\", \"error\": \"$why\"}" >>"$file"
+    step_rc=3
+  fi
+}
+
 # 3. The training step, keel and the PyTorch twin side by side (seg_train bench --vs-torch).
 # Each config under its own `timeout` (coreutils signals the whole process group, so the
 # twin's python goes too); a config that times out is recorded as such.
@@ -127,17 +144,7 @@ if want step && [ "$DRY_RUN" != 1 ]; then
         "${amp[@]}" --width 64 --fpn 128 --num-classes 21 --batch-size 8 --image-size 256 \
         --warmup 5 --steps 20 --log-every 5 --clip-grad 0 --vs-torch --python "$PY" \
         --twin-script "$R/examples/seg_train/torch_twin.py" --json /tmp/step.json >>"$ERR" 2>&1
-      rc=$?
-      if [ $rc = 0 ] && [ -f /tmp/step.json ]; then
-        "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['mode']=sys.argv[2]; r['norm']=sys.argv[3]; print(json.dumps(r))" \
-          /tmp/step.json "$mode" "$norm" >>"$OUT/step_bench.jsonl"
-        tail -1 "$OUT/step_bench.jsonl" | cut -c1-160
-      else
-        [ $rc = 137 ] && why="timed out after ${T_CFG}s" || why="failed (rc $rc, see stderr.log)"
-        echo "step $norm $mode $why"
-        echo "{\"norm\": \"$norm\", \"mode\": \"$mode\", \"error\": \"$why\"}" >>"$OUT/step_bench.jsonl"
-        step_rc=3
-      fi
+      record_step $? "$T_CFG" /tmp/step.json "$OUT/step_bench.jsonl" step "$mode" "$norm"
     done
   done
 fi
@@ -153,17 +160,7 @@ if want detstep && [ "$DRY_RUN" != 1 ]; then
       --amp "$amp" --width 16 --fpn 32 --head-convs 2 --batch-size 8 --image-size 256 \
       --bench-warmup 5 --bench-steps 20 --vs-torch --python "$PY" \
       --twin-script "$R/examples/det_train/torch_twin.py" --json /tmp/det_step.json >>"$ERR" 2>&1
-    rc=$?
-    if [ $rc = 0 ] && [ -f /tmp/det_step.json ]; then
-      "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['mode']=sys.argv[2]; r['norm']='gn'; print(json.dumps(r))" \
-        /tmp/det_step.json "$mode" >>"$OUT/det_step.jsonl"
-      tail -1 "$OUT/det_step.jsonl" | cut -c1-160
-    else
-      [ $rc = 137 ] && why="timed out after ${T_DET}s" || why="failed (rc $rc, see stderr.log)"
-      echo "det step $mode $why"
-      echo "{\"norm\": \"gn\", \"mode\": \"$mode\", \"error\": \"$why\"}" >>"$OUT/det_step.jsonl"
-      step_rc=3
-    fi
+    record_step $? "$T_DET" /tmp/det_step.json "$OUT/det_step.jsonl" "det step" "$mode" gn
   done
 fi
 
