@@ -78,11 +78,11 @@ def run_encoder(stem, stages, x):
 def time_and_report(a, model, step):
     """Runs `step()` (it may return the loss) a.warmup untimed then a.steps timed times,
     synchronized after each, and prints the JSON line: median_ms, min_ms, peak_mib, params,
-    threads, torch, first_loss (the first step's loss, or null)."""
+    threads, torch, losses (the losses of the first two steps; empty when `step` returns none)."""
     def sync():
         if a.device == "cuda":
             torch.cuda.synchronize()
-    first_loss, ts = None, []
+    losses, ts = [], []
     for i in range(a.warmup + a.steps):
         if i == a.warmup:
             sync()
@@ -91,14 +91,14 @@ def time_and_report(a, model, step):
         t0 = time.perf_counter()
         loss = step()
         sync()
-        if i == 0 and loss is not None:
-            first_loss = loss.item()
+        if i < 2 and loss is not None:
+            losses.append(loss.item())
         if i >= a.warmup:
             ts.append(time.perf_counter() - t0)
     out = {
         "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
         "params": sum(q.numel() for q in model.parameters()), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "first_loss": first_loss,
+        "torch": torch.__version__, "losses": losses,
         # CUDA: the allocator's peak during the timed steps; CPU: the process's peak RSS.
         "peak_mib": (torch.cuda.max_memory_allocated() if a.device == "cuda"
                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,

@@ -1,6 +1,6 @@
 //! `det_train bench --vs-torch` (issue 15, Targets): keel's FCOS step beside the PyTorch
 //! eager twin (examples/det_train/torch_twin.py) on the same init weights and batch, with
-//! the parameter counts, the state-dict names and the first step's loss checked; the flags
+//! the parameter counts, the state-dict names and the first two steps' losses checked; the flags
 //! the twin cannot mirror are refused before anything runs; a twin that drifted is caught.
 //! The example's modules are compiled in, as tests/det_train.rs does.
 use std::path::PathBuf;
@@ -11,7 +11,8 @@ mod det_train;
 
 use det_train::bench::{self, BenchArgs};
 
-/// A tiny bench: 64-pixel images, a 0.05 M-parameter detector, one timed step.
+/// A tiny bench: 64-pixel images, a 0.05 M-parameter detector, one warm-up and one timed
+/// step (two losses to compare).
 fn bench_args(extra: &str) -> anyhow::Result<BenchArgs> {
     let steps = if extra.contains("--bench-steps") {
         ""
@@ -20,7 +21,7 @@ fn bench_args(extra: &str) -> anyhow::Result<BenchArgs> {
     };
     let line = format!(
         "det_train --device cpu --image-size 64 --width 4 --fpn 8 --head-convs 1 --batch-size 2 \
-         --bench-warmup 0 {steps} {extra}"
+         --bench-warmup 1 {steps} {extra}"
     );
     det_train::cli::parse(line.split_whitespace().map(String::from).collect())
 }
@@ -45,7 +46,8 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 /// Both sides run, with equal parameter counts (checked inside `bench`, which also fails
-/// when the first step's losses differ by more than 1e-4), and the JSON holds both timings.
+/// when the losses of the first two steps differ by more than 1e-4), and the JSON holds both
+/// timings.
 #[test]
 fn bench_vs_torch_reports_both_sides_with_equal_params() -> anyhow::Result<()> {
     if torch_missing() {
@@ -98,8 +100,9 @@ fn bench_refuses_what_the_twin_cannot_mirror() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A twin that no longer computes det_train's loss, or has other parameters (a state-dict
-/// name keel's init does not have), or cannot run, fails the bench with the reason.
+/// A twin that no longer computes det_train's loss, or updates the weights otherwise, or has
+/// other parameters (a state-dict name keel's init does not have), or cannot run, fails the
+/// bench with the reason.
 #[test]
 fn bench_vs_torch_catches_a_twin_that_drifted() -> anyhow::Result<()> {
     if torch_missing() {
@@ -113,8 +116,11 @@ fn bench_vs_torch_catches_a_twin_that_drifted() -> anyhow::Result<()> {
     std::fs::copy(examples.join("twin_common.py"), d.join("twin_common.py"))?;
     let alpha = "sigmoid_focal_loss(cls, one_hot, 0.25, 2.0";
     let extra_param = "self.scale = nn.Parameter(torch.ones(1))";
+    let lr = "lr=a.lr,";
     for (from, to, want) in [
         (alpha, alpha.replace("0.25", "0.5"), "first-step loss"),
+        // The same forward, another update: only the second step's loss can tell.
+        (lr, "lr=a.lr * 0.5,".to_string(), "second-step loss"),
         (
             extra_param,
             format!("{extra_param}; self.extra = nn.Parameter(torch.ones(1))"),

@@ -17,9 +17,10 @@
 # The weights are keel's init (--init, a safetensors file of keel's VarMap, loaded by name:
 # any missing or extra name is an error) and the batch is keel's (--batch-file: `images`
 # (N, 3, H, W) f32, `boxes` (M, 4) f32 xyxy, `box_image` (M) i64, `box_class` (M) i64), so
-# the first step's loss ("first_loss") can be compared with keel's. One fixed batch: nothing
+# the losses of the first two steps ("losses") can be compared with keel's: the first checks
+# the forward, targets and loss, the second the gradients, the clip and the AdamW update too. One fixed batch: nothing
 # is paid for data. CPU (threads given) or CUDA (f32, tf32, f16 AMP with a GradScaler, bf16
-# autocast). Prints one JSON line last: median_ms, min_ms, peak_mib, params, first_loss. The
+# autocast). Prints one JSON line last: median_ms, min_ms, peak_mib, params, losses. The
 # flags, the encoder and the timed loop are examples/twin_common.py's.
 import argparse, json, os, struct, sys
 import torch, torch.nn as nn, torch.nn.functional as F

@@ -206,7 +206,8 @@ pub fn run_twin<T: DeserializeOwned>(
 }
 
 /// A twin script's JSON line (see [`run_twin`]): its timing, its model's trainable parameter
-/// count and, where the twin reports it, the loss of its first step (extra fields are ignored).
+/// count and, where the twin reports them, the losses of its first steps (extra fields are
+/// ignored).
 #[derive(Clone, Debug, Deserialize)]
 pub struct TwinOut {
     /// The twin's step timing.
@@ -214,9 +215,9 @@ pub struct TwinOut {
     pub timing: Timing,
     /// Trainable parameters of the twin's model.
     pub params: usize,
-    /// The loss of the twin's first step, when it reports one.
+    /// The losses of the twin's first steps, in order (empty when it reports none).
     #[serde(default)]
-    pub first_loss: Option<f64>,
+    pub losses: Vec<f64>,
 }
 
 /// [`run_twin`] for a [`TwinOut`], checked to have keel's `params` trainable parameters;
@@ -226,7 +227,7 @@ pub struct TwinOut {
 /// # let script = std::env::temp_dir().join(format!("keel-twin-params-{}.sh", std::process::id()));
 /// std::fs::write(&script, "echo '{\"median_ms\": 2, \"min_ms\": 1, \"peak_mib\": 0, \"params\": 7}'")?;
 /// let out = keel_train::bench::run_twin_checked("sh", &script, &[], 7, "Net")?;
-/// assert_eq!((out.timing.median_ms, out.first_loss), (2.0, None));
+/// assert_eq!((out.timing.median_ms, out.losses.len()), (2.0, 0));
 /// let err = keel_train::bench::run_twin_checked("sh", &script, &[], 8, "Net").unwrap_err();
 /// assert!(err.to_string().contains("the twin has 7 parameters, keel's model 8"), "{err}");
 /// # std::fs::remove_file(&script)?;
