@@ -16,7 +16,7 @@
 #   3b. det_train's FCOS training step (det_train's widths: width 16, fpn 32, 2 head convs;
 #      batch 8, 256x256; GN; f32 and f16 AMP), median of 20 steps after 5 warm-up steps,
 #      side by side with its PyTorch eager twin (examples/det_train/torch_twin.py, on keel's
-#      init weights and batch: parameter count, names and first-step loss checked);
+#      init weights and batch: parameter count, names and first losses checked);
 #   4. a short real seg_train run (synthetic data, batch 8, 128x128, deterministic cuDNN),
 #      killed once (SIGKILL) and resumed, against an uninterrupted run: identical per-step
 #      losses and final mIoU.
