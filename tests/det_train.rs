@@ -203,7 +203,7 @@ fn bench_times_the_step_on_a_fixed_batch() -> anyhow::Result<()> {
                 --batch-size 2 --bench-warmup 1 --bench-steps 2";
     let argv = args.split_whitespace().map(String::from).collect();
     let b: det_train::bench::BenchArgs = det_train::cli::parse(argv)?;
-    let t = det_train::bench::run(&b)?;
+    let t = det_train::bench::run(&b)?.keel;
     assert!(t.median_ms > 0.0 && t.min_ms <= t.median_ms, "{t:?}");
     // The subcommand through the entry point.
     let cli = format!("det_train bench {}", &args["det_train ".len()..]);

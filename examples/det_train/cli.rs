@@ -33,7 +33,7 @@ pub enum DataFormat {
 #[derive(Parser, Debug)]
 #[command(
     name = "det_train",
-    after_help = "det_train bench [flags] [--bench-warmup N] [--bench-steps N]: time the training step on one fixed batch\ndet_train compare [--norms bn,gn,ws-gn] [--batch-sizes 1,2,8] [--seeds 3] [--jobs 2] [flags]: the norm x batch x seed grid (results.md, curves.png)",
+    after_help = "det_train bench [flags] [--bench-warmup N] [--bench-steps N] [--vs-torch] [--json FILE]: time the training step on one fixed batch (beside the PyTorch twin with --vs-torch)\ndet_train compare [--norms bn,gn,ws-gn] [--batch-sizes 1,2,8] [--seeds 3] [--jobs 2] [flags]: the norm x batch x seed grid (results.md, curves.png)",
     about = "FCOS object detection training with keel (synthetic shapes, Pascal VOC or COCO)"
 )]
 pub struct Cli {

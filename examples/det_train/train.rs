@@ -239,6 +239,22 @@ impl Net {
     }
 }
 
+/// The boxes FCOS's targets are built from, per image of `hb`: ignored objects (VOC
+/// difficult, COCO crowd) left out.
+pub fn gt_boxes(hb: &DetHostBatch) -> Vec<GtBoxes> {
+    (0..hb.n)
+        .map(|k| {
+            let idx: Vec<usize> = (0..hb.boxes[k].len())
+                .filter(|&i| !hb.ignore[k][i])
+                .collect();
+            GtBoxes {
+                boxes: idx.iter().map(|&i| hb.boxes[k][i]).collect(),
+                classes: idx.iter().map(|&i| hb.classes[k][i]).collect(),
+            }
+        })
+        .collect()
+}
+
 /// The FCOS loss of one micro-batch: forward (in the config's compute dtype), targets
 /// (ignored objects, VOC difficult / COCO crowd, left out), focal + GIoU + centerness.
 pub fn micro_loss(
@@ -249,17 +265,7 @@ pub fn micro_loss(
     hb: &DetHostBatch,
     dev: &Device,
 ) -> candle::Result<Tensor> {
-    let gts: Vec<GtBoxes> = (0..hb.n)
-        .map(|k| {
-            let idx: Vec<usize> = (0..hb.boxes[k].len())
-                .filter(|&i| !hb.ignore[k][i])
-                .collect();
-            GtBoxes {
-                boxes: idx.iter().map(|&i| hb.boxes[k][i]).collect(),
-                classes: idx.iter().map(|&i| hb.classes[k][i]).collect(),
-            }
-        })
-        .collect();
+    let gts = gt_boxes(hb);
     let x = Tensor::from_slice(&hb.images, (hb.n, 3, hb.height, hb.width), dev)?;
     let model = cfg.model(num_classes);
     let out = net.forward_in(&model, vm, &x, cfg.train.amp.compute_dtype(), true)?;

@@ -12,9 +12,9 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use keel::norm::NormKind;
 use keel::optim::{OptimizerKind, Precision};
-use keel::train::bench::{run_twin, time_steps, Timing};
+use keel::train::bench::{run_twin_checked, time_steps, Timing};
+use keel::train::cli::TwinArgs;
 use keel::train::mem::CountingAlloc;
-use serde::Deserialize;
 
 use super::cli::{parse_norm, CommonArgs};
 use super::data::{eval_batches, Shapes, SHAPES_TRAIN_SEED};
@@ -38,32 +38,10 @@ pub struct BenchArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// Also time the PyTorch eager twin (python3 with torch) in this run and print the ratio.
-    #[arg(long)]
-    pub vs_torch: bool,
-    /// The Python interpreter for --vs-torch.
-    #[arg(long, default_value = "python3")]
-    pub python: String,
-    /// The PyTorch twin script for --vs-torch (default: examples/seg_train/torch_twin.py of
-    /// the source tree this binary was built from; give it where that tree is not present).
-    #[arg(long, value_name = "FILE")]
-    pub twin_script: Option<PathBuf>,
-    /// CPU threads of the PyTorch twin (default: the threads keel's step uses).
-    #[arg(long)]
-    pub torch_threads: Option<usize>,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub twin: TwinArgs,
     #[command(flatten)]
     pub common: CommonArgs,
-}
-
-/// The twin script's JSON line.
-#[derive(Deserialize)]
-struct TwinOut {
-    #[serde(flatten)]
-    timing: Timing,
-    params: usize,
 }
 
 /// What `bench` measured.
@@ -195,9 +173,7 @@ fn twin_args(args: &BenchArgs, cuda: bool) -> anyhow::Result<Vec<String>> {
         Precision::Bf16 if cuda => "bf16",
         p => bail!("--vs-torch: the CPU twin runs f32 only, not --amp {p}"),
     };
-    let threads = args
-        .torch_threads
-        .unwrap_or_else(candle::utils::get_num_threads);
+    let threads = args.twin.threads();
     let classes = args.common.config(args.norm, 1, 2, 0).num_classes();
     let v = [
         ("--width", c.width.to_string()),
@@ -224,18 +200,17 @@ fn time_torch(
     twin: &[String],
     params: usize,
 ) -> anyhow::Result<Timing> {
-    let out: TwinOut = run_twin(python, script, twin).map_err(|e| anyhow!("--vs-torch: {e}"))?;
-    if out.params != params {
-        bail!("--vs-torch: the twin has {} parameters, keel's model {params}: torch_twin.py no longer mirrors keel::models::seg::SegNet", out.params)
-    }
+    let model = "keel::models::seg::SegNet";
+    let out = run_twin_checked(python, script, twin, params, model)
+        .map_err(|e| anyhow!("--vs-torch: {e}"))?;
     Ok(out.timing)
 }
 
 /// `--twin-script`, or `torch_twin.py` beside this example's source.
 fn twin_script(args: &BenchArgs) -> PathBuf {
-    args.twin_script.clone().unwrap_or_else(|| {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/seg_train/torch_twin.py")
-    })
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    args.twin
+        .script(&dir.join("examples/seg_train/torch_twin.py"))
 }
 
 /// `seg_train bench`.
@@ -248,17 +223,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let c = &args.common;
     let dev = c.dev.setup("seg_train")?;
     let twin = args
+        .twin
         .vs_torch
         .then(|| twin_args(args, dev.is_cuda()))
         .transpose()?;
     let (keel, config, params) = time_keel(args, &dev)?;
     let torch = twin
-        .map(|t| time_torch(&args.python, &twin_script(args), &t, params))
+        .map(|t| time_torch(&args.twin.python, &twin_script(args), &t, params))
         .transpose()?;
     let report = BenchReport::new(config, params, args.batch_size, keel, torch);
     let (warmup, steps) = bench_steps(args, &dev);
     println!("{}", report.to_text(warmup, steps));
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.twin.json {
         keel::train::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(report)

@@ -4,9 +4,14 @@
 # training step (momentum 0.9, weight decay 1e-4, cross-entropy with ignore_index 255) on ONE
 # fixed batch, so it pays nothing for data. CPU (threads given) or CUDA (f32, tf32, f16 AMP with
 # a GradScaler, bf16 autocast). Prints one JSON line last.
-# Derived from the project's shared anchor scripts (torch_seg_twin.py / torch_seg_twin_cpu.py).
-import argparse, json, resource, statistics, time
+# Derived from the project's shared anchor scripts (torch_seg_twin.py / torch_seg_twin_cpu.py);
+# the flags, the encoder and the timed loop are examples/twin_common.py's.
+import argparse, os, sys
 import torch, torch.nn as nn, torch.nn.functional as F
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_here, os.path.dirname(_here)]
+from twin_common import add_run_flags, encoder_layers, norm_layer, run_encoder, setup, time_and_report  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--width", type=int, default=16)
@@ -15,54 +20,22 @@ p.add_argument("--classes", type=int, default=5)
 p.add_argument("--batch", type=int, default=2)
 p.add_argument("--size", type=int, default=96)
 p.add_argument("--norm", choices=["gn", "bn"], default="gn")
-p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-p.add_argument("--amp", choices=["off", "tf32", "f16", "bf16"], default="off")
-p.add_argument("--threads", type=int, default=2)
-p.add_argument("--warmup", type=int, default=5)
-p.add_argument("--steps", type=int, default=20)
+add_run_flags(p, warmup=5, steps=20)
 a = p.parse_args()
-torch.set_num_threads(a.threads)
-dev = torch.device(a.device)
-if a.device == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = a.amp == "tf32"
-    torch.backends.cudnn.allow_tf32 = a.amp == "tf32"
-    torch.backends.cudnn.benchmark = True
-elif a.amp != "off":
-    raise SystemExit(f"--amp {a.amp}: the CPU twin runs f32 only")
-
-def norm(c):
-    return nn.GroupNorm(min(32, c), c) if a.norm == "gn" else nn.BatchNorm2d(c)
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False); self.n1 = norm(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False); self.n2 = norm(cout)
-        self.skip = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
-    def forward(self, x):
-        y = F.silu(self.n1(self.c1(x)))
-        y = self.n2(self.c2(y))
-        return F.silu(y + (x if self.skip is None else self.skip(x)))
+dev = setup(a)
+norm = norm_layer(a.norm)
 
 class SegNet(nn.Module):
     def __init__(self, w, fpn, classes):
         super().__init__()
         widths = (w, 2 * w, 4 * w, 8 * w)
-        self.stem = nn.Sequential(nn.Conv2d(3, w // 2, 3, 2, 1, bias=False), norm(w // 2), nn.SiLU(),
-                                  nn.Conv2d(w // 2, w, 3, 2, 1, bias=False), norm(w), nn.SiLU())
-        stages, cin = [], w
-        for i, c in enumerate(widths):
-            stages.append(nn.Sequential(Block(cin, c, 1 if i == 0 else 2), Block(c, c, 1))); cin = c
-        self.stages = nn.ModuleList(stages)
+        self.stem, self.stages = encoder_layers(w, norm)
         self.lat = nn.ModuleList([nn.Conv2d(c, fpn, 1) for c in widths])
         self.smooth = nn.Sequential(nn.Conv2d(fpn, fpn, 3, 1, 1, bias=False), norm(fpn), nn.SiLU())
         self.head = nn.Conv2d(fpn, classes, 1)
     def forward(self, x):
         h, w = x.shape[-2:]
-        feats, y = [], self.stem(x)
-        for s in self.stages:
-            y = s(y); feats.append(y)
+        feats = run_encoder(self.stem, self.stages, x)
         p = self.lat[-1](feats[-1])
         for f, l in zip(reversed(feats[:-1]), reversed(self.lat[:-1])):
             p = l(f) + F.interpolate(p, size=f.shape[-2:], mode="nearest")
@@ -85,24 +58,4 @@ def step():
     else:
         loss.backward(); opt.step()
 
-def sync():
-    if a.device == "cuda":
-        torch.cuda.synchronize()
-
-for _ in range(a.warmup):
-    step()
-sync()
-if a.device == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-ts = []
-for _ in range(a.steps):
-    t0 = time.perf_counter(); step(); sync(); ts.append(time.perf_counter() - t0)
-out = {
-    "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
-    "params": sum(q.numel() for q in m.parameters()), "threads": torch.get_num_threads(),
-    "torch": torch.__version__,
-    # CUDA: the allocator's peak during the timed steps; CPU: the process's peak RSS.
-    "peak_mib": (torch.cuda.max_memory_allocated() if a.device == "cuda"
-                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
-}
-print(json.dumps(out))
+time_and_report(a, m, step)

@@ -1,6 +1,6 @@
 //! `cargo xtask gpu-bundle`: everything one device call needs, in `.bundle/` (git-ignored):
 //! the stripped, xz-compressed `--features cuda` (CUDA + cuDNN) release builds of
-//! `keel-gpu-suite` and the `seg_train` example (see [`BINS`]; built with the pinned
+//! `keel-gpu-suite` and the `seg_train` and `det_train` examples (see [`BINS`]; built with the pinned
 //! toolchain, CARGO_TARGET_DIR=target/cuda) and the GPU machine's scripts from
 //! `crates/keel-gpu-suite/scripts/` (see [`SCRIPTS`]). Prints the exact device command.
 
@@ -11,7 +11,7 @@ use std::process::Command;
 
 /// The binaries of the bundle: (file name, cargo build target args, path under
 /// `target/cuda/release`).
-const BINS: [(&str, &[&str], &str); 2] = [
+const BINS: [(&str, &[&str], &str); 3] = [
     (
         "keel-gpu-suite",
         &["-p", "keel-gpu-suite", "--bin", "keel-gpu-suite"],
@@ -21,6 +21,11 @@ const BINS: [(&str, &[&str], &str); 2] = [
         "seg_train",
         &["-p", "keel", "--example", "seg_train"],
         "examples/seg_train",
+    ),
+    (
+        "det_train",
+        &["-p", "keel", "--example", "det_train"],
+        "examples/det_train",
     ),
 ];
 /// Where the GPU machine's scripts live, beside the suite they serve.
@@ -113,7 +118,7 @@ pub(crate) fn run() -> Result<()> {
         Ok(())
     })?;
     println!(
-        "\nGPU bundle ready in .bundle/. On the GPU machine run (device tool):\n  run(command=\"bash .bundle/run.sh\", carry=[\".bundle\"], timeout_s=540)\nIt runs the CUDA correctness suites, the GN/conv benchmarks against candle and PyTorch, seg_train's step against the PyTorch twin, a killed-and-resumed seg_train run, then prints one ratio table."
+        "\nGPU bundle ready in .bundle/. On the GPU machine run (device tool):\n  run(command=\"bash .bundle/run.sh\", carry=[\".bundle\"], timeout_s=540)\nIt runs the CUDA correctness suites, the GN/conv benchmarks against candle and PyTorch, seg_train's and det_train's steps against their PyTorch twins, a killed-and-resumed seg_train run, then prints one ratio table."
     );
     Ok(())
 }

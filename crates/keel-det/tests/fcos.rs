@@ -556,6 +556,58 @@ fn fpn_names_and_odd_sizes() -> Result<()> {
     Ok(())
 }
 
+/// The top-down path's merged maps feed both their level's output conv and the upsampling
+/// to the level below; the gradient must reach the laterals from both. Without a norm the
+/// FPN is affine in `fpn_inner4.bias`, so a finite difference along the all-ones direction
+/// equals the sum of the autograd gradient up to rounding. (candle 0.11's
+/// `upsample_nearest2d` backward overwrites its input's gradient instead of adding to it:
+/// with it taken straight from the merged map, fpn_inner3/4 lost the output convs' share,
+/// about half the gradient.)
+#[test]
+fn fpn_gradients_reach_the_laterals_from_both_uses() -> Result<()> {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let cfg = FpnConfig {
+        in_channels: [4, 6, 8],
+        out_channels: 4,
+        norm: None,
+        extra_levels: 0,
+    };
+    let f = fpn(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    let c = [
+        Tensor::randn(0f32, 1., (2, 4, 8, 8), &dev)?,
+        Tensor::randn(0f32, 1., (2, 6, 4, 4), &dev)?,
+        Tensor::randn(0f32, 1., (2, 8, 2, 2), &dev)?,
+    ];
+    let w: Vec<Tensor> = [8, 4, 2]
+        .iter()
+        .map(|&s| Tensor::randn(0f32, 1., (2, 4, s, s), &dev))
+        .collect::<candle::Result<_>>()?;
+    let loss = || -> Result<Tensor> {
+        let p = f.forward_t(&c, true)?;
+        let terms = p.iter().zip(&w).map(|(p, w)| (p * w)?.sum_all());
+        Ok(terms
+            .collect::<candle::Result<Vec<_>>>()?
+            .iter()
+            .try_fold(Tensor::new(0f32, &dev)?, |acc, t| acc + t)?)
+    };
+    for name in ["fpn_inner4.bias", "fpn_inner3.bias", "fpn_inner2.bias"] {
+        let var = vm.data().lock().unwrap()[name].clone();
+        let l0 = loss()?;
+        let grad = l0.backward()?.get(&var).context("no gradient")?.sum_all()?;
+        let b = var.as_tensor().copy()?;
+        var.set(&(&b + 1.0)?)?;
+        let fd = (loss()? - &l0)?;
+        var.set(&b)?;
+        let (g, fd) = (grad.to_scalar::<f32>()?, fd.to_scalar::<f32>()?);
+        assert!(
+            (g - fd).abs() <= 1e-3 * fd.abs().max(1.0),
+            "{name}: autograd {g}, finite difference {fd}"
+        );
+    }
+    Ok(())
+}
+
 /// Head outputs whose one confident location predicts a known box.
 fn planted_outputs() -> Result<FcosOutputs> {
     let dev = Device::Cpu;

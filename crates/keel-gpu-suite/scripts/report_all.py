@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """The one ratio table run.sh prints last: keel / PyTorch eager for every benchmark row
-(GroupNorm+SiLU and conv2d forward and forward+backward, seg_train's training step), and
-keel / candle where candle runs the row. Below 1 keel is faster.
+(GroupNorm+SiLU and conv2d forward and forward+backward, seg_train's and det_train's training
+steps), and keel / candle where candle runs the row. Below 1 keel is faster.
 
   python3 report_all.py OUT_DIR   # reads keel_bench.jsonl, torch_bench.jsonl,
-                                  # torch_conv_bench.jsonl, step_bench.jsonl
+                                  # torch_conv_bench.jsonl, step_bench.jsonl, det_step.jsonl
 
 Targets (issue 9) flagged MISS here: GN+SiLU forward keel/torch <= 1/3 and forward+backward
 <= 1/2; conv2d forward+backward keel/torch <= 1.25; training step keel/torch <= 1.0 for GN in
-f32 and f16 AMP, with peak memory at most the twin's. (The conv keel/candle >= 5x target is
+f32 and f16 AMP, with peak memory at most the twin's; det_train's FCOS step keel/torch <= 1.0
+(issue 15) in f32 and f16 AMP. (The conv keel/candle >= 5x target is
 flagged by report_conv.py's table, printed above this one.)
 """
 import json
@@ -67,6 +68,14 @@ def main(out):
         table.append(("step mem", f"{s.get('norm')} {s.get('mode')} peak MiB",
                       k.get("peak_mib"), t.get("peak_mib"), None,
                       1.0 if target is not None else None))
+    for s in step_rows(p("det_step.jsonl")):
+        k = s.get("keel") or {}
+        t = s.get("torch") or {}
+        err = f" [{s['error']}]" if s.get("error") else ""
+        table.append(("det step", f"FCOS {s.get('norm')} {s.get('mode')} (batch 8, 256px){err}",
+                      k.get("median_ms"), t.get("median_ms"), None, 1.0))
+        table.append(("det step mem", f"FCOS {s.get('norm')} {s.get('mode')} peak MiB",
+                      k.get("peak_mib"), t.get("peak_mib"), None, None))
     if not table:
         print("report_all: no benchmark rows")
         return 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script the GPU machine runs (from the repository root, with .bundle carried):
 #   bash .bundle/run.sh
-# Unpacks keel-gpu-suite and seg_train (python lzma: no xz needed), sets LD_LIBRARY_PATH
+# Unpacks keel-gpu-suite, seg_train and det_train (python lzma: no xz needed), sets LD_LIBRARY_PATH
 # for keel's binaries only (the PyTorch baselines load their own CUDA libraries), checks
 # ldd, and runs in one call:
 #   1. the GN, conv and det correctness suites (f32/f16/bf16, NaN-poisoned outputs; det:
@@ -13,16 +13,22 @@
 #      of 4 windows of 5 steps (one host read each, --log-every 5) after 5 warm-up steps
 #      and peak device memory, side by side with the
 #      PyTorch eager twin (examples/seg_train/torch_twin.py) in the same call;
+#   3b. det_train's FCOS training step (det_train's widths: width 16, fpn 32, 2 head convs;
+#      batch 8, 256x256; GN; f32 and f16 AMP), median of 20 steps after 5 warm-up steps,
+#      side by side with its PyTorch eager twin (examples/det_train/torch_twin.py, on keel's
+#      init weights and batch: parameter count, names and first losses checked);
 #   4. a short real seg_train run (synthetic data, batch 8, 128x128, deterministic cuDNN),
 #      killed once (SIGKILL) and resumed, against an uninterrupted run: identical per-step
 #      losses and final mIoU.
 # It prints ONE ratio table last (keel / PyTorch for every benchmark row, keel vs candle
 # where candle runs it). Every phase has a timeout; the whole call stays under 8 minutes
-# (T_TEST 90 + T_BENCH 90 + T_TORCH 2x35 + 8 step configs x T_CFG 18 + the run's three
-# processes, each under T_RUN 45 but together about a minute = about 470 s).
-# SUITES="gn conv det step run" (any subset) restricts the phases; empty = all.
-# Results go to $OUT (at most 8 files: test.log, keel_bench.jsonl, torch_bench.jsonl,
-# torch_conv_bench.jsonl, step_bench.jsonl, seg_run.log, stderr.log, report.txt).
+# (T_TEST 90 + T_BENCH 90 + T_TORCH 2x35 + 8 step configs x T_CFG 18 + 2 det step configs
+# x T_DET 30 + the run's three processes, each under T_RUN 45 but together about a minute
+# = about 530 s; the det configs take about 15 s each when nothing hangs).
+# SUITES="gn conv det step detstep run" (any subset) restricts the phases; empty = all.
+# Results go to $OUT (at most 9 files: test.log, keel_bench.jsonl, torch_bench.jsonl,
+# torch_conv_bench.jsonl, step_bench.jsonl, det_step.jsonl, seg_run.log, stderr.log,
+# report.txt).
 # Exit code: 0 all passed, 1 correctness or exact resume failed, 2 setup failed,
 # 3 a benchmark failed.
 set -uo pipefail
@@ -32,8 +38,9 @@ OUT="${OUT:-/tmp/keel-gpu-out}"
 mkdir -p "$OUT"
 BIN=/tmp/keel-gpu-suite
 SEG=/tmp/seg_train
+DET=/tmp/det_train
 T_TEST="${T_TEST:-90}" T_BENCH="${T_BENCH:-90}" T_TORCH="${T_TORCH:-35}"
-T_CFG="${T_CFG:-18}" T_RUN="${T_RUN:-45}"
+T_CFG="${T_CFG:-18}" T_DET="${T_DET:-30}" T_RUN="${T_RUN:-45}"
 RUN_STEPS="${RUN_STEPS:-900}"
 if [ "$RUN_STEPS" -lt 3 ]; then echo "RUN_STEPS must be at least 3 (got $RUN_STEPS)"; exit 2; fi
 SUITES="${SUITES:-}"
@@ -42,7 +49,7 @@ DRY_RUN="${DRY_RUN:-0}" # 1: no GPU binaries; still run the PyTorch scripts on C
 ERR="$OUT/stderr.log"
 # A reused $OUT must not mix in an earlier call's rows.
 for f in test.log keel_bench.jsonl torch_bench.jsonl torch_conv_bench.jsonl step_bench.jsonl \
-  seg_run.log stderr.log report.txt; do : >"$OUT/$f"; done
+  det_step.jsonl seg_run.log stderr.log report.txt; do : >"$OUT/$f"; done
 
 say() { echo "== $(date -u +%H:%M:%S) $*"; }
 cat "$B/MANIFEST" 2>/dev/null
@@ -65,7 +72,7 @@ keel() { LD_LIBRARY_PATH="$KEEL_LD" "$@"; }
 test_rc=0 bench_rc=0 torch_rc=0 step_rc=0 run_rc=0
 if [ "$DRY_RUN" != 1 ]; then
   say "unpack"
-  for b in keel-gpu-suite seg_train; do
+  for b in keel-gpu-suite seg_train det_train; do
     "$PY" -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" \
       "$B/$b.xz" "/tmp/$b" || { echo "unpack of $b failed"; exit 2; }
     chmod +x "/tmp/$b"
@@ -103,6 +110,23 @@ if want conv; then
   timeout "$T_TORCH" "$PY" "$B/torch_conv_bench.py" "${TORCH_ARGS[@]}" >"$OUT/torch_conv_bench.jsonl" 2>>"$ERR" || torch_rc=$?
 fi
 
+# record_step RC LIMIT JSON FILE LABEL MODE NORM: after a step benchmark that exited with RC
+# under `timeout LIMIT`, appends its JSON report (with mode and norm) to FILE, or a row
+# saying why there is none (and sets step_rc=3).
+record_step() {
+  local rc=$1 limit=$2 json=$3 file=$4 label=$5 mode=$6 norm=$7 why
+  if [ "$rc" = 0 ] && [ -f "$json" ]; then
+    "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['mode']=sys.argv[2]; r['norm']=sys.argv[3]; print(json.dumps(r))" \
+      "$json" "$mode" "$norm" >>"$file"
+    tail -1 "$file" | cut -c1-160
+  else
+    [ "$rc" = 137 ] && why="timed out after ${limit}s" || why="failed (rc $rc, see stderr.log)"
+    echo "$label $norm $mode $why"
+    echo "{\"norm\": \"$norm\", \"mode\": \"$mode\", \"error\": \"$why\"}" >>"$file"
+    step_rc=3
+  fi
+}
+
 # 3. The training step, keel and the PyTorch twin side by side (seg_train bench --vs-torch).
 # Each config under its own `timeout` (coreutils signals the whole process group, so the
 # twin's python goes too); a config that times out is recorded as such.
@@ -120,18 +144,23 @@ if want step && [ "$DRY_RUN" != 1 ]; then
         "${amp[@]}" --width 64 --fpn 128 --num-classes 21 --batch-size 8 --image-size 256 \
         --warmup 5 --steps 20 --log-every 5 --clip-grad 0 --vs-torch --python "$PY" \
         --twin-script "$R/examples/seg_train/torch_twin.py" --json /tmp/step.json >>"$ERR" 2>&1
-      rc=$?
-      if [ $rc = 0 ] && [ -f /tmp/step.json ]; then
-        "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); r['mode']=sys.argv[2]; r['norm']=sys.argv[3]; print(json.dumps(r))" \
-          /tmp/step.json "$mode" "$norm" >>"$OUT/step_bench.jsonl"
-        tail -1 "$OUT/step_bench.jsonl" | cut -c1-160
-      else
-        [ $rc = 137 ] && why="timed out after ${T_CFG}s" || why="failed (rc $rc, see stderr.log)"
-        echo "step $norm $mode $why"
-        echo "{\"norm\": \"$norm\", \"mode\": \"$mode\", \"error\": \"$why\"}" >>"$OUT/step_bench.jsonl"
-        step_rc=3
-      fi
+      record_step $? "$T_CFG" /tmp/step.json "$OUT/step_bench.jsonl" step "$mode" "$norm"
     done
+  done
+fi
+
+# 3b. det_train's FCOS step beside its PyTorch twin (det_train bench --vs-torch), f32 and
+# f16 AMP, each config under its own `timeout` as above; rows go to det_step.jsonl.
+if want detstep && [ "$DRY_RUN" != 1 ]; then
+  say "det_train step (batch 8, 256x256) vs PyTorch (timeout ${T_DET}s per config)"
+  for mode in f32 f16; do
+    [ "$mode" = f32 ] && amp=off || amp=f16
+    rm -f /tmp/det_step.json
+    timeout -s KILL "$T_DET" env LD_LIBRARY_PATH="$KEEL_LD" "$DET" bench --device cuda --norm gn \
+      --amp "$amp" --width 16 --fpn 32 --head-convs 2 --batch-size 8 --image-size 256 \
+      --bench-warmup 5 --bench-steps 20 --vs-torch --python "$PY" \
+      --twin-script "$R/examples/det_train/torch_twin.py" --json /tmp/det_step.json >>"$ERR" 2>&1
+    record_step $? "$T_DET" /tmp/det_step.json "$OUT/det_step.jsonl" "det step" "$mode" gn
   done
 fi
 

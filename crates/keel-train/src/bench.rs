@@ -205,6 +205,53 @@ pub fn run_twin<T: DeserializeOwned>(
     })
 }
 
+/// A twin script's JSON line (see [`run_twin`]): its timing, its model's trainable parameter
+/// count and, where the twin reports them, the losses of its first steps (extra fields are
+/// ignored).
+#[derive(Clone, Debug, Deserialize)]
+pub struct TwinOut {
+    /// The twin's step timing.
+    #[serde(flatten)]
+    pub timing: Timing,
+    /// Trainable parameters of the twin's model.
+    pub params: usize,
+    /// The losses of the twin's first steps, in order (empty when it reports none).
+    #[serde(default)]
+    pub losses: Vec<f64>,
+}
+
+/// [`run_twin`] for a [`TwinOut`], checked to have keel's `params` trainable parameters;
+/// the error names the script and `model`, keel's model it no longer mirrors.
+///
+/// ```
+/// # let script = std::env::temp_dir().join(format!("keel-twin-params-{}.sh", std::process::id()));
+/// std::fs::write(&script, "echo '{\"median_ms\": 2, \"min_ms\": 1, \"peak_mib\": 0, \"params\": 7}'")?;
+/// let out = keel_train::bench::run_twin_checked("sh", &script, &[], 7, "Net")?;
+/// assert_eq!((out.timing.median_ms, out.losses.len()), (2.0, 0));
+/// let err = keel_train::bench::run_twin_checked("sh", &script, &[], 8, "Net").unwrap_err();
+/// assert!(err.to_string().contains("the twin has 7 parameters, keel's model 8"), "{err}");
+/// # std::fs::remove_file(&script)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn run_twin_checked(
+    program: &str,
+    script: &Path,
+    args: &[String],
+    params: usize,
+    model: &str,
+) -> candle::Result<TwinOut> {
+    let out: TwinOut = run_twin(program, script, args)?;
+    if out.params != params {
+        let name = script.file_name().unwrap_or(script.as_os_str());
+        candle::bail!(
+            "the twin has {} parameters, keel's model {params}: {} no longer mirrors {model}",
+            out.params,
+            name.to_string_lossy()
+        )
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

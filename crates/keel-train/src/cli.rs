@@ -531,3 +531,41 @@ impl DeviceArgs {
         args
     }
 }
+
+/// A training-step benchmark's flags for a PyTorch twin beside it (`--vs-torch`,
+/// `--python`, `--twin-script`, `--torch-threads`) and its JSON output (`--json`); the
+/// twin runs through [`crate::bench::run_twin_checked`].
+#[derive(clap::Args, Debug, Clone)]
+pub struct TwinArgs {
+    /// Also time the PyTorch eager twin (python3 with torch) in this run and print the ratio.
+    #[arg(long)]
+    pub vs_torch: bool,
+    /// The Python interpreter for --vs-torch.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// The PyTorch twin script for --vs-torch (default: the example's torch_twin.py in the
+    /// source tree this binary was built from; give it where that tree is not present).
+    #[arg(long, value_name = "FILE")]
+    pub twin_script: Option<PathBuf>,
+    /// CPU threads of the PyTorch twin (default: the threads keel's step uses).
+    #[arg(long)]
+    pub torch_threads: Option<usize>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl TwinArgs {
+    /// `--twin-script`, or `default` (the example's twin in its source tree).
+    pub fn script(&self, default: &Path) -> PathBuf {
+        self.twin_script
+            .clone()
+            .unwrap_or_else(|| default.to_path_buf())
+    }
+
+    /// `--torch-threads`, or the threads keel's CPU ops use.
+    pub fn threads(&self) -> usize {
+        self.torch_threads
+            .unwrap_or_else(candle::utils::get_num_threads)
+    }
+}

@@ -192,7 +192,11 @@ impl Fpn {
             if h2 < h || w2 < w {
                 bail!("Fpn: C{} is {h}x{w} but C{} is {}x{}; each level must be half the previous (rounded up)", i + 3, i + 4, h2 / 2, w2 / 2)
             }
+            // `copy` first: candle 0.11's upsample_nearest2d backward overwrites its input's
+            // gradient instead of adding to it, which would drop the share `last` gets from
+            // its own output conv (`layer[i + 1]`); the copy's gradient is added to it.
             let up = last
+                .copy()?
                 .upsample_nearest2d(h2, w2)?
                 .narrow(2, 0, h)?
                 .narrow(3, 0, w)?;
