@@ -158,6 +158,12 @@ fn twin_args(
     cuda: bool,
     dir: &Path,
 ) -> anyhow::Result<Vec<String>> {
+    if !cfg.backbone.backbone.is_twin() {
+        bail!(
+            "--vs-torch: the PyTorch twin has keel's twin encoder only, not --backbone {}; drop --backbone",
+            cfg.backbone.backbone
+        )
+    }
     let norm = match cfg.norm {
         NormKind::GroupNorm { groups: None } => "gn",
         NormKind::BatchNorm => "bn",

@@ -143,6 +143,14 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<()> {
 /// The grid's rows: `--norms` (the twin's), or with `--backbone-norms` one per backbone
 /// norm, labelled `<backbone norm>+gn` (keel::models::backbone::grid_rows).
 pub fn rows(args: &CompareArgs) -> anyhow::Result<Vec<GridRow>> {
+    let b = &args.run.backbone;
+    let pinned = args.run.init.is_some() || b.backbone_norm.is_some();
+    if !b.backbone.is_twin() && args.backbone_norms.is_empty() && pinned {
+        bail!(
+            "compare --backbone {}: the FCOS head is always GN and --norms only sets a from-scratch backbone's norm, so with --init or --backbone-norm every --norms row would be the same run; give the backbone norms to compare with --backbone-norms (e.g. bn,frozen-bn,gn)",
+            b.backbone
+        )
+    }
     let head = NormKind::GroupNorm { groups: None };
     let norms = match args.backbone_norms.is_empty() {
         true => &args.norms[..],

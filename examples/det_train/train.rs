@@ -313,6 +313,12 @@ pub fn run(
         steps: cfg.steps,
         train: &cfg.train,
     };
+    // keel's shared advice flags name seg_train's meaning of --init and --norm; det_train's
+    // differ (--init is a torchvision backbone), so the advice stays in words.
+    let opts = RunOptions {
+        advice_flags: None,
+        ..opts
+    };
     let mut run = Run::open(spec, task, state, out, resume, opts)?;
     banner(&run.task, device);
     let s = match run.train()? {

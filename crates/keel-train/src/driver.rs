@@ -16,7 +16,7 @@
 //!
 //! The files of a run directory: `config.json` (the trainer's config), `log.jsonl` (a
 //! [`StepLog`] per step, the [`Task`]'s evaluation records, [`GuardLog`]s),
-//! `checkpoints/step_*.safetensors` (the [`TrainState`] with the meta of [`CkptMeta`]),
+//! `checkpoints/ckpt-<step>.safetensors` (the [`TrainState`] with the meta of [`CkptMeta`]),
 //! `health.json` ([`HealthReport`]) and `summary.json` ([`RunSummary`], or the task's
 //! [`Task::summary_record`]).
 use std::path::{Path, PathBuf};
@@ -77,7 +77,8 @@ pub trait Task {
     /// summary): what a resume needs beyond the train state, e.g. a data position.
     type Extra: Serialize + DeserializeOwned;
 
-    /// The task's checkpoint meta after the 0-based `step` steps done.
+    /// The task's checkpoint meta with `steps_done` optimizer steps done. Its fields are
+    /// flattened beside `format`, `config` and `summary`: none may take those names.
     fn extra(&self, steps_done: usize) -> Self::Extra;
 
     /// Restores the task's checkpoint meta on resume (before [`Task::seek`]).
@@ -86,7 +87,9 @@ pub trait Task {
     /// Puts the training data at optimizer step `step`: called when training starts (0, or
     /// a resumed run's step) and after the guard discarded launched steps, so every step
     /// draws the batches of its position. A task whose data position is in its
-    /// [`Task::Extra`] does nothing.
+    /// [`Task::Extra`] does nothing here; with [`RunOptions::log_every`] above 1 its
+    /// discarded launched steps then stay drawn (a rollback moves past them), so such a
+    /// windowed run is not the per-step run batch for batch.
     fn seek(&mut self, step: usize) -> candle::Result<()>;
 
     /// The micro-batches of optimizer step `step`; `fault` is the run's injected fault (the
@@ -263,9 +266,17 @@ impl<'a, C: Serialize + DeserializeOwned, T: Task> Run<'a, C, T> {
         let logger = match resume {
             None => JsonlLogger::create(&log_path)?,
             Some(found) => {
+                let shown = found.path.display();
                 let meta: CkptMeta<serde_json::Value, T::Extra> = state
                     .restore(&found.checkpoint)
-                    .map_err(|e| e.context(format!("restoring {}", found.path.display())))?;
+                    .map_err(|e| candle::Error::Msg(format!("restoring {shown}: {e}")))?;
+                if state.step > spec.steps {
+                    candle::bail!(
+                        "restoring {shown}: the checkpoint is at step {}, beyond the run's {} steps; resume with more steps",
+                        state.step,
+                        spec.steps
+                    )
+                }
                 summary = meta.summary;
                 task.restore_extra(meta.extra)?;
                 if opts.verbose {
@@ -341,7 +352,7 @@ impl<'a, C: Serialize + DeserializeOwned, T: Task> Run<'a, C, T> {
         drop(stop); // after the last step, a signal stops the process at once again
         if guard.stopped() {
             // The final metrics of the weights the guard restored (no eval ran since).
-            self.eval_and_log(self.state.step - 1, None, &pb)?;
+            self.eval_and_log(self.state.step.saturating_sub(1), None, &pb)?;
         }
         pb.finish_and_clear();
         let ran = self.state.step.min(steps) - start;
@@ -403,12 +414,14 @@ impl<'a, C: Serialize + DeserializeOwned, T: Task> Run<'a, C, T> {
         pb.set_position(self.state.step as u64);
         let step = out.step;
         let last = step + 1 == steps;
-        // A signal during the step stops the run after it.
-        let signal = stop.requested();
+        // A signal during the step stops the run after it; after the last step the run
+        // finishes instead (a stopped last step would leave a run with nothing to resume).
+        let signal = stop.requested().filter(|_| !last);
         let eval_due = (step + 1).is_multiple_of(train.eval_every) || last;
         let ckpt_due = (step + 1).is_multiple_of(train.ckpt_every) || last || signal.is_some();
+        let mut finite = true;
         if eval_due || ckpt_due {
-            let finite = self.state.weights_finite()?;
+            finite = self.state.weights_finite()?;
             for alarm in self.state.monitor.record_weights_finite(step, finite) {
                 self.say(pb, format!("monitor: {alarm}"));
             }
@@ -422,9 +435,11 @@ impl<'a, C: Serialize + DeserializeOwned, T: Task> Run<'a, C, T> {
         if !ckpt_due {
             return Ok(None);
         }
-        // A NaN metric (non-finite weights) is never a candidate for the best.
+        // Non-finite weights (or a NaN metric) are never a candidate for the best.
         let ck = self.state.snapshot(&self.meta())?;
-        let path = self.manager.save(&ck, metric.filter(|m| m.is_finite()))?;
+        let path = self
+            .manager
+            .save(&ck, metric.filter(|m| finite && m.is_finite()))?;
         let Some(signal) = signal else {
             return Ok(None);
         };
@@ -573,7 +588,7 @@ impl<'a, C: Serialize + DeserializeOwned, T: Task> Run<'a, C, T> {
     /// After the last step: evaluates the EMA weights (if any), writes `health.json` and
     /// `summary.json`.
     fn finish(&mut self, guard: &GuardSummary) -> candle::Result<()> {
-        let step = self.spec.steps - 1;
+        let step = self.spec.steps.saturating_sub(1);
         let (state, task) = (&self.state, &mut self.task);
         let ema = state.with_ema_weights(|| {
             let weights_finite = state.weights_finite()?;
@@ -618,7 +633,7 @@ enum LoopEnd {
 pub fn claim(out: &Path, resume: bool, name: &str) -> candle::Result<RunDir> {
     check_writable(out).map_err(|e| candle::Error::Msg(format!("--out {e}")))?;
     let shown = out.display();
-    let dir = RunDir::lock(out).map_err(|e| e.context(format!("--out {shown}")))?;
+    let dir = RunDir::lock(out).map_err(|e| candle::Error::Msg(format!("--out {shown}: {e}")))?;
     if let Some(pid) = dir.taken_over() {
         eprintln!(
             "warning: {shown} held a stale lock of process {pid}, which no longer runs (a crash?); \
@@ -629,7 +644,7 @@ pub fn claim(out: &Path, resume: bool, name: &str) -> candle::Result<RunDir> {
         true => DirState::Free,
         false => dir
             .state()
-            .map_err(|e| e.context(format!("--out {shown}")))?,
+            .map_err(|e| candle::Error::Msg(format!("--out {shown}: {e}")))?,
     };
     match state {
         DirState::Free => {}

@@ -89,6 +89,17 @@ fn a_fresh_run_refuses_a_directory_holding_a_run() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_checkpoint_beyond_the_runs_steps_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile_dir("beyond")?;
+    finished(open(&Cfg::new(8), &dir, false, quiet(1))?.train()?)?;
+    let shorter = Cfg::new(4);
+    let err = open(&shorter, &dir, true, quiet(1)).err().expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("at step 8, beyond the run's 4 steps"), "{msg}");
+    Ok(())
+}
+
+#[test]
 fn exit_code_finds_the_stop_in_an_error_chain() {
     let i = Interrupted {
         signal: StopSignal::Terminate,

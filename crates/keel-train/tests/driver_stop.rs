@@ -41,5 +41,14 @@ fn a_stopped_run_resumes_bit_for_bit() -> anyhow::Result<()> {
     assert_eq!(s.grad_norms, whole.grad_norms);
     assert_eq!(s.evals, whole.evals);
     assert_eq!(log_kinds(&dir)?, log_kinds(&base.join("whole"))?);
+    // A stop asked during the last step finishes the run (a run stopped after its last step
+    // would have nothing left to resume).
+    let mut last = open(&cfg, &base.join("last"), false, quiet(1))?;
+    last.task.stop_at = Some(STEPS - 1);
+    match last.train()? {
+        RunEnd::Finished(s) => assert_eq!(s.losses, whole.losses),
+        RunEnd::Interrupted(i) => anyhow::bail!("the last step was stopped: {i}"),
+    }
+    assert!(base.join("last/summary.json").is_file());
     Ok(())
 }
