@@ -15,10 +15,10 @@ use keel::models::backbone::{load_torchvision_init, BACKBONE_PREFIX};
 use keel::models::seg::count_params;
 use keel::optim::Precision;
 use keel::train::driver::{
-    EvalAt, Evaluation, MicroBatches, Run, RunEnd, RunOptions, RunSpec, Task,
+    EvalAt, Evaluation, MicroBatches, Run, RunEnd, RunOptions, RunSpec, Task, TaskContext,
 };
 use keel::train::fault::FaultPlan;
-use keel::train::{named_vars, Resume, RunContext, RunSummary, TrainState};
+use keel::train::{named_vars, Resume, RunSummary, TrainState};
 use serde::{Deserialize, Serialize};
 
 use super::cli::DetConfig;
@@ -144,17 +144,13 @@ impl Task for DetTask<'_> {
 
     /// With a ResNet backbone, `norm` is the head's GroupNorm and `backbone_norm` the
     /// backbone's (judged by `pretrained`); the twin has one norm.
-    fn context(&self) -> RunContext {
+    fn context(&self) -> TaskContext {
         let cfg = self.cfg;
         let model = cfg.model(self.data.classes.len());
-        RunContext {
+        TaskContext {
             norm: model.resnet.map_or(cfg.norm, |_| model.head_norm()),
             batch_size: cfg.batch_size,
             pretrained: cfg.init.is_some(),
-            lr: cfg.recipe().lr,
-            clip_grad: cfg.train.clip_grad,
-            precision: cfg.train.amp,
-            steps: cfg.steps,
             backbone_norm: model.resnet.map(|r| r.norm),
         }
     }

@@ -13,12 +13,10 @@ use keel::models::seg::count_params;
 use keel::models::seg_model::{SegModel, SegModelStep};
 use keel::optim::Precision;
 use keel::train::driver::{
-    EvalAt, Evaluation, MicroBatches, Run, RunEnd, RunOptions, RunSpec, Task,
+    EvalAt, Evaluation, MicroBatches, Run, RunEnd, RunOptions, RunSpec, Task, TaskContext,
 };
 use keel::train::fault::FaultPlan;
-use keel::train::{
-    named_vars, progress_bar, EvalLog, MonitorConfig, Resume, RunContext, SegEval, TrainState,
-};
+use keel::train::{named_vars, progress_bar, EvalLog, MonitorConfig, Resume, SegEval, TrainState};
 use serde::{Deserialize, Serialize};
 
 use super::cli::RunConfig;
@@ -182,16 +180,12 @@ impl Task for SegTask<'_> {
         })
     }
 
-    fn context(&self) -> RunContext {
+    fn context(&self) -> TaskContext {
         let cfg = self.cfg;
-        RunContext {
+        TaskContext {
             norm: cfg.norm,
             batch_size: cfg.batch_size,
             pretrained: cfg.init.is_some(),
-            lr: cfg.recipe().lr,
-            clip_grad: cfg.train.clip_grad,
-            precision: cfg.train.amp,
-            steps: cfg.steps,
             backbone_norm: cfg.backbone_norm(),
         }
     }

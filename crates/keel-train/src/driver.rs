@@ -27,6 +27,7 @@ use indicatif::ProgressBar;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use keel_norm::NormKind;
 use keel_optim::LrSchedule;
 
 use crate::fault::FaultPlan;
@@ -99,13 +100,27 @@ pub trait Task {
     /// Evaluates the weights now in the variables (see [`EvalAt`]).
     fn evaluate(&mut self, at: EvalAt) -> candle::Result<Evaluation>;
 
-    /// The run as the health report judges it (norms, batch, pretrained, learning rate).
-    fn context(&self) -> RunContext;
+    /// The model and data as the health report judges them (the driver adds the loop's
+    /// settings to make the report's [`RunContext`]).
+    fn context(&self) -> TaskContext;
 
     /// What `summary.json` holds; by default the summary itself.
     fn summary_record(&self, summary: &RunSummary) -> candle::Result<serde_json::Value> {
         serde_json::to_value(summary).map_err(candle::Error::wrap)
     }
+}
+
+/// A task's part of the health report's [`RunContext`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TaskContext {
+    /// The model's norm (its head's when it has a separate backbone).
+    pub norm: NormKind,
+    /// Images per micro-batch.
+    pub batch_size: usize,
+    /// Whether training started from pretrained weights.
+    pub pretrained: bool,
+    /// A separate backbone's norm ([`RunContext::backbone_norm`]).
+    pub backbone_norm: Option<NormKind>,
 }
 
 /// How a run is driven; not part of its identity (a resume may change all of it).
@@ -564,11 +579,18 @@ impl<'a, C: Serialize + DeserializeOwned, T: Task> Run<'a, C, T> {
     /// The monitor's health report with the guard's history: written to `health.json` and,
     /// when verbose, printed with the trainer's flags for its advice.
     fn write_health(&self, guard: &GuardSummary) -> candle::Result<HealthReport> {
-        let report = self
-            .state
-            .monitor
-            .report(&self.task.context())
-            .with_guard(guard);
+        let (t, train) = (self.task.context(), self.spec.train);
+        let ctx = RunContext {
+            norm: t.norm,
+            batch_size: t.batch_size,
+            pretrained: t.pretrained,
+            lr: train.recipe(self.spec.steps).lr,
+            clip_grad: train.clip_grad,
+            precision: train.amp,
+            steps: self.spec.steps,
+            backbone_norm: t.backbone_norm,
+        };
+        let report = self.state.monitor.report(&ctx).with_guard(guard);
         let json = serde_json::to_string_pretty(&report).map_err(candle::Error::wrap)?;
         write_atomic(self.out.join("health.json"), json.as_bytes())?;
         if self.opts.verbose {

@@ -8,11 +8,13 @@ use std::path::Path;
 use candle::{DType, Device, Tensor};
 use candle_nn::{Init, VarMap};
 use keel_optim::{split_no_decay, OptimizerKind};
-use keel_train::driver::{EvalAt, Evaluation, MicroBatches, Run, RunOptions, RunSpec, Task};
+use keel_train::driver::{
+    EvalAt, Evaluation, MicroBatches, Run, RunOptions, RunSpec, Task, TaskContext,
+};
 use keel_train::fault::FaultPlan;
 use keel_train::{
-    named_vars, CheckpointManager, Interrupt, LoopConfig, MonitorConfig, Resume, RunContext,
-    StopSignal, TrainState,
+    named_vars, CheckpointManager, Interrupt, LoopConfig, MonitorConfig, Resume, StopSignal,
+    TrainState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -170,15 +172,11 @@ impl Task for Regression {
         })
     }
 
-    fn context(&self) -> RunContext {
-        RunContext {
+    fn context(&self) -> TaskContext {
+        TaskContext {
             norm: keel_norm::NormKind::GroupNorm { groups: None },
             batch_size: BATCH,
             pretrained: false,
-            lr: 0.01,
-            clip_grad: None,
-            precision: keel_optim::Precision::F32,
-            steps: STEPS,
             backbone_norm: None,
         }
     }
