@@ -235,16 +235,11 @@ impl RunConfig {
 
     /// Checks every setting before anything is created or written.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let at_least_1 = [
+        keel::train::check_at_least_1(&[
             ("--batch-size", self.batch_size),
             ("--steps", self.steps),
             ("--workers", self.workers),
-        ];
-        for (flag, v) in at_least_1 {
-            if v == 0 {
-                bail!("{flag} must be at least 1 (got 0)")
-            }
-        }
+        ])?;
         if self.image_size < 32 {
             bail!(
                 "--image-size {} is too small: the encoder downsamples by 32",

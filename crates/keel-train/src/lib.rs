@@ -167,7 +167,7 @@ pub use interrupt::{Interrupt, StopSignal};
 pub use keel_optim::host_read;
 pub use lock::{RunLock, LOCK_FILE};
 pub use log::{EvalLog, GuardLog, JsonlLogger, StepLog};
-pub use loop_config::LoopConfig;
+pub use loop_config::{check_at_least_1, LoopConfig};
 pub use metrics::{ConfusionMatrix, SegEval};
 pub use monitor::{Alarm, EvalRecord, StabilityMonitor, StepRecord};
 pub use progress::progress_bar;

@@ -105,11 +105,7 @@ impl LoopConfig {
             ("--ckpt-every", self.ckpt_every),
             ("--keep-last", self.keep_last),
         ];
-        for (flag, v) in at_least_1 {
-            if v == 0 {
-                candle::bail!("{flag} must be at least 1 (got 0)")
-            }
-        }
+        check_at_least_1(&at_least_1)?;
         self.validate_optimizer(steps)?;
         if let Some(c) = self.clip_grad {
             if !(c.is_finite() && c > 0.0) {
@@ -157,5 +153,15 @@ impl LoopConfig {
             )
         }
         Ok(())
+    }
+}
+
+/// Checks that every `(flag, value)` is at least 1; the error names the first that is not:
+/// `--steps must be at least 1 (got 0)`. A trainer's config checks its own counts with it,
+/// as [`LoopConfig::validate`] does the loop's.
+pub fn check_at_least_1(flags: &[(&str, usize)]) -> candle::Result<()> {
+    match flags.iter().find(|(_, v)| *v == 0) {
+        Some((flag, v)) => candle::bail!("{flag} must be at least 1 (got {v})"),
+        None => Ok(()),
     }
 }
