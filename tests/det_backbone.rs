@@ -226,6 +226,13 @@ fn compare_rows_are_backbone_norms_and_results_name_the_backbone() -> anyhow::Re
     let rows = rows(&args)?;
     let labels: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
     assert_eq!(labels, ["bn+gn", "frozen-bn+gn", "gn+gn"]);
+    // With --init and no --backbone-norms every --norms row would be the same frozen-bn run.
+    let e = det_train::compare::rows(&det_train::cli::parse(argv(&[]))?).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("every --norms row would be the same run"),
+        "{e:#}"
+    );
     let cfg = args
         .run
         .config_for(rows[0].norm, rows[0].backbone_norm, 2, 1);

@@ -90,6 +90,10 @@ fn bench_refuses_what_the_twin_cannot_mirror() -> anyhow::Result<()> {
         ("--vs-torch --accum-steps 2", "--accum-steps 1"),
         ("--vs-torch --ema-decay 0.9", "--ema-decay 0"),
         ("--bench-steps 0", "--bench-steps must be at least 1"),
+        (
+            "--vs-torch --backbone resnet18",
+            "twin encoder only, not --backbone resnet18",
+        ),
     ] {
         let t0 = std::time::Instant::now();
         let err = format!("{:#}", bench::run(&bench_args(extra)?).unwrap_err());
