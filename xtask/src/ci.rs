@@ -3,13 +3,65 @@
 
 use crate::{cuda_env, ptx, root, run_cmd, step};
 use anyhow::{bail, Result};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 const STEPS: [&str; 6] = ["fmt", "ptx", "hostcheck", "clippy", "test", "cuda"];
 
+/// Cargo for CI's steps: incremental compilation off. CI builds everything once; the
+/// incremental caches would only take disk (1.9 GB of the test step's build on the dev box).
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.env("CARGO_INCREMENTAL", "0");
+    cmd
+}
+
+/// Bytes under `dir` (files only, links not followed); 0 where it does not exist.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// One line after each step: what `target/` holds and what the disk has left, so a CI log
+/// shows where the disk went before a step runs out of it.
+fn disk_line() {
+    let target = root().join("target");
+    let used = dir_bytes(&target) as f64 / 1e9;
+    let free = Command::new("df")
+        .args(["-Pk"])
+        .arg(root())
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let kb: u64 = text
+                .lines()
+                .nth(1)?
+                .split_whitespace()
+                .nth(3)?
+                .parse()
+                .ok()?;
+            Some(format!("{:.1} GB free", kb as f64 * 1024.0 / 1e9))
+        })
+        .unwrap_or_else(|| "free space unknown (df failed)".into());
+    eprintln!("    disk: target/ holds {used:.1} GB; {free}");
+}
+
+/// [`step`], then the disk line (also after a failed step: that is when it matters).
+fn ci_step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let r = step(name, f);
+    disk_line();
+    r
 }
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
@@ -31,23 +83,24 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     }
     let on = |s: &str| !skip.iter().any(|k| k == s);
     let t = Instant::now();
+    disk_line();
     if on("fmt") {
-        step("cargo fmt --all -- --check", || {
+        ci_step("cargo fmt --all -- --check", || {
             run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))
         })?;
     }
     if on("ptx") {
-        step("cargo xtask ptx --check", ptx::check)?;
+        ci_step("cargo xtask ptx --check", ptx::check)?;
     }
     if on("hostcheck") {
         // The only run the CUDA kernels get without a GPU: the .cu files compiled as host
         // C++ (needs only a C++20 compiler) and checked against a float64 reference.
-        step("bash kernels/cuda/host-check/run.sh", || {
+        ci_step("bash kernels/cuda/host-check/run.sh", || {
             run_cmd(Command::new("bash").arg(root().join("kernels/cuda/host-check/run.sh")))
         })?;
     }
     if on("clippy") {
-        step(
+        ci_step(
             "cargo clippy --workspace --all-targets -- -D warnings",
             || {
                 run_cmd(cargo().args([
@@ -62,12 +115,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         )?;
     }
     if on("test") {
-        step("cargo test --workspace", || {
+        ci_step("cargo test --workspace", || {
             run_cmd(cargo().args(["test", "--workspace"]))
         })?;
     }
     if on("cuda") {
-        step(
+        ci_step(
             "cuda compile check: WITH_CUDNN=1 xtask/setup-nvcc.sh + cargo clippy --workspace --all-targets --features cuda -- -D warnings (CARGO_TARGET_DIR=target/cuda)",
             || {
                 // `cuda` includes cuDNN: the setup script installs the pinned cuDNN 9.21 wheels too.
