@@ -4,10 +4,15 @@
 //! every forward+backward row includes. Before the timings it prints the peak heap allocated
 //! by one call of each (a counting global allocator).
 //!
-//! `cargo bench -p keel-kernels --bench group_norm`
+//! The fused rows run once per instruction set this CPU supports (`fused/base`,
+//! `fused/avx2`, `fused/avx512`, chosen with `keel_kernels::set_cpu_isa`, which overrides
+//! `KEEL_CPU_ISA` for those rows), so the levels are compared side by side in one run.
+//!
+//! `cargo bench -p keel-kernels --bench group_norm` (`-- fused` for the fused rows only)
 
 use candle::{Device, Module, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
+use keel_kernels::{cpu_isa, set_cpu_isa, CpuIsa};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -124,7 +129,23 @@ fn report_memory() -> candle::Result<()> {
     Ok(())
 }
 
+/// Makes the fused op run `isa` (`None`: back to `KEEL_CPU_ISA` or the best level).
+fn use_isa(isa: Option<CpuIsa>) {
+    if let Err(e) = set_cpu_isa(isa) {
+        panic!("{e}");
+    }
+}
+
 fn bench(c: &mut Criterion) {
+    let isas = CpuIsa::supported();
+    let names: Vec<&str> = isas.iter().map(|i| i.name()).collect();
+    match cpu_isa() {
+        Ok(i) => println!(
+            "keel CPU ISA levels benchmarked: {} (the ops' level without an override: {i})",
+            names.join(", ")
+        ),
+        Err(e) => println!("keel CPU ISA levels benchmarked: {}; {e}", names.join(", ")),
+    }
     if let Err(e) = report_memory() {
         eprintln!("memory report failed: {e}");
     }
@@ -138,9 +159,13 @@ fn bench(c: &mut Criterion) {
         g.sample_size(20)
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(3));
-        g.bench_function("fused", |bch| {
-            bch.iter(|| black_box(fused_fwd(&i).map(|_| ())))
-        });
+        for &isa in &isas {
+            use_isa(Some(isa));
+            g.bench_function(format!("fused/{isa}"), |bch| {
+                bch.iter(|| black_box(fused_fwd(&i).map(|_| ())))
+            });
+        }
+        use_isa(None);
         g.bench_function("candle", |bch| {
             bch.iter(|| black_box(candle_fwd(&i).map(|_| ())))
         });
@@ -149,9 +174,13 @@ fn bench(c: &mut Criterion) {
         g.sample_size(10)
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(4));
-        g.bench_function("fused", |bch| {
-            bch.iter(|| black_box(fwd_bwd(&i, fused_fwd).map(|_| ())))
-        });
+        for &isa in &isas {
+            use_isa(Some(isa));
+            g.bench_function(format!("fused/{isa}"), |bch| {
+                bch.iter(|| black_box(fwd_bwd(&i, fused_fwd).map(|_| ())))
+            });
+        }
+        use_isa(None);
         g.bench_function("candle", |bch| {
             bch.iter(|| black_box(fwd_bwd(&i, candle_fwd).map(|_| ())))
         });

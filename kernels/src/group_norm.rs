@@ -30,8 +30,8 @@
 //! - Non-contiguous x, weight or bias are copied to a contiguous layout first.
 //! - Empty inputs (N = 0 or a zero spatial dim) give empty outputs and zero dweight/dbias.
 
-use crate::cpu::group_norm::{backward, forward, plan_chunks, GnDims};
-use crate::cpu::{float_op, Elem, FloatOp};
+use crate::cpu::group_norm::{backward, forward, plan_chunks, GnCall, GnDims};
+use crate::cpu::{float_op, Elem, FloatOp, Isa};
 use candle::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
 /// Forward op on `(x, weight, bias)`; see the module docs for the contract.
@@ -138,7 +138,9 @@ fn apply(
 ///
 /// Differentiable with respect to x, weight and bias through candle's autograd. Statistics
 /// are computed in `f32` for every dtype; mean and rstd are recomputed in the backward
-/// (see the module docs). Non-contiguous inputs are copied to contiguous first.
+/// (see the module docs). Non-contiguous inputs are copied to contiguous first. On the CPU
+/// the kernels run the instruction set of [`crate::cpu_isa`] (AVX-512, AVX2+FMA or the
+/// baseline, all bit-identical).
 ///
 /// # Shapes
 /// - x: `(N, C, *)`, rank >= 2 (`(N, C)` means a spatial size of 1); f32, f16 or bf16.
@@ -148,7 +150,9 @@ fn apply(
 /// # Errors
 /// `num_groups` not dividing C (the message suggests the largest divisor of C <= 32),
 /// weight/bias of the wrong shape, dtype or device, `eps` negative or not finite, rank < 2,
-/// or an unsupported dtype.
+/// or an unsupported dtype. On the CPU, also when the `KEEL_CPU_ISA` environment variable
+/// is not `base`, `avx2` or `avx512`, or names a level this CPU lacks (the message says
+/// what it has); see [`crate::cpu_isa`].
 ///
 /// # Example
 /// ```
@@ -315,11 +319,12 @@ fn cpu_dims(op: &str, l: &Layout, num_groups: usize, c_len: usize) -> Result<GnD
 }
 
 /// One CPU GroupNorm call: the forward on `(x, weight, bias)` or the backward on
-/// `(x, wb, dy)`, for any float element type.
+/// `(x, wb, dy)`, for any float element type, with the instruction set it runs.
 struct CpuCall {
     d: GnDims,
     gn: GroupNormOp,
     backward: bool,
+    isa: Isa,
 }
 
 impl FloatOp<3> for CpuCall {
@@ -327,16 +332,22 @@ impl FloatOp<3> for CpuCall {
     /// inside candle's private pool via `Device::with_context` measured about 2x slower for
     /// the (2, 64, 64, 64) forward on the 2-core bench machine.)
     fn run<T: Elem + WithDType>(&self, [x, p, q]: [&[T]; 3]) -> Result<CpuStorage> {
-        let (d, eps, silu) = (self.d, self.gn.eps, self.gn.silu);
-        let k = plan_chunks(
-            d.n * d.groups,
-            (d.c / d.groups) * d.hw,
-            rayon::current_num_threads(),
-        );
+        let d = self.d;
+        let call = GnCall {
+            d,
+            eps: self.gn.eps,
+            silu: self.gn.silu,
+            k: plan_chunks(
+                d.n * d.groups,
+                (d.c / d.groups) * d.hw,
+                rayon::current_num_threads(),
+            ),
+            isa: self.isa,
+        };
         let out = if self.backward {
-            backward(x, p, q, d, eps, silu, k)
+            backward(x, p, q, call)
         } else {
-            forward(x, p, q, d, eps, silu, k)
+            forward(x, p, q, call)
         };
         Ok(T::to_cpu_storage_owned(out))
     }
@@ -369,6 +380,7 @@ impl CustomOp3 for GroupNormOp {
             d,
             gn: *self,
             backward: false,
+            isa: Isa::current(op)?,
         };
         let operands = [("x", s1, l1), ("weight", s2, l2), ("bias", s3, l3)];
         Ok((float_op(op, operands, &call)?, l1.shape().clone()))
@@ -440,6 +452,7 @@ impl CustomOp3 for GroupNormBwdOp {
             d,
             gn: self.0,
             backward: true,
+            isa: Isa::current(op)?,
         };
         let operands = [("x", s1, l1), ("wb", s2, l2), ("dy", s3, l3)];
         let out = float_op(op, operands, &call)?;

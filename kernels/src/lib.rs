@@ -14,6 +14,10 @@
 //!   (used on CUDA).
 //! - [`nn`]: layers on these ops ([`nn::Conv2d`], a drop-in for candle_nn's).
 //! - [`PinnedUpload`]: host-to-device uploads from page-locked memory on CUDA.
+//! - [`cpu_isa`] / [`set_cpu_isa`] / [`CpuIsa`]: the instruction set of the CPU GroupNorm
+//!   kernels (baseline, AVX2+FMA or AVX-512, picked at run time), capped by the
+//!   `KEEL_CPU_ISA` environment variable (`base`, `avx2` or `avx512`, read once) or by
+//!   [`set_cpu_isa`]; every level gives bit-identical results.
 
 mod conv;
 mod cpu;
@@ -29,6 +33,7 @@ pub use conv::{
     conv2d, conv2d_slow, conv_deterministic, conv_tf32, set_conv_deterministic, set_conv_tf32,
     Conv2dParams,
 };
+pub use cpu::isa::{cpu_isa, set_cpu_isa, CpuIsa, CPU_ISA_ENV};
 pub use group_norm::{group_norm, group_norm_silu, group_norm_silu_slow, group_norm_slow};
 pub use loss::{cross_entropy, cross_entropy_slow, CrossEntropyConfig};
 pub use pinned::{PinnedDType, PinnedUpload};

@@ -47,6 +47,23 @@ impl GnDims {
     }
 }
 
+/// How one GroupNorm call runs: its sizes and configuration, the number of chunks per
+/// group and the instruction set of every loop.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GnCall {
+    /// Sizes.
+    pub d: GnDims,
+    /// Added to the variance.
+    pub eps: f32,
+    /// SiLU after the affine transform (else identity).
+    pub silu: bool,
+    /// Chunks per group ([`plan_chunks`]); results do not depend on it beyond `f64`
+    /// rounding.
+    pub k: usize,
+    /// The instantiation every loop runs; all give bit-identical results.
+    pub isa: Isa,
+}
+
 /// Count, mean and sum of squared deviations of a set of values.
 #[derive(Clone, Copy, Debug, Default)]
 struct Moments {
@@ -274,23 +291,20 @@ impl<T: Elem> Kernel for FwdApply<'_, T> {
 
 /// Fused forward: `y = act((x - mean_g) * rstd_g * w_c + b_c)`, `act` = SiLU or identity.
 ///
-/// `x.len() == n * c * hw`, `w.len() == b.len() == c`. `k` is the number of chunks per
-/// group ([`plan_chunks`]); results do not depend on `k` beyond `f64` rounding.
-pub(crate) fn forward<T: Elem>(
-    x: &[T],
-    w: &[T],
-    b: &[T],
-    d: GnDims,
-    eps: f32,
-    silu: bool,
-    k: usize,
-) -> Vec<T> {
+/// `x.len() == n * c * hw`, `w.len() == b.len() == c`.
+pub(crate) fn forward<T: Elem>(x: &[T], w: &[T], b: &[T], call: GnCall) -> Vec<T> {
+    let GnCall {
+        d,
+        eps,
+        silu,
+        k,
+        isa,
+    } = call;
     let mut y = vec![T::ZERO; x.len()];
     let m = d.m();
     if x.is_empty() || m == 0 {
         return y;
     }
-    let isa = Isa::detect();
     let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
     let bf: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
     let affine = Affine {
@@ -497,22 +511,20 @@ fn dx_coef(acc: &[[f64; 2]], w: &[f32], rstd: f32, m: usize) -> DxCoef {
 /// (one read of x and dy), then dx (a second read of x and dy, from cache when `k = 1`).
 /// `dweight[c] = Σ_n Σ_hw dy_eff·xhat` and `dbias[c] = Σ_n Σ_hw dy_eff` are reduced from the
 /// per-(n, c) sums at the end, in a fixed order (results are deterministic).
-pub(crate) fn backward<T: Elem>(
-    x: &[T],
-    wb: &[T],
-    dy: &[T],
-    d: GnDims,
-    eps: f32,
-    silu: bool,
-    k: usize,
-) -> Vec<T> {
+pub(crate) fn backward<T: Elem>(x: &[T], wb: &[T], dy: &[T], call: GnCall) -> Vec<T> {
+    let GnCall {
+        d,
+        eps,
+        silu,
+        k,
+        isa,
+    } = call;
     let numel = x.len();
     let mut out = vec![T::ZERO; numel + 2 * d.c];
     let m = d.m();
     if numel == 0 || m == 0 {
         return out;
     }
-    let isa = Isa::detect();
     let cpg = d.cpg();
     let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
     let (w, b) = wbf.split_at(d.c);
@@ -687,11 +699,18 @@ mod tests {
             let mut wb = w.clone();
             wb.extend(data(c, 4, 0.5, 0.0));
             for silu in [false, true] {
-                let y1 = forward(&x, &wb[..c], &wb[c..], d, 1e-5, silu, 1);
-                let g1 = backward(&x, &wb, &dy, d, 1e-5, silu, 1);
+                let call = |k| GnCall {
+                    d,
+                    eps: 1e-5,
+                    silu,
+                    k,
+                    isa: Isa::base(),
+                };
+                let y1 = forward(&x, &wb[..c], &wb[c..], call(1));
+                let g1 = backward(&x, &wb, &dy, call(1));
                 for k in [2, 3, 7] {
-                    let yk = forward(&x, &wb[..c], &wb[c..], d, 1e-5, silu, k);
-                    let gk = backward(&x, &wb, &dy, d, 1e-5, silu, k);
+                    let yk = forward(&x, &wb[..c], &wb[c..], call(k));
+                    let gk = backward(&x, &wb, &dy, call(k));
                     assert!(max_diff(&y1, &yk) < 1e-4, "fwd k={k} {d:?}");
                     let numel = x.len();
                     assert!(

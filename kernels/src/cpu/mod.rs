@@ -1,12 +1,26 @@
 //! CPU building blocks shared by keel's fused kernels: element conversion in blocks, a
-//! vectorizable `exp`, runtime ISA selection.
+//! vectorizable `exp`, and the instruction-set dispatch.
 //!
-//! Each hot loop is a [`Kernel`] generic over the element type; [`dispatch`] instantiates it
-//! a second time inside a `#[target_feature(enable = "avx2,fma")]` function so that LLVM can
-//! use 8-wide vectors when the running CPU supports them (the default x86_64 target only
-//! guarantees SSE2).
+//! # Instruction sets
+//! Each hot loop is a [`Kernel`] generic over the element type, written as plain scalar Rust
+//! that LLVM vectorizes. [`dispatch`] compiles it up to three times: for the target's
+//! baseline (SSE2 on x86_64), inside `#[target_feature(enable = "avx2,fma")]` (8 `f32`
+//! lanes) and inside `#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]`
+//! (16 lanes), and runs the one an [`Isa`] names. An op takes its [`Isa`] from
+//! [`Isa::current`] once per call: the level set by [`isa::set_cpu_isa`], else the
+//! `KEEL_CPU_ISA` environment variable (`base`, `avx2` or `avx512`; read once; an unknown
+//! value or a level this CPU lacks is an error from the op), else the best the CPU has
+//! (run-time detection, so AVX2-only and older machines run their own level). The
+//! instantiations do the same arithmetic in the same order (Rust never contracts `a * b + c`
+//! into an FMA, and reductions keep their [`group_norm`] lane count whatever the vector
+//! width), so every level gives bit-identical results; the tests check that, per level.
 
 pub(crate) mod group_norm;
+#[cfg(test)]
+mod group_norm_isa_tests;
+pub(crate) mod isa;
+
+pub(crate) use isa::Isa;
 
 use candle::backend::BackendStorage;
 use candle::{bail, CpuStorage, DType, Layout, Result, WithDType};
@@ -96,27 +110,6 @@ fn dtype_error(op: &str, operands: &[Operand<'_>]) -> String {
 /// the largest user, which holds four such buffers).
 pub(crate) const BLK: usize = 1024;
 
-/// The instruction set a kernel instantiation was compiled for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Isa {
-    /// Baseline of the compilation target (SSE2 on x86_64).
-    Base,
-    /// x86_64 with AVX2 and FMA, detected at run time.
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-}
-
-impl Isa {
-    /// The best instruction set supported by the running CPU.
-    pub(crate) fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return Isa::Avx2;
-        }
-        Isa::Base
-    }
-}
-
 /// A CPU kernel: its arguments as fields and its body in [`Kernel::run`], which must be
 /// `#[inline(always)]` so that [`dispatch`] compiles the whole body once per instruction set.
 pub(crate) trait Kernel {
@@ -134,11 +127,27 @@ pub(crate) trait Kernel {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2<K: Kernel>(k: K) -> K::Output {
+    #[cfg(test)]
+    trace::record(isa::CpuIsa::Avx2);
     k.run()
 }
 
-/// Runs `k` compiled for `isa`: the AVX2+FMA instantiation when `isa` is [`Isa::Avx2`],
-/// the baseline one otherwise.
+/// `k.run()` compiled with AVX-512 F/BW/VL (and AVX2, FMA) enabled, so LLVM can use 16-wide
+/// vectors (zmm registers) and masked tails in the inlined body. The feature list is
+/// [`isa::CpuIsa::features`] of [`isa::CpuIsa::Avx512`].
+///
+/// # Safety
+/// The running CPU must support avx512f, avx512bw, avx512vl, avx2 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn run_avx512<K: Kernel>(k: K) -> K::Output {
+    #[cfg(test)]
+    trace::record(isa::CpuIsa::Avx512);
+    k.run()
+}
+
+/// Runs `k` compiled for `isa`: the AVX-512 instantiation for [`isa::CpuIsa::Avx512`], the
+/// AVX2+FMA one for [`isa::CpuIsa::Avx2`], the baseline one otherwise.
 ///
 /// The body reaches the `#[target_feature]` function by `#[inline(always)]` calls only
 /// (`Kernel::run` and the generic helpers it calls); a closure called from the body would be
@@ -147,13 +156,45 @@ unsafe fn run_avx2<K: Kernel>(k: K) -> K::Output {
 #[inline(always)]
 pub(crate) fn dispatch<K: Kernel>(isa: Isa, k: K) -> K::Output {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        // SAFETY: `Isa::Avx2` is only constructed by `Isa::detect` after run-time detection
-        // confirmed that this CPU supports avx2 and fma.
-        return unsafe { run_avx2(k) };
+    match isa.level() {
+        // SAFETY: an `Isa` is only constructed by `Isa::checked` / `Isa::current` after
+        // run-time detection confirmed every feature of its level (`CpuIsa::features`, the
+        // list `run_avx512` enables).
+        isa::CpuIsa::Avx512 => return unsafe { run_avx512(k) },
+        // SAFETY: as above; the level's features are avx2 and fma.
+        isa::CpuIsa::Avx2 => return unsafe { run_avx2(k) },
+        isa::CpuIsa::Base => {}
     }
     let _ = isa;
+    #[cfg(test)]
+    trace::record(isa::CpuIsa::Base);
     k.run()
+}
+
+/// Test-only record of the instantiations [`dispatch`] ran on the current thread, so a test
+/// can check that a kernel asked for one level ran that level's code.
+#[cfg(test)]
+pub(crate) mod trace {
+    use super::isa::CpuIsa;
+    use std::cell::Cell;
+
+    thread_local! {
+        static RAN: Cell<u8> = const { Cell::new(0) };
+    }
+
+    /// Notes that the instantiation for `isa` ran on this thread.
+    pub(crate) fn record(isa: CpuIsa) {
+        RAN.with(|r| r.set(r.get() | 1 << isa as u8));
+    }
+
+    /// The levels recorded on this thread since the last call, lowest first; clears them.
+    pub(crate) fn take() -> Vec<CpuIsa> {
+        let bits = RAN.with(|r| r.replace(0));
+        CpuIsa::ALL
+            .into_iter()
+            .filter(|&i| bits & (1 << i as u8) != 0)
+            .collect()
+    }
 }
 
 /// An element type the CPU kernels read and write; all arithmetic happens in `f32`.
