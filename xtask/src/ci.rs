@@ -11,32 +11,49 @@ const STEPS: [&str; 6] = ["fmt", "ptx", "hostcheck", "clippy", "test", "cuda"];
 
 /// Cargo for CI's steps: incremental compilation off. CI builds everything once; the
 /// incremental caches would only take disk (1.9 GB of the test step's build on the dev box).
+/// `CARGO_INCREMENTAL` is part of cargo's fingerprint: a `cargo test` after `cargo xtask ci`
+/// on a dev box rebuilds keel's own crates (not the dependencies) once.
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.env("CARGO_INCREMENTAL", "0");
     cmd
 }
 
-/// Bytes under `dir` (files only, links not followed); 0 where it does not exist.
-fn dir_bytes(dir: &Path) -> u64 {
+/// Bytes under `dir` (files only, links not followed, a hard-linked file counted once, as
+/// `du` does: cargo hard-links `examples/foo` to `examples/foo-<hash>`); 0 where it does not
+/// exist.
+fn dir_bytes(dir: &Path, seen: &mut std::collections::HashSet<(u64, u64)>) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
-            _ => 0,
-        })
-        .sum()
+    let mut sum = 0;
+    for e in entries.flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => sum += dir_bytes(&e.path(), seen),
+            Ok(t) if t.is_file() => {
+                let Ok(m) = e.metadata() else { continue };
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::MetadataExt;
+                    if !seen.insert((m.dev(), m.ino())) {
+                        continue;
+                    }
+                }
+                sum += m.len();
+            }
+            _ => {}
+        }
+    }
+    sum
 }
 
 /// One line after each step: what `target/` holds and what the disk has left, so a CI log
 /// shows where the disk went before a step runs out of it.
 fn disk_line() {
-    let target = root().join("target");
-    let used = dir_bytes(&target) as f64 / 1e9;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let used = dir_bytes(&target, &mut Default::default()) as f64 / 1e9;
     let free = Command::new("df")
         .args(["-Pk"])
         .arg(root())
@@ -54,7 +71,7 @@ fn disk_line() {
             Some(format!("{:.1} GB free", kb as f64 * 1024.0 / 1e9))
         })
         .unwrap_or_else(|| "free space unknown (df failed)".into());
-    eprintln!("    disk: target/ holds {used:.1} GB; {free}");
+    eprintln!("    disk: {} holds {used:.1} GB; {free}", target.display());
 }
 
 /// [`step`], then the disk line (also after a failed step: that is when it matters).

@@ -133,11 +133,12 @@ fn tol(dtype: DType, k: &str) -> Tol {
     }
 }
 
-/// Awkward shapes `(n, c, hw, groups, scale, offset)`: channels per group 1, 2, 3, 5, 8, 17
-/// (never a multiple of 16), H*W = 1, groups of 3 elements, runs that cross the 1024-element
-/// conversion block, a 9216-element single group, and a mean of 1e3 (f32 only: f16/bf16
-/// cannot hold std-1 data there).
-const SHAPES: [(usize, usize, usize, usize, f32, f32); 10] = [
+/// Awkward shapes `(n, c, hw, groups, scale, offset)`: channels per group 1, 2, 3, 4, 5, 8,
+/// 17 (never a multiple of 16), H*W = 1, groups of 3 elements, runs that cross the
+/// 1024-element conversion block, a 36,864-element single group (4 channels of 9216), and a
+/// mean of 1e3 (f32 only: f16/bf16 cannot hold std-1 data there).
+const SHAPES: [(usize, usize, usize, usize, f32, f32); 11] = [
+    (2, 8, 7, 8, 1.0, 0.0),
     (2, 6, 15, 3, 1.0, 0.0),
     (1, 48, 35, 6, 2.0, 0.5),
     (3, 10, 1, 5, 1.0, 0.0),

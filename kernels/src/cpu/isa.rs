@@ -135,11 +135,12 @@ fn has_feature(name: &str) -> bool {
     }
 }
 
-/// `KEEL_CPU_ISA` as read: unset (or empty), a known level, or a value that is not one.
+/// `KEEL_CPU_ISA` as read: unset (or empty), a known level (with the value as the user wrote
+/// it, for errors), or a value that is not one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum EnvSetting {
     Unset,
-    Level(CpuIsa),
+    Level(CpuIsa, String),
     Unknown(String),
 }
 
@@ -151,7 +152,7 @@ impl EnvSetting {
         match v.to_str() {
             Some(s) if s.trim().is_empty() => EnvSetting::Unset,
             Some(s) => match s.parse() {
-                Ok(i) => EnvSetting::Level(i),
+                Ok(i) => EnvSetting::Level(i, s.to_string()),
                 Err(_) => EnvSetting::Unknown(s.to_string()),
             },
             None => EnvSetting::Unknown(v.to_string_lossy().into_owned()),
@@ -204,9 +205,9 @@ fn choose(op: &str, over: Option<CpuIsa>, env: &EnvSetting, has: Has<'_>) -> Res
             .rev()
             .find(|i| i.supported_by(has))
             .unwrap_or(&CpuIsa::Base)),
-        EnvSetting::Level(i) if i.supported_by(has) => Ok(*i),
-        EnvSetting::Level(i) => bail!(
-            "{op}: {CPU_ISA_ENV}={i} asks for CPU kernels using {}, but {}; set {CPU_ISA_ENV} to one of those levels or unset it",
+        EnvSetting::Level(i, _) if i.supported_by(has) => Ok(*i),
+        EnvSetting::Level(i, raw) => bail!(
+            "{op}: {CPU_ISA_ENV}={raw:?} asks for CPU kernels using {}, but {}; set {CPU_ISA_ENV} to one of those levels or unset it",
             i.features().join(", "),
             describe_cpu(has, *i)
         ),
@@ -322,7 +323,7 @@ mod tests {
         assert_eq!(EnvSetting::parse(Some(OsStr::new(" "))), EnvSetting::Unset);
         assert_eq!(
             EnvSetting::parse(Some(OsStr::new("AVX2"))),
-            EnvSetting::Level(CpuIsa::Avx2)
+            EnvSetting::Level(CpuIsa::Avx2, "AVX2".into())
         );
         assert_eq!(
             EnvSetting::parse(Some(OsStr::new("avx-512"))),
@@ -335,7 +336,7 @@ mod tests {
         let all = |_: &str| true;
         let avx2_box = |f: &str| f == "avx2" || f == "fma";
         let base_box = |_: &str| false;
-        let level = EnvSetting::Level;
+        let level = |i: CpuIsa| EnvSetting::Level(i, i.to_string());
         let ok = |over, env: &EnvSetting, has: Has<'_>| choose("op", over, env, has).ok();
         assert_eq!(ok(None, &EnvSetting::Unset, &all), Some(CpuIsa::Avx512));
         assert_eq!(ok(None, &EnvSetting::Unset, &avx2_box), Some(CpuIsa::Avx2));
@@ -357,13 +358,13 @@ mod tests {
         let e = choose(
             "group_norm",
             None,
-            &EnvSetting::Level(CpuIsa::Avx512),
+            &EnvSetting::Level(CpuIsa::Avx512, "AVX512".into()),
             &avx2_box,
         )
         .unwrap_err()
         .to_string();
         assert!(
-            e.starts_with("group_norm: KEEL_CPU_ISA=avx512")
+            e.starts_with("group_norm: KEEL_CPU_ISA=\"AVX512\" asks")
                 && e.contains("avx512f, avx512bw, avx512vl, avx2, fma")
                 && e.contains(
                     "this CPU supports base, avx2 (it lacks avx512f, avx512bw, avx512vl)"

@@ -184,7 +184,7 @@ pub(crate) mod trace {
 
     /// Notes that the instantiation for `isa` ran on this thread.
     pub(crate) fn record(isa: CpuIsa) {
-        RAN.with(|r| r.set(r.get() | 1 << isa as u8));
+        RAN.with(|r| r.set(r.get() | (1 << isa as u8)));
     }
 
     /// The levels recorded on this thread since the last call, lowest first; clears them.
