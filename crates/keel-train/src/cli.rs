@@ -65,13 +65,17 @@ pub fn pick_device(want: Option<DeviceChoice>) -> candle::Result<Device> {
 
 /// [`pick_device`], prepared for training ([`keel_kernels::prepare_device`]: freed CUDA
 /// memory stays in the device's pool), with `--deterministic` and `--tf32` set process-wide
-/// (they change CUDA convolutions and matmuls only; `tool` prints a note saying so on the CPU).
+/// (they change CUDA convolutions and matmuls only; `tool` prints a note saying so on the CPU),
+/// and candle's own CPU pool at one thread unless `CANDLE_NUM_THREADS` is set
+/// ([`crate::threads::candle_pool_single_thread`]: its barrier spins against keel's threads).
+/// Call it before any tensor op.
 pub fn setup_device(
     tool: &str,
     want: Option<DeviceChoice>,
     deterministic: bool,
     tf32: bool,
 ) -> candle::Result<Device> {
+    crate::threads::candle_pool_single_thread();
     let dev = pick_device(want)?;
     keel_kernels::set_conv_deterministic(deterministic);
     keel_kernels::set_conv_tf32(tf32);

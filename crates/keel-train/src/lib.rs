@@ -154,6 +154,7 @@ pub mod series;
 mod state;
 mod stats;
 mod summary;
+pub mod threads;
 
 pub use advice::{Advice, Bf16Cause, LrCause};
 pub use checkpoint::{load_latest_checkpoint, CheckpointManager, Resume};
