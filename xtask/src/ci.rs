@@ -13,9 +13,16 @@ const STEPS: [&str; 6] = ["fmt", "ptx", "hostcheck", "clippy", "test", "cuda"];
 /// incremental caches would only take disk (1.9 GB of the test step's build on the dev box).
 /// `CARGO_INCREMENTAL` is part of cargo's fingerprint: a `cargo test` after `cargo xtask ci`
 /// on a dev box rebuilds keel's own crates (not the dependencies) once.
+///
+/// The tests run with `CANDLE_NUM_THREADS=1` unless it is set: the test harness runs tests on
+/// parallel threads, and candle's own CPU pool would spin at its barrier against them (what
+/// keel's trainers avoid the same way: `keel::train::threads`).
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.env("CARGO_INCREMENTAL", "0");
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        cmd.env("CANDLE_NUM_THREADS", "1");
+    }
     cmd
 }
 
