@@ -36,15 +36,7 @@ fn expected_from_env() -> std::result::Result<CpuIsa, String> {
 
 /// Deterministic pseudo-random values in `offset ± scale`.
 fn data(len: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            offset + scale * (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
-        .collect()
+    keel_test_support::xorshift_data(len, seed, scale, offset)
 }
 
 /// Awkward inputs x, weight, bias, dy: 17 channels per group, 5x3 spatial.
