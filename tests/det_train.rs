@@ -324,6 +324,25 @@ fn sigint_checkpoints_and_exits_130_then_resume_finishes() -> anyhow::Result<()>
     Ok(())
 }
 
+/// The summary a run returns (and prints) and its summary.json hold one wall time, taken
+/// once (they were two clock reads apart).
+#[test]
+fn the_returned_summary_and_summary_json_agree() -> anyhow::Result<()> {
+    let d = tmp("one-clock");
+    let cli: det_train::cli::Cli = det_train::cli::parse(tiny(&d.join("unused"), 2, &[]))?;
+    let out = d.join("run");
+    let opts = keel::train::driver::RunOptions {
+        progress: false,
+        ..keel::train::driver::RunOptions::new("det_train")
+    };
+    let s = det_train::train::run(&cli.config(), &out, None, &candle::Device::Cpu, opts)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
+    assert_eq!(v["seconds"].as_f64(), Some(s.seconds));
+    assert_eq!(v["final_map50"].as_f64(), Some(s.final_map50));
+    Ok(())
+}
+
 /// `det_train run-config` (compare's child) runs a saved config, and its summary.json reads
 /// as the RunSummary the grid tables (final mAP@.5 as the metric); compare refuses per-run
 /// flags and its table names the metric.

@@ -75,6 +75,9 @@ struct DetTask<'a> {
     /// The last evaluation of the training weights (printed at the end).
     last: Option<DetMetrics>,
     t_start: Instant,
+    /// The run's wall time, taken once when the summary is first built, so that
+    /// summary.json and the returned summary (printed) hold the same number.
+    seconds: std::cell::Cell<Option<f64>>,
 }
 
 impl Task for DetTask<'_> {
@@ -166,7 +169,11 @@ impl DetTask<'_> {
             run: s.clone(),
             final_map: s.final_pixel_acc,
             final_map50: s.final_miou,
-            seconds: self.t_start.elapsed().as_secs_f64(),
+            seconds: self.seconds.get().unwrap_or_else(|| {
+                let secs = self.t_start.elapsed().as_secs_f64();
+                self.seconds.set(Some(secs));
+                secs
+            }),
         }
     }
 }
@@ -302,6 +309,7 @@ pub fn run(
         next_batch: 0,
         last: None,
         t_start,
+        seconds: Default::default(),
     };
     let spec = RunSpec {
         config: cfg,
