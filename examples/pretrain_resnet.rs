@@ -9,11 +9,22 @@
 //! Trains a torchvision-layout ResNet with BatchNorm (`keel::models::resnet`, batch 32 by
 //! default) to classify synthetic shape images by their dominant shape: the class with the
 //! most pixels among circle, rectangle, triangle and ring (class 0 when an image has no shape
-//! pixel). The images come from keel's shapes renderer with seeds of their own, so the
-//! segmentation runs that fine-tune from the result never see these images. The output is a
-//! safetensors state dict under torchvision's names (`conv1.weight`, `bn1.running_mean`, ...,
-//! `fc.weight`), the layout `scripts/torchvision_to_safetensors.py` writes, so seg_train's
-//! `--init` reads both the same way. It prints the validation accuracy at the end.
+//! pixel). The images come from keel's shapes renderer (textured shapes on noisy cluttered
+//! gradients) with seeds of their own, so the segmentation runs that fine-tune from the
+//! result never see these images. The output is a safetensors state dict under torchvision's
+//! names (`conv1.weight`, `bn1.running_mean`, ..., `fc.weight`), the layout
+//! `scripts/torchvision_to_safetensors.py` writes, so seg_train's `--init` reads both the
+//! same way. It prints the validation accuracy at the end (`--log-every N` adds the train
+//! curve, `--diagnose` the label frequencies, the train-set accuracy and the accuracy with
+//! batch statistics).
+//!
+//! The defaults are the recipe that learns on a 2-core CPU in about 25 minutes (BENCHMARKS.md,
+//! case B): ONE shape per image, radius 0.2-0.4 of a 32x32 image (6-13 px, the pixel size
+//! of the segmentation set's shapes at 64x64: radius 0.10-0.25 of 64), SGD at a peak LR of
+//! 0.005. The first version (1-3 shapes of radius 0.10-0.25 at 64x64, LR 0.1) stayed at the
+//! majority class (0.30): the dominant shape of overlapping small shapes is a pixel-count
+//! comparison, LR 0.1 (and 0.02) threw the loss above chance's, and 300 steps with one shape
+//! at 0.02 or with AdamW at 1e-3 stayed at chance too.
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -21,7 +32,9 @@ use anyhow::{bail, Context};
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
-use keel::data::{eval_batches, HostBatch, Loader, LoaderConfig, Shapes, Source};
+use keel::data::{
+    eval_batches, HostBatch, Loader, LoaderConfig, Sample, Shapes, ShapesConfig, Source,
+};
 use keel::kernels::{cross_entropy, CrossEntropyConfig};
 use keel::models::resnet::{ResNet, ResNetConfig, ResNetDepth};
 use keel::models::seg::init_weights;
@@ -46,15 +59,26 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 2000)]
     steps: usize,
     /// Image side.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     image_size: usize,
-    /// Peak learning rate (SGD momentum 0.9, poly decay, a linear warmup over the first
-    /// tenth of the steps, at most 100).
-    #[arg(long, default_value_t = 0.1)]
+    /// Peak learning rate (SGD momentum 0.9, weight decay 1e-4, poly decay, a linear warmup
+    /// over the first tenth of the steps, at most 100).
+    #[arg(long, default_value_t = 0.005)]
     lr: f64,
+    /// Shapes per image: 1 to this many (the segmentation set has 1-3; more than one makes
+    /// the label a pixel-count comparison of overlapping shapes).
+    #[arg(long, default_value_t = 1)]
+    max_shapes: usize,
+    /// Shape radius range as fractions of the side, `MIN,MAX` (the segmentation set's is
+    /// 0.10,0.25).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.2, 0.4])]
+    radius: Vec<f32>,
+    /// Paint every shape in one solid colour (no stripes, checker or speckle).
+    #[arg(long)]
+    plain: bool,
     /// Training images (rendered once, then drawn in a seeded order with flips).
     #[arg(long, default_value_t = 8000)]
     train_size: usize,
@@ -67,6 +91,13 @@ struct Args {
     /// The safetensors file to write (torchvision names).
     #[arg(long)]
     out: PathBuf,
+    /// Print the mean train loss and train-batch accuracy every N steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    log_every: usize,
+    /// After writing --out: the label frequencies, the train-set accuracy and the val
+    /// accuracy with batch statistics (BN in train mode) beside the running statistics'.
+    #[arg(long)]
+    diagnose: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -74,7 +105,8 @@ struct Args {
     dev: DeviceArgs,
 }
 
-/// The dominant shape of every sample of `b`: `(N,)` u32 labels.
+/// The dominant shape of every sample of `b`: `(N,)` u32 labels (ties to the lower class
+/// id; 0 for a mask without shape pixels).
 fn labels(b: &HostBatch) -> Vec<u32> {
     b.targets
         .chunks(b.size * b.size)
@@ -138,14 +170,21 @@ fn seeded_init(vm: &VarMap, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Top-1 accuracy of `net` on `val`.
-fn accuracy(net: &ResNet, val: &dyn Source, size: usize, dev: &Device) -> anyhow::Result<f64> {
+/// Top-1 accuracy of `net` on `val`; `batch_stats` normalizes with each batch's statistics
+/// (BN in train mode: it also moves the running statistics).
+fn accuracy(
+    net: &ResNet,
+    val: &dyn Source,
+    size: usize,
+    dev: &Device,
+    batch_stats: bool,
+) -> anyhow::Result<f64> {
     let (mut right, mut total) = (0usize, 0usize);
     for b in eval_batches(val, 64, size) {
         let b = b?;
         let (x, _) = b.to_tensors(dev)?;
         let logits = net
-            .forward(&x, false)?
+            .forward(&x, batch_stats)?
             .logits
             .context("the network has no fc")?;
         let pred = logits.argmax(1)?.to_vec1::<u32>()?;
@@ -170,6 +209,20 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<f64> {
     if [a.batch_size, a.steps, a.train_size, a.val_size].contains(&0) {
         bail!("--batch-size, --steps, --train-size and --val-size must be at least 1")
     }
+    if a.radius.len() != 2 {
+        bail!(
+            "--radius {:?}: give two fractions of the side, MIN,MAX (e.g. 0.10,0.25)",
+            a.radius
+        )
+    }
+    let shapes = ShapesConfig {
+        min_shapes: 1,
+        max_shapes: a.max_shapes,
+        min_radius: a.radius[0],
+        max_radius: a.radius[1],
+        textured: !a.plain,
+    };
+    shapes.validate()?;
     let dev = a.dev.setup("pretrain_resnet")?;
     let cfg = ResNetConfig {
         with_fc: true,
@@ -190,8 +243,13 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<f64> {
         recipe.optimizer(split_no_decay(&vm))?,
         &TrainConfig::default(),
     )?;
-    let train: Arc<dyn Source> = Arc::new(Shapes::generate(a.train_size, a.image_size, TRAIN_SEED));
-    let val = Shapes::generate(a.val_size, a.image_size, VAL_SEED);
+    let train: Arc<dyn Source> = Arc::new(Shapes::generate_with(
+        a.train_size,
+        a.image_size,
+        TRAIN_SEED,
+        shapes,
+    )?);
+    let val = Shapes::generate_with(a.val_size, a.image_size, VAL_SEED, shapes)?;
     let loader_cfg = LoaderConfig {
         batch: a.batch_size,
         size: a.image_size,
@@ -201,11 +259,14 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<f64> {
         workers: 1,
         prefetch: 4,
     };
-    let mut loader = Loader::new(train, loader_cfg);
+    let mut loader = Loader::new(train.clone(), loader_cfg);
     let ce = CrossEntropyConfig::default();
     let pb = progress_bar(!a.quiet, a.steps, 0);
+    let (mut win_loss, mut win_right, mut win_n) = (0.0, 0usize, 0usize);
     while state.step < a.steps {
         let lr = schedule.lr(state.step);
+        let mut right = 0usize;
+        let mut n = 0usize;
         let out = state.step(lr, Some(5.0), |_| {
             let b = loader
                 .next()
@@ -217,8 +278,28 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<f64> {
                 .forward(&x, true)?
                 .logits
                 .ok_or_else(|| candle::Error::Msg("no fc".into()))?;
+            let pred = logits.argmax(1)?.to_vec1::<u32>()?;
+            right = pred
+                .iter()
+                .zip(labels(&b))
+                .filter(|(p, l)| **p == *l)
+                .count();
+            n = b.n;
             cross_entropy(&logits, &y, &ce)
         })?;
+        (win_loss, win_right, win_n) = (win_loss + out.loss, win_right + right, win_n + n);
+        if a.log_every > 0 && (out.step + 1) % a.log_every == 0 {
+            pb.suspend(|| {
+                println!(
+                    "step {}: loss {:.4} train-batch accuracy {:.3} lr {:.2e}",
+                    out.step + 1,
+                    win_loss / a.log_every as f64,
+                    win_right as f64 / win_n.max(1) as f64,
+                    out.lr
+                )
+            });
+            (win_loss, win_right, win_n) = (0.0, 0, 0);
+        }
         if !out.loss.is_finite() {
             bail!("step {}: the loss is {} (lower --lr)", out.step, out.loss)
         }
@@ -226,7 +307,7 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<f64> {
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let acc = accuracy(&net, &val, a.image_size, &dev)?;
+    let acc = accuracy(&net, &val, a.image_size, &dev, false)?;
     let tensors: Vec<(String, Tensor)> = named_vars(&vm)
         .into_iter()
         .map(|(k, v)| (k, v.as_tensor().clone()))
@@ -240,5 +321,58 @@ pub fn run(argv: Vec<String>) -> anyhow::Result<f64> {
         "pretrain_resnet: resnet{} (bn, batch {}, {} steps at {}x{}): val accuracy {:.4} on {} images (chance {:.2}); wrote {}",
         a.depth, a.batch_size, a.steps, a.image_size, a.image_size, acc, a.val_size, 1.0 / (CLASSES - 1) as f64, a.out.display()
     );
+    if a.diagnose {
+        diagnose(&net, &*train, &val, a.image_size, &dev)?;
+    }
     Ok(acc)
+}
+
+/// The first `.1` samples of a source.
+struct First<'a>(&'a dyn Source, usize);
+
+impl Source for First<'_> {
+    fn len(&self) -> usize {
+        self.1
+    }
+
+    fn load(
+        &self,
+        idx: usize,
+        size: usize,
+        aug: Option<&mut rand_chacha::ChaCha8Rng>,
+    ) -> candle::Result<Sample> {
+        self.0.load(idx, size, aug)
+    }
+}
+
+/// The label frequencies of both sets, the train-set accuracy (running statistics) and the
+/// val accuracy with batch statistics (this moves the running statistics: run it after the
+/// file is written).
+fn diagnose(
+    net: &ResNet,
+    train: &dyn Source,
+    val: &Shapes,
+    size: usize,
+    dev: &Device,
+) -> anyhow::Result<()> {
+    for (name, src) in [("train", train), ("val", val as &dyn Source)] {
+        let mut freq = [0usize; CLASSES];
+        for b in eval_batches(src, 64, size) {
+            for l in labels(&b?) {
+                freq[l as usize] += 1;
+            }
+        }
+        println!("{name} labels (none, circle, rectangle, triangle, ring): {freq:?}");
+    }
+    let sub = train.len().min(val.len());
+    let sub_src = First(train, sub);
+    println!(
+        "train accuracy (first {sub} images, running statistics): {:.4}",
+        accuracy(net, &sub_src, size, dev, false)?
+    );
+    println!(
+        "val accuracy with batch statistics (BN in train mode, batches of 64): {:.4}",
+        accuracy(net, val, size, dev, true)?
+    );
+    Ok(())
 }

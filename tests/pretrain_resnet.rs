@@ -46,6 +46,13 @@ fn bad_flags_are_errors_that_name_them() {
     );
     let e = pretrain::run(args("pretrain_resnet --steps 0 --out x.safetensors")).unwrap_err();
     assert!(e.to_string().contains("must be at least 1"), "{e}");
+    let e = pretrain::run(args("pretrain_resnet --radius 0.3 --out x.safetensors")).unwrap_err();
+    assert!(e.to_string().contains("--radius [0.3]: give two"), "{e}");
+    let e =
+        pretrain::run(args("pretrain_resnet --radius 0.3,0.2 --out x.safetensors")).unwrap_err();
+    assert!(e.to_string().contains("0 < min_radius < max_radius"), "{e}");
+    let e = pretrain::run(args("pretrain_resnet --max-shapes 0 --out x.safetensors")).unwrap_err();
+    assert!(e.to_string().contains("shapes per image 1..=0"), "{e}");
 }
 
 #[test]

@@ -69,7 +69,7 @@ pub use det_batches::{det_eval_batches, DetBatches};
 pub use det_shapes::{DetShapes, DET_SHAPE_CLASSES};
 pub use loader::{draw, eval_batches, Loader, LoaderConfig};
 pub use sample::{mix, HostBatch, Sample, Source, IGNORE};
-pub use shapes::{Shapes, SHAPES_TRAIN_SEED, SHAPES_VAL_SEED, SHAPE_CLASSES};
+pub use shapes::{Shapes, ShapesConfig, SHAPES_TRAIN_SEED, SHAPES_VAL_SEED, SHAPE_CLASSES};
 pub use sources::Sources;
 pub use voc::Voc;
 pub use voc_det::{VocDet, VOC_CLASSES};

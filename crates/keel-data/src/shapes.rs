@@ -23,11 +23,92 @@ pub const SHAPES_TRAIN_SEED: u64 = 0x5eed_7a1a;
 /// The seed of the synthetic validation set (see [`SHAPES_TRAIN_SEED`]).
 pub const SHAPES_VAL_SEED: u64 = 0x5eed_0fa1;
 
+/// How [`Shapes::generate_with`] renders an image: how many shapes and how large. The
+/// default is the segmentation set's (1-3 shapes of radius 0.10-0.25 of the side), so
+/// `generate_with(.., ShapesConfig::default())` is [`Shapes::generate`], image for image.
+///
+/// ```
+/// use keel_data::{Shapes, ShapesConfig};
+/// // One large shape per image (an easy classification signal).
+/// let cfg = ShapesConfig { max_shapes: 1, min_radius: 0.25, max_radius: 0.4, ..Default::default() };
+/// let set = Shapes::generate_with(4, 32, 7, cfg)?;
+/// assert_eq!(set.samples().len(), 4);
+/// assert!(ShapesConfig { min_shapes: 0, ..cfg }.validate().is_err());
+/// # Ok::<(), candle::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ShapesConfig {
+    /// The fewest shapes in an image (>= 1).
+    pub min_shapes: usize,
+    /// The most shapes in an image (>= `min_shapes`); the count is uniform in between.
+    pub max_shapes: usize,
+    /// The smallest shape radius, as a fraction of the image side (> 0).
+    pub min_radius: f32,
+    /// The largest radius (> `min_radius`, <= 0.5); radii are uniform in between.
+    pub max_radius: f32,
+    /// Whether shapes get random textures (solid, stripes, checker, speckle); `false`
+    /// paints every shape in one solid colour.
+    pub textured: bool,
+}
+
+impl Default for ShapesConfig {
+    fn default() -> Self {
+        Self {
+            min_shapes: 1,
+            max_shapes: 3,
+            min_radius: 0.10,
+            max_radius: 0.25,
+            textured: true,
+        }
+    }
+}
+
+impl ShapesConfig {
+    /// Checks the ranges; errors name the field, the value and the fix.
+    pub fn validate(&self) -> candle::Result<()> {
+        if self.min_shapes == 0 || self.max_shapes < self.min_shapes || self.max_shapes > 16 {
+            candle::bail!(
+                "ShapesConfig: shapes per image {}..={} is not a range within 1..=16; the \
+                 segmentation set uses 1..=3",
+                self.min_shapes,
+                self.max_shapes
+            )
+        }
+        let (lo, hi) = (self.min_radius, self.max_radius);
+        if !(lo > 0.0 && lo < hi && hi <= 0.5) {
+            candle::bail!(
+                "ShapesConfig: radius {lo}..{hi} (fractions of the side) must satisfy \
+                 0 < min_radius < max_radius <= 0.5; the segmentation set uses 0.10..0.25"
+            )
+        }
+        Ok(())
+    }
+}
+
 impl Shapes {
-    /// Renders `n` samples of `size x size`; sample `i` depends only on `(seed, i)`.
+    /// Renders `n` samples of `size x size` with the default [`ShapesConfig`]; sample `i`
+    /// depends only on `(seed, i)`.
     pub fn generate(n: usize, size: usize, seed: u64) -> Self {
+        Self::render(n, size, seed, &ShapesConfig::default())
+    }
+
+    /// [`Shapes::generate`] with `cfg`'s shape count and radius range (checked first).
+    pub fn generate_with(
+        n: usize,
+        size: usize,
+        seed: u64,
+        cfg: ShapesConfig,
+    ) -> candle::Result<Self> {
+        cfg.validate()?;
+        Ok(Self::render(n, size, seed, &cfg))
+    }
+
+    fn render(n: usize, size: usize, seed: u64, cfg: &ShapesConfig) -> Self {
         let samples = (0..n)
-            .map(|i| render_shapes(size, &mut ChaCha8Rng::seed_from_u64(mix(seed, i as u64, 0))))
+            .map(|i| {
+                let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, i as u64, 0));
+                render_shapes(size, cfg, &mut rng)
+            })
             .collect();
         Self { samples }
     }
@@ -190,12 +271,15 @@ pub(crate) fn random_shape(rng: &mut ChaCha8Rng, s: f32, radius: std::ops::Range
     }
 }
 
-fn render_shapes(size: usize, rng: &mut ChaCha8Rng) -> Sample {
+fn render_shapes(size: usize, cfg: &ShapesConfig, rng: &mut ChaCha8Rng) -> Sample {
     let s = size as f32;
     let mut canvas = Canvas::background(size, rng);
+    canvas.textured = cfg.textured;
     let mut mask = vec![0u8; size * size];
-    for _ in 0..rng.random_range(1..=3) {
-        let shape = random_shape(rng, s, 0.10..0.25);
+    // Drawn as i32, as the first version did: the default config renders the same images.
+    let count = rng.random_range(cfg.min_shapes as i32..=cfg.max_shapes as i32);
+    for _ in 0..count {
+        let shape = random_shape(rng, s, cfg.min_radius..cfg.max_radius);
         canvas.paint(&shape, rng, |i| mask[i] = shape.class());
     }
     Sample {
@@ -210,6 +294,9 @@ pub(crate) struct Canvas {
     img: Vec<[f32; 3]>,
     /// The background's mean colour (shape colours keep away from it).
     bg: [f32; 3],
+    /// Whether shapes get random textures (else solid; the texture is still drawn, so the
+    /// random stream up to the texture's pixels stays the same).
+    pub(crate) textured: bool,
 }
 
 impl Canvas {
@@ -246,7 +333,12 @@ impl Canvas {
             }
         }
         let bg = std::array::from_fn(|c| (c0[c] + c1[c]) / 2.0);
-        Self { size, img, bg }
+        Self {
+            size,
+            img,
+            bg,
+            textured: true,
+        }
     }
 
     /// Paints `shape` with random colours and texture over every pixel whose centre it
@@ -284,6 +376,11 @@ impl Canvas {
             _ => Texture::Speckle {
                 amount: rng.random_range(0.1..0.2),
             },
+        };
+        let texture = if self.textured {
+            texture
+        } else {
+            Texture::Solid
         };
         for y in 0..size {
             for x in 0..size {
