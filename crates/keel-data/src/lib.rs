@@ -4,7 +4,8 @@
 //! loop:
 //!
 //! - [`Shapes`]: a synthetic set generated in memory (circles, rectangles, triangles and
-//!   rings on noisy, cluttered backgrounds; class names in [`SHAPE_CLASSES`]), no download.
+//!   rings on noisy, cluttered backgrounds; class names in [`SHAPE_CLASSES`]), no download;
+//!   [`ShapesConfig`] sets the shapes per image, their radius and their textures.
 //! - [`Voc`]: a Pascal VOC style folder (JPEG images, palette / grayscale / RGB masks), and
 //!   [`validate`], which decodes every image/mask pair in parallel before training and
 //!   reports all bad files at once (truncated images, size mismatches, 16-bit masks, class
