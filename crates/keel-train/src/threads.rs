@@ -5,9 +5,9 @@
 //! convolutions and GroupNorm kernels run on rayon's pool, and a trainer's data loader has a
 //! thread too; when those threads, or another process, hold the cores, candle's barrier spins
 //! while the worker it waits for is descheduled. On the 2-core dev box, with a second process
-//! training on the same cores, seg_train's step at the twin widths took 799-826 ms (median) with
-//! candle's pool at 2 threads and 351-352 ms with `CANDLE_NUM_THREADS=1`; on the quiet box the two were equal
-//! (BENCHMARKS.md "candle's CPU pool"). [`candle_pool_single_thread`] sets that variable.
+//! training on the same cores, seg_train's step at the twin widths took 799-826 ms (median)
+//! with candle's pool at 2 threads and 351-352 ms with `CANDLE_NUM_THREADS=1`; on the quiet
+//! box the two were equal (BENCHMARKS.md "candle's CPU pool"). [`candle_pool_single_thread`] sets that variable.
 
 /// The variable candle reads, once, at its first CPU op, for the size of its own pool.
 pub const CANDLE_NUM_THREADS: &str = "CANDLE_NUM_THREADS";
