@@ -419,3 +419,28 @@ fn det_train_defaults_hold_for_run_bench_and_compare() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `--help` prints the usage to stdout and exits 0 for the trainer and each subcommand
+/// (`compare --help` printed it as an error and exited 1).
+#[test]
+fn help_exits_0_for_every_subcommand() -> anyhow::Result<()> {
+    for sub in [&[][..], &["compare"][..], &["bench"][..]] {
+        let args: Vec<String> = std::iter::once("det_train")
+            .chain(sub.iter().copied())
+            .chain(["--help"])
+            .map(String::from)
+            .collect();
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(["--exact", "child_process", "--nocapture"])
+            .env("DET_TRAIN_CHILD_ARGS", serde_json::to_string(&args)?)
+            .output()?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stdout.contains("Usage:"), "{args:?}: {stdout}");
+        assert!(!stderr.contains("error"), "{args:?}: {stderr}");
+    }
+    Ok(())
+}

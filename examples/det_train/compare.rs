@@ -66,9 +66,7 @@ pub struct RunConfigArgs {
 pub fn run(argv: Vec<String>) -> anyhow::Result<()> {
     let cmd = with_defaults(CompareArgs::command())
         .mut_arg("out", |a| a.default_value("runs/det_compare"));
-    let m = cmd
-        .try_get_matches_from(argv)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let m = super::cli::matches(cmd, argv)?;
     for id in ["norm", "batch_size", "seed", "resume", "resume_from"] {
         if m.value_source(id) == Some(ValueSource::CommandLine) {
             bail!(
