@@ -272,3 +272,55 @@ fn a_sigkill_during_a_checkpoint_write_resumes_exactly_and_the_lock_guards_the_r
     }
     Ok(())
 }
+
+/// A run keeps the weight-decay rule it started with: config.json records it (`rank` for a
+/// fresh run), a run whose config says `names` (every run before the field existed reads
+/// so) resumes with the name rule's groups, exactly, and the two rules train differently
+/// (the twin's norms are named by position: the name rule decays their weights).
+#[test]
+fn a_runs_no_decay_rule_is_kept_on_resume() -> anyhow::Result<()> {
+    let adamw = |d: &Path, steps: usize| {
+        with(
+            tiny(d, steps),
+            &["--optimizer", "adamw", "--weight-decay", "0.5"],
+        )
+    };
+    let fresh = tmp("nodecay-rank");
+    run_cli(&adamw(&fresh, 12))?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fresh.join("config.json"))?)?;
+    assert_eq!(cfg["no_decay"], "rank");
+    cfg["no_decay"] = serde_json::json!("names");
+    let run_config = |cfg: &serde_json::Value, out: &Path| -> anyhow::Result<()> {
+        let file = out.with_extension("json");
+        std::fs::write(&file, serde_json::to_string(cfg)?)?;
+        let args = format!(
+            "seg_train run-config --device cpu --config {} --out {}",
+            file.display(),
+            out.display()
+        );
+        let r = run_cli(
+            &args
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>(),
+        );
+        let _ = std::fs::remove_file(file);
+        r
+    };
+    let whole = tmp("nodecay-names");
+    run_config(&cfg, &whole)?;
+    let reference = step_losses(&whole);
+    let file = ckpt(&whole, 10).display().to_string();
+    run_cli(&resume(&whole, &["--resume-from", &file]))?;
+    let read = cli::read_config(&whole.join("config.json"))?;
+    assert_eq!(read.train.no_decay, keel::optim::NoDecay::Names);
+    assert_same_losses(&reference, &step_losses(&whole));
+    let (rank, names) = (step_losses(&fresh), step_losses(&whole));
+    assert_eq!(rank[0], names[0], "step 0 runs before any update");
+    assert_ne!(rank, names, "the rules gave the same training");
+    for d in [fresh, whole] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    Ok(())
+}

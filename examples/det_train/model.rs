@@ -13,7 +13,7 @@ use keel::models::backbone::{backbone_param_groups, BACKBONE_PREFIX};
 use keel::models::resnet::{ResNet, ResNetConfig};
 use keel::models::seg::{copy_bn_stats, init_weights, SegEncoder};
 use keel::norm::{group_count, Activation, NormKind};
-use keel::optim::{split_no_decay, ParamGroup};
+use keel::optim::{split_no_decay_with, NoDecay, ParamGroup};
 use serde::{Deserialize, Serialize};
 
 /// The strides of P3, P4, P5.
@@ -114,12 +114,18 @@ impl FcosNet {
     }
 
     /// The optimizer's parameter groups over `vm` (the VarMap the detector was built from):
-    /// the twin's [`split_no_decay`], or with a ResNet the head (FPN and FCOS head) at the
-    /// base LR and the backbone's trainable variables at `lr * backbone_lr_mult` (frozen
-    /// stages and FrozenBatchNorm tensors in no group: [`backbone_param_groups`]).
-    pub fn param_groups(&self, vm: &VarMap, backbone_lr_mult: f64) -> Result<Vec<ParamGroup>> {
+    /// the twin's [`split_no_decay_with`] `no_decay` (the run config's rule), or with a
+    /// ResNet the head (FPN and FCOS head) at the base LR and the backbone's trainable
+    /// variables at `lr * backbone_lr_mult` (frozen stages and FrozenBatchNorm tensors in no
+    /// group; biases and norm parameters never decay: [`backbone_param_groups`]).
+    pub fn param_groups(
+        &self,
+        vm: &VarMap,
+        backbone_lr_mult: f64,
+        no_decay: NoDecay,
+    ) -> Result<Vec<ParamGroup>> {
         match &self.encoder {
-            Backbone::Twin(_) => Ok(split_no_decay(vm)),
+            Backbone::Twin(_) => Ok(split_no_decay_with(vm, no_decay)),
             Backbone::ResNet(r) => backbone_param_groups(vm, r, backbone_lr_mult),
         }
     }

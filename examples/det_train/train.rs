@@ -235,7 +235,7 @@ impl Net {
             );
         }
         let train_cfg = cfg.train.train_config(Default::default());
-        let groups = net.param_groups(&vm, cfg.backbone_lr_mult())?;
+        let groups = net.param_groups(&vm, cfg.backbone_lr_mult(), cfg.train.no_decay)?;
         let optimizer = cfg.recipe().optimizer(groups)?;
         let state = TrainState::new(named_vars(&vm), optimizer, &train_cfg)?;
         Ok(Self { vm, net, state })

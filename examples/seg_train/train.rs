@@ -223,7 +223,7 @@ impl Net {
             reference_loss: Some((cfg.num_classes() as f64).ln()),
             ..Default::default()
         });
-        let groups = master.param_groups(&vm, cfg.backbone_lr_mult())?;
+        let groups = master.param_groups(&vm, cfg.backbone_lr_mult(), cfg.train.no_decay)?;
         let optimizer = cfg.recipe().optimizer(groups)?;
         let state = TrainState::new(named_vars(&vm), optimizer, &train_cfg)?;
         Ok((Self { vm, master, state }, init_msg))

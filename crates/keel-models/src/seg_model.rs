@@ -40,7 +40,7 @@
 //! let logits = model.forward(&Tensor::randn(0f32, 1.0, (1, 3, 45, 38), &Device::Cpu)?, true)?;
 //! assert_eq!(logits.dims(), &[1, 3, 45, 38]);
 //! // The head at the base LR, the trainable backbone (layer2-layer4) at a tenth of it.
-//! let groups = model.param_groups(&vm, 0.1)?;
+//! let groups = model.param_groups(&vm, 0.1, keel_optim::NoDecay::Rank)?;
 //! assert_eq!(groups.iter().map(|g| g.lr_mult).collect::<Vec<_>>(), [1.0, 1.0, 0.1, 0.1]);
 //! # Ok::<(), candle::Error>(())
 //! ```
@@ -49,7 +49,7 @@ use candle::{bail, DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use keel_norm::convert::StateDict;
 use keel_norm::NormKind;
-use keel_optim::{split_no_decay, ParamGroup};
+use keel_optim::{split_no_decay_with, NoDecay, ParamGroup};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::backbone_param_groups;
@@ -332,15 +332,24 @@ impl SegModel {
     /// The optimizer's parameter groups over the variables of `vm` (the VarMap the model was
     /// built from), in a fixed order.
     ///
-    /// - Twin: [`split_no_decay`] (`[decay, no_decay]`), `backbone_lr_mult` unused.
+    /// - Twin: [`split_no_decay_with`] `no_decay` (`[decay, no_decay]`), `backbone_lr_mult`
+    ///   unused. [`NoDecay::Rank`] exempts every bias and norm parameter; the twin names its
+    ///   norms by position (`n1`, `skip.1`), so [`NoDecay::Names`] (runs before 2026-12-01)
+    ///   decays its norm weights.
     /// - ResNet: `[head decay, head no_decay, backbone decay, backbone no_decay]`. The head is
     ///   every variable outside `backbone.`; the backbone groups hold only
     ///   [`ResNet::trainable_names`] (frozen stages and FrozenBatchNorm tensors are in no
     ///   group, so the optimizer keeps no state for them) at `lr * backbone_lr_mult`. Conv
-    ///   weights decay; biases and norm parameters (rank <= 1) get no weight decay.
+    ///   weights decay; biases and norm parameters (rank <= 1) get no weight decay, whatever
+    ///   `no_decay` says.
     ///
     /// Errors when `backbone_lr_mult` is negative or not finite.
-    pub fn param_groups(&self, vm: &VarMap, backbone_lr_mult: f64) -> Result<Vec<ParamGroup>> {
+    pub fn param_groups(
+        &self,
+        vm: &VarMap,
+        backbone_lr_mult: f64,
+        no_decay: NoDecay,
+    ) -> Result<Vec<ParamGroup>> {
         if !(backbone_lr_mult.is_finite() && backbone_lr_mult >= 0.0) {
             bail!(
                 "SegModel::param_groups: backbone_lr_mult {backbone_lr_mult} must be finite and \
@@ -348,7 +357,7 @@ impl SegModel {
             )
         }
         match self {
-            SegModel::Twin(_) => Ok(split_no_decay(vm)),
+            SegModel::Twin(_) => Ok(split_no_decay_with(vm, no_decay)),
             SegModel::ResNet(m) => backbone_param_groups(vm, &m.backbone, backbone_lr_mult),
         }
     }

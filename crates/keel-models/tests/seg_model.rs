@@ -10,6 +10,7 @@ use keel_models::seg::{init_weights, ModelConfig, SegNet};
 use keel_models::seg_model::{ResNetSegConfig, SegModel, SegModelConfig};
 use keel_norm::convert::StateDict;
 use keel_norm::NormKind;
+use keel_optim::NoDecay;
 
 const DEV: Device = Device::Cpu;
 
@@ -109,7 +110,7 @@ fn gradients_reach_the_head_and_the_unfrozen_stages_only() -> Result<()> {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 40, 36), &DEV)?;
         let loss = model.forward(&x, true)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
-        let groups = model.param_groups(&vm, 0.1)?;
+        let groups = model.param_groups(&vm, 0.1, NoDecay::Rank)?;
         let in_groups: Vec<_> = groups.iter().flat_map(|g| g.vars.iter()).collect();
         let data = vm.data().lock().unwrap();
         let stage = |k: &str| {
@@ -149,7 +150,7 @@ fn gradients_reach_the_head_and_the_unfrozen_stages_only() -> Result<()> {
 #[test]
 fn param_groups_split_head_and_backbone_with_the_multiplier() -> Result<()> {
     let (vm, model) = build(&r18("frozen-bn", "gn:8", 2)?)?;
-    let g = model.param_groups(&vm, 0.25)?;
+    let g = model.param_groups(&vm, 0.25, NoDecay::Rank)?;
     let summary: Vec<_> = g
         .iter()
         .map(|g| (g.vars.len(), g.lr_mult, g.weight_decay))
@@ -165,7 +166,10 @@ fn param_groups_split_head_and_backbone_with_the_multiplier() -> Result<()> {
             (0, 0.25, Some(0.0))
         ]
     );
-    let e = model.param_groups(&vm, f64::NAN).unwrap_err().to_string();
+    let e = model
+        .param_groups(&vm, f64::NAN, NoDecay::Rank)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("backbone_lr_mult NaN"), "{e}");
     Ok(())
 }
@@ -264,7 +268,53 @@ fn the_twin_behind_the_enum_is_segnet() -> Result<()> {
     let a = model.forward(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
     let b = net.forward(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
     assert_eq!(a, b);
-    assert_eq!(model.param_groups(&vm, 0.1)?.len(), 2);
+    assert_eq!(model.param_groups(&vm, 0.1, NoDecay::Rank)?.len(), 2);
+    Ok(())
+}
+
+/// The twin names its norms by position (`stages.0.0.n1`, `skip.1`): NoDecay::Rank exempts
+/// every one of them (and every bias) from weight decay and decays every conv weight;
+/// the legacy name rule decays the norm weights, which is why runs record their rule.
+#[test]
+fn twin_norms_get_no_weight_decay_under_the_rank_rule() -> Result<()> {
+    let c = ModelConfig {
+        width: 8,
+        fpn: 8,
+        num_classes: 3,
+        norm: "gn:4".parse()?,
+    };
+    let (vm, model) = build(&SegModelConfig::Twin(c))?;
+    let names: std::collections::HashMap<_, _> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| (v.as_tensor().id(), (n.clone(), v.rank())))
+        .collect();
+    let split = |rule| -> Result<[Vec<(String, usize)>; 2]> {
+        let g = model.param_groups(&vm, 1.0, rule)?;
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[1].weight_decay, Some(0.0));
+        assert_eq!(g[0].weight_decay, None);
+        let of = |i: usize| {
+            g[i].vars
+                .iter()
+                .map(|v| names[&v.as_tensor().id()].clone())
+                .collect()
+        };
+        Ok([of(0), of(1)])
+    };
+    let [decay, no_decay] = split(NoDecay::Rank)?;
+    assert!(decay.iter().all(|(_, r)| *r == 4), "{decay:?}");
+    assert!(no_decay.iter().all(|(_, r)| *r == 1), "{no_decay:?}");
+    assert!(
+        no_decay.iter().any(|(n, _)| n.ends_with(".n1.weight")),
+        "{no_decay:?}"
+    );
+    assert_eq!(decay.len() + no_decay.len(), names.len());
+    let [legacy_decay, _] = split(NoDecay::Names)?;
+    let norm_weight = |(n, r): &(String, usize)| *r == 1 && n.ends_with(".n1.weight");
+    assert!(legacy_decay.iter().any(norm_weight), "{legacy_decay:?}");
     Ok(())
 }
 

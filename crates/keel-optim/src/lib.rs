@@ -53,7 +53,7 @@ pub use clip::{clip_grad_norm, clip_grad_norm_device, clip_grad_value};
 pub use ema::{Ema, EmaConfig, EmaWarmup};
 pub use grad_scaler::{GradScaler, GradScalerConfig};
 pub use grouped::{GroupHparams, Grouped, ParamState, SavedState, UpdateRule};
-pub use param_group::{is_no_decay_name, split_no_decay, ParamGroup};
+pub use param_group::{is_no_decay_name, split_no_decay, split_no_decay_with, NoDecay, ParamGroup};
 pub use schedule::{Constant, Cosine, LrSchedule, MultiStep, Poly, Warmup};
 pub use sgd::{Sgd, SgdConfig, SgdState};
 pub use traits::{DynOptimizer, StateDict};

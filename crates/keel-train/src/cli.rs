@@ -484,6 +484,7 @@ impl LoopArgs {
             keep_last: self.keep_last,
             ema_decay: self.ema_decay,
             guard: self.guard,
+            no_decay: keel_optim::NoDecay::Rank,
         }
     }
 

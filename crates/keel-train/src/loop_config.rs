@@ -2,7 +2,7 @@
 //! recipe, precision, accumulation, clipping, EMA, evaluation and checkpoint cadence, the
 //! guard), checked in one place. A trainer's run config embeds it with `#[serde(flatten)]`,
 //! so its `config.json` stays one flat object whose keys are the flags' names.
-use keel_optim::{EmaConfig, EmaWarmup, OptimizerKind, Precision};
+use keel_optim::{EmaConfig, EmaWarmup, NoDecay, OptimizerKind, Precision};
 use serde::{Deserialize, Serialize};
 
 use crate::{GuardPolicy, MonitorConfig, OptimRecipe, TrainConfig};
@@ -46,11 +46,23 @@ pub struct LoopConfig {
     /// What the guard does on divergence; configs saved before it existed read as rollback.
     #[serde(default)]
     pub guard: GuardPolicy,
+    /// Which parameters get no weight decay ([`NoDecay`]; a trainer passes it to its param
+    /// groups, e.g. [`keel_optim::split_no_decay_with`]): [`NoDecay::Rank`] (biases and
+    /// every norm parameter) for new runs. Configs saved before the field existed read as
+    /// [`NoDecay::Names`], the rule those runs trained with, so they resume with the same
+    /// groups.
+    #[serde(default = "legacy_no_decay")]
+    pub no_decay: NoDecay,
+}
+
+/// The rule of configs saved before [`LoopConfig::no_decay`] existed.
+fn legacy_no_decay() -> NoDecay {
+    NoDecay::Names
 }
 
 impl Default for LoopConfig {
     /// SGD at its default LR and decay, f32, no warmup, clipping or EMA, evaluation and
-    /// checkpoints every 1000 steps, 2 kept, rollback guard.
+    /// checkpoints every 1000 steps, 2 kept, rollback guard, [`NoDecay::Rank`].
     fn default() -> Self {
         Self {
             optimizer: OptimizerKind::Sgd,
@@ -65,6 +77,7 @@ impl Default for LoopConfig {
             keep_last: 2,
             ema_decay: 0.0,
             guard: GuardPolicy::Rollback,
+            no_decay: NoDecay::Rank,
         }
     }
 }
@@ -163,5 +176,33 @@ pub fn check_at_least_1(flags: &[(&str, usize)]) -> candle::Result<()> {
     match flags.iter().find(|(_, v)| *v == 0) {
         Some((flag, v)) => candle::bail!("{flag} must be at least 1 (got {v})"),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// New configs use the rank rule and record it; a config saved before the field
+    /// existed reads as the name rule its run trained with (so it resumes with the same
+    /// parameter groups).
+    #[test]
+    fn no_decay_is_recorded_and_old_configs_read_as_the_name_rule() {
+        let fresh = LoopConfig::default();
+        assert_eq!(fresh.no_decay, NoDecay::Rank);
+        let mut json = serde_json::to_value(&fresh).unwrap();
+        assert_eq!(json["no_decay"], "rank");
+        let back: LoopConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, fresh);
+        json.as_object_mut().unwrap().remove("no_decay");
+        let old: LoopConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old.no_decay, NoDecay::Names);
+        assert_eq!(
+            LoopConfig {
+                no_decay: NoDecay::Rank,
+                ..old
+            },
+            fresh
+        );
     }
 }
