@@ -4,7 +4,7 @@
 //! candle-nn's AdamW keeps the moments in the parameter dtype, where `eps = 1e-8`
 //! underflows in f16; here f16/bf16/f32 params all get f32 moments and f32 arithmetic.
 
-use candle::Tensor;
+use candle::{Tensor, Var};
 
 use crate::grouped::{GroupHparams, Grouped, ParamState, SavedState, UpdateRule};
 use crate::state;
@@ -107,6 +107,17 @@ impl UpdateRule for AdamWConfig {
             step,
         });
         Ok(new)
+    }
+
+    /// The one-pass CPU form of [`UpdateRule::step`] ([`crate::fused`]).
+    fn step_fused(
+        &self,
+        hparams: &GroupHparams,
+        var: &Var,
+        grad: &Tensor,
+        state: &mut Option<AdamWState>,
+    ) -> candle::Result<bool> {
+        crate::fused::adamw(self, hparams, var, grad, state)
     }
 }
 

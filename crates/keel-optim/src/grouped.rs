@@ -82,6 +82,22 @@ pub trait UpdateRule: Clone + Debug {
         grad: Tensor,
         state: &mut Option<Self::State>,
     ) -> candle::Result<Tensor>;
+
+    /// The same update done directly on `var` (f32 parameter, gradient as the backward
+    /// pass gave it) in fewer passes, e.g. [`crate::Sgd`]'s and [`crate::AdamW`]'s one-pass
+    /// CPU loops: `Ok(true)` when it updated `var` and `state`, `Ok(false)` (having changed
+    /// nothing) to have [`UpdateRule::step`] do it. It must give the same values as
+    /// `step`. The default does nothing.
+    fn step_fused(
+        &self,
+        hparams: &GroupHparams,
+        var: &Var,
+        grad: &Tensor,
+        state: &mut Option<Self::State>,
+    ) -> candle::Result<bool> {
+        let _ = (hparams, var, grad, state);
+        Ok(false)
+    }
 }
 
 /// The hyper-parameters one group contributes to a step.
@@ -173,6 +189,10 @@ pub struct Grouped<R: UpdateRule> {
     /// The base learning rate (the rule's until `set_learning_rate` or a loaded state).
     lr: f64,
     groups: Vec<Group<R::State>>,
+    /// Whether [`UpdateRule::step_fused`] is tried first (default true).
+    fused: bool,
+    /// Parameter updates [`UpdateRule::step_fused`] made.
+    fused_updates: u64,
 }
 
 impl<R: UpdateRule> Grouped<R> {
@@ -197,7 +217,23 @@ impl<R: UpdateRule> Grouped<R> {
             rule,
             lr: base.lr,
             groups: out,
+            fused: fused_default()?,
+            fused_updates: 0,
         })
+    }
+
+    /// Turns the rule's one-pass update ([`UpdateRule::step_fused`]) on or off; off, every
+    /// update runs [`UpdateRule::step`]'s candle ops. Both give the same values: this is
+    /// for comparing their speed. On by default, unless the environment variable
+    /// `KEEL_OPTIM_FUSED=0` (read when the optimizer is built) turns it off for a whole
+    /// trainer, e.g. `KEEL_OPTIM_FUSED=0 seg_train bench`.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    /// How many parameter updates took the one-pass path so far (not saved in the state).
+    pub fn fused_updates(&self) -> u64 {
+        self.fused_updates
     }
 
     /// The configuration the optimizer was built with. Its `lr` is the starting one: the
@@ -209,6 +245,21 @@ impl<R: UpdateRule> Grouped<R> {
 
     fn slots(&self) -> impl Iterator<Item = &Slot<R::State>> {
         self.groups.iter().flat_map(|g| g.slots.iter())
+    }
+}
+
+/// [`Grouped::set_fused`]'s default: `KEEL_OPTIM_FUSED` unset or `1` on, `0` off.
+fn fused_default() -> candle::Result<bool> {
+    match std::env::var("KEEL_OPTIM_FUSED") {
+        Err(_) => Ok(true),
+        Ok(v) => match v.trim() {
+            "1" => Ok(true),
+            "0" => Ok(false),
+            other => candle::bail!(
+                "KEEL_OPTIM_FUSED={other:?}: use 1 (the optimizers' one-pass CPU updates, the \
+                 default) or 0 (candle ops only, for comparing speed)"
+            ),
+        },
     }
 }
 
@@ -279,6 +330,14 @@ impl<R: UpdateRule> candle_nn::Optimizer for Grouped<R> {
                 let Some(grad) = grads.get(&slot.var) else {
                     continue;
                 };
+                if self.fused
+                    && self
+                        .rule
+                        .step_fused(&hparams, &slot.var, grad, &mut slot.state)?
+                {
+                    self.fused_updates += 1;
+                    continue;
+                }
                 let dtype = state::compute_dtype(slot.var.dtype());
                 let param = slot.var.as_tensor().detach().to_dtype(dtype)?;
                 let grad = grad.detach().to_dtype(dtype)?;

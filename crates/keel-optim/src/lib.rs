@@ -36,6 +36,7 @@ pub mod adamw;
 pub mod choice;
 pub mod clip;
 pub mod ema;
+pub mod fused;
 pub mod grad_scaler;
 pub mod grouped;
 pub mod host_read;

@@ -1,7 +1,7 @@
 //! Stochastic gradient descent with momentum, dampening, Nesterov momentum and
 //! L2 weight decay, exactly as `torch.optim.SGD` (Sutskever et al. 2013 for Nesterov).
 
-use candle::Tensor;
+use candle::{Tensor, Var};
 
 use crate::grouped::{GroupHparams, Grouped, ParamState, SavedState, UpdateRule};
 
@@ -107,6 +107,17 @@ impl UpdateRule for SgdConfig {
             });
         }
         param - d_p.affine(hparams.lr, 0.0)?
+    }
+
+    /// The one-pass CPU form of [`UpdateRule::step`] ([`crate::fused`]).
+    fn step_fused(
+        &self,
+        hparams: &GroupHparams,
+        var: &Var,
+        grad: &Tensor,
+        state: &mut Option<SgdState>,
+    ) -> candle::Result<bool> {
+        crate::fused::sgd(self, hparams, var, grad, state)
     }
 }
 
