@@ -68,26 +68,30 @@ pub(crate) fn sgd(
     let (wd, lr) = (h.weight_decay as f32, h.lr as f32);
     let (m, one_minus_d) = (cfg.momentum as f32, (1.0 - cfg.dampening) as f32);
     let (decay, nesterov) = (h.weight_decay != 0.0, cfg.nesterov);
+    let c = SgdConsts {
+        wd,
+        lr,
+        m,
+        one_minus_d,
+    };
     let out = with_f32s([var.as_tensor(), grad, &buf], |[p, g, b]| {
-        let mut new_p = Vec::with_capacity(p.len());
-        let mut new_b = Vec::with_capacity(if momentum { p.len() } else { 0 });
-        for i in 0..p.len() {
-            let mut d = g[i];
-            if decay {
-                d += affine(p[i], wd, 0.0);
+        let mut new_p = vec![0f32; p.len()];
+        let mut new_b = vec![0f32; if momentum { p.len() } else { 0 }];
+        match (decay, momentum, nesterov) {
+            (false, false, _) => {
+                sgd_loop::<false, false, false>(&c, p, g, b, &mut new_p, &mut new_b)
             }
-            let dir = if momentum {
-                let nb = affine(b[i], m, 0.0) + affine(d, one_minus_d, 0.0);
-                new_b.push(nb);
-                if nesterov {
-                    d + affine(nb, m, 0.0)
-                } else {
-                    nb
-                }
-            } else {
-                d
-            };
-            new_p.push(p[i] - affine(dir, lr, 0.0));
+            (true, false, _) => sgd_loop::<true, false, false>(&c, p, g, b, &mut new_p, &mut new_b),
+            (false, true, false) => {
+                sgd_loop::<false, true, false>(&c, p, g, b, &mut new_p, &mut new_b)
+            }
+            (true, true, false) => {
+                sgd_loop::<true, true, false>(&c, p, g, b, &mut new_p, &mut new_b)
+            }
+            (false, true, true) => {
+                sgd_loop::<false, true, true>(&c, p, g, b, &mut new_p, &mut new_b)
+            }
+            (true, true, true) => sgd_loop::<true, true, true>(&c, p, g, b, &mut new_p, &mut new_b),
         }
         (new_p, new_b)
     });
@@ -101,6 +105,52 @@ pub(crate) fn sgd(
     }
     set(var, new_p)?;
     Ok(true)
+}
+
+/// SGD's hyper-parameters as the candle form rounds them (f32).
+struct SgdConsts {
+    wd: f32,
+    lr: f32,
+    m: f32,
+    one_minus_d: f32,
+}
+
+/// SGD's loop, one instance per option set so that each compiles to a branch-free,
+/// vectorizable loop. Without momentum `b` and `new_b` are not read or written.
+#[inline(always)]
+fn sgd_loop<const DECAY: bool, const MOMENTUM: bool, const NESTEROV: bool>(
+    c: &SgdConsts,
+    p: &[f32],
+    g: &[f32],
+    b: &[f32],
+    new_p: &mut [f32],
+    new_b: &mut [f32],
+) {
+    let n = p.len();
+    let (g, new_p) = (&g[..n], &mut new_p[..n]);
+    let (b, new_b) = if MOMENTUM {
+        (&b[..n], &mut new_b[..n])
+    } else {
+        (&b[..0], &mut new_b[..0])
+    };
+    for i in 0..n {
+        let mut d = g[i];
+        if DECAY {
+            d += affine(p[i], c.wd, 0.0);
+        }
+        let dir = if MOMENTUM {
+            let nb = affine(b[i], c.m, 0.0) + affine(d, c.one_minus_d, 0.0);
+            new_b[i] = nb;
+            if NESTEROV {
+                d + affine(nb, c.m, 0.0)
+            } else {
+                nb
+            }
+        } else {
+            d
+        };
+        new_p[i] = p[i] - affine(dir, c.lr, 0.0);
+    }
 }
 
 /// AdamW's update in one pass (see the module docs); `Ok(false)` when it does not apply.
@@ -124,29 +174,25 @@ pub(crate) fn adamw(
     let bias_correction2 = 1.0 - cfg.beta2.powf(step as f64);
     let step_size = (lr / bias_correction1) as f32;
     let inv_sqrt_bc2 = (1.0 / bias_correction2.sqrt()) as f32;
-    let eps = cfg.eps as f32;
+    let c = AdamWConsts {
+        keep,
+        one_minus_b1,
+        b2,
+        one_minus_b2,
+        step_size,
+        inv_sqrt_bc2,
+        eps: cfg.eps as f32,
+    };
     let out = with_f32s(
         [var.as_tensor(), grad, &s.exp_avg, &s.exp_avg_sq],
         |[p, g, m, v]| {
             let n = p.len();
-            let (mut new_p, mut new_m, mut new_v) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            for i in 0..n {
-                let mut pi = p[i];
-                if decay {
-                    pi = affine(pi, keep, 0.0);
-                }
-                let gi = g[i];
-                let mi = m[i] + affine(gi - m[i], one_minus_b1, 0.0);
-                let vi = affine(v[i], b2, 0.0) + affine(gi * gi, one_minus_b2, 0.0);
-                let denom = affine(affine(vi.sqrt(), inv_sqrt_bc2, 0.0), 1.0, eps);
-                new_p.push(pi - affine(mi / denom, step_size, 0.0));
-                new_m.push(mi);
-                new_v.push(vi);
+            let mut new = [vec![0f32; n], vec![0f32; n], vec![0f32; n]];
+            match decay {
+                true => adamw_loop::<true>(&c, [p, g, m, v], &mut new),
+                false => adamw_loop::<false>(&c, [p, g, m, v], &mut new),
             }
+            let [new_p, new_m, new_v] = new;
             (new_p, new_m, new_v)
         },
     );
@@ -160,4 +206,39 @@ pub(crate) fn adamw(
     });
     set(var, new_p)?;
     Ok(true)
+}
+
+/// AdamW's hyper-parameters of one step as the candle form rounds them (f32).
+struct AdamWConsts {
+    keep: f32,
+    one_minus_b1: f32,
+    b2: f32,
+    one_minus_b2: f32,
+    step_size: f32,
+    inv_sqrt_bc2: f32,
+    eps: f32,
+}
+
+/// AdamW's loop over `[p, g, m, v]` into `[new_p, new_m, new_v]`, one instance with and one
+/// without decoupled weight decay.
+#[inline(always)]
+fn adamw_loop<const DECAY: bool>(c: &AdamWConsts, src: [&[f32]; 4], new: &mut [Vec<f32>; 3]) {
+    let [p, g, m, v] = src;
+    let n = p.len();
+    let (g, m, v) = (&g[..n], &m[..n], &v[..n]);
+    let [new_p, new_m, new_v] = new;
+    let (new_p, new_m, new_v) = (&mut new_p[..n], &mut new_m[..n], &mut new_v[..n]);
+    for i in 0..n {
+        let mut pi = p[i];
+        if DECAY {
+            pi = affine(pi, c.keep, 0.0);
+        }
+        let gi = g[i];
+        let mi = m[i] + affine(gi - m[i], c.one_minus_b1, 0.0);
+        let vi = affine(v[i], c.b2, 0.0) + affine(gi * gi, c.one_minus_b2, 0.0);
+        let denom = affine(affine(vi.sqrt(), c.inv_sqrt_bc2, 0.0), 1.0, c.eps);
+        new_p[i] = pi - affine(mi / denom, c.step_size, 0.0);
+        new_m[i] = mi;
+        new_v[i] = vi;
+    }
 }
