@@ -252,14 +252,19 @@ fn bad_checkpoints_name_the_first_bad_key_and_change_nothing() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn the_twin_behind_the_enum_is_segnet() -> Result<()> {
-    let c = ModelConfig {
+/// A small twin (width 8, fpn 8, 3 classes, GN with 4 groups).
+fn small_twin() -> Result<ModelConfig> {
+    Ok(ModelConfig {
         width: 8,
         fpn: 8,
         num_classes: 3,
         norm: "gn:4".parse()?,
-    };
+    })
+}
+
+#[test]
+fn the_twin_behind_the_enum_is_segnet() -> Result<()> {
+    let c = small_twin()?;
     let (vm, model) = build(&SegModelConfig::Twin(c))?;
     let vm2 = VarMap::new();
     let net = SegNet::new(&c, VarBuilder::from_varmap(&vm2, DType::F32, &DEV))?;
@@ -277,12 +282,7 @@ fn the_twin_behind_the_enum_is_segnet() -> Result<()> {
 /// the legacy name rule decays the norm weights, which is why runs record their rule.
 #[test]
 fn twin_norms_get_no_weight_decay_under_the_rank_rule() -> Result<()> {
-    let c = ModelConfig {
-        width: 8,
-        fpn: 8,
-        num_classes: 3,
-        norm: "gn:4".parse()?,
-    };
+    let c = small_twin()?;
     let (vm, model) = build(&SegModelConfig::Twin(c))?;
     let names: std::collections::HashMap<_, _> = vm
         .data()
