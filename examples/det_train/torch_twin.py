@@ -12,7 +12,7 @@
 # weighted by the centerness targets / their sum, centerness BCE-with-logits / max(num_pos, 1);
 # both torchvision.ops functions are copied below, so torchvision is not needed);
 # AdamW (betas 0.9, 0.999, eps 1e-8) with weight decay off for biases and norm weights
-# (keel_optim::split_no_decay) and a global grad-norm clip.
+# (keel_optim::split_no_decay, NoDecay::Rank) and a global grad-norm clip.
 #
 # The weights are keel's init (--init, a safetensors file of keel's VarMap, loaded by name:
 # any missing or extra name is an error) and the batch is keel's (--batch-file: `images`
@@ -209,7 +209,7 @@ def fcos_loss(cls, reg, ctr, labels, reg_t):
     ctr_loss = F.binary_cross_entropy_with_logits(ctr[pos], ctr_t, reduction="sum") / norm
     return cls_loss + reg_loss + ctr_loss
 
-def no_decay(name):
+def no_decay_name(name):
     """keel_optim::is_no_decay_name."""
     parts = name.split(".")
     for i, s in enumerate(parts):
@@ -227,10 +227,15 @@ missing = [k for k in missing if not k.endswith("num_batches_tracked")]
 if missing or unexpected:
     raise SystemExit(f"--init {a.init}: keel's names and the twin's differ: missing {missing[:5]}, "
                      f"unexpected {unexpected[:5]}; torch_twin.py no longer mirrors det_train's FcosNet")
+def no_decay(name, q):
+    """keel_optim::NoDecay::Rank, det_train's rule for new runs: every rank <= 1 parameter
+    (biases, norm weights, the per-level scales) and every name is_no_decay_name matches."""
+    return q.ndim <= 1 or no_decay_name(name)
+
 named = list(m.named_parameters())
 opt = torch.optim.AdamW([
-    {"params": [q for n, q in named if not no_decay(n)], "weight_decay": a.weight_decay},
-    {"params": [q for n, q in named if no_decay(n)], "weight_decay": 0.0},
+    {"params": [q for n, q in named if not no_decay(n, q)], "weight_decay": a.weight_decay},
+    {"params": [q for n, q in named if no_decay(n, q)], "weight_decay": 0.0},
 ], lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
 batch = load_safetensors(a.batch_file)
 x = batch["images"].to(dev)
