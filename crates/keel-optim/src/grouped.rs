@@ -263,12 +263,27 @@ fn fused_default() -> candle::Result<bool> {
     }
 }
 
+/// The state dict entry holding the parameter count of each group.
+const GROUP_SIZES: &str = "group_sizes";
+
+impl<R: UpdateRule> Grouped<R> {
+    /// The parameter count of each group, in order (as f64, the state dict's number type).
+    fn group_sizes(&self) -> Vec<f64> {
+        self.groups.iter().map(|g| g.slots.len() as f64).collect()
+    }
+}
+
 impl<R: UpdateRule> StateDict for Grouped<R> {
-    /// The state: `lr`, `num_params`, and `state.{i}.{name}` for every entry of every
-    /// parameter (flat index across groups) that has a state.
+    /// The state: `lr`, `num_params`, `group_sizes` (parameters per group, in order), and
+    /// `state.{i}.{name}` for every entry of every parameter (flat index across groups)
+    /// that has a state.
     fn state_dict(&self) -> candle::Result<HashMap<String, Tensor>> {
         let n = self.slots().count() as f64;
         let mut out = state::scalars(&[("lr", self.lr), ("num_params", n)])?;
+        out.insert(
+            GROUP_SIZES.to_string(),
+            Tensor::new(self.group_sizes().as_slice(), &candle::Device::Cpu)?,
+        );
         for (i, slot) in self.slots().enumerate() {
             let Some(st) = &slot.state else { continue };
             for (name, t) in st.save()? {
@@ -284,10 +299,27 @@ impl<R: UpdateRule> StateDict for Grouped<R> {
     }
 
     /// Restores a state from [`Grouped::state_dict`]; the optimizer must be built over
-    /// the same parameters in the same order. Everything is checked before anything is
-    /// assigned, so on error `self` is unchanged.
+    /// the same parameters in the same order, in groups of the same sizes (checked when the
+    /// state has `group_sizes`: states saved before it existed are matched by position
+    /// only). Everything is checked before anything is assigned, so on error `self` is
+    /// unchanged.
     fn load_state_dict(&mut self, map: &HashMap<String, Tensor>) -> candle::Result<()> {
         state::check_count(R::NAME, map, self.slots().count())?;
+        if let Some(t) = map.get(GROUP_SIZES) {
+            let saved = t
+                .flatten_all()?
+                .to_dtype(candle::DType::F64)?
+                .to_vec1::<f64>()?;
+            let ours = self.group_sizes();
+            if saved != ours {
+                candle::bail!(
+                    "{}: the state was saved for param groups of sizes {saved:?}, this optimizer \
+                     has {ours:?}; build it with the same groups in the same order (for keel's \
+                     trainers: the run's own config, whose `no_decay` rule decides the groups)",
+                    R::NAME
+                )
+            }
+        }
         let lr = state::get_scalar(R::NAME, map, "lr")?;
         check_lr(R::NAME, lr)?;
         let mut loaded = Vec::new();

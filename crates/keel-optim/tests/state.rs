@@ -166,6 +166,44 @@ fn loading_into_different_params_is_an_error() -> Result<()> {
     Ok(())
 }
 
+/// Same parameters, same count, other groups (e.g. another no-decay rule): the states of
+/// two same-shaped parameters would silently swap, so `group_sizes` refuses the load. A
+/// state saved before `group_sizes` existed still loads (matched by position).
+#[test]
+fn loading_into_other_groups_is_an_error_and_old_states_still_load() -> Result<()> {
+    let dev = Device::Cpu;
+    let v: Vec<Var> = (0..3)
+        .map(|_| Var::zeros(4, DType::F32, &dev))
+        .collect::<candle::Result<_>>()?;
+    let cfg = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        ..Default::default()
+    };
+    let grouped = |split: usize| {
+        Sgd::with_groups(
+            vec![
+                ParamGroup::new(v[..split].to_vec()),
+                ParamGroup::new(v[split..].to_vec()).with_weight_decay(0.0),
+            ],
+            cfg,
+        )
+    };
+    let mut opt = grouped(2)?;
+    opt.step(&grads(&v, 0)?)?;
+    let mut st = opt.state_dict()?;
+    assert_eq!(values(&st["group_sizes"])?, vec![2.0, 1.0]);
+    let err = grouped(1)?.load_state_dict(&st).unwrap_err().to_string();
+    assert!(
+        err.contains("Sgd") && err.contains("[2.0, 1.0]") && err.contains("[1.0, 2.0]"),
+        "{err}"
+    );
+    grouped(2)?.load_state_dict(&st)?;
+    st.remove("group_sizes");
+    grouped(1)?.load_state_dict(&st)?;
+    Ok(())
+}
+
 #[test]
 fn ema_warmup_update_and_resume() -> Result<()> {
     let dev = Device::Cpu;

@@ -82,7 +82,7 @@ fn plain_sgd_rule_matches_hand_computation() -> Result<()> {
     // A stateless rule saves only the prologue.
     let mut keys: Vec<_> = opt.state_dict()?.into_keys().collect();
     keys.sort();
-    assert_eq!(keys, ["lr", "num_params"]);
+    assert_eq!(keys, ["group_sizes", "lr", "num_params"]);
     // The core validates the rule's lr like Sgd's and AdamW's.
     let err = Grouped::new(
         vec![a.clone()],
