@@ -5,6 +5,8 @@
 //! (seg_train's default) and AdamW with weight decay 0.05 (det_train's), two groups
 //! (decay / no decay) as the trainers build them, after a first step has made the state.
 //!
+//! `CANDLE_NUM_THREADS` is 1 unless set, as in keel's trainers.
+//!
 //! `cargo bench -p keel-optim --bench step`
 
 use candle::backprop::GradStore;
@@ -72,6 +74,11 @@ fn optimizer<R: UpdateRule>(vars: &[Var], rule: R, fused: bool, grads: &GradStor
 }
 
 fn bench(c: &mut Criterion) {
+    // As keel's trainers run (keel_train::threads::candle_pool_single_thread): candle's
+    // element-wise pool busy-waits, which on a loaded box times the spinning, not the ops.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let sgd = SgdConfig {
         lr: 0.01,
         momentum: 0.9,
