@@ -65,14 +65,12 @@ pub(crate) fn sgd(
         (true, Some(s)) => s.momentum_buffer.clone(),
         (false, _) => grad.clone(), // unused
     };
-    let (wd, lr) = (h.weight_decay as f32, h.lr as f32);
-    let (m, one_minus_d) = (cfg.momentum as f32, (1.0 - cfg.dampening) as f32);
     let (decay, nesterov) = (h.weight_decay != 0.0, cfg.nesterov);
     let c = SgdConsts {
-        wd,
-        lr,
-        m,
-        one_minus_d,
+        wd: h.weight_decay as f32,
+        lr: h.lr as f32,
+        m: cfg.momentum as f32,
+        one_minus_d: (1.0 - cfg.dampening) as f32,
     };
     let out = with_f32s([var.as_tensor(), grad, &buf], |[p, g, b]| {
         let mut new_p = vec![0f32; p.len()];
@@ -165,22 +163,16 @@ pub(crate) fn adamw(
         return Ok(false); // the first step: zero moments, built by the candle form
     };
     let step = s.step + 1;
-    let lr = h.lr;
     let decay = h.weight_decay != 0.0;
-    let keep = (1.0 - lr * h.weight_decay) as f32;
-    let (one_minus_b1, b2) = ((1.0 - cfg.beta1) as f32, cfg.beta2 as f32);
-    let one_minus_b2 = (1.0 - cfg.beta2) as f32;
     let bias_correction1 = 1.0 - cfg.beta1.powf(step as f64);
     let bias_correction2 = 1.0 - cfg.beta2.powf(step as f64);
-    let step_size = (lr / bias_correction1) as f32;
-    let inv_sqrt_bc2 = (1.0 / bias_correction2.sqrt()) as f32;
     let c = AdamWConsts {
-        keep,
-        one_minus_b1,
-        b2,
-        one_minus_b2,
-        step_size,
-        inv_sqrt_bc2,
+        keep: (1.0 - h.lr * h.weight_decay) as f32,
+        one_minus_b1: (1.0 - cfg.beta1) as f32,
+        b2: cfg.beta2 as f32,
+        one_minus_b2: (1.0 - cfg.beta2) as f32,
+        step_size: (h.lr / bias_correction1) as f32,
+        inv_sqrt_bc2: (1.0 / bias_correction2.sqrt()) as f32,
         eps: cfg.eps as f32,
     };
     let out = with_f32s(
