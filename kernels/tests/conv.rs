@@ -128,7 +128,7 @@ type Case = (
     usize,
 );
 
-const CASES: [Case; 14] = [
+const CASES: [Case; 15] = [
     ([2, 5, 9, 7], 6, (3, 3), 1, 1, 1, 1),
     ([2, 3, 7, 8], 4, (3, 3), 2, 1, 1, 1),
     ([2, 3, 8, 8], 4, (3, 3), 2, 1, 1, 1),
@@ -143,6 +143,8 @@ const CASES: [Case; 14] = [
     ([2, 6, 8, 7], 6, (3, 3), 1, 1, 1, 6),
     ([1, 4, 9, 10], 8, (3, 3), 2, 1, 1, 4),
     ([9, 40, 12, 12], 24, (3, 3), 1, 1, 1, 1),
+    // pointwise with >= 256 output pixels: the backward-filter copies x to a padded buffer
+    ([2, 3, 20, 20], 4, (1, 1), 1, 0, 1, 1),
 ];
 
 fn params(c: &Case) -> Conv2dParams {

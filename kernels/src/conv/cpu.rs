@@ -4,7 +4,8 @@
 //! Per `(sample, group)` task, with `K = C_in / G * kH * kW` and `P = H_out * W_out`:
 //! - forward: `y[og, P] = w[og, K] @ col[K, P]`;
 //! - backward-data: `dcol[K, P] = w^T @ dy[og, P]`, then col2im adds dcol into dx;
-//! - backward-filter: `dw[og, K] += dy[og, P] @ col[K, P]^T`, summed over samples.
+//! - backward-filter: `dw[og, K] += dy[og, P] @ col[K, P]^T`, summed over samples; the
+//!   transposed read of `col` is why its row stride is padded ([`padded_ld`]).
 //!
 //! The im2col buffer covers a tile of whole output rows sized to stay in L2
 //! ([`TILE_FLOATS`]), so it is written and read back from cache. A 1x1 stride-1 unpadded
@@ -17,6 +18,14 @@ use rayon::prelude::*;
 
 /// Target size (f32 elements) of one im2col tile: 256 Ki floats = 1 MiB, within L2.
 const TILE_FLOATS: usize = 1 << 18;
+
+/// The backward-filter's `dw` size (floats, per group) from which its GEMMs are split over
+/// rows of `dw` rather than over samples with per-thread partial sums (4 MiB: two L2s).
+const ROW_SPLIT_FLOATS: usize = 1 << 20;
+
+/// Below this many output pixels a pointwise backward-filter multiplies `x` in place (its
+/// row stride is too short to alias); from it on it copies `x` into a padded buffer.
+const POINTWISE_DIRECT_PIXELS: usize = 256;
 
 /// A strided `f32` matrix operand: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -145,8 +154,9 @@ fn col2im(g: &Geom, r0: usize, r1: usize, col: &[f32], img: &mut [f32]) {
 }
 
 /// im2col: copies the patch rows of output rows `[r0, r1)` of one `(sample, group)` image
-/// `(C_in / G, H, W)` into `col` (`(K, (r1 - r0) * W_out)`), zeros where they read padding.
-fn im2col(g: &Geom, img: &[f32], r0: usize, r1: usize, col: &mut [f32]) {
+/// `(C_in / G, H, W)` into `col` (`K` rows of `(r1 - r0) * W_out` values, row `r` starting at
+/// `col[r * ld]`), zeros where they read padding.
+fn im2col(g: &Geom, img: &[f32], r0: usize, r1: usize, col: &mut [f32], ld: usize) {
     let (h, w, ow) = (g.h, g.w, g.ow);
     let (s, d, p) = (g.stride, g.dilation, g.padding as isize);
     let pt = (r1 - r0) * ow;
@@ -155,7 +165,7 @@ fn im2col(g: &Geom, img: &[f32], r0: usize, r1: usize, col: &mut [f32]) {
         for a in 0..g.kh {
             for b in 0..g.kw {
                 let row = (c * g.kh + a) * g.kw + b;
-                let dst = &mut col[row * pt..(row + 1) * pt];
+                let dst = &mut col[row * ld..row * ld + pt];
                 let off = (b * d) as isize - p;
                 let (lo, hi) = valid_range(off, s, w, ow);
                 for (i, oy) in (r0..r1).enumerate() {
@@ -255,7 +265,7 @@ pub(super) fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
         for r0 in (0..g.oh).step_by(rows) {
             let r1 = (r0 + rows).min(g.oh);
             let pt = (r1 - r0) * g.ow;
-            im2col(g, img, r0, r1, col);
+            im2col(g, img, r0, r1, col, pt);
             let b = Mat {
                 data: &col[..k * pt],
                 rs: pt,
@@ -312,7 +322,21 @@ pub(super) fn backward_data(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     dx
 }
 
-/// Backward-filter for the samples `ns` into `dw (C_out, K)` (accumulating).
+/// Row stride of an im2col buffer whose rows hold `pt` values: `pt` rounded up to 16 floats
+/// and moved off multiples of 64 floats. The backward-filter GEMM reads that buffer
+/// transposed, one value per row; with a stride of a large power of two those reads alias in
+/// the cache and `gemm` ran 2-30x slower (measured: 30 vs 85 GFLOP/s at `pt` = 1024).
+fn padded_ld(pt: usize) -> usize {
+    let ld = pt.div_ceil(16) * 16;
+    if ld.is_multiple_of(64) {
+        ld + 16
+    } else {
+        ld
+    }
+}
+
+/// Backward-filter for the samples `ns` into `dw (C_out, K)` (accumulating), one
+/// `(sample, group)` and row tile at a time; `col` holds `K * padded_ld(tile)` values.
 fn filter_samples(
     g: &Geom,
     (x, dy): (&[f32], &[f32]),
@@ -330,7 +354,7 @@ fn filter_samples(
             let img = &x[(n * g.c_in + gi * cg) * g.h * g.w..][..cg * g.h * g.w];
             let dy_ng = &dy[(n * g.c_out + gi * og) * p..][..og * p];
             let dwg = &mut dw[(gi - g0) * og * k..][..og * k];
-            if g.is_pointwise() {
+            if g.is_pointwise() && p < POINTWISE_DIRECT_PIXELS {
                 let a = Mat {
                     data: dy_ng,
                     rs: p,
@@ -347,16 +371,17 @@ fn filter_samples(
             for r0 in (0..g.oh).step_by(rows) {
                 let r1 = (r0 + rows).min(g.oh);
                 let pt = (r1 - r0) * g.ow;
-                im2col(g, img, r0, r1, col);
+                let ld = padded_ld(pt);
+                im2col(g, img, r0, r1, col, ld);
                 let a = Mat {
                     data: &dy_ng[r0 * g.ow..],
                     rs: p,
                     cs: 1,
                 };
                 let b = Mat {
-                    data: &col[..k * pt],
+                    data: &col[..k * ld],
                     rs: 1,
-                    cs: pt,
+                    cs: ld,
                 };
                 matmul((og, k, pt), dwg, k, true, a, b, par);
             }
@@ -364,15 +389,86 @@ fn filter_samples(
     }
 }
 
+/// The im2col buffer size (floats) for [`filter_samples`].
+fn filter_scratch(g: &Geom) -> usize {
+    g.k() * padded_ld(tile_rows(g) * g.ow)
+}
+
+/// Backward-filter of one group with many output channels: tiles of whole samples (small
+/// images: the GEMM's reduction spans several samples, so `dw` is read and written once per
+/// tile, not once per sample) or of output rows of one sample; each tile's im2col is built
+/// once and the GEMM is split over blocks of output-channel rows, one per thread, so `dw`
+/// needs no per-thread partial sums.
+fn filter_rows_split(g: &Geom, (x, dy): (&[f32], &[f32]), gi: usize, dwg: &mut [f32]) {
+    let (p, k, og, cg) = (g.oh * g.ow, g.k(), g.og(), g.cg());
+    let threads = rayon::current_num_threads();
+    // Tiles: (first sample, samples, first row, rows).
+    let mut tiles = Vec::new();
+    if 2 * p * k <= TILE_FLOATS {
+        let count = (g.n * p * k).div_ceil(TILE_FLOATS).max(1);
+        let per = g.n.div_ceil(count);
+        for n0 in (0..g.n).step_by(per) {
+            tiles.push((n0, per.min(g.n - n0), 0, g.oh));
+        }
+    } else {
+        let rows = tile_rows(g);
+        for n in 0..g.n {
+            for r0 in (0..g.oh).step_by(rows) {
+                tiles.push((n, 1, r0, rows.min(g.oh - r0)));
+            }
+        }
+    }
+    let max_pt = tiles.iter().map(|t| t.1 * t.3 * g.ow).max().unwrap_or(0);
+    let ld = padded_ld(max_pt);
+    let mut col = vec![0f32; k * ld];
+    let mut packed_dy = Vec::new();
+    let block = og.div_ceil(threads).div_ceil(16) * 16;
+    for (n0, ns, r0, nr) in tiles {
+        let pt = ns * nr * g.ow;
+        for j in 0..ns {
+            let n = n0 + j;
+            let img = &x[(n * g.c_in + gi * cg) * g.h * g.w..][..cg * g.h * g.w];
+            im2col(g, img, r0, r0 + nr, &mut col[j * p..], ld);
+        }
+        let dy_at = |n: usize| (n * g.c_out + gi * og) * p;
+        let (a_data, a_rs): (&[f32], usize) = if ns == 1 {
+            (&dy[dy_at(n0) + r0 * g.ow..], p)
+        } else {
+            // The samples' dy blocks side by side: (og, ns * P).
+            packed_dy.resize(og * pt, 0.0);
+            for o in 0..og {
+                for j in 0..ns {
+                    packed_dy[o * pt + j * p..][..p]
+                        .copy_from_slice(&dy[dy_at(n0 + j) + o * p..][..p]);
+                }
+            }
+            (&packed_dy[..], pt)
+        };
+        let col = &col[..k * ld];
+        dwg.par_chunks_mut(block * k)
+            .enumerate()
+            .for_each(|(bi, dw_rows)| {
+                let rows = dw_rows.len() / k;
+                let a = Mat {
+                    data: &a_data[bi * block * a_rs..],
+                    rs: a_rs,
+                    cs: 1,
+                };
+                let b = Mat {
+                    data: col,
+                    rs: 1,
+                    cs: ld,
+                };
+                matmul((rows, k, pt), dw_rows, k, true, a, b, Parallelism::None);
+            });
+    }
+}
+
 /// Backward-filter: `dw (C_out, C_in / G, kH, kW)` from `x` and `dy`, summed over samples.
 pub(super) fn backward_filter(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (k, og) = (g.k(), g.og());
     let mut dw = vec![0f32; g.c_out * k];
-    let scratch = if g.is_pointwise() {
-        0
-    } else {
-        k * tile_rows(g) * g.ow
-    };
+    let scratch = filter_scratch(g);
     let threads = rayon::current_num_threads();
     if threads > 1 && g.groups >= threads {
         // Disjoint per-group slices of dw.
@@ -382,8 +478,14 @@ pub(super) fn backward_filter(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
                 filter_samples(g, (x, dy), 0..g.n, gi..gi + 1, dwg, col, Parallelism::None)
             },
         );
+    } else if threads > 1 && og >= 64 * threads && og * k >= ROW_SPLIT_FLOATS {
+        // A large dw: split its rows, no partial sums.
+        for (gi, dwg) in dw.chunks_mut(og * k).enumerate() {
+            filter_rows_split(g, (x, dy), gi, dwg);
+        }
     } else if threads > 1 && g.n >= threads {
-        // Per-thread partial sums over contiguous sample ranges, then one reduction.
+        // Per-thread partial sums over contiguous sample ranges (dw is small here), then
+        // one reduction.
         let per = g.n.div_ceil(threads);
         let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(per))
             .into_par_iter()
@@ -425,7 +527,91 @@ pub(super) fn backward_filter(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_range;
+    use super::*;
+
+    fn geom(n: usize, c_in: usize, h: usize, w: usize, c_out: usize, k: usize, s: usize) -> Geom {
+        let p = k / 2;
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        Geom {
+            n,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh: k,
+            kw: k,
+            oh,
+            ow,
+            stride: s,
+            padding: p,
+            dilation: 1,
+            groups: 1,
+        }
+    }
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0)
+            .collect()
+    }
+
+    /// The row-split backward-filter (whole-sample tiles with a packed dy, and row tiles of
+    /// one sample; row blocks that do not divide the channels) against the per-sample path.
+    #[test]
+    fn row_split_filter_matches_per_sample_filter() {
+        let cases = [
+            // 2 * P * K <= TILE_FLOATS: tiles of whole samples.
+            geom(5, 6, 7, 5, 40, 3, 1),
+            geom(3, 4, 9, 8, 33, 3, 2),
+            geom(4, 8, 4, 4, 20, 1, 1),
+            geom(5, 32, 19, 19, 24, 3, 1), // two tiles: 3 samples, then 2
+            // 2 * P * K > TILE_FLOATS: tiles of output rows.
+            geom(2, 64, 19, 17, 21, 3, 1),
+        ];
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for g in &cases {
+                let x = values(g.n * g.c_in * g.h * g.w, 1);
+                let dy = values(g.n * g.c_out * g.oh * g.ow, 2);
+                let mut want = vec![0f32; g.c_out * g.k()];
+                let mut col = vec![0f32; filter_scratch(g)];
+                let all = 0..g.n;
+                filter_samples(
+                    g,
+                    (&x, &dy),
+                    all,
+                    0..1,
+                    &mut want,
+                    &mut col,
+                    Parallelism::None,
+                );
+                let mut got = vec![0f32; g.c_out * g.k()];
+                pool.install(|| filter_rows_split(g, (&x, &dy), 0, &mut got));
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * scale.max(1.0),
+                        "threads {threads} geom {g:?}: dw[{i}] = {a}, per-sample path {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn padded_ld_avoids_multiples_of_64_floats() {
+        for pt in 1..5000 {
+            let ld = padded_ld(pt);
+            assert!(ld >= pt && ld < pt + 32, "pt {pt} ld {ld}");
+            assert!(
+                ld.is_multiple_of(16) && !ld.is_multiple_of(64),
+                "pt {pt} ld {ld}"
+            );
+        }
+    }
 
     #[test]
     fn valid_range_matches_brute_force() {
