@@ -345,6 +345,10 @@ impl Source for First<'_> {
     ) -> candle::Result<Sample> {
         self.0.load(idx, size, aug)
     }
+
+    fn in_memory(&self) -> bool {
+        self.0.in_memory()
+    }
 }
 
 /// The label frequencies of both sets, the train-set accuracy (running statistics) and the

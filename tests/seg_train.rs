@@ -91,6 +91,10 @@ fn train_checkpoint_resume_exactly_after_sigkill() -> anyhow::Result<()> {
         assert_eq!(diff, 0.0, "{k} differs after resume");
     }
 
+    // --workers defaults to auto, recorded as such (it resolves per machine and data).
+    let saved = std::fs::read_to_string(b.join("config.json"))?;
+    assert!(saved.contains(r#""workers": "auto""#), "{saved}");
+
     // A truncated checkpoint is a clear error, and a fresh run refuses to overwrite a run.
     let c = tmp("corrupt");
     std::fs::create_dir_all(&c)?;

@@ -31,7 +31,12 @@ fn main() {
         // A run stopped by SIGINT/SIGTERM exits with 130/143 after its checkpoint.
         let code = keel::train::driver::exit_code(e.as_ref());
         let what = if code == 1 { "error: " } else { "" };
-        eprintln!("det_train: {what}{e:#}");
+        // clap's messages start with their own "error: ".
+        let msg = format!("{e:#}");
+        eprintln!(
+            "det_train: {what}{}",
+            msg.strip_prefix("error: ").unwrap_or(&msg)
+        );
         std::process::exit(code);
     }
 }

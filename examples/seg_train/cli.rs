@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::bail;
 use candle::Device;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use keel::data::Workers;
 use keel::models::backbone::BackboneArgs;
 use keel::models::seg::ModelConfig;
 use keel::norm::NormKind;
@@ -87,9 +88,11 @@ pub struct CommonArgs {
     /// Synthetic validation images.
     #[arg(long, default_value_t = 100)]
     pub val_size: usize,
-    /// Data loader threads (at least 1).
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
+    /// Data loader threads: `auto` (1 for the synthetic set, held in memory; for a dataset
+    /// decoded from disk a quarter of the cores with --device cpu, all but one (<= 8) on a
+    /// GPU) or a number >= 1.
+    #[arg(long, default_value_t = Workers::Auto)]
+    pub workers: Workers,
     /// Batches queued per loader thread.
     #[arg(long, default_value_t = 4)]
     pub prefetch: usize,
@@ -175,7 +178,8 @@ pub struct RunConfig {
     pub data_dir: Option<PathBuf>,
     pub train_size: usize,
     pub val_size: usize,
-    pub workers: usize,
+    /// `auto` or a number (configs saved before `auto` hold a number).
+    pub workers: Workers,
     pub prefetch: usize,
     pub init: Option<PathBuf>,
     /// `--backbone` and its flags (absent from configs saved before them, and from a twin
@@ -238,7 +242,6 @@ impl RunConfig {
         keel::train::check_at_least_1(&[
             ("--batch-size", self.batch_size),
             ("--steps", self.steps),
-            ("--workers", self.workers),
         ])?;
         if self.image_size < 32 {
             bail!(

@@ -20,7 +20,7 @@ use keel::train::{named_vars, progress_bar, EvalLog, MonitorConfig, Resume, SegE
 use serde::{Deserialize, Serialize};
 
 use super::cli::RunConfig;
-use super::data::{self, HostBatch, Loader, LoaderConfig, Sources, IGNORE};
+use super::data::{self, HostBatch, Loader, LoaderConfig, Source, Sources, IGNORE};
 use super::model;
 use super::output;
 
@@ -97,7 +97,7 @@ impl SegTask<'_> {
                 seed: cfg.seed,
                 start: step * cfg.train.accum_steps,
                 end: cfg.steps * cfg.train.accum_steps,
-                workers: cfg.workers,
+                workers: cfg.workers.resolve(&*self.data.train, self.device.is_cpu()),
                 prefetch: cfg.prefetch,
             },
         )
@@ -192,12 +192,13 @@ impl Task for SegTask<'_> {
 }
 
 /// The run's banner (stderr).
-fn banner(cfg: &RunConfig, vm: &VarMap, device: &Device) {
+fn banner(cfg: &RunConfig, vm: &VarMap, device: &Device, train: &dyn Source) {
     let r = cfg.recipe();
+    let workers = cfg.workers.resolve(train, device.is_cpu());
     eprintln!(
-        "seg_train: norm {}, width {}, fpn {}, {:.2} M params, {} classes, batch {} x accum {}, {} steps, {} {} lr {}, amp {}, device {:?}",
+        "seg_train: norm {}, width {}, fpn {}, {:.2} M params, {} classes, batch {} x accum {}, {} steps, {} {} lr {}, amp {}, device {:?}, loader threads {workers} (--workers {})",
         cfg.norm, cfg.width, cfg.fpn, count_params(vm) as f64 / 1e6, cfg.num_classes(), cfg.batch_size, cfg.train.accum_steps, cfg.steps, cfg.train.optimizer,
-        r.decay_name(), r.lr, amp_label(cfg.train.amp), device.location()
+        r.decay_name(), r.lr, amp_label(cfg.train.amp), device.location(), cfg.workers
     );
 }
 
@@ -287,7 +288,7 @@ pub fn run(
     let verbose = opts.verbose;
     let mut run = Run::open(spec, task, net.state, out, resume, opts)?;
     if verbose {
-        banner(cfg, &run.task.vm, device);
+        banner(cfg, &run.task.vm, device, &*run.task.data.train);
         if let Some(m) = &init_msg {
             eprintln!("{m}");
         }

@@ -60,6 +60,7 @@ mod shapes;
 mod sources;
 mod voc;
 mod voc_det;
+mod workers;
 
 pub use check::{validate, BadSample, MAX_LISTED};
 pub use coco_det::CocoDet;
@@ -74,3 +75,4 @@ pub use shapes::{Shapes, ShapesConfig, SHAPES_TRAIN_SEED, SHAPES_VAL_SEED, SHAPE
 pub use sources::Sources;
 pub use voc::Voc;
 pub use voc_det::{VocDet, VOC_CLASSES};
+pub use workers::Workers;

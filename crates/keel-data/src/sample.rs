@@ -50,6 +50,12 @@ pub trait Source: Send + Sync {
     /// (evaluation: deterministic resize and padding).
     fn load(&self, idx: usize, size: usize, aug: Option<&mut ChaCha8Rng>)
         -> candle::Result<Sample>;
+    /// Whether [`Source::load`] only copies from memory (no decoding), so that one loader
+    /// thread keeps ahead of any step ([`crate::Workers::Auto`] then uses one). `false`
+    /// unless the source says so.
+    fn in_memory(&self) -> bool {
+        false
+    }
 }
 
 /// Splitmix64 finalizer: decorrelates seeds derived from `(seed, a, b)`.

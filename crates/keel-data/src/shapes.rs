@@ -124,6 +124,11 @@ impl Source for Shapes {
         self.samples.len()
     }
 
+    /// Rendered once up front: loading is a copy (and a flip).
+    fn in_memory(&self) -> bool {
+        true
+    }
+
     fn load(
         &self,
         idx: usize,
