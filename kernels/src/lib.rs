@@ -19,6 +19,7 @@
 //!   `KEEL_CPU_ISA` environment variable (`base`, `avx2` or `avx512`, read once) or by
 //!   [`set_cpu_isa`]; every level gives bit-identical results.
 
+mod add_act;
 mod conv;
 mod cpu;
 #[cfg(feature = "cuda")]
@@ -29,6 +30,7 @@ pub mod nn;
 mod pinned;
 mod resize;
 
+pub use add_act::{add_relu, add_silu};
 pub use conv::{
     conv2d, conv2d_slow, conv_deterministic, conv_tf32, set_conv_deterministic, set_conv_tf32,
     Conv2dParams,

@@ -71,7 +71,8 @@ impl Block {
             Some(d) => d.forward(x, train)?,
             None => x.clone(),
         };
-        (y + identity)?.relu()
+        // One fused op (one graph node, one backward pass) for relu(y + identity).
+        keel_kernels::add_relu(&y, &identity)
     }
 }
 

@@ -55,7 +55,8 @@ impl Block {
             None => x.clone(),
             Some(s) => s.forward(x, train, Activation::Identity)?,
         };
-        candle_nn::ops::silu(&(y + s)?)
+        // One fused op (one graph node, one backward pass) for silu(y + s).
+        keel_kernels::add_silu(&y, &s)
     }
 }
 
