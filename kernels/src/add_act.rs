@@ -12,17 +12,19 @@
 //!   copied to contiguous ones first. Arithmetic is in f32 (f16/bf16 are converted once and
 //!   the result rounded once).
 //! - SiLU is candle's: `z / (1 + exp(-z))`; its derivative `s (1 + z (1 - s))` with
-//!   `s = 1 / (1 + exp(-z))`. ReLU's derivative is `z > 0` (0 at 0, as candle's).
-//! - CPU: the fused ops (rayon chunks from 32 Ki values on). Other devices: the candle
-//!   composition (`(a + b)?.silu()` / `.relu()`), which candle differentiates; the results
-//!   agree to rounding.
+//!   `s = 1 / (1 + exp(-z))`. ReLU's derivative is `z > 0`: 0 at exactly 0, as PyTorch's
+//!   (candle's `relu` backward gives 1 there).
+//! - CPU: the fused ops (in rayon chunks of 32 Ki values from 64 Ki values on). Other
+//!   devices: the candle composition (`(a + b)?.silu()` / `.relu()`), which candle
+//!   differentiates; the results agree to rounding, except ReLU's gradient where `a + b` is
+//!   exactly 0 (1 there, candle's).
 
 use candle::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::cpu::{float_op, Elem, FloatOp};
 
-/// Elements per rayon chunk (and the size from which the ops run in parallel).
+/// Elements per rayon chunk; tensors of at least twice as many run in parallel.
 const CHUNK: usize = 1 << 15;
 
 /// The activation after the sum.

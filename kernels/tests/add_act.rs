@@ -1,6 +1,7 @@
 //! `add_silu` / `add_relu` against candle's composition `(a + b).silu()` / `.relu()`:
 //! values and both gradients, f32 (small and chunked-parallel sizes, non-contiguous
-//! inputs), f16/bf16 against f32 on the rounded inputs, ReLU's 0 at exactly 0, bad inputs.
+//! inputs), f16/bf16 against f32 on the rounded inputs, ReLU's gradient 0 at exactly 0
+//! (PyTorch's; candle's composition gives 1 there), bad inputs.
 use anyhow::Result;
 use candle::{DType, Device, Tensor, Var};
 use keel_kernels::{add_relu, add_silu};

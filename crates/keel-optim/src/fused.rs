@@ -157,6 +157,16 @@ impl<const S: usize> InplaceOp2 for Update<'_, '_, S> {
     }
 }
 
+/// The address of `t`'s CPU f32 buffer (null for anything else); the storage's lock is
+/// released before returning.
+fn buffer(t: &Tensor) -> *const f32 {
+    let (s, _) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(CpuStorage::F32(v)) => v.as_ptr(),
+        _ => std::ptr::null(),
+    }
+}
+
 /// Updates `var` in place with `kernel` and returns the new states, or `None` (nothing
 /// changed) when `var`, `grad` or a state is not an f32 contiguous CPU tensor of `var`'s size.
 fn update_in_place<const S: usize>(
@@ -169,6 +179,12 @@ fn update_in_place<const S: usize>(
     let t = var.as_tensor();
     let cpu = |x: &Tensor| x.device().is_cpu() && x.dtype() == candle::DType::F32;
     if !cpu(t) || !cpu(grad) || !states.iter().all(|s| cpu(s)) {
+        return Ok(None);
+    }
+    // An operand that shares the parameter's buffer (a hand-built gradient, say) cannot be
+    // read while the parameter is written in place: the candle form handles it.
+    let p = buffer(t);
+    if [grad].into_iter().chain(states).any(|x| buffer(x) == p) {
         return Ok(None);
     }
     let op = Update {

@@ -180,6 +180,31 @@ fn chunked_updates_equal_the_candle_form_on_any_pool() -> Result<()> {
     Ok(())
 }
 
+/// A gradient that shares the parameter's buffer (built by hand) takes the candle form,
+/// with the candle form's result, instead of failing the in-place op.
+#[test]
+fn a_gradient_sharing_the_parameters_buffer_takes_the_candle_form() -> Result<()> {
+    let sgd = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        ..Default::default()
+    };
+    let run = |fused: bool| -> Result<Vec<u64>> {
+        let w = Var::from_tensor(&Tensor::new(&[1f32, -2.0, 3.0], &Device::Cpu)?)?;
+        let mut opt = Grouped::with_groups(vec![ParamGroup::new(vec![w.clone()])], sgd)?;
+        opt.set_fused(fused);
+        for _ in 0..3 {
+            let mut g = w.as_tensor().sum_all()?.backward()?;
+            g.insert(&w, w.as_tensor().clone());
+            opt.step(&g)?;
+        }
+        assert_eq!(opt.fused_updates(), 0);
+        bits(w.as_tensor())
+    };
+    assert_eq!(run(true)?, run(false)?);
+    Ok(())
+}
+
 #[test]
 fn f64_parameters_keep_the_candle_form() -> Result<()> {
     let sgd = SgdConfig {

@@ -406,7 +406,7 @@ fn filter_rows_split(g: &Geom, (x, dy): (&[f32], &[f32]), gi: usize, dwg: &mut [
     let mut tiles = Vec::new();
     if 2 * p * k <= TILE_FLOATS {
         let count = (g.n * p * k).div_ceil(TILE_FLOATS).max(1);
-        let per = g.n.div_ceil(count);
+        let per = g.n.div_ceil(count).max(1);
         for n0 in (0..g.n).step_by(per) {
             tiles.push((n0, per.min(g.n - n0), 0, g.oh));
         }
@@ -468,6 +468,9 @@ fn filter_rows_split(g: &Geom, (x, dy): (&[f32], &[f32]), gi: usize, dwg: &mut [
 pub(super) fn backward_filter(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (k, og) = (g.k(), g.og());
     let mut dw = vec![0f32; g.c_out * k];
+    if g.n == 0 {
+        return dw;
+    }
     let scratch = filter_scratch(g);
     let threads = rayon::current_num_threads();
     if threads > 1 && g.groups >= threads {
@@ -598,6 +601,21 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// An empty batch gives a zero dw on every path (the row split's tiling divided by it).
+    #[test]
+    fn empty_batch_filter_is_zero() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        // s3's 512 -> 512 3x3 on 4x4: the row-split path with whole-sample tiles.
+        for g in [geom(0, 512, 4, 4, 512, 3, 1), geom(0, 4, 9, 8, 6, 3, 2)] {
+            let dw = pool.install(|| backward_filter(&g, &[], &[]));
+            assert_eq!(dw.len(), g.c_out * g.k());
+            assert!(dw.iter().all(|&v| v == 0.0));
         }
     }
 

@@ -5,7 +5,8 @@
 //! CPU kernels (`super::cpu`): forward is im2col on output-row tiles + GEMM; backward-data is
 //! `dcol = w^T @ dy` + col2im (a 1x1 stride-1 unpadded conv writes the GEMM straight into
 //! dx); backward-filter is `dw_g += dy_{n,g} @ im2col(x_{n,g})^T` summed over samples (rayon
-//! over groups when there are many; for a large `dw` (>= 4 MiB per group) over blocks of its
+//! over groups when there are many; for a large `dw` (>= 4 MiB per group and >= 64 output
+//! channels per thread) over blocks of its
 //! rows, with tiles of several samples when the images are small; else over sample ranges
 //! with per-thread partial sums; else one pass with a parallel GEMM at batch 1). Its im2col
 //! buffer has a padded row stride (see `cpu::padded_ld`).
