@@ -8,6 +8,13 @@
 //! training on the same cores, seg_train's step at the twin widths took 799-826 ms (median)
 //! with candle's pool at 2 threads and 351-352 ms with `CANDLE_NUM_THREADS=1`; on the quiet
 //! box the two were equal (BENCHMARKS.md "candle's CPU pool"). [`candle_pool_single_thread`] sets that variable.
+//!
+//! A trainer's own thread (the one running the loop: candle's serial ops, autograd, the
+//! optimizer) is a third party to rayon's pool of one thread per core: whenever the loop
+//! hands rayon work it blocks, and while it runs serial ops rayon's idle workers spin and
+//! yield against it. [`run_on_pool`] runs the whole trainer on one of the pool's threads
+//! instead (measured on the 2-core box: seg_train's default training step 17-21 ms -> 13-14
+//! ms median, half the system time; BENCHMARKS.md "Session 9").
 
 /// The variable candle reads, once, at its first CPU op, for the size of its own pool.
 pub const CANDLE_NUM_THREADS: &str = "CANDLE_NUM_THREADS";
@@ -37,4 +44,78 @@ pub fn candle_pool_single_thread() -> bool {
     }
     std::env::set_var(CANDLE_NUM_THREADS, "1");
     true
+}
+
+/// Stack size of [`run_on_pool`]'s threads: the trainer runs on one of them, and candle's
+/// backprop walks the graph recursively (a main thread has 8 MiB, rayon's default is the
+/// platform's thread default, 2 MiB on Linux). Only the pages a thread touches are used.
+pub const POOL_STACK_BYTES: usize = 32 << 20;
+
+/// Runs `f` (a trainer: its whole loop) on a thread of a rayon pool that also runs keel's
+/// kernels, so the loop's thread is one of the pool's threads rather than one more thread
+/// competing with them (see the module docs), and returns `f`'s result.
+///
+/// The pool has `RAYON_NUM_THREADS` threads if set, else one per core (rayon's default), a
+/// [`POOL_STACK_BYTES`] stack each and threads named `keel-0`, `keel-1`, ...; every rayon
+/// call inside `f` (keel's kernels, `gemm`) uses it. [`candle_pool_single_thread`] is called
+/// first, before any thread starts. A panic in `f` propagates to the caller. An error only
+/// when the operating system refuses the threads.
+///
+/// ```
+/// let (on_pool, threads) = keel_train::threads::run_on_pool(|| {
+///     (rayon::current_thread_index().is_some(), rayon::current_num_threads())
+/// })?;
+/// assert!(on_pool && threads >= 1);
+/// # Ok::<(), candle::Error>(())
+/// ```
+pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> candle::Result<R> {
+    candle_pool_single_thread();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .stack_size(POOL_STACK_BYTES)
+        .thread_name(|i| format!("keel-{i}"))
+        .build()
+        .map_err(|e| {
+            candle::Error::Msg(format!(
+                "run_on_pool: cannot start the rayon threads ({e}); check RAYON_NUM_THREADS \
+                 and the process's thread limit (ulimit -u)"
+            ))
+        })?;
+    Ok(pool.install(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_on_pool;
+
+    /// Sums 1..=n by recursion with a 1 KiB frame: ~n KiB of stack.
+    #[inline(never)]
+    fn deep(n: u64) -> u64 {
+        let pad = std::hint::black_box([n as u8; 1024]);
+        if n == 0 {
+            0
+        } else {
+            n + deep(n - 1) + u64::from(pad[0] & 0)
+        }
+    }
+
+    #[test]
+    fn runs_on_a_named_pool_thread_with_a_large_stack() {
+        let (name, sum) = run_on_pool(|| {
+            let name = std::thread::current().name().map(str::to_owned);
+            // ~8 MiB of stack: overflows rayon's default 2 MiB threads, not this pool's.
+            (name, deep(8_000))
+        })
+        .unwrap();
+        assert!(
+            name.as_deref().is_some_and(|n| n.starts_with("keel-")),
+            "{name:?}"
+        );
+        assert_eq!(sum, 8_000 * 8_001 / 2);
+    }
+
+    #[test]
+    fn a_panic_reaches_the_caller() {
+        let r = std::panic::catch_unwind(|| run_on_pool(|| panic!("boom")));
+        assert!(r.is_err());
+    }
 }
