@@ -94,7 +94,7 @@ mod tests {
         if n == 0 {
             0
         } else {
-            n + deep(n - 1) + u64::from(pad[0] & 0)
+            n + deep(n - 1) + u64::from(pad[0] ^ n as u8)
         }
     }
 
