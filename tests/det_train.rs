@@ -271,7 +271,11 @@ fn the_guard_rolls_back_an_injected_lr_burst() -> anyhow::Result<()> {
 fn child_process() {
     if let Ok(args) = std::env::var("DET_TRAIN_CHILD_ARGS") {
         let args: Vec<String> = serde_json::from_str(&args).unwrap();
-        let code = match run(&args) {
+        // As the binary's main: the trainer on rayon's pool.
+        let res = keel::train::threads::run_on_pool(|| run(&args))
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+        let code = match res {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("det_train: {e:#}");

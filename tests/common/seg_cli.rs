@@ -78,7 +78,11 @@ pub fn step_losses(out: &Path) -> Vec<(u64, f64)> {
 pub fn child_main() {
     if let Ok(args) = std::env::var("SEG_TRAIN_CHILD_ARGS") {
         let args: Vec<String> = serde_json::from_str(&args).unwrap();
-        let code = match cli::run(args) {
+        // As the binary's main: the trainer on rayon's pool.
+        let res = keel::train::threads::run_on_pool(|| cli::run(args))
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+        let code = match res {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("seg_train: error: {e:#}");

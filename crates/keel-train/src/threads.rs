@@ -13,8 +13,8 @@
 //! optimizer) is a third party to rayon's pool of one thread per core: whenever the loop
 //! hands rayon work it blocks, and while it runs serial ops rayon's idle workers spin and
 //! yield against it. [`run_on_pool`] runs the whole trainer on one of the pool's threads
-//! instead (measured on the 2-core box: seg_train's default training step 17-21 ms -> 13-14
-//! ms median, half the system time; BENCHMARKS.md "Session 9").
+//! instead (measured on the 2-core box: seg_train's default training step 17.8-20.3 ms ->
+//! 11.8-13.0 ms median, half the system time; BENCHMARKS.md "Session 9").
 
 /// The variable candle reads, once, at its first CPU op, for the size of its own pool.
 pub const CANDLE_NUM_THREADS: &str = "CANDLE_NUM_THREADS";
@@ -47,8 +47,9 @@ pub fn candle_pool_single_thread() -> bool {
 }
 
 /// Stack size of [`run_on_pool`]'s threads: the trainer runs on one of them, and candle's
-/// backprop walks the graph recursively (a main thread has 8 MiB, rayon's default is the
-/// platform's thread default, 2 MiB on Linux). Only the pages a thread touches are used.
+/// backprop walks the graph recursively (a main thread has 8 MiB; rayon's threads default
+/// to Rust's 2 MiB, `RUST_MIN_STACK`). It is address space; only the pages a thread touches
+/// are used.
 pub const POOL_STACK_BYTES: usize = 32 << 20;
 
 /// Runs `f` (a trainer: its whole loop) on a thread of a rayon pool that also runs keel's
@@ -56,10 +57,13 @@ pub const POOL_STACK_BYTES: usize = 32 << 20;
 /// competing with them (see the module docs), and returns `f`'s result.
 ///
 /// The pool has `RAYON_NUM_THREADS` threads if set, else one per core (rayon's default), a
-/// [`POOL_STACK_BYTES`] stack each and threads named `keel-0`, `keel-1`, ...; every rayon
-/// call inside `f` (keel's kernels, `gemm`) uses it. [`candle_pool_single_thread`] is called
-/// first, before any thread starts. A panic in `f` propagates to the caller. An error only
-/// when the operating system refuses the threads.
+/// [`POOL_STACK_BYTES`] stack each and threads named `keel-0`, `keel-1`, ...; the rayon
+/// calls that `f` makes on the pool's threads (keel's kernels, `gemm`) use it. A thread
+/// that `f` spawns itself (a data loader, say) is not one of them: a rayon call there would
+/// start rayon's global pool. [`candle_pool_single_thread`] is called first, before any
+/// thread starts. The pool's threads are joined before this returns, so their thread-local
+/// state (e.g. CUDA handles) is dropped while the process is still whole. A panic in `f`
+/// propagates to the caller. An error only when the operating system refuses the threads.
 ///
 /// ```
 /// let (on_pool, threads) = keel_train::threads::run_on_pool(|| {
@@ -70,22 +74,28 @@ pub const POOL_STACK_BYTES: usize = 32 << 20;
 /// ```
 pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> candle::Result<R> {
     candle_pool_single_thread();
-    let pool = rayon::ThreadPoolBuilder::new()
+    install_on_pool(f)
+}
+
+/// [`run_on_pool`] without the environment write.
+fn install_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> candle::Result<R> {
+    rayon::ThreadPoolBuilder::new()
         .stack_size(POOL_STACK_BYTES)
         .thread_name(|i| format!("keel-{i}"))
-        .build()
+        .build_scoped(|thread| thread.run(), |pool| pool.install(f))
         .map_err(|e| {
             candle::Error::Msg(format!(
-                "run_on_pool: cannot start the rayon threads ({e}); check RAYON_NUM_THREADS \
-                 and the process's thread limit (ulimit -u)"
+                "run_on_pool: cannot start the rayon threads ({e}); check RAYON_NUM_THREADS, \
+                 the thread limit (ulimit -u) and the address-space limit (ulimit -v: each \
+                 thread reserves a {} MiB stack)",
+                POOL_STACK_BYTES >> 20
             ))
-        })?;
-    Ok(pool.install(f))
+        })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::run_on_pool;
+    use super::install_on_pool;
 
     /// Sums 1..=n by recursion with a 1 KiB frame: ~n KiB of stack.
     #[inline(never)]
@@ -100,7 +110,7 @@ mod tests {
 
     #[test]
     fn runs_on_a_named_pool_thread_with_a_large_stack() {
-        let (name, sum) = run_on_pool(|| {
+        let (name, sum) = install_on_pool(|| {
             let name = std::thread::current().name().map(str::to_owned);
             // ~8 MiB of stack: overflows rayon's default 2 MiB threads, not this pool's.
             (name, deep(8_000))
@@ -115,7 +125,7 @@ mod tests {
 
     #[test]
     fn a_panic_reaches_the_caller() {
-        let r = std::panic::catch_unwind(|| run_on_pool(|| panic!("boom")));
+        let r = std::panic::catch_unwind(|| install_on_pool(|| panic!("boom")));
         assert!(r.is_err());
     }
 }
