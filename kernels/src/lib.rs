@@ -12,6 +12,8 @@
 //! - [`resize_nearest`] / [`resize_bilinear`]: differentiable NCHW resizing with PyTorch's
 //!   `F.interpolate` semantics, CPU kernels with backward, plus the composed `*_slow` twins
 //!   (used on CUDA).
+//! - [`add_silu`] / [`add_relu`]: a residual sum and its activation as one op with a
+//!   one-pass backward (CPU; the candle composition on other devices).
 //! - [`nn`]: layers on these ops ([`nn::Conv2d`], a drop-in for candle_nn's).
 //! - [`PinnedUpload`]: host-to-device uploads from page-locked memory on CUDA.
 //! - [`cpu_isa`] / [`set_cpu_isa`] / [`CpuIsa`]: the instruction set of the CPU GroupNorm
