@@ -104,67 +104,52 @@ fn sigmoid(z: f32) -> f32 {
     1.0 / ((-z).exp() + 1.0)
 }
 
-/// Runs `f(range)` over `0..n` in rayon chunks of [`CHUNK`] (sequentially when small),
-/// writing the chunk's outputs into `out`.
-fn chunked(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+/// `f` applied element by element to the `N` equally long inputs (converted to f32), in
+/// rayon chunks of [`CHUNK`] from `2 * CHUNK` values on, rounded back to `T`.
+fn map<T: Elem + WithDType, const N: usize>(
+    xs: [&[T]; N],
+    f: impl Fn([f32; N]) -> f32 + Sync,
+) -> CpuStorage {
+    let xs = xs.map(T::to_f32_slice);
+    let mut out = vec![0f32; xs.first().map_or(0, |x| x.len())];
+    let run = |start: usize, o: &mut [f32]| {
+        let xs: [&[f32]; N] = std::array::from_fn(|k| &xs[k][start..start + o.len()]);
+        for (i, o) in o.iter_mut().enumerate() {
+            *o = f(std::array::from_fn(|k| xs[k][i]));
+        }
+    };
     if out.len() >= 2 * CHUNK {
         out.par_chunks_mut(CHUNK)
             .enumerate()
-            .for_each(|(c, o)| f(c * CHUNK, o));
+            .for_each(|(c, o)| run(c * CHUNK, o));
     } else {
-        f(0, out);
+        run(0, &mut out);
     }
+    T::to_cpu_storage_owned(T::from_f32_vec(out))
 }
 
 impl FloatOp<2> for AddActOp {
-    fn run<T: Elem + WithDType>(&self, [a, b]: [&[T]; 2]) -> Result<CpuStorage> {
-        let (a, b) = (T::to_f32_slice(a), T::to_f32_slice(b));
-        let mut out = vec![0f32; a.len()];
-        let act = self.0;
-        chunked(&mut out, |start, o| {
-            let (a, b) = (&a[start..start + o.len()], &b[start..start + o.len()]);
-            match act {
-                Act::Silu => {
-                    for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                        let z = x + y;
-                        *o = z / ((-z).exp() + 1.0);
-                    }
-                }
-                Act::Relu => {
-                    for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                        *o = (x + y).max(0.0);
-                    }
-                }
-            }
-        });
-        Ok(T::to_cpu_storage_owned(T::from_f32_vec(out)))
+    fn run<T: Elem + WithDType>(&self, xs: [&[T]; 2]) -> Result<CpuStorage> {
+        Ok(match self.0 {
+            Act::Silu => map(xs, |[x, y]| {
+                let z = x + y;
+                z / ((-z).exp() + 1.0)
+            }),
+            Act::Relu => map(xs, |[x, y]| (x + y).max(0.0)),
+        })
     }
 }
 
 impl FloatOp<3> for AddActBwdOp {
-    fn run<T: Elem + WithDType>(&self, [a, b, dy]: [&[T]; 3]) -> Result<CpuStorage> {
-        let (a, b, dy) = (T::to_f32_slice(a), T::to_f32_slice(b), T::to_f32_slice(dy));
-        let mut out = vec![0f32; a.len()];
-        let act = self.0;
-        chunked(&mut out, |start, o| {
-            let r = start..start + o.len();
-            let (a, b, dy) = (&a[r.clone()], &b[r.clone()], &dy[r]);
-            match act {
-                Act::Silu => {
-                    for (((o, &x), &y), &g) in o.iter_mut().zip(a).zip(b).zip(dy) {
-                        let z = x + y;
-                        let s = sigmoid(z);
-                        *o = g * (s * (1.0 + z * (1.0 - s)));
-                    }
-                }
-                Act::Relu => {
-                    for (((o, &x), &y), &g) in o.iter_mut().zip(a).zip(b).zip(dy) {
-                        *o = if x + y > 0.0 { g } else { 0.0 };
-                    }
-                }
-            }
-        });
-        Ok(T::to_cpu_storage_owned(T::from_f32_vec(out)))
+    fn run<T: Elem + WithDType>(&self, xs: [&[T]; 3]) -> Result<CpuStorage> {
+        Ok(match self.0 {
+            Act::Silu => map(xs, |[x, y, g]| {
+                let z = x + y;
+                let s = sigmoid(z);
+                g * (s * (1.0 + z * (1.0 - s)))
+            }),
+            Act::Relu => map(xs, |[x, y, g]| if x + y > 0.0 { g } else { 0.0 }),
+        })
     }
 }
 
