@@ -3,7 +3,8 @@
 //!
 //! Per `(sample, group)` task, with `K = C_in / G * kH * kW` and `P = H_out * W_out`:
 //! - forward: `y[og, P] = w[og, K] @ col[K, P]`;
-//! - backward-data: `dcol[K, P] = w^T @ dy[og, P]`, then col2im adds dcol into dx;
+//! - backward-data: `dcol[K, P] = w^T @ dy[og, P]`, then col2im adds dcol into dx; for
+//!   images under 64 pixels, several samples side by side: `dcol[K, ns * P]`;
 //! - backward-filter: `dw[og, K] += dy[og, P] @ col[K, P]^T`, summed over samples; the
 //!   transposed read of `col` is why its row stride is padded ([`padded_ld`]).
 //!
@@ -26,6 +27,10 @@ const ROW_SPLIT_FLOATS: usize = 1 << 20;
 /// Below this many output pixels a pointwise backward-filter multiplies `x` in place (its
 /// row stride is too short to alias); from it on it copies `x` into a padded buffer.
 const POINTWISE_DIRECT_PIXELS: usize = 256;
+
+/// Below this many output pixels per sample, backward-data multiplies several samples at
+/// once ([`sample_tile`]).
+const SMALL_IMAGE_PIXELS: usize = 64;
 
 /// A strided `f32` matrix operand: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -113,9 +118,10 @@ fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usize, usize) {
     (lo.min(hi as isize) as usize, hi)
 }
 
-/// col2im: adds the patch rows of output rows `[r0, r1)` in `col` (`(K, (r1 - r0) * W_out)`)
-/// back into one `(sample, group)` image slice `(C_in / G, H, W)`.
-fn col2im(g: &Geom, r0: usize, r1: usize, col: &[f32], img: &mut [f32]) {
+/// col2im: adds the patch rows of output rows `[r0, r1)` in `col` (`K` rows of
+/// `(r1 - r0) * W_out` values, row `r` starting at `col[r * ld]`) back into one
+/// `(sample, group)` image slice `(C_in / G, H, W)`.
+fn col2im(g: &Geom, r0: usize, r1: usize, col: &[f32], ld: usize, img: &mut [f32]) {
     let (h, w, ow) = (g.h, g.w, g.ow);
     let (s, d, p) = (g.stride, g.dilation, g.padding as isize);
     let pt = (r1 - r0) * ow;
@@ -124,7 +130,7 @@ fn col2im(g: &Geom, r0: usize, r1: usize, col: &[f32], img: &mut [f32]) {
         for a in 0..g.kh {
             for b in 0..g.kw {
                 let row = (c * g.kh + a) * g.kw + b;
-                let src = &col[row * pt..(row + 1) * pt];
+                let src = &col[row * ld..row * ld + pt];
                 let off = (b * d) as isize - p;
                 let (lo, hi) = valid_range(off, s, w, ow);
                 if lo >= hi {
@@ -192,9 +198,52 @@ fn im2col(g: &Geom, img: &[f32], r0: usize, r1: usize, col: &mut [f32], ld: usiz
     }
 }
 
-/// Output rows per im2col tile.
+/// Output rows per im2col tile: as many as fit [`TILE_FLOATS`], rounded down (where that
+/// leaves at least one) so a tile holds whole multiples of 64 pixels: `gemm` runs the
+/// product with the pixels as its row dimension, and a remainder below its 64-row
+/// micro-kernel runs 2-4x slower per FLOP.
 fn tile_rows(g: &Geom) -> usize {
-    (TILE_FLOATS / (g.k() * g.ow).max(1)).clamp(1, g.oh.max(1))
+    let rows = (TILE_FLOATS / (g.k() * g.ow).max(1)).clamp(1, g.oh.max(1));
+    if rows == g.oh {
+        return rows;
+    }
+    let unit = 64 / gcd(g.ow.max(1), 64);
+    if rows >= unit {
+        rows / unit * unit
+    } else {
+        rows
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Samples per backward-data GEMM for small output images. With one sample the product
+/// `dcol (K, P)` has fewer pixels than `gemm`'s 64-row micro-kernel, and it ran at 34
+/// GFLOP/s instead of 90 (one thread, s3's 512 -> 512 3x3 on 4x4 maps: K 4608, P 16), so
+/// [`backward_data_sample_tiles`] puts several samples' pixels side by side. (The forward's
+/// product `w (C_out, K) @ col (K, P)` ran at full speed with P = 16: it keeps one sample.)
+/// A pointwise convolution keeps its direct product (no dy copy, no col2im; measured level
+/// or faster on lat3's 512 -> 128 1x1 on 4x4). 1 = one sample at a time (the row-tile path).
+fn sample_tile(g: &Geom) -> usize {
+    let p = g.oh * g.ow;
+    if g.groups != 1 || g.n < 2 || p == 0 || p >= SMALL_IMAGE_PIXELS || g.is_pointwise() {
+        return 1;
+    }
+    SMALL_IMAGE_PIXELS.div_ceil(p).min(g.n)
+}
+
+/// Rows per thread when a GEMM's `rows` output rows are split over the pool (multiples of 16).
+fn row_block(rows: usize) -> usize {
+    rows.div_ceil(rayon::current_num_threads())
+        .div_ceil(16)
+        .max(1)
+        * 16
 }
 
 /// How to spread `tasks` independent tasks over the pool: `true` = rayon over tasks with
@@ -281,6 +330,11 @@ pub(super) fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
 pub(super) fn backward_data(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (p, k, og, cg) = (g.oh * g.ow, g.k(), g.og(), g.cg());
     let mut dx = vec![0f32; g.n * g.c_in * g.h * g.w];
+    let ns = sample_tile(g);
+    if ns > 1 {
+        backward_data_sample_tiles(g, dy, w, ns, &mut dx);
+        return dx;
+    }
     let rows = tile_rows(g);
     let scratch = if g.is_pointwise() { 0 } else { k * rows * g.ow };
     for_tasks(
@@ -315,11 +369,56 @@ pub(super) fn backward_data(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
                     cs: 1,
                 };
                 matmul((k, pt, og), &mut dcol[..k * pt], pt, false, wt, b, par);
-                col2im(g, r0, r1, dcol, dx_ng);
+                col2im(g, r0, r1, dcol, pt, dx_ng);
             }
         },
     );
     dx
+}
+
+/// Backward-data for small images (`groups == 1`): tiles of `ns` samples, whose `dy` blocks
+/// are packed side by side (`(C_out, ns * P)`); the product `dcol (K, ns * P)` is split over
+/// blocks of its rows, one per thread, then each sample's columns go back through col2im.
+fn backward_data_sample_tiles(g: &Geom, dy: &[f32], w: &[f32], ns: usize, dx: &mut [f32]) {
+    let (p, k, co) = (g.oh * g.ow, g.k(), g.c_out);
+    let img_len = g.c_in * g.h * g.w;
+    let mut packed = vec![0f32; co * ns * p];
+    let mut dcol = vec![0f32; k * ns * p];
+    let block = row_block(k);
+    for n0 in (0..g.n).step_by(ns) {
+        let m = ns.min(g.n - n0);
+        let pt = m * p;
+        for j in 0..m {
+            let dy_n = &dy[(n0 + j) * co * p..][..co * p];
+            for (o, dy_o) in dy_n.chunks_exact(p).enumerate() {
+                packed[o * pt + j * p..][..p].copy_from_slice(dy_o);
+            }
+        }
+        let packed = &packed[..co * pt];
+        dcol[..k * pt]
+            .par_chunks_mut(block * pt)
+            .enumerate()
+            .for_each(|(bi, out)| {
+                let rows = out.len() / pt;
+                // w^T's rows from bi * block: element (kk, o) = w[o * K + kk].
+                let a = Mat {
+                    data: &w[bi * block..],
+                    rs: 1,
+                    cs: k,
+                };
+                let b = Mat {
+                    data: packed,
+                    rs: pt,
+                    cs: 1,
+                };
+                matmul((rows, pt, co), out, pt, false, a, b, Parallelism::None);
+            });
+        let dcol = &dcol[..k * pt];
+        dx[n0 * img_len..(n0 + m) * img_len]
+            .par_chunks_mut(img_len)
+            .enumerate()
+            .for_each(|(j, dx_n)| col2im(g, 0, g.oh, &dcol[j * p..], pt, dx_n));
+    }
 }
 
 /// Row stride of an im2col buffer whose rows hold `pt` values: `pt` rounded up to 16 floats
@@ -602,6 +701,70 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Backward-data of small images, several samples per GEMM, gives each sample's own
+    /// one-sample result (the forward, one sample per GEMM, is checked alongside): tiles
+    /// that do not divide the batch, a strided 1x1 kernel, stride 2, single pixels, row
+    /// blocks that do not divide the channels, 1-3 threads.
+    #[test]
+    fn sample_tiles_match_one_sample_at_a_time() {
+        let cases = [
+            geom(4, 8, 4, 4, 20, 3, 1),  // P 16: one tile of 4
+            geom(7, 6, 4, 4, 33, 3, 1),  // tiles of 4 and 3
+            geom(5, 5, 8, 8, 9, 3, 2),   // stride 2: P 16
+            geom(6, 12, 4, 5, 17, 1, 2), // 1x1 stride 2, P 6: tiles of 6
+            geom(3, 4, 1, 1, 5, 3, 1),   // one pixel
+            geom(3, 40, 3, 3, 70, 3, 1), // K 360, og 70: uneven row blocks
+            geom(2, 3, 7, 6, 4, 3, 1),   // P 42: tile of 2, 84 pixels
+        ];
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for g in &cases {
+                assert!(sample_tile(g) > 1, "{g:?} must take the sample-tile path");
+                let one = Geom { n: 1, ..*g };
+                assert_eq!(sample_tile(&one), 1);
+                let x = values(g.n * g.c_in * g.h * g.w, 1);
+                let w = values(g.c_out * g.k(), 3);
+                let dy = values(g.n * g.c_out * g.oh * g.ow, 2);
+                let (y, dx) = pool.install(|| (forward(g, &x, &w), backward_data(g, &dy, &w)));
+                let (xl, yl) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow);
+                for n in 0..g.n {
+                    let (y1, dx1) = pool.install(|| {
+                        (
+                            forward(&one, &x[n * xl..][..xl], &w),
+                            backward_data(&one, &dy[n * yl..][..yl], &w),
+                        )
+                    });
+                    for (what, got, want) in [
+                        ("y", &y[n * yl..][..yl], &y1[..]),
+                        ("dx", &dx[n * xl..][..xl], &dx1[..]),
+                    ] {
+                        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                            assert!(
+                                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                                "threads {threads} {g:?} sample {n}: {what}[{i}] = {a}, one-sample path {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Row tiles hold whole multiples of 64 pixels where the image allows it.
+    #[test]
+    fn tile_rows_keep_whole_64_pixel_blocks() {
+        // smooth 128 -> 128 on 32x32: 7 rows fit, 6 are taken (192 pixels).
+        assert_eq!(tile_rows(&geom(4, 128, 32, 32, 128, 3, 1)), 6);
+        // s0 64 -> 64 on 32x32: 14 rows (448 pixels) already fit.
+        assert_eq!(tile_rows(&geom(4, 64, 32, 32, 64, 3, 1)), 14);
+        // A whole image that fits stays whole; an odd width keeps what fits.
+        assert_eq!(tile_rows(&geom(2, 8, 9, 9, 8, 3, 1)), 9);
+        assert_eq!(tile_rows(&geom(1, 512, 40, 23, 8, 3, 1)), 2);
     }
 
     /// An empty batch gives a zero dw on every path (the row split's tiling divided by it).
