@@ -32,6 +32,33 @@ const POINTWISE_DIRECT_PIXELS: usize = 256;
 /// once ([`sample_tile`]).
 const SMALL_IMAGE_PIXELS: usize = 64;
 
+thread_local! {
+    /// Each thread's im2col / GEMM scratch, kept between calls (see [`with_scratch`]).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of this thread's scratch buffer. The buffer outlives the call
+/// (it only grows: at most the largest tile this thread has used, a few MiB), so a call
+/// neither allocates, zero-fills nor page-faults its scratch again: a fresh `vec![0; n]`
+/// per call was 3-5% of seg_train's step in `memset` and page faults. The contents are
+/// whatever the last call left: every user writes the part it reads (im2col writes its
+/// zeros for padding; the GEMMs run with `acc = false` into it). A nested call (rayon work
+/// stealing inside `f`) finds the buffer taken and uses a fresh one.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| s.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let out = f(&mut buf[..len]);
+    SCRATCH.with(|s| {
+        let mut cur = s.borrow_mut();
+        if cur.len() < buf.len() {
+            *cur = buf;
+        }
+    });
+    out
+}
+
 /// A strided `f32` matrix operand: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 struct Mat<'a> {
@@ -268,7 +295,7 @@ fn for_tasks(
     out: &mut [f32],
     chunk: usize,
     scratch: usize,
-    f: impl Fn(usize, &mut [f32], &mut Vec<f32>, Parallelism) + Sync,
+    f: impl Fn(usize, &mut [f32], &mut [f32], Parallelism) + Sync,
 ) {
     if chunk == 0 {
         return;
@@ -279,12 +306,13 @@ fn for_tasks(
     if outer {
         out.par_chunks_mut(chunk)
             .enumerate()
-            .for_each_init(|| vec![0f32; scratch], |buf, (t, o)| f(t, o, buf, par));
+            .for_each(|(t, o)| with_scratch(scratch, |buf| f(t, o, buf, par)));
     } else {
-        let mut buf = vec![0f32; scratch];
-        for (t, o) in out.chunks_mut(chunk).enumerate() {
-            f(t, o, &mut buf, par);
-        }
+        with_scratch(scratch, |buf| {
+            for (t, o) in out.chunks_mut(chunk).enumerate() {
+                f(t, o, buf, par);
+            }
+        });
     }
 }
 
@@ -381,10 +409,25 @@ pub(super) fn backward_data(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
 /// blocks of its rows, one per thread, then each sample's columns go back through col2im.
 fn backward_data_sample_tiles(g: &Geom, dy: &[f32], w: &[f32], ns: usize, dx: &mut [f32]) {
     let (p, k, co) = (g.oh * g.ow, g.k(), g.c_out);
-    let img_len = g.c_in * g.h * g.w;
-    let mut packed = vec![0f32; co * ns * p];
-    let mut dcol = vec![0f32; k * ns * p];
     let block = row_block(k);
+    with_scratch((co + k) * ns * p, |buf| {
+        let (packed, dcol) = buf.split_at_mut(co * ns * p);
+        backward_data_tiles(g, (dy, w), ns, block, (packed, dcol), dx)
+    })
+}
+
+/// [`backward_data_sample_tiles`]'s loop over its tiles, with `packed` and `dcol` holding
+/// `C_out * ns * P` and `K * ns * P` floats.
+fn backward_data_tiles(
+    g: &Geom,
+    (dy, w): (&[f32], &[f32]),
+    ns: usize,
+    block: usize,
+    (packed, dcol): (&mut [f32], &mut [f32]),
+    dx: &mut [f32],
+) {
+    let (p, k, co) = (g.oh * g.ow, g.k(), g.c_out);
+    let img_len = g.c_in * g.h * g.w;
     for n0 in (0..g.n).step_by(ns) {
         let m = ns.min(g.n - n0);
         let pt = m * p;
@@ -499,7 +542,7 @@ fn filter_scratch(g: &Geom) -> usize {
 /// once and the GEMM is split over blocks of output-channel rows, one per thread, so `dw`
 /// needs no per-thread partial sums.
 fn filter_rows_split(g: &Geom, (x, dy): (&[f32], &[f32]), gi: usize, dwg: &mut [f32]) {
-    let (p, k, og, cg) = (g.oh * g.ow, g.k(), g.og(), g.cg());
+    let (p, k, og) = (g.oh * g.ow, g.k(), g.og());
     let threads = rayon::current_num_threads();
     // Tiles: (first sample, samples, first row, rows).
     let mut tiles = Vec::new();
@@ -519,10 +562,25 @@ fn filter_rows_split(g: &Geom, (x, dy): (&[f32], &[f32]), gi: usize, dwg: &mut [
     }
     let max_pt = tiles.iter().map(|t| t.1 * t.3 * g.ow).max().unwrap_or(0);
     let ld = padded_ld(max_pt);
-    let mut col = vec![0f32; k * ld];
-    let mut packed_dy = Vec::new();
     let block = og.div_ceil(threads).div_ceil(16) * 16;
-    for (n0, ns, r0, nr) in tiles {
+    with_scratch(k * ld + og * max_pt, |buf| {
+        let (col, packed_dy) = buf.split_at_mut(k * ld);
+        filter_tiles(g, (x, dy), gi, &tiles, (ld, block), (col, packed_dy), dwg)
+    })
+}
+
+/// [`filter_rows_split`]'s loop over its tiles `(first sample, samples, first row, rows)`.
+fn filter_tiles(
+    g: &Geom,
+    (x, dy): (&[f32], &[f32]),
+    gi: usize,
+    tiles: &[(usize, usize, usize, usize)],
+    (ld, block): (usize, usize),
+    (col, packed_dy): (&mut [f32], &mut [f32]),
+    dwg: &mut [f32],
+) {
+    let (p, k, og, cg) = (g.oh * g.ow, g.k(), g.og(), g.cg());
+    for &(n0, ns, r0, nr) in tiles {
         let pt = ns * nr * g.ow;
         for j in 0..ns {
             let n = n0 + j;
@@ -534,14 +592,13 @@ fn filter_rows_split(g: &Geom, (x, dy): (&[f32], &[f32]), gi: usize, dwg: &mut [
             (&dy[dy_at(n0) + r0 * g.ow..], p)
         } else {
             // The samples' dy blocks side by side: (og, ns * P).
-            packed_dy.resize(og * pt, 0.0);
             for o in 0..og {
                 for j in 0..ns {
                     packed_dy[o * pt + j * p..][..p]
                         .copy_from_slice(&dy[dy_at(n0 + j) + o * p..][..p]);
                 }
             }
-            (&packed_dy[..], pt)
+            (&packed_dy[..og * pt], pt)
         };
         let col = &col[..k * ld];
         dwg.par_chunks_mut(block * k)
@@ -574,12 +631,11 @@ pub(super) fn backward_filter(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let threads = rayon::current_num_threads();
     if threads > 1 && g.groups >= threads {
         // Disjoint per-group slices of dw.
-        dw.par_chunks_mut(og * k).enumerate().for_each_init(
-            || vec![0f32; scratch],
-            |col, (gi, dwg)| {
+        dw.par_chunks_mut(og * k).enumerate().for_each(|(gi, dwg)| {
+            with_scratch(scratch, |col| {
                 filter_samples(g, (x, dy), 0..g.n, gi..gi + 1, dwg, col, Parallelism::None)
-            },
-        );
+            })
+        });
     } else if threads > 1 && og >= 64 * threads && og * k >= ROW_SPLIT_FLOATS {
         // A large dw: split its rows, no partial sums.
         for (gi, dwg) in dw.chunks_mut(og * k).enumerate() {
@@ -593,17 +649,18 @@ pub(super) fn backward_filter(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
             .into_par_iter()
             .map(|i| {
                 let mut part = vec![0f32; g.c_out * k];
-                let mut col = vec![0f32; scratch];
                 let ns = i * per..((i + 1) * per).min(g.n);
-                filter_samples(
-                    g,
-                    (x, dy),
-                    ns,
-                    0..g.groups,
-                    &mut part,
-                    &mut col,
-                    Parallelism::None,
-                );
+                with_scratch(scratch, |col| {
+                    filter_samples(
+                        g,
+                        (x, dy),
+                        ns,
+                        0..g.groups,
+                        &mut part,
+                        col,
+                        Parallelism::None,
+                    )
+                });
                 part
             })
             .collect();
@@ -613,16 +670,17 @@ pub(super) fn backward_filter(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
             }
         }
     } else {
-        let mut col = vec![0f32; scratch];
-        filter_samples(
-            g,
-            (x, dy),
-            0..g.n,
-            0..g.groups,
-            &mut dw,
-            &mut col,
-            inner_par(false),
-        );
+        with_scratch(scratch, |col| {
+            filter_samples(
+                g,
+                (x, dy),
+                0..g.n,
+                0..g.groups,
+                &mut dw,
+                col,
+                inner_par(false),
+            )
+        });
     }
     dw
 }
@@ -679,7 +737,7 @@ mod tests {
                 let x = values(g.n * g.c_in * g.h * g.w, 1);
                 let dy = values(g.n * g.c_out * g.oh * g.ow, 2);
                 let mut want = vec![0f32; g.c_out * g.k()];
-                let mut col = vec![0f32; filter_scratch(g)];
+                let mut col = vec![f32::NAN; filter_scratch(g)];
                 let all = 0..g.n;
                 filter_samples(
                     g,
@@ -691,6 +749,7 @@ mod tests {
                     Parallelism::None,
                 );
                 let mut got = vec![0f32; g.c_out * g.k()];
+                poison(&pool);
                 pool.install(|| filter_rows_split(g, (&x, &dy), 0, &mut got));
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (i, (a, b)) in got.iter().zip(&want).enumerate() {
@@ -749,6 +808,66 @@ mod tests {
                                 "threads {threads} {g:?} sample {n}: {what}[{i}] = {a}, one-sample path {b}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fills every pool thread's scratch with NaN, as an earlier call could leave it.
+    fn poison(pool: &rayon::ThreadPool) {
+        pool.broadcast(|_| with_scratch(1 << 20, |b| b.fill(f32::NAN)));
+    }
+
+    /// The kept scratch buffers are written before they are read: a pool whose scratch
+    /// holds NaN gives the results of a fresh pool, on every path (row tiles with padding,
+    /// sample tiles, per-thread partial sums, strides, row-split filter tiles).
+    #[test]
+    fn stale_scratch_is_never_read() {
+        let cases = [
+            geom(2, 5, 9, 7, 6, 3, 1),
+            geom(4, 8, 4, 4, 20, 3, 1),
+            geom(5, 32, 19, 19, 24, 3, 1),
+            geom(3, 4, 9, 8, 6, 3, 2),
+            geom(2, 64, 19, 17, 21, 3, 1),
+            geom(3, 6, 5, 7, 4, 1, 1),
+        ];
+        for threads in [1, 2, 3] {
+            let build = || {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+            };
+            let (fresh, used) = (build(), build());
+            for g in &cases {
+                let x = values(g.n * g.c_in * g.h * g.w, 1);
+                let w = values(g.c_out * g.k(), 3);
+                let dy = values(g.n * g.c_out * g.oh * g.ow, 2);
+                let run = |pool: &rayon::ThreadPool| {
+                    pool.install(|| {
+                        let mut split = vec![0f32; g.c_out * g.k()];
+                        filter_rows_split(g, (&x, &dy), 0, &mut split);
+                        [
+                            forward(g, &x, &w),
+                            backward_data(g, &dy, &w),
+                            backward_filter(g, &x, &dy),
+                            split,
+                        ]
+                    })
+                };
+                let want = run(&fresh);
+                poison(&used);
+                let got = run(&used);
+                for (what, (a, b)) in ["y", "dx", "dw", "dw (row split)"]
+                    .iter()
+                    .zip(got.iter().zip(&want))
+                {
+                    for (i, (u, v)) in a.iter().zip(b).enumerate() {
+                        assert!(
+                            (u - v).abs() <= 1e-5 * v.abs().max(1.0),
+                            "threads {threads} {g:?}: {what}[{i}] = {u} after stale scratch, {v} fresh"
+                        );
                     }
                 }
             }
