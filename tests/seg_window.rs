@@ -48,7 +48,7 @@ fn steps_logged(out: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn log_every_gives_the_per_step_run() -> anyhow::Result<()> {
     let steps = 40;
-    let run = |name: &str, log_every: &str| -> anyhow::Result<std::path::PathBuf> {
+    let run = |name: &str, log_every: &str| -> anyhow::Result<keel_test_support::TempPath> {
         let out = tmp(name);
         let mut args = tiny(&out, steps);
         set(&mut args, "--warmup-steps", "0");

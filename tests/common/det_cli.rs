@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 
 use crate::det_train;
 
-/// A fresh temp path for this process and `name`.
-pub fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-det-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A fresh temp path for this process and `name`, removed when the test ends.
+pub fn tmp(name: &str) -> keel_test_support::TempPath {
+    keel_test_support::TempPath::new("keel-det", name)
 }
 
 /// Tiny, fast settings: 64-pixel images, a 0.05 M-parameter detector.

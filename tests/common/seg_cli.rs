@@ -8,16 +8,15 @@
 //! `child_process` test calls [`child_main`], which runs seg_train and exits like the binary.
 #![allow(dead_code)] // reason: each test crate uses a subset
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use crate::seg_train::cli;
 
-/// A fresh temp path for this process and `name` (removed if it exists).
-pub fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-seg-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A fresh temp path for this process and `name` (removed if it exists, and again when the
+/// test ends, also when it fails).
+pub fn tmp(name: &str) -> keel_test_support::TempPath {
+    keel_test_support::TempPath::new("keel-seg", name)
 }
 
 /// Tiny, fast settings for a CPU smoke run.

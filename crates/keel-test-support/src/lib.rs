@@ -13,7 +13,8 @@
 //! returns the maximum absolute error so tests can report what they measured.
 //! [`check_close`] is the same check returning a `Result` for code that must not panic
 //! (proptest bodies, tests that expect a mismatch). [`TempDir`] is a test's scratch
-//! directory, removed on drop; [`xorshift_data`] makes deterministic inputs.
+//! directory and [`TempPath`] a run directory the code under test creates, both removed on
+//! drop; [`xorshift_data`] makes deterministic inputs.
 //!
 //! ```
 //! use keel_test_support::{assert_close, Tol};
@@ -28,5 +29,5 @@ pub mod tol;
 
 pub use close::{assert_close, check_close, Closeness, Mismatch, Values};
 pub use data::xorshift_data;
-pub use temp::TempDir;
+pub use temp::{TempDir, TempPath};
 pub use tol::Tol;

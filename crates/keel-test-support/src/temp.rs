@@ -1,5 +1,6 @@
-//! [`TempDir`]: a fresh directory per test, removed on drop.
-use std::path::PathBuf;
+//! [`TempDir`]: a fresh directory per test, removed on drop; [`TempPath`]: a fresh path a
+//! test hands to the code under test (which creates it), removed on drop.
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A fresh, empty directory under the system temp dir, unique to this process, thread and
@@ -48,6 +49,51 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh path `{temp}/{prefix}-{pid}-{name}` that does not exist yet (anything there is
+/// removed first), for a run directory the code under test creates itself; removed with its
+/// content on drop, also when the test fails. It derefs to [`Path`].
+///
+/// ```
+/// use keel_test_support::TempPath;
+/// let kept = {
+///     let out = TempPath::new("keel-doc", "run");
+///     assert!(!out.exists());
+///     std::fs::create_dir_all(out.join("checkpoints")).unwrap();
+///     out.to_path_buf()
+/// };
+/// assert!(!kept.exists());
+/// ```
+#[derive(Debug)]
+pub struct TempPath(PathBuf);
+
+impl TempPath {
+    /// `{temp}/{prefix}-{pid}-{name}`, removed first if it exists.
+    pub fn new(prefix: &str, name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        Self(path)
+    }
+}
+
+impl std::ops::Deref for TempPath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempPath {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempPath {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }

@@ -51,9 +51,29 @@ pub fn values(t: &Tensor) -> Result<Vec<f64>> {
         .to_vec1::<f64>()?)
 }
 
-/// A unique scratch path under the target directory's temp dir.
-pub fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("keel-optim-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("creating the scratch dir");
-    dir.join(name)
+/// A file path `name` in a fresh scratch directory of its own, removed (with the file)
+/// when the value drops. It derefs to the file's path.
+pub fn scratch(name: &str) -> Scratch {
+    let dir = keel_test_support::TempDir::new("optim");
+    let path = dir.0.join(name);
+    Scratch { _dir: dir, path }
+}
+
+/// [`scratch`]'s file path and the directory that holds it.
+pub struct Scratch {
+    _dir: keel_test_support::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.path
+    }
 }
