@@ -4,7 +4,8 @@
 //! Per `(sample, group)` task, with `K = C_in / G * kH * kW` and `P = H_out * W_out`:
 //! - forward: `y[og, P] = w[og, K] @ col[K, P]`;
 //! - backward-data: `dcol[K, P] = w^T @ dy[og, P]`, then col2im adds dcol into dx; for
-//!   images under 64 pixels, several samples side by side: `dcol[K, ns * P]`;
+//!   output images under 64 pixels (ungrouped, batch >= 2, not pointwise), several samples
+//!   side by side: `dcol[K, ns * P]`;
 //! - backward-filter: `dw[og, K] += dy[og, P] @ col[K, P]^T`, summed over samples; the
 //!   transposed read of `col` is why its row stride is padded ([`padded_ld`]).
 //!
@@ -32,30 +33,38 @@ const POINTWISE_DIRECT_PIXELS: usize = 256;
 /// once ([`sample_tile`]).
 const SMALL_IMAGE_PIXELS: usize = 64;
 
+/// The largest scratch buffer (floats) a thread keeps between calls ([`with_scratch`]):
+/// 4 Mi floats = 16 MiB. The tiles aim at 1 MiB ([`TILE_FLOATS`]); only a single output row
+/// wider than that, or a sample tile of very wide layers, goes above it.
+const KEPT_SCRATCH_FLOATS: usize = 1 << 22;
+
 thread_local! {
     /// Each thread's im2col / GEMM scratch, kept between calls (see [`with_scratch`]).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on `len` floats of this thread's scratch buffer. The buffer outlives the call
-/// (it only grows: at most the largest tile this thread has used, a few MiB), so a call
-/// neither allocates, zero-fills nor page-faults its scratch again (`memset` fell from 4.7-4.9%
-/// to 3.8% of seg_train's twin-width step in `perf`). The contents are
-/// whatever the last call left: every user writes the part it reads (im2col writes its
-/// zeros for padding; the GEMMs run with `acc = false` into it). A nested call (rayon work
-/// stealing inside `f`) finds the buffer taken and uses a fresh one.
+/// Runs `f` on `len` floats of this thread's scratch buffer. The buffer outlives the call,
+/// so a call neither allocates, zero-fills nor page-faults its scratch again (`memset` fell
+/// from 4.7-4.9% to 3.8% of seg_train's twin-width step in `perf`). Each thread keeps the
+/// largest buffer it has used up to [`KEPT_SCRATCH_FLOATS`] (16 MiB) until it exits; a larger
+/// one is freed after its call. The contents are whatever the last call left: every user
+/// writes the part it reads (im2col writes its zeros for padding; the GEMMs run with
+/// `acc = false` into it). A nested call (rayon work stealing inside `f`) finds the buffer
+/// taken and uses a fresh one.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let mut buf = SCRATCH.with(|s| s.take());
     if buf.len() < len {
         buf.resize(len, 0.0);
     }
     let out = f(&mut buf[..len]);
-    SCRATCH.with(|s| {
-        let mut cur = s.borrow_mut();
-        if cur.len() < buf.len() {
-            *cur = buf;
-        }
-    });
+    if buf.len() <= KEPT_SCRATCH_FLOATS {
+        SCRATCH.with(|s| {
+            let mut cur = s.borrow_mut();
+            if cur.len() < buf.len() {
+                *cur = buf;
+            }
+        });
+    }
     out
 }
 
@@ -256,10 +265,12 @@ fn gcd(a: usize, b: usize) -> usize {
 /// [`backward_data_sample_tiles`] puts several samples' pixels side by side. (The forward's
 /// product `w (C_out, K) @ col (K, P)` ran at full speed with P = 16: it keeps one sample.)
 /// A pointwise convolution keeps its direct product (no dy copy, no col2im; measured level
-/// or faster on lat3's 512 -> 128 1x1 on 4x4). 1 = one sample at a time (the row-tile path).
+/// or faster on lat3's 512 -> 128 1x1 on 4x4); so does an empty input image. 1 = one
+/// sample at a time (the per-sample path).
 fn sample_tile(g: &Geom) -> usize {
     let p = g.oh * g.ow;
-    if g.groups != 1 || g.n < 2 || p == 0 || p >= SMALL_IMAGE_PIXELS || g.is_pointwise() {
+    let empty = g.c_in * g.h * g.w == 0;
+    if g.groups != 1 || g.n < 2 || p == 0 || p >= SMALL_IMAGE_PIXELS || g.is_pointwise() || empty {
         return 1;
     }
     SMALL_IMAGE_PIXELS.div_ceil(p).min(g.n)
@@ -543,7 +554,7 @@ fn filter_scratch(g: &Geom) -> usize {
 /// needs no per-thread partial sums.
 fn filter_rows_split(g: &Geom, (x, dy): (&[f32], &[f32]), gi: usize, dwg: &mut [f32]) {
     let (p, k, og) = (g.oh * g.ow, g.k(), g.og());
-    let threads = rayon::current_num_threads();
+
     // Tiles: (first sample, samples, first row, rows).
     let mut tiles = Vec::new();
     if 2 * p * k <= TILE_FLOATS {
@@ -562,7 +573,7 @@ fn filter_rows_split(g: &Geom, (x, dy): (&[f32], &[f32]), gi: usize, dwg: &mut [
     }
     let max_pt = tiles.iter().map(|t| t.1 * t.3 * g.ow).max().unwrap_or(0);
     let ld = padded_ld(max_pt);
-    let block = og.div_ceil(threads).div_ceil(16) * 16;
+    let block = row_block(og);
     with_scratch(k * ld + og * max_pt, |buf| {
         let (col, packed_dy) = buf.split_at_mut(k * ld);
         filter_tiles(g, (x, dy), gi, &tiles, (ld, block), (col, packed_dy), dwg)
@@ -839,26 +850,31 @@ mod tests {
                     .build()
                     .unwrap()
             };
-            let (fresh, used) = (build(), build());
+            let used = build();
             for g in &cases {
                 let x = values(g.n * g.c_in * g.h * g.w, 1);
                 let w = values(g.c_out * g.k(), 3);
                 let dy = values(g.n * g.c_out * g.oh * g.ow, 2);
-                let run = |pool: &rayon::ThreadPool| {
-                    pool.install(|| {
+                // Each path on its own: a fresh pool (empty scratch) for the reference, the
+                // poisoned pool (NaN scratch) re-poisoned before every call.
+                let paths: [&(dyn Fn() -> Vec<f32> + Sync); 4] = [
+                    &|| forward(g, &x, &w),
+                    &|| backward_data(g, &dy, &w),
+                    &|| backward_filter(g, &x, &dy),
+                    &|| {
                         let mut split = vec![0f32; g.c_out * g.k()];
                         filter_rows_split(g, (&x, &dy), 0, &mut split);
-                        [
-                            forward(g, &x, &w),
-                            backward_data(g, &dy, &w),
-                            backward_filter(g, &x, &dy),
-                            split,
-                        ]
+                        split
+                    },
+                ];
+                let want: Vec<Vec<f32>> = paths.iter().map(|f| build().install(f)).collect();
+                let got: Vec<Vec<f32>> = paths
+                    .iter()
+                    .map(|f| {
+                        poison(&used);
+                        used.install(f)
                     })
-                };
-                let want = run(&fresh);
-                poison(&used);
-                let got = run(&used);
+                    .collect();
                 for (what, (a, b)) in ["y", "dx", "dw", "dw (row split)"]
                     .iter()
                     .zip(got.iter().zip(&want))
@@ -872,6 +888,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An empty input image with padding (output 2x2 of zeros) takes the per-sample path:
+    /// the sample tiles' `dx` chunks would be empty (a review found the panic).
+    #[test]
+    fn empty_input_images_give_empty_or_zero_results() {
+        let g = Geom {
+            n: 2,
+            c_in: 3,
+            h: 0,
+            w: 0,
+            c_out: 4,
+            kh: 1,
+            kw: 1,
+            oh: 2,
+            ow: 2,
+            stride: 1,
+            padding: 1,
+            dilation: 1,
+            groups: 1,
+        };
+        assert_eq!(sample_tile(&g), 1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let w = values(g.c_out * g.k(), 3);
+        let dy = values(g.n * g.c_out * 4, 2);
+        let (y, dx, dw) = pool.install(|| {
+            (
+                forward(&g, &[], &w),
+                backward_data(&g, &dy, &w),
+                backward_filter(&g, &[], &dy),
+            )
+        });
+        assert_eq!(y.len(), g.n * g.c_out * 4);
+        assert!(y.iter().all(|&v| v == 0.0));
+        assert!(dx.is_empty());
+        assert!(dw.iter().all(|&v| v == 0.0));
     }
 
     /// Row tiles hold whole multiples of 64 pixels where the image allows it.
