@@ -720,6 +720,13 @@ mod tests {
         }
     }
 
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
     fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0)
@@ -740,10 +747,7 @@ mod tests {
             geom(2, 64, 19, 17, 21, 3, 1),
         ];
         for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = pool(threads);
             for g in &cases {
                 let x = values(g.n * g.c_in * g.h * g.w, 1);
                 let dy = values(g.n * g.c_out * g.oh * g.ow, 2);
@@ -789,10 +793,7 @@ mod tests {
             geom(2, 3, 7, 6, 4, 3, 1),   // P 42: tile of 2, 84 pixels
         ];
         for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = pool(threads);
             for g in &cases {
                 assert!(sample_tile(g) > 1, "{g:?} must take the sample-tile path");
                 let one = Geom { n: 1, ..*g };
@@ -844,12 +845,7 @@ mod tests {
             geom(3, 6, 5, 7, 4, 1, 1),
         ];
         for threads in [1, 2, 3] {
-            let build = || {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap()
-            };
+            let build = || pool(threads);
             let used = build();
             for g in &cases {
                 let x = values(g.n * g.c_in * g.h * g.w, 1);
@@ -910,10 +906,7 @@ mod tests {
             groups: 1,
         };
         assert_eq!(sample_tile(&g), 1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = pool(2);
         let w = values(g.c_out * g.k(), 3);
         let dy = values(g.n * g.c_out * 4, 2);
         let (y, dx, dw) = pool.install(|| {
@@ -944,10 +937,7 @@ mod tests {
     /// An empty batch gives a zero dw on every path (the row split's tiling divided by it).
     #[test]
     fn empty_batch_filter_is_zero() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = pool(2);
         // s3's 512 -> 512 3x3 on 4x4: the row-split path with whole-sample tiles.
         for g in [geom(0, 512, 4, 4, 512, 3, 1), geom(0, 4, 9, 8, 6, 3, 2)] {
             let dw = pool.install(|| backward_filter(&g, &[], &[]));
