@@ -384,7 +384,7 @@ fn every_norm_optimizer_and_precision_path_trains() -> anyhow::Result<()> {
         &[("--norm", "gn:2"), ("--amp", "f16"), ("--ema-decay", "0.9")],
         &[("--norm", "frozen-bn")],
     ];
-    let mut bn_ckpt = None;
+    let (mut bn_ckpt, mut runs) = (None, Vec::new());
     for (i, flags) in cases.iter().enumerate() {
         let out = tmp(&format!("path{i}"));
         let mut args = tiny(&out, 3);
@@ -401,6 +401,8 @@ fn every_norm_optimizer_and_precision_path_trains() -> anyhow::Result<()> {
         if i == 0 {
             bn_ckpt = Some(out.join("checkpoints/ckpt-00000003.safetensors"));
         }
+        // Kept (not removed) until the --init runs below have read the BatchNorm checkpoint.
+        runs.push(out);
     }
     // --init from the BatchNorm run's weights: converted to GroupNorm and to FrozenBatchNorm.
     let ckpt = bn_ckpt.unwrap();
@@ -413,9 +415,7 @@ fn every_norm_optimizer_and_precision_path_trains() -> anyhow::Result<()> {
         assert_eq!(step_losses(&out).len(), 2);
         let _ = std::fs::remove_dir_all(out);
     }
-    for i in 0..cases.len() {
-        let _ = std::fs::remove_dir_all(tmp(&format!("path{i}")));
-    }
+    drop(runs);
     Ok(())
 }
 
