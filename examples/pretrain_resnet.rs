@@ -203,7 +203,7 @@ fn count_right(logits: &Tensor, labels: &[u32]) -> candle::Result<usize> {
 fn main() -> anyhow::Result<()> {
     // The whole run on one of rayon's threads (keel::train::threads::run_on_pool).
     let args = std::env::args().collect();
-    keel::train::threads::run_on_pool(|| run(args))?.map(drop)
+    keel::train::threads::try_run_on_pool(|| run(args)).map(drop)
 }
 
 /// Parses `argv` (program name first), pretrains and writes `--out`; returns the validation

@@ -272,10 +272,7 @@ fn child_process() {
     if let Ok(args) = std::env::var("DET_TRAIN_CHILD_ARGS") {
         let args: Vec<String> = serde_json::from_str(&args).unwrap();
         // As the binary's main: the trainer on rayon's pool.
-        let res = keel::train::threads::run_on_pool(|| run(&args))
-            .map_err(anyhow::Error::from)
-            .and_then(|r| r);
-        let code = match res {
+        let code = match keel::train::threads::try_run_on_pool(|| run(&args)) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("det_train: {e:#}");

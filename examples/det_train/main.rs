@@ -28,10 +28,7 @@ pub(crate) mod train;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // The whole trainer on one of rayon's threads (keel::train::threads::run_on_pool).
-    let res = keel::train::threads::run_on_pool(|| cli::run(args))
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r);
-    if let Err(e) = res {
+    if let Err(e) = keel::train::threads::try_run_on_pool(|| cli::run(args)) {
         // A run stopped by SIGINT/SIGTERM exits with 130/143 after its checkpoint.
         let code = keel::train::driver::exit_code(e.as_ref());
         let what = if code == 1 { "error: " } else { "" };

@@ -78,10 +78,7 @@ pub fn child_main() {
     if let Ok(args) = std::env::var("SEG_TRAIN_CHILD_ARGS") {
         let args: Vec<String> = serde_json::from_str(&args).unwrap();
         // As the binary's main: the trainer on rayon's pool.
-        let res = keel::train::threads::run_on_pool(|| cli::run(args))
-            .map_err(anyhow::Error::from)
-            .and_then(|r| r);
-        let code = match res {
+        let code = match keel::train::threads::try_run_on_pool(|| cli::run(args)) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("seg_train: error: {e:#}");

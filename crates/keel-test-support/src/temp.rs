@@ -1,5 +1,6 @@
 //! [`TempDir`]: a fresh directory per test, removed on drop; [`TempPath`]: a fresh path a
-//! test hands to the code under test (which creates it), removed on drop.
+//! test hands to the code under test (which creates it: a run directory or a file), removed
+//! on drop.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -55,8 +56,9 @@ impl Drop for TempDir {
 }
 
 /// A fresh path `{temp}/{prefix}-{pid}-{name}` that does not exist yet (anything there is
-/// removed first), for a run directory the code under test creates itself; removed with its
-/// content on drop, also when the test fails. It derefs to [`Path`].
+/// removed first), for a run directory or a file the code under test creates itself;
+/// removed (a directory with its content) on drop, also when the test fails. It derefs to
+/// [`Path`].
 ///
 /// ```
 /// use keel_test_support::TempPath;
@@ -67,15 +69,29 @@ impl Drop for TempDir {
 ///     out.to_path_buf()
 /// };
 /// assert!(!kept.exists());
+/// let file = TempPath::new("keel-doc", "state.safetensors");
+/// std::fs::write(&file, b"").unwrap();
+/// let kept = file.to_path_buf();
+/// drop(file);
+/// assert!(!kept.exists());
 /// ```
 #[derive(Debug)]
 pub struct TempPath(PathBuf);
+
+/// Removes `path`: a directory with its content, or a file; nothing there is fine.
+fn remove(path: &Path) {
+    let _ = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+}
 
 impl TempPath {
     /// `{temp}/{prefix}-{pid}-{name}`, removed first if it exists.
     pub fn new(prefix: &str, name: &str) -> Self {
         let path = std::env::temp_dir().join(format!("{prefix}-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
+        remove(&path);
         Self(path)
     }
 }
@@ -95,6 +111,6 @@ impl AsRef<Path> for TempPath {
 
 impl Drop for TempPath {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        remove(&self.0);
     }
 }

@@ -77,6 +77,23 @@ pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> candle::Result<R> {
     install_on_pool(f)
 }
 
+/// [`run_on_pool`] for a trainer that returns a `Result`: a refused pool becomes that
+/// `Result`'s error (`E` from `candle::Error`, e.g. `anyhow::Error`), so `main` handles one
+/// error path.
+///
+/// ```
+/// let n = keel_train::threads::try_run_on_pool(|| -> anyhow::Result<usize> {
+///     Ok(rayon::current_num_threads())
+/// })?;
+/// assert!(n >= 1);
+/// # Ok::<(), anyhow::Error>(())
+/// ```
+pub fn try_run_on_pool<T: Send, E: From<candle::Error> + Send>(
+    f: impl FnOnce() -> Result<T, E> + Send,
+) -> Result<T, E> {
+    run_on_pool(f)?
+}
+
 /// [`run_on_pool`] without the environment write.
 fn install_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> candle::Result<R> {
     rayon::ThreadPoolBuilder::new()

@@ -236,8 +236,9 @@ fn im2col(g: &Geom, img: &[f32], r0: usize, r1: usize, col: &mut [f32], ld: usiz
 
 /// Output rows per im2col tile: as many as fit [`TILE_FLOATS`], rounded down (where that
 /// leaves at least one) so a tile holds whole multiples of 64 pixels: `gemm` runs the
-/// product with the pixels as its row dimension, and a remainder below its 64-row
-/// micro-kernel runs 2-4x slower per FLOP.
+/// backward-data product with the pixels as its row dimension, and below its 64-row
+/// micro-kernel that ran 1.6-2.6x slower per FLOP (one thread, K 4608: 55 GFLOP/s at 32
+/// pixels, 34 at 16, 90 at 64).
 fn tile_rows(g: &Geom) -> usize {
     let rows = (TILE_FLOATS / (g.k() * g.ow).max(1)).clamp(1, g.oh.max(1));
     if rows == g.oh {
@@ -442,12 +443,7 @@ fn backward_data_tiles(
     for n0 in (0..g.n).step_by(ns) {
         let m = ns.min(g.n - n0);
         let pt = m * p;
-        for j in 0..m {
-            let dy_n = &dy[(n0 + j) * co * p..][..co * p];
-            for (o, dy_o) in dy_n.chunks_exact(p).enumerate() {
-                packed[o * pt + j * p..][..p].copy_from_slice(dy_o);
-            }
-        }
+        pack_samples(dy, |j| (n0 + j) * co * p, m, (co, p), packed);
         let packed = &packed[..co * pt];
         dcol[..k * pt]
             .par_chunks_mut(block * pt)
@@ -472,6 +468,27 @@ fn backward_data_tiles(
             .par_chunks_mut(img_len)
             .enumerate()
             .for_each(|(j, dx_n)| col2im(g, 0, g.oh, &dcol[j * p..], pt, dx_n));
+    }
+}
+
+/// Puts the `(rows, P)` blocks of `m` samples side by side in `out` (`(rows, m * P)`);
+/// sample `j`'s block starts at `src[at(j)]`.
+fn pack_samples(
+    src: &[f32],
+    at: impl Fn(usize) -> usize,
+    m: usize,
+    (rows, p): (usize, usize),
+    out: &mut [f32],
+) {
+    if p == 0 {
+        return;
+    }
+    let pt = m * p;
+    for j in 0..m {
+        let block = &src[at(j)..][..rows * p];
+        for (r, row) in block.chunks_exact(p).enumerate() {
+            out[r * pt + j * p..][..p].copy_from_slice(row);
+        }
     }
 }
 
@@ -554,7 +571,6 @@ fn filter_scratch(g: &Geom) -> usize {
 /// needs no per-thread partial sums.
 fn filter_rows_split(g: &Geom, (x, dy): (&[f32], &[f32]), gi: usize, dwg: &mut [f32]) {
     let (p, k, og) = (g.oh * g.ow, g.k(), g.og());
-
     // Tiles: (first sample, samples, first row, rows).
     let mut tiles = Vec::new();
     if 2 * p * k <= TILE_FLOATS {
@@ -602,13 +618,7 @@ fn filter_tiles(
         let (a_data, a_rs): (&[f32], usize) = if ns == 1 {
             (&dy[dy_at(n0) + r0 * g.ow..], p)
         } else {
-            // The samples' dy blocks side by side: (og, ns * P).
-            for o in 0..og {
-                for j in 0..ns {
-                    packed_dy[o * pt + j * p..][..p]
-                        .copy_from_slice(&dy[dy_at(n0 + j) + o * p..][..p]);
-                }
-            }
+            pack_samples(dy, |j| dy_at(n0 + j), ns, (og, p), packed_dy);
             (&packed_dy[..og * pt], pt)
         };
         let col = &col[..k * ld];

@@ -51,29 +51,7 @@ pub fn values(t: &Tensor) -> Result<Vec<f64>> {
         .to_vec1::<f64>()?)
 }
 
-/// A file path `name` in a fresh scratch directory of its own, removed (with the file)
-/// when the value drops. It derefs to the file's path.
-pub fn scratch(name: &str) -> Scratch {
-    let dir = keel_test_support::TempDir::new("optim");
-    let path = dir.0.join(name);
-    Scratch { _dir: dir, path }
-}
-
-/// [`scratch`]'s file path and the directory that holds it.
-pub struct Scratch {
-    _dir: keel_test_support::TempDir,
-    path: std::path::PathBuf,
-}
-
-impl std::ops::Deref for Scratch {
-    type Target = std::path::Path;
-    fn deref(&self) -> &std::path::Path {
-        &self.path
-    }
-}
-
-impl AsRef<std::path::Path> for Scratch {
-    fn as_ref(&self) -> &std::path::Path {
-        &self.path
-    }
+/// A fresh scratch file path for this process and `name`, removed when the value drops.
+pub fn scratch(name: &str) -> keel_test_support::TempPath {
+    keel_test_support::TempPath::new("keel-optim-tests", name)
 }
